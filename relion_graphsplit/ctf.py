@@ -1,0 +1,65 @@
+"""RELION's contrast transfer function, evaluated on the rfft grid of an image.
+
+Written out rather than taken from torch-ctf so that the wavelength, the astigmatism convention
+(any order of DefocusU/V), the B-factor and the scale factor are exactly RELION's (ctf.h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+def wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
+    """Relativistic electron wavelength in Angstrom."""
+    v = torch.as_tensor(voltage_kv, dtype=torch.float64) * 1e3
+    return 12.2643247 / torch.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+@dataclass
+class CTFParams:
+    """Per-image CTF parameters, each a float64 tensor of shape (B,) (RELION's units)."""
+
+    defocus_u: torch.Tensor  # A, positive = underfocus
+    defocus_v: torch.Tensor  # A
+    defocus_angle: torch.Tensor  # degrees
+    voltage: torch.Tensor  # kV
+    cs: torch.Tensor  # mm
+    amplitude_contrast: torch.Tensor  # fraction Q0
+    phase_shift: torch.Tensor  # degrees
+    bfactor: torch.Tensor  # A^2
+    scale: torch.Tensor  # unitless
+
+    def __getitem__(self, index) -> "CTFParams":
+        return CTFParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.defocus_u)
+
+
+def rfft_frequencies(box: int, pixel_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ky, kx) in 1/A on the unshifted rfft grid of a box x box image, each (box, box // 2 + 1)."""
+    ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64)
+    return torch.meshgrid(ky, kx, indexing="ij")
+
+
+def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
+    """CTF = scale * -sin(gamma) * exp(-B k^2 / 4) on the rfft grid, shape (B, box, box // 2 + 1)."""
+    ky, kx = rfft_frequencies(box, pixel_size)
+    k2 = kx * kx + ky * ky
+    theta = torch.atan2(ky, kx)
+    p = {f.name: getattr(params, f.name).to(torch.float64)[:, None, None] for f in fields(params)}
+    lam = wavelength(p["voltage"])
+    alpha = torch.deg2rad(p["defocus_angle"])
+    defocus = p["defocus_u"] * torch.cos(theta - alpha) ** 2 + p["defocus_v"] * torch.sin(theta - alpha) ** 2
+    q0 = p["amplitude_contrast"]
+    gamma = (
+        -torch.pi * lam * defocus * k2
+        + 0.5 * torch.pi * p["cs"] * 1e7 * lam**3 * k2 * k2
+        - torch.deg2rad(p["phase_shift"])
+        - torch.atan(q0 / torch.sqrt(1.0 - q0 * q0))
+    )
+    ctf = p["scale"] * -torch.sin(gamma) * torch.exp(-p["bfactor"] * k2 / 4.0)
+    return ctf.to(torch.float32)
