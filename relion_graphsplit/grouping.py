@@ -1,0 +1,121 @@
+"""Group particles into overlapping cones of projection direction (thesis eqs. 4.1-4.2).
+
+Cone axes are quasi-uniform directions reduced to the asymmetric unit of the point group together with
+the mirror (a projection along -d is the y-mirror of the one along d). A particle joins every cone whose
+axis lies within the cone angle of one of its equivalent directions; for each membership we keep the
+equivalent orientation that brought it there, so alignment sees every member as a view near the axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from relion_graphsplit.geometry import MIRROR, fibonacci_sphere, projection_direction
+
+# A generic direction (on no symmetry axis or mirror plane) whose Voronoi cell among its symmetry
+# copies defines the asymmetric unit; it lies close to +z so that C1 keeps the upper hemisphere.
+_ASU_ANCHOR = torch.nn.functional.normalize(torch.tensor([0.0123, 0.0317, 1.0], dtype=torch.float64), dim=0)
+
+
+@dataclass
+class Cones:
+    """Cone axes and the (overlapping) membership of particles.
+
+    Memberships are sorted by cone; `rotation` is the particle's orientation after the symmetry
+    operator and mirror that bring its direction closest to the cone axis, and `mirrored` says whether
+    its image has to be mirrored in y to match that orientation.
+    """
+
+    axes: torch.Tensor  # (M, 3) unit vectors
+    cone: torch.Tensor  # (K,) int64 cone index of each membership
+    particle: torch.Tensor  # (K,) int64 particle index
+    rotation: torch.Tensor  # (K, 3, 3) float64 equivalent RELION matrix
+    mirrored: torch.Tensor  # (K,) bool
+
+    @property
+    def n_cones(self) -> int:
+        return len(self.axes)
+
+    def counts(self) -> torch.Tensor:
+        """Number of particles in each cone."""
+        return torch.bincount(self.cone, minlength=self.n_cones)
+
+
+def equivalent_operators(symmetry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left factors L and right factors R such that L A R are the orientations equivalent to A.
+
+    For each symmetry operator S, A S views the same map, along S^T d; MIRROR A S views along -S^T d
+    and gives the y-mirrored image.
+    """
+    n = len(symmetry)
+    left = torch.cat([torch.eye(3, dtype=torch.float64).expand(n, 3, 3), MIRROR.expand(n, 3, 3)])
+    return left, torch.cat([symmetry, symmetry])
+
+
+def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> torch.Tensor:
+    """Quasi-uniform directions about `sampling_deg` apart, kept to the asymmetric unit.
+
+    The unit is the Voronoi cell of a generic anchor among its copies under the point group and the
+    mirror: a direction belongs to it when no copy of it lies closer to the anchor.
+    """
+    spacing = math.radians(sampling_deg)
+    n_sphere = max(8, round(4.0 * math.pi / (math.sqrt(3.0) / 2.0 * spacing**2)))
+    directions = fibonacci_sphere(n_sphere)
+    copies = torch.cat([symmetry, -symmetry]).transpose(-1, -2)  # S^T d and -S^T d
+    scores = torch.einsum("gij,nj,i->ng", copies, directions, _ASU_ANCHOR)
+    own = directions @ _ASU_ANCHOR
+    return directions[own >= scores.max(dim=1).values - 1e-12]
+
+
+def assign_to_cones(
+    rotations: torch.Tensor,
+    axes: torch.Tensor,
+    cone_angle_deg: float,
+    symmetry: torch.Tensor,
+    chunk: int = 65536,
+) -> Cones:
+    """Put each particle (RELION matrices (n, 3, 3)) into every cone within `cone_angle_deg`.
+
+    A particle farther than that from every axis (a hole between cones) joins its nearest cone, so that
+    every particle is classified.
+    """
+    left, right = equivalent_operators(symmetry)
+    cos_max = math.cos(math.radians(cone_angle_deg))
+    cones, particles, ops = [], [], []
+    for start in range(0, len(rotations), chunk):
+        A = rotations[start : start + chunk]
+        # Direction of L A R is R^T A^T L^T e_z = +-R^T d.
+        d = projection_direction(A)
+        sign = left[:, 2, 2]  # +1 plain, -1 mirrored
+        copies = torch.einsum("gji,nj->ngi", right, d) * sign[None, :, None]  # (n, G, 3)
+        cosines = torch.einsum("ngi,mi->nmg", copies, axes)
+        best_cos, best_op = cosines.max(dim=2)  # closest equivalent direction per (particle, cone)
+        member = best_cos >= cos_max
+        member[torch.arange(len(A)), best_cos.argmax(dim=1)] = True  # every particle joins its nearest cone
+        p, c = torch.nonzero(member, as_tuple=True)
+        particles.append(p + start)
+        cones.append(c)
+        ops.append(best_op[p, c])
+    particle = torch.cat(particles)
+    cone = torch.cat(cones)
+    op = torch.cat(ops)
+    order = torch.argsort(cone * len(rotations) + particle)
+    particle, cone, op = particle[order], cone[order], op[order]
+    rotation = left[op] @ rotations[particle] @ right[op]
+    return Cones(axes=axes, cone=cone, particle=particle, rotation=rotation, mirrored=op >= len(symmetry))
+
+
+def default_sampling(n_particles: int, group_order: int, target_per_cone: int) -> float:
+    """Cone angle (degrees) that puts about `target_per_cone` particles in each cone.
+
+    With directions spread uniformly, a cone of half-angle t holds n * 2G * (1 - cos t) / 2 of n
+    particles (each has 2G equivalent directions under a group of order G and the mirror). The angle
+    is kept between 5 and 25 degrees: finer cones hold too few particles for the first component to
+    see the heterogeneity, coarser ones mix views too different to align in plane.
+    """
+    fraction = target_per_cone / max(n_particles * group_order, 1)
+    angle = math.degrees(math.acos(max(-1.0, 1.0 - fraction)))
+    return float(min(25.0, max(5.0, angle)))

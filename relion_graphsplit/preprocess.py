@@ -1,0 +1,105 @@
+"""Image preparation before the per-cone analysis: centring, downsampling and CTF correction.
+
+The thesis assumed CTF-corrected images. With a real defocus spread the first principal component then
+follows the CTF and the signal shared by both classes rather than the heterogeneity. The default here
+removes from every image its CTF-modulated projection of the consensus map (scaled per image by least
+squares), so what is left is the difference between the particle's state and the average plus noise,
+and then multiplies by the CTF once more: under white noise the correlation of an image with the
+CTF-modulated difference is the likelihood-ratio statistic, so the residual times the CTF is the space
+in which the first component is a matched filter. docs/benchmarks.md has the measurements behind this.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class CtfCorrection(str, enum.Enum):
+    """How images are corrected for the CTF before the principal component."""
+
+    subtract_multiply = "subtract-multiply"  # residual to the consensus projection, times the CTF
+    subtract_flip = "subtract-flip"  # residual to the consensus projection, phase flipped
+    flip = "flip"  # phase flipping alone
+    wiener = "wiener"  # Wiener filter with a constant SNR term
+    none = "none"
+
+    @property
+    def subtracts(self) -> bool:
+        return self in (CtfCorrection.subtract_multiply, CtfCorrection.subtract_flip)
+
+
+def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
+    """Even box to work at: `resize` if given, else the box whose Nyquist is `maxres` (never above box)."""
+    if resize is not None:
+        n = resize
+    elif maxres is not None:
+        n = int(round(box * 2.0 * pixel_size / maxres))
+    else:
+        n = box
+    n = max(8, min(box, n))
+    return n - n % 2
+
+
+def fourier_crop(images_rfft: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop an unshifted rfft (..., N, N // 2 + 1) to (..., n, n // 2 + 1): downsampling to n pixels.
+
+    Values are rescaled so that the real-space images keep their grey levels.
+    """
+    big = images_rfft.shape[-2]
+    if n == big:
+        return images_rfft
+    rows = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
+    return images_rfft[..., rows, : n // 2 + 1] * (n / big) ** 2
+
+
+def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:
+    """Downsample a cubic volume [z, y, x] to n^3 by cropping its Fourier transform."""
+    big = volume.shape[-1]
+    if n == big:
+        return volume.to(torch.float32)
+    f = torch.fft.rfftn(volume.to(torch.float64), dim=(-3, -2, -1))
+    keep = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
+    f = f[keep][:, keep][:, :, : n // 2 + 1] * (n / big) ** 3
+    return torch.fft.irfftn(f, s=(n, n, n), dim=(-3, -2, -1)).to(torch.float32)
+
+
+def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> torch.Tensor:
+    """Per-image a minimising |image - a model|^2 over the half-plane (DC excluded), shape (B,)."""
+    weight = torch.ones(images_rfft.shape[-2:], dtype=torch.float64)
+    weight[:, 1:-1] = 2.0  # rfft columns other than 0 and Nyquist stand for two Fourier coefficients
+    weight[0, 0] = 0.0
+    num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
+    den = (weight * model_rfft.abs() ** 2).sum(dim=(-2, -1)).clamp(min=1e-30)
+    return num / den
+
+
+def correct(
+    images_rfft: torch.Tensor,
+    ctf: torch.Tensor,
+    mode: CtfCorrection,
+    consensus_rfft: torch.Tensor | None = None,
+    wiener_constant: float = 0.1,
+) -> torch.Tensor:
+    """Apply the CTF correction `mode` to centred images (B, n, n // 2 + 1, unshifted rfft).
+
+    `ctf` is the filter the data carry (the CTF, or its square for CTF-premultiplied data);
+    `consensus_rfft` the consensus map's projections for the subtracting modes.
+    """
+    if mode.subtracts:
+        if consensus_rfft is None:
+            raise ValueError(f"CTF correction {mode.value} needs the consensus projections")
+        model = ctf * consensus_rfft
+        images_rfft = images_rfft - least_squares_scale(images_rfft, model)[:, None, None] * model
+    if mode in (CtfCorrection.subtract_multiply,):
+        out = images_rfft * ctf
+    elif mode in (CtfCorrection.subtract_flip, CtfCorrection.flip):
+        out = images_rfft * torch.where(ctf < 0, -1.0, 1.0)
+    elif mode is CtfCorrection.wiener:
+        out = images_rfft * ctf / (ctf * ctf + wiener_constant)
+    else:
+        out = images_rfft
+    out = out.clone()
+    out[..., 0, 0] = 0
+    return out

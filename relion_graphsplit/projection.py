@@ -1,0 +1,157 @@
+"""Forward projection of a 3D map by the Fourier slice theorem, as relion_project does it.
+
+RELION (projector.cpp) divides the map by sinc^2(r / M) (the transform of the trilinear kernel on the
+padded grid of size M = pad * N), pads it to M^3, Fourier transforms it once, keeps the transform
+inside the Nyquist sphere, and for each image samples the transform trilinearly at pad * A^T (kx, ky, 0)
+for every pixel (kx, ky) of the N x N rfft grid with |k| <= N / 2 (Friedel mates for x < 0).
+The sampling here is written out rather than taken from torch-fourier-slice: that library works on an
+fftshifted, unpadded grid without RELION's Nyquist sphere, so matching relion_project would need
+shifting, cropping and masking around it, while a gather over the eight neighbours on RELION's own
+layout is short, exact and fast on a CPU.
+
+Real-space projections are P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), with
+the origin at index N // 2 in both the map and the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """The padded, gridding-corrected transform of a map, laid out for trilinear sampling.
+
+    `data` (M + 3, M + 3, M // 2 + 2) complex holds F(kz, ky, kx) at index
+    (kz + M // 2 + 1, ky + M // 2 + 1, kx) for kx >= 0, zero beyond the Nyquist sphere and in the
+    one-voxel margin, so that every trilinear neighbour of a point inside the sphere is in range.
+    """
+
+    data: torch.Tensor
+    box: int
+    pad: int
+
+    @property
+    def padded_box(self) -> int:
+        return self.data.shape[-1] * 2 - 4
+
+
+def gridding_correction(box: int, padded_box: int) -> torch.Tensor:
+    """sinc^2(r / padded_box) over a box^3 map, r in voxels from index box // 2 (1 at the centre)."""
+    coords = torch.arange(box, dtype=torch.float64) - box // 2
+    r = torch.sqrt(coords[:, None, None] ** 2 + coords[None, :, None] ** 2 + coords[None, None, :] ** 2)
+    return torch.sinc(r / padded_box) ** 2
+
+
+def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
+    """Gridding-correct, pad and Fourier transform a map (N, N, N) [z, y, x] once, for many projections."""
+    n = volume.shape[-1]
+    if volume.shape != (n, n, n):
+        raise ValueError(f"expected a cubic map, got shape {tuple(volume.shape)}")
+    m = pad * n + (pad * n) % 2
+    real_dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
+    corrected = volume.to(torch.float64) / gridding_correction(n, m)
+    padded = torch.zeros((m, m, m), dtype=torch.float64)
+    lo = m // 2 - n // 2
+    padded[lo : lo + n, lo : lo + n, lo : lo + n] = corrected
+    ft = torch.fft.rfftn(torch.fft.ifftshift(padded), dim=(-3, -2, -1))
+
+    half = m // 2
+    j = torch.arange(m)
+    k = torch.where(j <= half, j, j - m).to(torch.float64)  # RELION keeps the Nyquist plane at +m/2
+    kx = torch.arange(half + 1, dtype=torch.float64)
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+    max_r = n // 2 * pad  # RELION: ROUND(r_max * padding_factor), r_max = N / 2
+    ft = torch.where(r2 <= max_r * max_r, ft, torch.zeros((), dtype=ft.dtype))
+
+    # Frequency k (from -half + 1 to half) goes to index k + half + 1; the roll puts k = -half + 1 first.
+    data = torch.zeros((m + 3, m + 3, half + 2), dtype=ft.dtype)
+    data[2 : m + 2, 2 : m + 2, : half + 1] = torch.roll(ft, shifts=(half - 1, half - 1), dims=(0, 1))
+    complex_dtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    return PreparedVolume(data=data.to(complex_dtype), box=n, pad=pad)
+
+
+def _slice_coordinates(box: int, rotations: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded-grid coordinates (B, box, box // 2 + 1, 3) as (x, y, z) of each rfft pixel, and its mask."""
+    ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
+    if box % 2 == 0:
+        ky[box // 2] = box // 2  # RELION takes the Nyquist row as +N/2
+    kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+    inside = kxx * kxx + kyy * kyy <= (box // 2) ** 2
+    slice_xy = torch.stack([kxx, kyy], dim=-1)  # (box, box//2+1, 2)
+    # A^T (kx, ky, 0): the first two rows of A, transposed.
+    coords = torch.einsum("hwi,bij->bhwj", slice_xy, rotations.to(torch.float64)[:, :2, :]) * pad
+    return coords, inside
+
+
+def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tensor:
+    """Central slices (B, N, N // 2 + 1), complex, on the unshifted rfft grid of the N x N image.
+
+    The result is torch.fft.rfft2 of the real-space projection with its origin at index N // 2, so
+    `torch.fft.irfft2(out, s=(N, N))` equals `project(...)`, and a CTF from ctf.ctf_2d multiplies it
+    directly. `rotations` are RELION's A matrices (B, 3, 3).
+    """
+    n, data = volume.box, volume.data
+    m = volume.padded_box
+    coords, inside = _slice_coordinates(n, rotations, volume.pad)
+    negative = coords[..., 0] < 0
+    coords = torch.where(negative[..., None], -coords, coords)
+
+    base = torch.floor(coords)
+    frac = (coords - base).to(data.real.dtype)
+    x0 = base[..., 0].long()
+    y0 = base[..., 1].long() + m // 2 + 1
+    z0 = base[..., 2].long() + m // 2 + 1
+    # Points outside the Nyquist sphere are masked below; clamp keeps their indices in range.
+    x0 = x0.clamp(0, data.shape[2] - 2)
+    y0 = y0.clamp(0, data.shape[1] - 2)
+    z0 = z0.clamp(0, data.shape[0] - 2)
+
+    flat = data.reshape(-1)
+    sy, sz = data.shape[2], data.shape[1] * data.shape[2]
+    fx, fy, fz = frac[..., 0], frac[..., 1], frac[..., 2]
+    out = torch.zeros(coords.shape[:-1], dtype=data.dtype)
+    for dz, wz in ((0, 1 - fz), (1, fz)):
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                index = (z0 + dz) * sz + (y0 + dy) * sy + (x0 + dx)
+                out += flat[index] * (wz * wy * wx)
+    out = torch.where(negative, out.conj(), out)
+    out = torch.where(inside, out, torch.zeros((), dtype=out.dtype))
+    # The slices are relative to the centre; move the real-space origin to index 0 of the image grid.
+    return out * _centre_phase(n, out.dtype)
+
+
+def _centre_phase(box: int, dtype: torch.dtype) -> torch.Tensor:
+    """exp(-2 pi i k . c / N) with c = N // 2: the transform of a shift of the origin to index N // 2."""
+    return shift_phase(box, torch.tensor([[box // 2, box // 2]], dtype=torch.float64))[0].to(dtype)
+
+
+def shift_phase(box: int, shifts_px: torch.Tensor) -> torch.Tensor:
+    """exp(-2 pi i (kx sx + ky sy) / N) on the unshifted rfft grid, (B, box, box // 2 + 1) complex128."""
+    ky = torch.fft.fftfreq(box, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, dtype=torch.float64)
+    s = shifts_px.to(torch.float64)
+    phase = kx[None, None, :] * s[:, 0, None, None] + ky[None, :, None] * s[:, 1, None, None]
+    return torch.polar(torch.ones_like(phase), -2.0 * math.pi * phase)
+
+
+def shift_images(images_rfft: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Translate images given as rfft2 (B, N, N // 2 + 1) by shifts (B, 2) as (x, y) pixels.
+
+    A positive shift moves the content towards higher x / y indices: out(x) = in(x - s). RELION's
+    particle image is image(x) = P(x + o), the projection shifted by -o (o = origin in pixels).
+    """
+    box = images_rfft.shape[-2]
+    return images_rfft * shift_phase(box, shifts_px).to(images_rfft.dtype)
+
+
+def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Real-space projections (B, N, N) of a map (N, N, N) [z, y, x] along RELION matrices (B, 3, 3)."""
+    n = volume.shape[-1]
+    slices = project_rfft(prepare_volume(volume, pad), rotations)
+    return torch.fft.irfft2(slices, s=(n, n))

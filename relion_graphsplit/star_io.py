@@ -1,0 +1,375 @@
+"""Particle STAR files: read RELION 3.0 to 5.0 particle sets, write them back in 3.1 layout.
+
+A ParticleSet always looks like a RELION 3.1 file: a `data_particles` table with an rlnOpticsGroup
+column and a `data_optics` table. Pre-3.1 files (no optics block) are converted on reading exactly as
+RELION's StarConverter does. Per-particle CTF values override their optics group's, which override
+RELION's defaults (ctf.cpp, CTF::readByGroup).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+from .ctf import CTFParams
+from .files import atomic_path
+from .geometry import euler_to_matrix
+
+
+class StarFileError(ValueError):
+    """A STAR file that cannot be used, with one line naming the file and what is wrong."""
+
+
+@dataclass
+class ParticleSet:
+    """A particle STAR file in RELION 3.1 layout; rows of `particles` are the particle indices."""
+
+    particles: pd.DataFrame
+    optics: pd.DataFrame
+    version: int  # 30001 or 50001 as tagged; 30000 for a converted pre-3.1 file
+    path: Path
+
+
+# Columns that must stay strings even when every value looks like a number.
+STRING_COLUMNS = (
+    "rlnImageName",
+    "rlnImageOriginalName",
+    "rlnMicrographName",
+    "rlnMicrographMovieName",
+    "rlnCtfImage",
+    "rlnOpticsGroupName",
+    "rlnGroupName",
+)
+ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+REQUIRED_CTF_COLUMNS = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+# CTFParams field -> (column, default); None: no default (DefocusV falls back to DefocusU).
+_CTF_COLUMNS = {
+    "defocus_u": ("rlnDefocusU", None),
+    "defocus_v": ("rlnDefocusV", None),
+    "defocus_angle": ("rlnDefocusAngle", 0.0),
+    "voltage": ("rlnVoltage", None),
+    "cs": ("rlnSphericalAberration", 0.0),
+    "amplitude_contrast": ("rlnAmplitudeContrast", 0.0),
+    "phase_shift": ("rlnPhaseShift", 0.0),
+    "bfactor": ("rlnCtfBfactor", 0.0),
+    "scale": ("rlnCtfScalefactor", 1.0),
+}
+
+# StarConverter (RELION 3.1): per-particle columns of a pre-3.1 file that define its optics groups,
+# in RELION's order. rlnImagePixelSize is not among RELION's; when a file gives it, it is used as is.
+_LEGACY_OPTICS_COLUMNS = (
+    "rlnAmplitudeContrast",
+    "rlnBeamTiltX",
+    "rlnBeamTiltY",
+    "rlnSphericalAberration",
+    "rlnVoltage",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnImagePixelSize",
+)
+# StarConverter::translateOffsets: pixel columns of a pre-3.1 file and their Angstrom successors.
+_LEGACY_PIXEL_COLUMNS = {
+    "rlnOriginX": "rlnOriginXAngst",
+    "rlnOriginY": "rlnOriginYAngst",
+    "rlnOriginZ": "rlnOriginZAngst",
+    "rlnOriginXPrior": "rlnOriginXPriorAngst",
+    "rlnOriginYPrior": "rlnOriginYPriorAngst",
+    "rlnOriginZPrior": "rlnOriginZPriorAngst",
+    "rlnHelicalTrackLength": "rlnHelicalTrackLengthAngst",
+}
+
+_VERSION_TAG = re.compile(r"^#\s*version\s+(\d+)")
+
+
+def read_particles(path: str | os.PathLike, require_poses: bool = True) -> ParticleSet:
+    """Read a RELION particle STAR file (3.0 to 5.0) into 3.1 layout.
+
+    With `require_poses` the file must be a refined set: rlnImageName, Euler angles, CTF values
+    (DefocusU, voltage, Cs, Q0) and a pixel size, or StarFileError names what is missing.
+    For a pre-3.1 file rlnImageSize is read from the first stack of each optics group; when a stack
+    cannot be found it is left out of the optics table and `image_size` raises.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StarFileError(f"{path}: no such file")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_COLUMNS))
+    except Exception as err:  # starfile raises whatever pandas raises on malformed text
+        raise StarFileError(f"{path}: not a readable STAR file ({err})") from err
+    tables = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
+    if "optics" in tables:
+        if "particles" not in tables:
+            raise StarFileError(f"{path}: has data_optics but no data_particles block (not a particle file)")
+        particles, optics = tables["particles"], tables["optics"]
+        version = _version_tag(path) or 30001
+    else:
+        particles, optics = _convert_legacy(path, _legacy_table(path, tables))
+        version = 30000
+    ps = _checked(particles, optics, version, path)
+    if require_poses:
+        _require_poses(ps)
+    return ps
+
+
+def make_particle_set(
+    particles: pd.DataFrame, optics: pd.DataFrame, path: str | os.PathLike = "<in memory>"
+) -> ParticleSet:
+    """A ParticleSet (version 30001) from tables built in code; `path` names it in messages and
+    its directory is where image stacks are looked for last."""
+    return _checked(particles, optics, 30001, Path(path))
+
+
+def write_particles(path: str | os.PathLike, ps: ParticleSet, particles: pd.DataFrame | None = None) -> None:
+    """Write `ps.optics` and `particles` (default `ps.particles`) as a RELION 3.1 particle file.
+
+    Tagged `# version 30001`, or 50001 when `ps` came from a RELION 5 file. Floats are written with
+    the shortest text that reads back to the same double, so a read-write-read round trip is exact.
+    """
+    particles = ps.particles if particles is None else particles
+    if "rlnOpticsGroup" not in particles:
+        raise StarFileError(f"{path}: particles to write have no rlnOpticsGroup column")
+    unknown = sorted(set(particles["rlnOpticsGroup"]) - set(ps.optics["rlnOpticsGroup"]))
+    if unknown:
+        raise StarFileError(f"{path}: particles to write refer to optics groups {unknown} missing from data_optics")
+    version = 50001 if ps.version >= 50000 else 30001
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        _write_block(f, "optics", ps.optics, version)
+        _write_block(f, "particles", particles, version)
+
+
+def pixel_size(ps: ParticleSet) -> float:
+    """The pixel size (A) shared by the optics groups in use."""
+    optics = _used_optics(ps)
+    if "rlnImagePixelSize" not in optics:
+        raise StarFileError(f"{ps.path}: pixel size unknown (no rlnImagePixelSize in data_optics)")
+    return float(optics["rlnImagePixelSize"].iloc[0])
+
+
+def image_size(ps: ParticleSet) -> int:
+    """The box size (pixels) shared by the optics groups in use."""
+    optics = _used_optics(ps)
+    if "rlnImageSize" not in optics:
+        raise StarFileError(
+            f"{ps.path}: image size unknown (no rlnImageSize in data_optics; a pre-3.1 file takes it "
+            "from the header of its first particle stack, which was not found)"
+        )
+    return int(optics["rlnImageSize"].iloc[0])
+
+
+def ctf_premultiplied(ps: ParticleSet) -> bool:
+    """Whether the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied = 1)."""
+    optics = _used_optics(ps)
+    column = "rlnCtfDataAreCtfPremultiplied"
+    return column in optics and bool(optics[column].astype(int).any())
+
+
+def poses(ps: ParticleSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELION rotation matrices A (n, 3, 3) and origins (n, 2) as (x, y) in pixels, both float64."""
+    missing = [c for c in ANGLE_COLUMNS if c not in ps.particles]
+    if missing:
+        raise StarFileError(f"{ps.path}: no poses (missing {', '.join(missing)})")
+    angles = (torch.from_numpy(ps.particles[c].to_numpy(np.float64)) for c in ANGLE_COLUMNS)
+    A = euler_to_matrix(*angles)
+    n = len(ps.particles)
+    origins = np.zeros((n, 2))
+    for axis, column in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
+        if column in ps.particles:
+            origins[:, axis] = ps.particles[column].to_numpy(np.float64)
+    if origins.any():
+        origins /= pixel_size(ps)
+    return A, torch.from_numpy(origins)
+
+
+def ctf_params(ps: ParticleSet) -> CTFParams:
+    """Per-particle CTF parameters: particle value, else optics group value, else RELION's default."""
+    values = {}
+    for field, (column, default) in _CTF_COLUMNS.items():
+        value = _per_particle(ps, column)
+        if value is None and field == "defocus_v":
+            value = values["defocus_u"]
+        elif value is None and default is None:
+            raise StarFileError(f"{ps.path}: no CTF {column} in data_particles or data_optics")
+        elif value is None:
+            value = np.full(len(ps.particles), default)
+        values[field] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
+    return CTFParams(**values)
+
+
+def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
+    """A column for every particle: its own value where given, else its optics group's; None if neither."""
+    value = None
+    if column in ps.optics:
+        by_group = ps.optics.set_index("rlnOpticsGroup")[column].astype(np.float64)
+        value = by_group.reindex(ps.particles["rlnOpticsGroup"]).to_numpy()
+    if column in ps.particles:
+        own = ps.particles[column].to_numpy(np.float64)
+        value = own if value is None else np.where(np.isnan(own), value, own)
+    return value
+
+
+def _version_tag(path: Path) -> int | None:
+    """The `# version NNNNN` tag before the first data block, if any."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("data_"):
+                return None
+            match = _VERSION_TAG.match(line)
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def _legacy_table(path: Path, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The particle table of a file without optics: data_particles, else the first with rlnImageName."""
+    if "particles" in tables:
+        return tables["particles"]
+    for table in tables.values():
+        if "rlnImageName" in table:
+            return table
+    if len(tables) == 1:
+        return next(iter(tables.values()))
+    raise StarFileError(f"{path}: no particle table (no data block with rlnImageName)")
+
+
+def _convert_legacy(path: Path, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pre-3.1 particles -> (particles, optics) as RELION's StarConverter makes them.
+
+    Optics groups are the unique combinations of the optics columns, numbered by first appearance;
+    those columns move to the optics table, pixel size = 1e4 * DetectorPixelSize / Magnification,
+    and origins in pixels become rlnOrigin*Angst (appended, as RELION does).
+    """
+    particles = table.reset_index(drop=True)
+    keys = [c for c in _LEGACY_OPTICS_COLUMNS if c in particles]
+    if keys:
+        group = particles.groupby(keys, sort=False, dropna=False).ngroup().to_numpy() + 1
+    else:
+        group = np.ones(len(particles), dtype=np.int64)
+    first_rows = np.unique(group, return_index=True)[1]
+    optics = particles.iloc[first_rows][keys].reset_index(drop=True)
+    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1))
+    optics.insert(1, "rlnOpticsGroupName", [f"opticsGroup{g}" for g in optics["rlnOpticsGroup"]])
+    if "rlnImagePixelSize" not in optics and {"rlnDetectorPixelSize", "rlnMagnification"} <= set(optics):
+        detector = optics.pop("rlnDetectorPixelSize").astype(np.float64)
+        optics["rlnImagePixelSize"] = 1e4 * detector / optics.pop("rlnMagnification").astype(np.float64)
+    elif "rlnImagePixelSize" in optics:
+        optics["rlnImagePixelSize"] = optics.pop("rlnImagePixelSize")  # RELION's place: last
+    particles = particles.drop(columns=keys)
+    particles["rlnOpticsGroup"] = group
+
+    for pixels, angstrom in _LEGACY_PIXEL_COLUMNS.items():
+        if pixels not in particles:
+            continue
+        if "rlnImagePixelSize" not in optics:
+            raise StarFileError(
+                f"{path}: {pixels} is in pixels but the pixel size is unknown "
+                "(no rlnDetectorPixelSize and rlnMagnification, nor rlnImagePixelSize)"
+            )
+        apix = optics["rlnImagePixelSize"].to_numpy(np.float64)[group - 1]
+        particles[angstrom] = particles.pop(pixels).to_numpy(np.float64) * apix
+
+    sizes = _stack_image_sizes(path, particles, first_rows)
+    if sizes is not None:
+        optics["rlnImageSize"] = sizes
+        optics["rlnImageDimensionality"] = 2
+    return particles, optics
+
+
+def _stack_image_sizes(path: Path, particles: pd.DataFrame, rows: np.ndarray) -> list[int] | None:
+    """Box size of the stack holding each given particle, or None unless every one can be read."""
+    from .stack import parse_image_name, resolve_stack, stack_shape  # stack.py builds on this module
+
+    if "rlnImageName" not in particles:
+        return None
+    sizes = []
+    for row in rows:
+        stack_path = resolve_stack(parse_image_name(particles["rlnImageName"].iloc[row])[1], path.parent)
+        if stack_path is None:
+            return None
+        _, ny, nx = stack_shape(stack_path)
+        if nx != ny:
+            raise StarFileError(f"{path}: images in {stack_path} are not square ({nx} x {ny})")
+        sizes.append(nx)
+    return sizes
+
+
+def _checked(particles: pd.DataFrame, optics: pd.DataFrame, version: int, path: Path) -> ParticleSet:
+    """Copy and validate the two tables: optics groups consistent, one pixel size and box in use."""
+    particles = particles.reset_index(drop=True)
+    optics = optics.reset_index(drop=True)
+    if len(particles) == 0:
+        raise StarFileError(f"{path}: the particle table is empty")
+    for name, table in (("data_particles", particles), ("data_optics", optics)):
+        if "rlnOpticsGroup" not in table:
+            raise StarFileError(f"{path}: no rlnOpticsGroup column in {name}")
+        for column in STRING_COLUMNS:
+            if column in table:
+                table[column] = table[column].astype(str)
+    if optics["rlnOpticsGroup"].duplicated().any():
+        raise StarFileError(f"{path}: data_optics lists an optics group more than once")
+    unknown = sorted(set(particles["rlnOpticsGroup"]) - set(optics["rlnOpticsGroup"]))
+    if unknown:
+        raise StarFileError(f"{path}: particles refer to optics groups {unknown} missing from data_optics")
+
+    ps = ParticleSet(particles=particles, optics=optics, version=version, path=path)
+    used = _used_optics(ps)
+    for column, what, advice in (
+        ("rlnImagePixelSize", "pixel sizes", "re-extract them at one pixel size"),
+        ("rlnImageSize", "image sizes", "re-extract them at one box size"),
+        ("rlnCtfDataAreCtfPremultiplied", "CTF-premultiplied flags", "process them separately"),
+    ):
+        if column in used:
+            values = np.unique(used[column].to_numpy(np.float64))
+            if values.max() - values.min() > 1e-6 * max(abs(values.max()), 1.0):
+                listed = ", ".join(f"{v:g}" for v in values)
+                unit = " A" if column == "rlnImagePixelSize" else ""
+                raise StarFileError(f"{path}: optics groups have different {what} ({listed}{unit}): {advice}")
+    return ps
+
+
+def _used_optics(ps: ParticleSet) -> pd.DataFrame:
+    """The optics rows of the groups that particles belong to."""
+    return ps.optics[ps.optics["rlnOpticsGroup"].isin(ps.particles["rlnOpticsGroup"])]
+
+
+def _require_poses(ps: ParticleSet) -> None:
+    """Refuse, naming every missing column, a set that is not refined or lacks CTF values."""
+    missing = [c for c in ("rlnImageName", *ANGLE_COLUMNS) if c not in ps.particles]
+    missing += [c for c in REQUIRED_CTF_COLUMNS if c not in ps.particles and c not in ps.optics]
+    if "rlnImagePixelSize" not in ps.optics:
+        missing.append("rlnImagePixelSize" if ps.version > 30000 else "rlnDetectorPixelSize/rlnMagnification")
+    if missing:
+        raise StarFileError(
+            f"{ps.path}: not a refined particle set with CTF values: missing {', '.join(missing)}"
+        )
+
+
+def _write_block(f, name: str, table: pd.DataFrame, version: int, chunk: int = 100_000) -> None:
+    """One table in RELION's layout: version tag, data_ and loop_ lines, labels, rows, blank line."""
+    f.write(f"\n# version {version}\n\ndata_{name}\n\nloop_ \n")
+    f.writelines(f"_{column} #{i} \n" for i, column in enumerate(table.columns, start=1))
+    for start in range(0, len(table), chunk):
+        part = table.iloc[start : start + chunk]
+        columns = [_format_column(part[c]) for c in part.columns]
+        f.writelines(" ".join(row) + "\n" for row in zip(*columns))
+    f.write("\n")
+
+
+def _format_column(column: pd.Series) -> list[str]:
+    """STAR text for one column: shortest exact floats, plain integers, strings quoted if needed."""
+    if pd.api.types.is_bool_dtype(column):
+        return column.astype(int).astype(str).tolist()
+    if pd.api.types.is_float_dtype(column):
+        return column.to_numpy().astype(str).tolist()
+    if pd.api.types.is_integer_dtype(column):
+        return column.astype(str).tolist()
+    text = column.fillna("").astype(str)
+    quote = text.str.contains(r"\s") | (text == "")
+    return np.where(quote, '"' + text + '"', text).tolist()
