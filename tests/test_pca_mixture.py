@@ -29,7 +29,7 @@ def test_first_component_finds_planted_direction_with_padding():
         if not transpose:
             assert abs(float(comp.eigenimage[0] @ dir1)) > 0.98
             assert abs(float(comp.eigenimage[1] @ dir2)) > 0.98
-            assert comp.explained[0] > 0.5
+            assert comp.explained[0] > 20 / 200  # one noise direction holds about 1/200
         split = comp.scores[0] > comp.scores[0].mean()
         agreement = (split == labels1).double().mean()
         assert max(agreement, 1 - agreement) > 0.98

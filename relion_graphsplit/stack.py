@@ -1,0 +1,161 @@
+"""Particle images from the MRC stacks that rlnImageName points to (`N@stack.mrcs`, N 1-based)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+
+from .star_io import ParticleSet, image_size
+
+
+class StackError(ValueError):
+    """Image stacks that are missing, too short or of the wrong size, in one line."""
+
+
+def parse_image_name(name: str) -> tuple[int, str]:
+    """'000012@Particles/x.mrcs' -> (11, 'Particles/x.mrcs'): 0-based index and stack path.
+
+    A name without '@' is a single image, index 0.
+    """
+    number, at, stack = name.partition("@")
+    if not at:
+        return 0, name
+    if not number.strip().isdigit() or int(number) < 1:
+        raise ValueError(f"bad image name {name!r}: expected N@stack with N >= 1")
+    return int(number) - 1, stack
+
+
+def split_image_names(names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """parse_image_name over a whole column: 0-based indices (n,) int64 and stack paths (n,)."""
+    parts = names.astype(str).str.partition("@")
+    has_at = (parts[1] == "@").to_numpy()
+    numbers = parts[0].where(has_at, "1")
+    if not numbers.str.strip().str.isdigit().all():
+        bad = names[~numbers.str.strip().str.isdigit()].iloc[0]
+        raise ValueError(f"bad image name {bad!r}: expected N@stack with N >= 1")
+    index = numbers.astype(np.int64).to_numpy() - 1
+    if (index < 0).any():
+        raise ValueError(f"bad image name {names[index < 0].iloc[0]!r}: image numbers start at 1")
+    stacks = np.where(has_at, parts[2].to_numpy(dtype=object), parts[0].to_numpy(dtype=object))
+    return index, stacks
+
+
+def resolve_stack(stack: str, star_dir: Path, workdir: str | os.PathLike | None = None) -> Path | None:
+    """Where a stack named in a STAR file is: as RELION resolves it, relative to the directory the
+    program runs in (`workdir`, default the current one), else relative to the STAR file's directory."""
+    name = Path(stack)
+    if name.is_absolute():
+        return name if name.is_file() else None
+    for base in (Path(workdir) if workdir is not None else Path.cwd(), star_dir):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def stack_shape(path: Path) -> tuple[int, int, int]:
+    """(images, ny, nx) from an MRC header; a 2D image is a stack of one."""
+    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+        header = mrc.header
+        return int(header.nz), int(header.ny), int(header.nx)
+
+
+class ImageStacks:
+    """The images of a ParticleSet, read by particle row as (B, N, N) float32.
+
+    Every stack is checked up front (exists, holds the images asked of it, square boxes of the
+    set's size). Stacks are memory-mapped on first use and kept open, at most `max_open` at once
+    (the least recently used is closed), so sets with one stack per micrograph stay under the
+    open-file limit. Use as a context manager or call close().
+    """
+
+    def __init__(self, ps: ParticleSet, workdir: str | os.PathLike | None = None, max_open: int = 256):
+        if "rlnImageName" not in ps.particles:
+            raise StackError(f"{ps.path}: no rlnImageName column, so no images to read")
+        self._image, names = split_image_names(ps.particles["rlnImageName"])
+        self._stack, stacks = pd.factorize(names)
+        star_dir = ps.path.parent
+        self._paths = [resolve_stack(s, star_dir, workdir) for s in stacks]
+        missing = [s for s, p in zip(stacks, self._paths) if p is None]
+        if missing:
+            base = Path(workdir) if workdir is not None else Path.cwd()
+            raise StackError(
+                f"{ps.path}: {len(missing)} of {len(stacks)} image stacks not found, first {missing[0]} "
+                f"(looked in {base} and {star_dir})"
+            )
+
+        shapes = np.array([stack_shape(p) for p in self._paths]).reshape(-1, 3)
+        needed = np.zeros(len(stacks), dtype=np.int64)
+        np.maximum.at(needed, self._stack, self._image + 1)
+        short = np.flatnonzero(needed > shapes[:, 0])
+        if short.size:
+            s = short[0]
+            raise StackError(
+                f"{ps.path}: {short.size} image stacks hold fewer images than the particles use, first "
+                f"{self._paths[s]} ({shapes[s, 0]} images, image {needed[s]} asked for)"
+            )
+        boxes = {(int(ny), int(nx)) for ny, nx in shapes[:, 1:]}
+        if len(boxes) != 1 or len({*next(iter(boxes))}) != 1:
+            listed = ", ".join(f"{nx}x{ny}" for ny, nx in sorted(boxes))
+            raise StackError(f"{ps.path}: stacks must hold square images of one size, found {listed}")
+        self._box = next(iter(boxes))[0]
+        if "rlnImageSize" in ps.optics and image_size(ps) != self._box:
+            raise StackError(
+                f"{ps.path}: rlnImageSize is {image_size(ps)} but the stacks hold {self._box}-pixel images"
+            )
+        self._max_open = max(1, max_open)
+        self._open: OrderedDict[int, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    @property
+    def box(self) -> int:
+        """Image size N in pixels."""
+        return self._box
+
+    def read(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Images of the given particle rows, (B, N, N) float32, in the order asked.
+
+        Reads stack by stack with sorted indices, so each memory map is read front to back.
+        """
+        rows = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        rows = rows.astype(np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"particle rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        out = np.empty((rows.size, self._box, self._box), dtype=np.float32)
+        stack, image = self._stack[rows], self._image[rows]
+        order = np.lexsort((image, stack))
+        for part in np.split(order, np.flatnonzero(np.diff(stack[order])) + 1):
+            if part.size:
+                out[part] = self._data(stack[part[0]])[image[part]]
+        return torch.from_numpy(out)
+
+    def _data(self, stack: int) -> np.ndarray:
+        """The (n, N, N) memory map of one stack, opening it (and closing the oldest) if needed."""
+        mrc = self._open.pop(stack, None)
+        if mrc is None:
+            if len(self._open) >= self._max_open:
+                self._open.popitem(last=False)[1].close()
+            mrc = mrcfile.mmap(self._paths[stack], mode="r", permissive=True)
+            if mrc.data is None:
+                mrc.close()
+                raise StackError(f"{self._paths[stack]}: cannot read the image data")
+        self._open[stack] = mrc
+        return mrc.data if mrc.data.ndim == 3 else mrc.data[None]
+
+    def close(self) -> None:
+        """Close every open stack."""
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> ImageStacks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
