@@ -1,0 +1,148 @@
+"""`relion_graphsplit`: one program with RELION-style options, also callable as a RELION External job."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from relion_graphsplit import __version__, star_io
+from relion_graphsplit.external import ExternalJob
+from relion_graphsplit.mrc_io import read_mrc
+from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
+from relion_graphsplit.pipeline import SplitOptions, split
+from relion_graphsplit.preprocess import CtfCorrection
+from relion_graphsplit.stack import ImageStacks
+
+console = Console(stderr=False, highlight=False)
+app = typer.Typer(add_completion=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+
+
+class Aborted(RuntimeError):
+    """The run was asked to stop (RELION's RELION_JOB_ABORT_NOW)."""
+
+
+def _progress_tracker(progress: Progress, job: ExternalJob):
+    def track(iterable, description: str = "", total: int | None = None):
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            if job.abort_requested():
+                raise Aborted("RELION asked the job to abort")
+            yield item
+            progress.advance(task)
+
+    return track
+
+
+def _read_map(path: Path, box: int, pixel_size: float, what: str) -> torch.Tensor:
+    volume, apix = read_mrc(path)
+    if volume.shape != (box, box, box):
+        raise typer.BadParameter(f"{what} {path} is {volume.shape}, the particles are {box}^3")
+    if abs(apix - pixel_size) > 1e-3 * pixel_size and apix > 0:
+        raise typer.BadParameter(f"{what} {path} has pixel size {apix:.4f} A, the particles {pixel_size:.4f} A")
+    return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+
+
+@app.command(help="Split a refined particle set into two classes with the graph method (thesis chapter 4).")
+def run(
+    ctx: typer.Context,
+    i: Optional[Path] = typer.Option(None, "--i", "--in_parts", help="Refined particle STAR file (angles, origins, CTF)."),
+    o: Path = typer.Option(..., "--o", help="Output directory (created; inputs are never modified)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft sphere."),
+    ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC); default: reconstructed from the particles."),
+    sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
+    angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
+    cone_angle: Optional[float] = typer.Option(None, "--cone_angle", help="Cone half-aperture in degrees; default: the sampling (neighbouring cones overlap)."),
+    particles_per_cone: int = typer.Option(300, "--particles_per_cone", help="Target particles per cone for the automatic sampling."),
+    maxres: float = typer.Option(8.0, "--maxres", help="Resolution (A) the images are downsampled to for the analysis."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
+    ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
+    particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Diameter (A) of the default spherical mask; default 80% of the box."),
+    seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
+    j: int = typer.Option(1, "--j", help="Threads."),
+    batch_size: int = typer.Option(256, "--batch_size", help="Images per batch (bounds the memory used)."),
+    pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Accepted for RELION and ignored."),
+) -> None:
+    job = ExternalJob(o, active=True if pipeline_control else None)
+    start = time.perf_counter()
+    try:
+        if ctx.args:
+            console.print(f"Ignoring unknown arguments: {' '.join(ctx.args)}")
+        if i is None:
+            raise typer.BadParameter("give the particles with --i (or --in_parts)")
+        torch.set_num_threads(max(1, j))
+        ps = star_io.read_particles(i)
+        box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+        mask_volume = _read_map(mask, box, apix, "mask") if mask else None
+        consensus = _read_map(ref, box, apix, "consensus map") if ref else None
+        options = SplitOptions(
+            symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
+            particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
+            ctf_correction=ctf_correction, particle_diameter=particle_diameter,
+            batch_size=batch_size, seed=seed,
+        )
+        o.mkdir(parents=True, exist_ok=True)
+        console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {box}, {apix:.3f} A/px")
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        with ImageStacks(ps) as stacks, Progress(*columns, console=console, transient=False) as progress:
+            result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=o,
+                           track=_progress_tracker(progress, job))
+        t = time.perf_counter()
+        table = classified_particles(ps, result)
+        written = write_particles(o, ps, table)
+        result.timings["write"] = time.perf_counter() - t
+        summary = {
+            "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "command": " ".join(sys.argv), "input": str(i), "particles": len(ps.particles),
+            "box": box, "pixel_size": apix, "working_box": result.working_box,
+            "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
+            "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
+            "graph_components": len(result.components),
+            "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
+            "options": vars(options), "timings": result.timings, "warnings": result.warnings,
+        }
+        written += write_diagnostics(o, result, summary)
+        _print_summary(result, len(ps.particles), time.perf_counter() - start)
+        job.outputs([(o / "run_data.star", "particles")])
+        job.succeed()
+    except Aborted as err:
+        console.print(f"[bold red]{err}[/]")
+        job.aborted()
+        raise typer.Exit(1)
+    except (star_io.StarFileError, ValueError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        job.fail()
+        raise typer.Exit(1)
+    except BaseException:
+        job.fail()
+        raise
+
+
+def _print_summary(result, n: int, total: float) -> None:
+    table = Table(title="Graph split", show_header=False)
+    table.add_row("particles", str(n))
+    table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
+    table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
+    table.add_row("graph components", str(len(result.components)))
+    for k in (1, 2):
+        count = int((result.classes == k).sum())
+        table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")
+    for step, seconds in result.timings.items():
+        table.add_row(f"time: {step}", f"{seconds:.1f} s")
+    table.add_row("time: total", f"{total:.1f} s")
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def main() -> None:
+    app()

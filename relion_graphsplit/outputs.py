@@ -1,0 +1,69 @@
+"""Files a split leaves in its output directory (each written atomically)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from relion_graphsplit import star_io
+from relion_graphsplit.files import atomic_path
+from relion_graphsplit.pipeline import SplitResult
+
+SCORE_LABEL = "rlnGraphSplitScore"
+"""Column with each particle's mean synchronised log-likelihood ratio (positive: class 1)."""
+
+
+def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.DataFrame:
+    """The input particle table, every column kept, with the class, its probability and the score."""
+    table = ps.particles.copy()
+    table["rlnClassNumber"] = result.classes.astype(np.int64)
+    table["rlnMaxValueProbDistribution"] = result.probability
+    table[SCORE_LABEL] = result.score
+    return table
+
+
+def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> list[Path]:
+    """run_data.star and one run_classNNN_data.star per class."""
+    paths = [out / "run_data.star"]
+    star_io.write_particles(paths[0], ps, table)
+    for k in sorted(table["rlnClassNumber"].unique()):
+        path = out / f"run_class{int(k):03d}_data.star"
+        star_io.write_particles(path, ps, table[table["rlnClassNumber"] == k].reset_index(drop=True))
+        paths.append(path)
+    return paths
+
+
+def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> list[Path]:
+    """Per-cone table and graph (run_cones.star), memberships, cone images and the run summary."""
+    cones = out / "run_cones.star"
+    with atomic_path(cones) as tmp:
+        starfile.write({"cones": result.cone_table, "edges": result.edges}, tmp, overwrite=True)
+    members = out / "run_memberships.star"
+    with atomic_path(members) as tmp:
+        starfile.write({"memberships": result.membership}, tmp, overwrite=True)
+    images = out / "run_cone_images.mrcs"
+    stack = np.stack([result.mean_images, result.eigenimages], axis=1).reshape(-1, *result.mean_images.shape[1:])
+    with atomic_path(images) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(stack.astype(np.float32))
+            mrc.set_image_stack()
+            mrc.voxel_size = result.working_pixel_size
+    summary_path = out / "run_summary.json"
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
+    return [cones, members, images, summary_path]
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

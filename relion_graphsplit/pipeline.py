@@ -1,0 +1,366 @@
+"""The graph split, top to bottom as in chapter 4 of the thesis.
+
+1. cones of projection direction (grouping);
+2. images centred, downsampled and CTF-corrected once, kept in a scratch file (preprocess);
+3. per cone: in-plane alignment, mask, first principal component, two-Gaussian mixture and
+   log-likelihood ratio of every member (alignment, masks, pca, mixture);
+4. graph of cones weighted by the agreement of their ratios; sign synchronisation by max-cut
+   (graph, maxcut);
+5. each particle's mean synchronised ratio; classes by its sign.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from relion_graphsplit import star_io
+from relion_graphsplit.alignment import align_to_reference, cone_reference
+from relion_graphsplit.ctf import ctf_2d
+from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
+from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
+from relion_graphsplit.masks import project_mask, resample_volume, soft_sphere
+from relion_graphsplit.maxcut import synchronise
+from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
+from relion_graphsplit.pca import first_component
+from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
+from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
+from relion_graphsplit.reconstruct import reconstruct_stream
+from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.symmetry import symmetry_matrices
+
+Track = Callable[..., Iterable]
+
+
+def no_progress(iterable: Iterable, description: str = "", total: int | None = None) -> Iterable:
+    """Default progress callback: iterate silently."""
+    return iterable
+
+
+@dataclass
+class SplitOptions:
+    """Parameters of the split (the command-line options, with the same defaults)."""
+
+    symmetry: str = "C1"
+    angular_sampling: float | None = None  # degrees between cone axes; None: from the particle count
+    cone_angle: float | None = None  # cone half-aperture in degrees; None: the sampling
+    particles_per_cone: int = 300  # target of the automatic sampling
+    min_cone_particles: int = 10  # cones with fewer members are dropped
+    maxres: float | None = 8.0  # A; images are downsampled to this Nyquist
+    resize: int | None = None  # explicit working box (overrides maxres)
+    ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
+    particle_diameter: float | None = None  # A, for the default spherical mask
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class SplitResult:
+    """Everything the split found, per particle and per cone."""
+
+    classes: np.ndarray  # (n,) 1 or 2
+    score: np.ndarray  # (n,) mean synchronised log-likelihood ratio
+    probability: np.ndarray  # (n,) posterior probability of the assigned class
+    cones_per_particle: np.ndarray  # (n,)
+    cones: Cones
+    cone_table: pd.DataFrame  # per-cone diagnostics
+    membership: pd.DataFrame  # per (cone, particle): rho, llr
+    eigenimages: np.ndarray  # (M, n, n) first eigen-image of each cone
+    mean_images: np.ndarray  # (M, n, n)
+    edges: pd.DataFrame  # cone pairs: shared particles, weight
+    components: list[np.ndarray]
+    sampling: float
+    cone_angle: float
+    working_box: int
+    working_pixel_size: float
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _batches(n: int, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, n, size):
+        yield np.arange(start, min(n, start + size))
+
+
+def prepare_images(
+    ps: star_io.ParticleSet,
+    stacks: ImageStacks,
+    scratch: np.ndarray,
+    options: SplitOptions,
+    consensus: torch.Tensor | None,
+    track: Track = no_progress,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
+
+    Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
+    map is given and the correction needs one, reconstructs it at the working size. Pass 2 corrects
+    the images in `scratch` for the CTF.
+    """
+    timings: dict[str, float] = {}
+    n, w = scratch.shape[0], scratch.shape[-1]
+    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    work_apix = apix * box / w
+    rotations, origins = star_io.poses(ps)
+    ctf_all = star_io.ctf_params(ps)
+    squared = star_io.ctf_premultiplied(ps)
+    need_consensus = options.ctf_correction.subtracts and consensus is None
+
+    def data_filter(index: np.ndarray) -> torch.Tensor:
+        ctf = ctf_2d(ctf_all[torch.as_tensor(index)], w, work_apix)
+        return ctf * ctf if squared else ctf
+
+    def centred_small(index: np.ndarray) -> torch.Tensor:
+        f = torch.fft.rfft2(stacks.read(index).to(torch.float64))
+        f = shift_images(f, origins[index])  # RELION centres by translating the image by +origin
+        return fourier_crop(f, w)
+
+    start = time.perf_counter()
+    batches = list(_batches(n, options.batch_size))
+
+    def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
+        for index in track(batches, description="Reading and centring images", total=len(batches)):
+            small = torch.fft.irfft2(centred_small(index), s=(w, w)).to(torch.float32)
+            scratch[index] = small.numpy()
+            if need_consensus:
+                yield small, rotations[index], None, data_filter(index)
+
+    if need_consensus:
+        if squared:
+            raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
+        consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry, batch_size=options.batch_size)
+    else:
+        for _ in pass_one():
+            pass
+    timings["read"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
+    for index in track(batches, description="Correcting for the CTF", total=len(batches)):
+        f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        projections = project_rfft(prepared, rotations[index]) if prepared is not None else None
+        corrected = correct(f, data_filter(index).to(torch.float64), options.ctf_correction, projections)
+        scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
+    timings["ctf"] = time.perf_counter() - start
+    return consensus if consensus is not None else torch.zeros(w, w, w), timings
+
+
+def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
+    """Group cones of similar size so that a padded batch holds at most `max_elements` images."""
+    order = np.argsort(-counts, kind="stable")
+    batches, current = [], []
+    for c in order:
+        if current and (len(current) + 1) * counts[current[0]] > max_elements:
+            batches.append(np.array(current))
+            current = []
+        current.append(int(c))
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def classify_cones(
+    scratch: np.ndarray,
+    cones: Cones,
+    masks: torch.Tensor,
+    track: Track = no_progress,
+    max_images: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame, np.ndarray, np.ndarray]:
+    """Align, mask and analyse each cone; returns rho and lambda per membership and per-cone tables."""
+    w = scratch.shape[-1]
+    counts = cones.counts().numpy()
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rho = torch.zeros(len(cones.cone), dtype=torch.float64)
+    llr = torch.zeros(len(cones.cone), dtype=torch.float64)
+    rows = []
+    eigenimages = np.zeros((cones.n_cones, w, w), dtype=np.float32)
+    means = np.zeros((cones.n_cones, w, w), dtype=np.float32)
+    references = cone_reference(cones.axes)
+    batches = _cone_batches(counts, max_images)
+    for batch in track(batches, description="Classifying cones", total=len(batches)):
+        size = int(counts[batch].max())
+        data = torch.zeros(len(batch), size, w * w, dtype=torch.float32)
+        valid = torch.zeros(len(batch), size, dtype=torch.bool)
+        spans = []
+        for row, c in enumerate(batch):
+            span = slice(int(starts[c]), int(starts[c + 1]))
+            members = cones.particle[span].numpy()
+            order = np.argsort(members)  # sorted reads from the scratch file
+            images = torch.empty(len(members), w, w, dtype=torch.float32)
+            images[order] = torch.from_numpy(np.asarray(scratch[members[order]]))
+            aligned = align_to_reference(images, cones.rotation[span], references[c], cones.mirrored[span])
+            data[row, : len(members)] = (aligned * masks[c]).reshape(len(members), -1)
+            valid[row, : len(members)] = True
+            spans.append(span)
+        comp = first_component(data, valid)
+        mixture = fit_mixture(comp.scores, valid)
+        ratios = log_likelihood_ratio(comp.scores, mixture)
+        for row, (c, span) in enumerate(zip(batch, spans)):
+            k = span.stop - span.start
+            rho[span] = comp.scores[row, :k]
+            llr[span] = ratios[row, :k]
+            eigenimages[c] = comp.eigenimage[row].reshape(w, w).numpy()
+            means[c] = comp.mean[row].reshape(w, w).numpy()
+            rows.append(
+                {
+                    "cone": int(c),
+                    "particles": k,
+                    "explained_variance": float(comp.explained[row]),
+                    "mean1": float(mixture.means[row, 0]),
+                    "mean2": float(mixture.means[row, 1]),
+                    "sigma": float(mixture.sigma[row]),
+                    "weight1": float(mixture.weights[row, 0]),
+                    "separation": float(mixture.separation[row]),
+                }
+            )
+    table = pd.DataFrame(rows).sort_values("cone", ignore_index=True)
+    return rho, llr, table, eigenimages, means
+
+
+def cone_masks(
+    mask: torch.Tensor | None, axes: torch.Tensor, w: int, diameter_px: float
+) -> torch.Tensor:
+    """Per-cone 2D masks (M, w, w): the 3D mask (resampled to w) projected along each axis."""
+    volume = resample_volume(mask, w) if mask is not None else soft_sphere(w, diameter_px / 2.0, edge=2.0)
+    return project_mask(volume, cone_reference(axes)).to(torch.float32)
+
+
+def split(
+    ps: star_io.ParticleSet,
+    stacks: ImageStacks,
+    options: SplitOptions,
+    mask: torch.Tensor | None = None,
+    consensus: torch.Tensor | None = None,
+    scratch_dir: str | Path | None = None,
+    track: Track = no_progress,
+) -> SplitResult:
+    """Split a refined particle set into two classes with the graph method.
+
+    `mask` and `consensus` are maps at the particles' box and pixel size (or None).
+    """
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    n = len(ps.particles)
+    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+
+    # 1. Cones of projection direction.
+    start = time.perf_counter()
+    symmetry = symmetry_matrices(options.symmetry)
+    sampling = options.angular_sampling or default_sampling(n, len(symmetry), options.particles_per_cone)
+    cone_angle = options.cone_angle or sampling
+    rotations, _ = star_io.poses(ps)
+    axes = asymmetric_unit_directions(sampling, symmetry)
+    cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
+    empty = int((cones.counts() == 0).sum())
+    if empty:
+        warnings.append(f"{empty} of {len(axes)} cone directions hold no particle: holes in the angular coverage")
+    sparse = cones.counts() < options.min_cone_particles
+    if sparse.any() and not sparse.all():
+        # Too few members for a principal component: drop those cones and let their particles join
+        # the nearest remaining ones.
+        axes = axes[~sparse]
+        cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
+    timings["cones"] = time.perf_counter() - start
+
+    # 2. Centred, downsampled, CTF-corrected images in a scratch file.
+    w = working_box(box, apix, options.maxres, options.resize)
+    work_apix = apix * box / w
+    small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
+    with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
+        scratch = np.lib.format.open_memmap(Path(tmp) / "images.npy", mode="w+", dtype=np.float32, shape=(n, w, w))
+        _, prep_times = prepare_images(ps, stacks, scratch, options, small_consensus, track)
+        timings.update(prep_times)
+
+        # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
+        start = time.perf_counter()
+        diameter = options.particle_diameter or 0.8 * box * apix
+        masks = cone_masks(mask, axes, w, diameter / work_apix)
+        rho, llr, cone_table, eigenimages, means = classify_cones(scratch, cones, masks, track)
+        timings["classify"] = time.perf_counter() - start
+        del scratch
+
+    # 4. Graph of cones and sign synchronisation.
+    start = time.perf_counter()
+    ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
+    weights = cone_weights(ratios)
+    sync = synchronise(weights, seed=options.seed)
+    signs = np.asarray(sync.signs, dtype=np.int64)
+    timings["graph"] = time.perf_counter() - start
+
+    # 5. Mean synchronised ratio per particle; classes by sign.
+    score, count = particle_scores(ratios, signs)
+    classes = np.where(score >= 0, 1, 2)
+    probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
+
+    cone_table["sign"] = signs[cone_table["cone"].to_numpy()]
+    cone_table["component"] = _component_index(sync.components, cones.n_cones)[cone_table["cone"].to_numpy()]
+    axes_np = axes.numpy()
+    cone_table["axis_x"], cone_table["axis_y"], cone_table["axis_z"] = axes_np[cone_table["cone"]].T
+    synced = signs[cones.cone.numpy()] * llr.numpy()
+    cone_table["class1_fraction"] = (
+        pd.Series(synced >= 0).groupby(cones.cone.numpy()).mean().reindex(cone_table["cone"]).to_numpy()
+    )
+    membership = pd.DataFrame(
+        {"cone": cones.cone.numpy(), "particle": cones.particle.numpy(), "rho": rho.numpy(), "llr": llr.numpy()}
+    )
+    edges = _edges(weights, shared_counts(ratios))
+    warnings += _warnings(cone_table, sync.components, classes)
+    return SplitResult(
+        classes=classes,
+        score=score,
+        probability=probability,
+        cones_per_particle=count,
+        cones=cones,
+        cone_table=cone_table,
+        membership=membership,
+        eigenimages=eigenimages,
+        mean_images=means,
+        edges=edges,
+        components=list(sync.components),
+        sampling=sampling,
+        cone_angle=cone_angle,
+        working_box=w,
+        working_pixel_size=work_apix,
+        timings=timings,
+        warnings=warnings,
+    )
+
+
+def _component_index(components: list[np.ndarray], n: int) -> np.ndarray:
+    index = np.zeros(n, dtype=np.int64)
+    for k, nodes in enumerate(components):
+        index[np.asarray(nodes)] = k + 1
+    return index
+
+
+def _edges(weights, shared) -> pd.DataFrame:
+    upper = shared.tocoo()
+    keep = upper.row < upper.col
+    i, j = upper.row[keep], upper.col[keep]
+    w = np.asarray(weights[i, j]).ravel()
+    return pd.DataFrame({"cone1": i, "cone2": j, "shared": upper.data[keep].astype(np.int64), "weight": w})
+
+
+def _warnings(cone_table: pd.DataFrame, components: list[np.ndarray], classes: np.ndarray) -> list[str]:
+    out = []
+    few = int((cone_table["particles"] < 30).sum())
+    if few:
+        out.append(f"{few} of {len(cone_table)} cones hold fewer than 30 particles: their split is unreliable")
+    if len(components) > 1:
+        sizes = sorted((len(c) for c in components), reverse=True)
+        out.append(f"the cone graph has {len(components)} disconnected parts (sizes {sizes[:6]}): "
+                   "their classes are synchronised separately and may be swapped between parts")
+    if not (cone_table["separation"] > 2.0).any():
+        out.append("no cone shows two separated populations (mixture separation > 2 sigma): "
+                   "there may be no heterogeneity inside the mask")
+    share = float(np.mean(classes == 1))
+    if min(share, 1 - share) < 0.1:
+        out.append(f"very unbalanced classes: {100 * share:.1f}% / {100 * (1 - share):.1f}%")
+    return out
+
