@@ -1,0 +1,68 @@
+import torch
+
+from relion_graphsplit.ctf import CTFParams, ctf_2d
+from relion_graphsplit.geometry import euler_to_matrix
+from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
+from relion_graphsplit.projection import prepare_volume, project_rfft
+from tests.test_alignment import blob_volume
+
+
+def ctf_params(b: int, seed: int = 0) -> CTFParams:
+    g = torch.Generator().manual_seed(seed)
+    one = torch.ones(b, dtype=torch.float64)
+    return CTFParams(
+        defocus_u=10000 + 20000 * torch.rand(b, generator=g, dtype=torch.float64),
+        defocus_v=10000 + 20000 * torch.rand(b, generator=g, dtype=torch.float64),
+        defocus_angle=360 * torch.rand(b, generator=g, dtype=torch.float64),
+        voltage=300 * one, cs=2.7 * one, amplitude_contrast=0.1 * one, phase_shift=0 * one,
+        bfactor=0 * one, scale=one,
+    )
+
+
+def test_working_box():
+    assert working_box(96, 1.5, 8.0, None) == 36
+    assert working_box(96, 1.5, None, 40) == 40
+    assert working_box(64, 2.0, 2.0, None) == 64  # never above the box
+    assert working_box(65, 2.0, None, None) == 64
+
+
+def test_fourier_crop_keeps_low_frequencies_and_grey_levels():
+    vol = blob_volume(48)
+    small = fourier_crop_volume(vol, 24)
+    assert small.shape == (24, 24, 24)
+    # Same physical content: the sum over the box scales with the voxel volume.
+    assert abs(float(small.sum()) * 8 - float(vol.sum())) < 1e-3 * float(vol.sum())
+    image = vol.sum(0)
+    f = fourier_crop(torch.fft.rfft2(image)[None], 24)
+    assert abs(float(torch.fft.irfft2(f, s=(24, 24)).sum()) * 4 - float(image.sum())) < 1e-6 * float(image.sum())
+
+
+def test_consensus_subtraction_leaves_only_the_difference():
+    n, b = 32, 6
+    base = fourier_crop_volume(blob_volume(48), n).double()
+    extra = torch.zeros_like(base)
+    extra[20:24, 10:14, 18:22] = 0.5
+    A = euler_to_matrix(torch.rand(b) * 360, torch.rand(b) * 180, torch.rand(b) * 360)
+    ctf = ctf_2d(ctf_params(b), n, 4.0).double()
+    consensus = project_rfft(prepare_volume(base), A)
+    state = project_rfft(prepare_volume(base + extra), A)
+    difference = project_rfft(prepare_volume(extra), A)
+    scale = torch.linspace(0.7, 1.3, b, dtype=torch.float64)[:, None, None]
+    images = scale * ctf * state
+    out = correct(images, ctf, CtfCorrection.subtract_multiply, consensus)
+    # What is left is the CTF^2-weighted difference (up to the fitted scale and DC).
+    expected = ctf * ctf * scale * difference
+    expected[..., 0, 0] = 0
+    rel = (out - expected).abs().pow(2).sum() / expected.abs().pow(2).sum()
+    assert rel < 0.05
+    # Phase flipping alone keeps the consensus signal, which dwarfs the difference.
+    flipped = correct(images, ctf, CtfCorrection.flip)
+    residual = correct(images, ctf, CtfCorrection.subtract_flip, consensus)
+    assert flipped.abs().pow(2).sum() > 10 * residual.abs().pow(2).sum()
+    # The subtracting modes refuse to run without the consensus projections.
+    try:
+        correct(images, ctf, CtfCorrection.subtract_flip)
+    except ValueError as err:
+        assert "consensus" in str(err)
+    else:
+        raise AssertionError("expected a ValueError")
