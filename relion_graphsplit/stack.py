@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from collections import OrderedDict
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import torch
+
+from mrcfile.mrcmemmap import MrcMemmap
 
 from .star_io import ParticleSet, image_size
 
@@ -39,7 +42,7 @@ def split_image_names(names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if not numbers.str.strip().str.isdigit().all():
         bad = names[~numbers.str.strip().str.isdigit()].iloc[0]
         raise ValueError(f"bad image name {bad!r}: expected N@stack with N >= 1")
-    index = numbers.astype(np.int64).to_numpy() - 1
+    index = numbers.str.strip().astype(np.int64).to_numpy() - 1
     if (index < 0).any():
         raise ValueError(f"bad image name {names[index < 0].iloc[0]!r}: image numbers start at 1")
     stacks = np.where(has_at, parts[2].to_numpy(dtype=object), parts[0].to_numpy(dtype=object))
@@ -65,16 +68,27 @@ def stack_shape(path: Path) -> tuple[int, int, int]:
         return int(header.nz), int(header.ny), int(header.nx)
 
 
+def _default_max_open() -> int:
+    """How many stacks may stay mapped: half the file descriptors left after a reserve (a memory
+    map holds two)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return max(16, (soft - 256) // 2)
+
+
 class ImageStacks:
     """The images of a ParticleSet, read by particle row as (B, N, N) float32.
 
     Every stack is checked up front (exists, holds the images asked of it, square boxes of the
     set's size). Stacks are memory-mapped on first use and kept open, at most `max_open` at once
-    (the least recently used is closed), so sets with one stack per micrograph stay under the
-    open-file limit. Use as a context manager or call close().
+    (the least recently used is closed; by default as many as the open-file limit allows), so sets
+    with one stack per micrograph work on any system. Use as a context manager or call close().
     """
 
-    def __init__(self, ps: ParticleSet, workdir: str | os.PathLike | None = None, max_open: int = 256):
+    def __init__(
+        self, ps: ParticleSet, workdir: str | os.PathLike | None = None, max_open: int | None = None
+    ):
         if "rlnImageName" not in ps.particles:
             raise StackError(f"{ps.path}: no rlnImageName column, so no images to read")
         self._image, names = split_image_names(ps.particles["rlnImageName"])
@@ -99,17 +113,17 @@ class ImageStacks:
                 f"{ps.path}: {short.size} image stacks hold fewer images than the particles use, first "
                 f"{self._paths[s]} ({shapes[s, 0]} images, image {needed[s]} asked for)"
             )
-        boxes = {(int(ny), int(nx)) for ny, nx in shapes[:, 1:]}
-        if len(boxes) != 1 or len({*next(iter(boxes))}) != 1:
-            listed = ", ".join(f"{nx}x{ny}" for ny, nx in sorted(boxes))
+        boxes = sorted({(int(nx), int(ny)) for _, ny, nx in shapes})
+        if len(boxes) != 1 or boxes[0][0] != boxes[0][1]:
+            listed = ", ".join(f"{nx}x{ny}" for nx, ny in boxes)
             raise StackError(f"{ps.path}: stacks must hold square images of one size, found {listed}")
-        self._box = next(iter(boxes))[0]
+        self._box = boxes[0][0]
         if "rlnImageSize" in ps.optics and image_size(ps) != self._box:
             raise StackError(
                 f"{ps.path}: rlnImageSize is {image_size(ps)} but the stacks hold {self._box}-pixel images"
             )
-        self._max_open = max(1, max_open)
-        self._open: OrderedDict[int, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._max_open = max(1, max_open if max_open is not None else _default_max_open())
+        self._open: OrderedDict[int, MrcMemmap] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._stack)

@@ -138,7 +138,7 @@ def write_particles(path: str | os.PathLike, ps: ParticleSet, particles: pd.Data
         raise StarFileError(f"{path}: particles to write have no rlnOpticsGroup column")
     unknown = sorted(set(particles["rlnOpticsGroup"]) - set(ps.optics["rlnOpticsGroup"]))
     if unknown:
-        raise StarFileError(f"{path}: particles to write refer to optics groups {unknown} missing from data_optics")
+        raise StarFileError(f"{path}: particles refer to optics groups {unknown} missing from data_optics")
     version = 50001 if ps.version >= 50000 else 30001
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         _write_block(f, "optics", ps.optics, version)
@@ -176,7 +176,7 @@ def poses(ps: ParticleSet) -> tuple[torch.Tensor, torch.Tensor]:
     missing = [c for c in ANGLE_COLUMNS if c not in ps.particles]
     if missing:
         raise StarFileError(f"{ps.path}: no poses (missing {', '.join(missing)})")
-    angles = (torch.from_numpy(ps.particles[c].to_numpy(np.float64)) for c in ANGLE_COLUMNS)
+    angles = (torch.tensor(ps.particles[c].to_numpy(np.float64)) for c in ANGLE_COLUMNS)
     A = euler_to_matrix(*angles)
     n = len(ps.particles)
     origins = np.zeros((n, 2))
@@ -199,8 +199,8 @@ def ctf_params(ps: ParticleSet) -> CTFParams:
             raise StarFileError(f"{ps.path}: no CTF {column} in data_particles or data_optics")
         elif value is None:
             value = np.full(len(ps.particles), default)
-        values[field] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
-    return CTFParams(**values)
+        values[field] = value
+    return CTFParams(**{field: torch.tensor(value, dtype=torch.float64) for field, value in values.items()})
 
 
 def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
@@ -217,7 +217,7 @@ def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
 
 def _version_tag(path: Path) -> int | None:
     """The `# version NNNNN` tag before the first data block, if any."""
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             if line.startswith("data_"):
                 return None
@@ -344,7 +344,8 @@ def _require_poses(ps: ParticleSet) -> None:
     missing = [c for c in ("rlnImageName", *ANGLE_COLUMNS) if c not in ps.particles]
     missing += [c for c in REQUIRED_CTF_COLUMNS if c not in ps.particles and c not in ps.optics]
     if "rlnImagePixelSize" not in ps.optics:
-        missing.append("rlnImagePixelSize" if ps.version > 30000 else "rlnDetectorPixelSize/rlnMagnification")
+        legacy = ps.version == 30000
+        missing.append("rlnDetectorPixelSize + rlnMagnification" if legacy else "rlnImagePixelSize")
     if missing:
         raise StarFileError(
             f"{ps.path}: not a refined particle set with CTF values: missing {', '.join(missing)}"

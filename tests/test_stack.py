@@ -1,0 +1,162 @@
+"""Reading particle images from MRC stacks by particle row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from relion_graphsplit.stack import ImageStacks, StackError, parse_image_name, split_image_names
+from relion_graphsplit.star_io import make_particle_set, read_particles, write_particles
+
+BOX = 16
+
+
+def make_stack(path: Path, n: int, seed: int, dtype=np.float32) -> np.ndarray:
+    """Write n random BOX x BOX images to `path` and return them."""
+    images = np.random.default_rng(seed).normal(size=(n, BOX, BOX)).astype(np.float32)
+    if dtype != np.float32:
+        images = np.round(images * 100).astype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with mrcfile.new(path, data=images) as mrc:
+        mrc.set_image_stack()
+    return images.astype(np.float32)
+
+
+def particle_set(names: list[str], star_path: Path, box: int = BOX):
+    n = len(names)
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": names,
+            "rlnAngleRot": np.zeros(n),
+            "rlnAngleTilt": np.zeros(n),
+            "rlnAnglePsi": np.zeros(n),
+            "rlnDefocusU": np.full(n, 10000.0),
+            "rlnOpticsGroup": np.ones(n, dtype=int),
+        }
+    )
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [2.0],
+            "rlnImageSize": [box],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    return make_particle_set(particles, optics, path=star_path)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A RELION-like project: two stacks under Extract/, a STAR file in Select/, run from the project."""
+    stacks = {
+        "Extract/a.mrcs": make_stack(tmp_path / "Extract/a.mrcs", 5, seed=1),
+        "Extract/b.mrcs": make_stack(tmp_path / "Extract/b.mrcs", 4, seed=2),
+    }
+    # mixed order, both stacks interleaved, zero padding as RELION 3.1 and 5.0 write it
+    refs = [("Extract/b.mrcs", 3), ("Extract/a.mrcs", 0), ("Extract/a.mrcs", 4), ("Extract/b.mrcs", 0),
+            ("Extract/a.mrcs", 2), ("Extract/b.mrcs", 1), ("Extract/a.mrcs", 1)]
+    names = [f"{i + 1:06d}@{s}" if k % 2 else f"{i + 1:08d}@{s}" for k, (s, i) in enumerate(refs)]
+    expected = np.stack([stacks[s][i] for s, i in refs])
+    star = tmp_path / "Select" / "particles.star"
+    write_particles(star, particle_set(names, star))
+    monkeypatch.chdir(tmp_path)
+    return star, expected
+
+
+def test_parse_image_name():
+    assert parse_image_name("000012@Particles/x.mrcs") == (11, "Particles/x.mrcs")
+    assert parse_image_name("1@a.mrcs") == (0, "a.mrcs")
+    assert parse_image_name("single.mrc") == (0, "single.mrc")
+    for bad in ("0@x.mrcs", "abc@x.mrcs", "-3@x.mrcs"):
+        with pytest.raises(ValueError):
+            parse_image_name(bad)
+
+
+def test_split_image_names_agrees_with_parse_image_name():
+    names = pd.Series(["000012@Particles/x.mrcs", "3@y.mrcs", "single.mrc", "00000001@dir with space/z.mrcs"])
+    index, stacks = split_image_names(names)
+    assert list(zip(index.tolist(), stacks.tolist())) == [parse_image_name(n) for n in names]
+    with pytest.raises(ValueError):
+        split_image_names(pd.Series(["1@a.mrcs", "0@a.mrcs"]))
+
+
+def test_reads_the_right_images_from_the_project_directory(project):
+    star, expected = project
+    ps = read_particles(star)
+    with ImageStacks(ps) as stacks:
+        assert len(stacks) == len(expected) and stacks.box == BOX
+        images = stacks.read(np.arange(len(expected)))
+        assert images.dtype == torch.float32 and images.shape == (len(expected), BOX, BOX)
+        np.testing.assert_array_equal(images.numpy(), expected)
+        # any order, repeats, torch indices
+        rows = torch.tensor([6, 0, 6, 3, 1, 5])
+        np.testing.assert_array_equal(stacks.read(rows).numpy(), expected[rows.numpy()])
+        assert stacks.read(np.array([], dtype=int)).shape == (0, BOX, BOX)
+        with pytest.raises(IndexError):
+            stacks.read([len(expected)])
+
+
+def test_falls_back_to_the_star_file_directory(tmp_path, monkeypatch):
+    images = make_stack(tmp_path / "data" / "parts.mrcs", 3, seed=3)
+    star = tmp_path / "data" / "particles.star"
+    write_particles(star, particle_set(["2@parts.mrcs", "3@parts.mrcs", "1@parts.mrcs"], star))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with ImageStacks(read_particles(star)) as stacks:
+        np.testing.assert_array_equal(stacks.read([0, 1, 2]).numpy(), images[[1, 2, 0]])
+
+
+def test_workdir_replaces_the_current_directory(project, tmp_path, monkeypatch):
+    star, expected = project
+    monkeypatch.chdir(tmp_path / "Select")  # Extract/ is not reachable from here nor from the STAR dir
+    ps = read_particles(star)
+    with pytest.raises(StackError):
+        ImageStacks(ps)
+    with ImageStacks(ps, workdir=tmp_path) as stacks:
+        np.testing.assert_array_equal(stacks.read([2, 0]).numpy(), expected[[2, 0]])
+
+
+def test_few_open_stacks_at_a_time(project):
+    star, expected = project
+    with ImageStacks(read_particles(star), max_open=1) as stacks:
+        for _ in range(2):
+            np.testing.assert_array_equal(stacks.read(np.arange(len(expected))).numpy(), expected)
+        assert len(stacks._open) == 1
+
+
+def test_integer_stacks_and_single_images(tmp_path):
+    stack = make_stack(tmp_path / "ints.mrcs", 2, seed=4, dtype=np.int16)
+    single = np.random.default_rng(5).normal(size=(BOX, BOX)).astype(np.float32)
+    mrcfile.new(tmp_path / "one.mrc", data=single).close()  # a 2D image, not a stack
+    star = tmp_path / "particles.star"
+    ps = particle_set(["2@ints.mrcs", "one.mrc", "1@ints.mrcs"], star)
+    with ImageStacks(ps, workdir=tmp_path) as stacks:
+        np.testing.assert_array_equal(stacks.read([0, 1, 2]).numpy(), np.stack([stack[1], single, stack[0]]))
+
+
+def test_missing_stacks_are_reported_in_one_line(tmp_path):
+    make_stack(tmp_path / "a.mrcs", 2, seed=6)
+    star = tmp_path / "particles.star"
+    ps = particle_set(["1@a.mrcs", "1@missing1.mrcs", "2@missing2.mrcs", "1@missing1.mrcs"], star)
+    with pytest.raises(StackError) as info:
+        ImageStacks(ps, workdir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "2 of 3 image stacks not found" in message and "first missing1.mrcs" in message
+
+
+def test_short_stack_and_wrong_box_are_refused(tmp_path):
+    make_stack(tmp_path / "a.mrcs", 2, seed=7)
+    star = tmp_path / "particles.star"
+    with pytest.raises(StackError, match=r"a.mrcs \(2 images, image 3 asked for\)"):
+        ImageStacks(particle_set(["1@a.mrcs", "3@a.mrcs"], star), workdir=tmp_path)
+    with pytest.raises(StackError, match="rlnImageSize is 32"):
+        ImageStacks(particle_set(["1@a.mrcs"], star, box=32), workdir=tmp_path)
