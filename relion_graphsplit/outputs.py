@@ -39,7 +39,11 @@ def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> 
 
 
 def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> list[Path]:
-    """Per-cone table and graph (run_cones.star), memberships, cone images and the run summary."""
+    """Per-cone table and graph (run_cones.star), memberships, cone images and the run summary.
+
+    run_cone_images.mrcs holds 4 images per cone c: 4c mean, 4c+1 eigen-image, 4c+2 and 4c+3 the
+    averages of the cone's class-1 and class-2 members.
+    """
     cones = out / "run_cones.star"
     with atomic_path(cones) as tmp:
         starfile.write({"cones": result.cone_table, "edges": result.edges}, tmp, overwrite=True)
@@ -47,7 +51,7 @@ def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> list[Pat
     with atomic_path(members) as tmp:
         starfile.write({"memberships": result.membership}, tmp, overwrite=True)
     images = out / "run_cone_images.mrcs"
-    stack = np.stack([result.mean_images, result.eigenimages], axis=1).reshape(-1, *result.mean_images.shape[1:])
+    stack = result.cone_images.reshape(-1, *result.cone_images.shape[2:])  # 4 images per cone
     with atomic_path(images) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(stack.astype(np.float32))

@@ -72,10 +72,10 @@ class SplitResult:
     cones: Cones
     cone_table: pd.DataFrame  # per-cone diagnostics
     membership: pd.DataFrame  # per (cone, particle): rho, llr
-    eigenimages: np.ndarray  # (M, n, n) first eigen-image of each cone
-    mean_images: np.ndarray  # (M, n, n)
+    cone_images: np.ndarray  # (M, 4, w, w): mean, eigen-image, class-1 and class-2 averages
     edges: pd.DataFrame  # cone pairs: shared particles, weight
-    components: list[np.ndarray]
+    components: list[np.ndarray]  # cone indices of each connected part of the graph
+    sync_method: str
     sampling: float
     cone_angle: float
     working_box: int
@@ -152,8 +152,8 @@ def prepare_images(
 
 
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
-    """Group cones of similar size so that a padded batch holds at most `max_elements` images."""
-    order = np.argsort(-counts, kind="stable")
+    """Group non-empty cones of similar size so that a padded batch holds at most `max_elements` images."""
+    order = [c for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
     batches, current = [], []
     for c in order:
         if current and (len(current) + 1) * counts[current[0]] > max_elements:
@@ -171,16 +171,20 @@ def classify_cones(
     masks: torch.Tensor,
     track: Track = no_progress,
     max_images: int = 8192,
-) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame, np.ndarray, np.ndarray]:
-    """Align, mask and analyse each cone; returns rho and lambda per membership and per-cone tables."""
+) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame, np.ndarray]:
+    """Align, mask and analyse each cone.
+
+    Returns rho and lambda per membership, the per-cone table, and per cone (M, 4, w, w) the mean image,
+    the eigen-image and the averages of the members with positive and with negative ratio.
+    """
     w = scratch.shape[-1]
     counts = cones.counts().numpy()
     starts = np.concatenate([[0], np.cumsum(counts)])
     rho = torch.zeros(len(cones.cone), dtype=torch.float64)
     llr = torch.zeros(len(cones.cone), dtype=torch.float64)
     rows = []
-    eigenimages = np.zeros((cones.n_cones, w, w), dtype=np.float32)
-    means = np.zeros((cones.n_cones, w, w), dtype=np.float32)
+    # Per cone: mean image, eigen-image, and the averages of members with positive / negative ratio.
+    images_out = np.zeros((cones.n_cones, 4, w, w), dtype=np.float32)
     references = cone_reference(cones.axes)
     batches = _cone_batches(counts, max_images)
     for batch in track(batches, description="Classifying cones", total=len(batches)):
@@ -205,8 +209,12 @@ def classify_cones(
             k = span.stop - span.start
             rho[span] = comp.scores[row, :k]
             llr[span] = ratios[row, :k]
-            eigenimages[c] = comp.eigenimage[row].reshape(w, w).numpy()
-            means[c] = comp.mean[row].reshape(w, w).numpy()
+            positive = ratios[row, :k] > 0
+            members = data[row, :k].to(torch.float64)
+            images_out[c, 0] = comp.mean[row].reshape(w, w).numpy()
+            images_out[c, 1] = comp.eigenimage[row].reshape(w, w).numpy()
+            images_out[c, 2] = members[positive].mean(0).reshape(w, w).numpy() if positive.any() else 0
+            images_out[c, 3] = members[~positive].mean(0).reshape(w, w).numpy() if (~positive).any() else 0
             rows.append(
                 {
                     "cone": int(c),
@@ -220,7 +228,7 @@ def classify_cones(
                 }
             )
     table = pd.DataFrame(rows).sort_values("cone", ignore_index=True)
-    return rho, llr, table, eigenimages, means
+    return rho, llr, table, images_out
 
 
 def cone_masks(
@@ -281,7 +289,7 @@ def split(
         start = time.perf_counter()
         diameter = options.particle_diameter or 0.8 * box * apix
         masks = cone_masks(mask, axes, w, diameter / work_apix)
-        rho, llr, cone_table, eigenimages, means = classify_cones(scratch, cones, masks, track)
+        rho, llr, cone_table, cone_images = classify_cones(scratch, cones, masks, track)
         timings["classify"] = time.perf_counter() - start
         del scratch
 
@@ -298,8 +306,11 @@ def split(
     classes = np.where(score >= 0, 1, 2)
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
 
+    swapped = signs < 0  # after synchronisation, class 1 is the negative-ratio side of these cones
+    cone_images[swapped, 2:] = cone_images[swapped][:, ::-1][:, :2]
     cone_table["sign"] = signs[cone_table["cone"].to_numpy()]
-    cone_table["component"] = _component_index(sync.components, cones.n_cones)[cone_table["cone"].to_numpy()]
+    components = [c.nodes for c in sync.components]
+    cone_table["component"] = _component_index(components, cones.n_cones)[cone_table["cone"].to_numpy()]
     axes_np = axes.numpy()
     cone_table["axis_x"], cone_table["axis_y"], cone_table["axis_z"] = axes_np[cone_table["cone"]].T
     synced = signs[cones.cone.numpy()] * llr.numpy()
@@ -310,7 +321,7 @@ def split(
         {"cone": cones.cone.numpy(), "particle": cones.particle.numpy(), "rho": rho.numpy(), "llr": llr.numpy()}
     )
     edges = _edges(weights, shared_counts(ratios))
-    warnings += _warnings(cone_table, sync.components, classes)
+    warnings += _warnings(cone_table, components, classes)
     return SplitResult(
         classes=classes,
         score=score,
@@ -319,10 +330,10 @@ def split(
         cones=cones,
         cone_table=cone_table,
         membership=membership,
-        eigenimages=eigenimages,
-        mean_images=means,
+        cone_images=cone_images,
         edges=edges,
-        components=list(sync.components),
+        components=[c.nodes for c in sync.components],
+        sync_method=sync.method,
         sampling=sampling,
         cone_angle=cone_angle,
         working_box=w,
