@@ -21,6 +21,7 @@ from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import CtfCorrection
+from relion_graphsplit.report import report_warnings, write_report
 from relion_graphsplit.stack import ImageStacks
 
 console = Console(stderr=False, highlight=False)
@@ -66,6 +67,7 @@ def run(
     maxres: float = typer.Option(8.0, "--maxres", help="Resolution (A) the images are downsampled to for the analysis."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
+    refine_iter: int = typer.Option(3, "--refine_iter", help="Rounds of fixed-pose classification against the two class maps after the graph split (0: the graph split alone; needs --ctf_correction subtract-multiply)."),
     particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Diameter (A) of the default spherical mask; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
     j: int = typer.Option(1, "--j", help="Threads."),
@@ -87,7 +89,7 @@ def run(
         options = SplitOptions(
             symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
             particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
-            ctf_correction=ctf_correction, particle_diameter=particle_diameter,
+            ctf_correction=ctf_correction, refine_iterations=refine_iter, particle_diameter=particle_diameter,
             batch_size=batch_size, seed=seed,
         )
         o.mkdir(parents=True, exist_ok=True)
@@ -106,12 +108,19 @@ def run(
             "box": box, "pixel_size": apix, "working_box": result.working_box,
             "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
             "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
-            "graph_components": len(result.components),
+            "graph_components": len(result.components), "sync_method": result.sync_method,
+            "refine_changes": result.refine_changes,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
         }
         written += write_diagnostics(o, result, summary)
+        t = time.perf_counter()
+        write_report(o)
+        result.timings["report"] = time.perf_counter() - t
         _print_summary(result, len(ps.particles), time.perf_counter() - start)
+        for warning in report_warnings(o):
+            console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"Report: {o / 'report.html'}")
         job.outputs([(o / "run_data.star", "particles")])
         job.succeed()
     except Aborted as err:
@@ -140,8 +149,6 @@ def _print_summary(result, n: int, total: float) -> None:
         table.add_row(f"time: {step}", f"{seconds:.1f} s")
     table.add_row("time: total", f"{total:.1f} s")
     console.print(table)
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
 from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.reconstruct import reconstruct_stream
+from relion_graphsplit.refine import class_log_odds, difference_maps
 from relion_graphsplit.stack import ImageStacks
 from relion_graphsplit.symmetry import symmetry_matrices
 
@@ -56,6 +57,7 @@ class SplitOptions:
     maxres: float | None = 8.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
+    refine_iterations: int = 3  # rounds of fixed-pose classification against the class maps
     particle_diameter: float | None = None  # A, for the default spherical mask
     batch_size: int = 256
     seed: int = 0
@@ -66,7 +68,9 @@ class SplitResult:
     """Everything the split found, per particle and per cone."""
 
     classes: np.ndarray  # (n,) 1 or 2
-    score: np.ndarray  # (n,) mean synchronised log-likelihood ratio
+    score: np.ndarray  # (n,) log posterior odds of class 1 (after refinement, if any)
+    graph_score: np.ndarray  # (n,) mean synchronised log-likelihood ratio of the graph split
+    refine_changes: list[int]  # particles that changed class in each refinement round
     probability: np.ndarray  # (n,) posterior probability of the assigned class
     cones_per_particle: np.ndarray  # (n,)
     cones: Cones
@@ -84,9 +88,21 @@ class SplitResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _batches(n: int, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, n, size):
-        yield np.arange(start, min(n, start + size))
+def _batches(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def ctf_filter(ps: star_io.ParticleSet, w: int) -> Callable[[np.ndarray], torch.Tensor]:
+    """The filter the particles' data carry at the working box w: their CTF (squared if premultiplied)."""
+    params = star_io.ctf_params(ps)
+    work_apix = star_io.pixel_size(ps) * star_io.image_size(ps) / w
+    squared = star_io.ctf_premultiplied(ps)
+
+    def data_filter(index: np.ndarray) -> torch.Tensor:
+        ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
+        return ctf * ctf if squared else ctf
+
+    return data_filter
 
 
 def prepare_images(
@@ -99,6 +115,9 @@ def prepare_images(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
+    Returns each image's grey scale relative to the consensus projection (ones when not subtracting)
+    and the time spent per step.
+
     Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
     map is given and the correction needs one, reconstructs it at the working size. Pass 2 corrects
     the images in `scratch` for the CTF.
@@ -106,15 +125,10 @@ def prepare_images(
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
     box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
-    work_apix = apix * box / w
     rotations, origins = star_io.poses(ps)
-    ctf_all = star_io.ctf_params(ps)
     squared = star_io.ctf_premultiplied(ps)
+    data_filter = ctf_filter(ps, w)
     need_consensus = options.ctf_correction.subtracts and consensus is None
-
-    def data_filter(index: np.ndarray) -> torch.Tensor:
-        ctf = ctf_2d(ctf_all[torch.as_tensor(index)], w, work_apix)
-        return ctf * ctf if squared else ctf
 
     def centred_small(index: np.ndarray) -> torch.Tensor:
         f = torch.fft.rfft2(stacks.read(index).to(torch.float64))
@@ -122,7 +136,7 @@ def prepare_images(
         return fourier_crop(f, w)
 
     start = time.perf_counter()
-    batches = list(_batches(n, options.batch_size))
+    batches = _batches(n, options.batch_size)
 
     def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
         for index in track(batches, description="Reading and centring images", total=len(batches)):
@@ -142,13 +156,14 @@ def prepare_images(
 
     start = time.perf_counter()
     prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
+    scale = torch.ones(n, dtype=torch.float64)
     for index in track(batches, description="Correcting for the CTF", total=len(batches)):
         f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
         projections = project_rfft(prepared, rotations[index]) if prepared is not None else None
-        corrected = correct(f, data_filter(index).to(torch.float64), options.ctf_correction, projections)
+        corrected, scale[index] = correct(f, data_filter(index).to(torch.float64), options.ctf_correction, projections)
         scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
     timings["ctf"] = time.perf_counter() - start
-    return consensus if consensus is not None else torch.zeros(w, w, w), timings
+    return scale, timings
 
 
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
@@ -231,14 +246,6 @@ def classify_cones(
     return rho, llr, table, images_out
 
 
-def cone_masks(
-    mask: torch.Tensor | None, axes: torch.Tensor, w: int, diameter_px: float
-) -> torch.Tensor:
-    """Per-cone 2D masks (M, w, w): the 3D mask (resampled to w) projected along each axis."""
-    volume = resample_volume(mask, w) if mask is not None else soft_sphere(w, diameter_px / 2.0, edge=2.0)
-    return project_mask(volume, cone_reference(axes)).to(torch.float32)
-
-
 def split(
     ps: star_io.ParticleSet,
     stacks: ImageStacks,
@@ -282,28 +289,49 @@ def split(
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
     with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
         scratch = np.lib.format.open_memmap(Path(tmp) / "images.npy", mode="w+", dtype=np.float32, shape=(n, w, w))
-        _, prep_times = prepare_images(ps, stacks, scratch, options, small_consensus, track)
+        scale, prep_times = prepare_images(ps, stacks, scratch, options, small_consensus, track)
         timings.update(prep_times)
 
         # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
         start = time.perf_counter()
         diameter = options.particle_diameter or 0.8 * box * apix
-        masks = cone_masks(mask, axes, w, diameter / work_apix)
+        mask_volume = resample_volume(mask, w) if mask is not None else soft_sphere(w, diameter / work_apix / 2.0, edge=2.0)
+        masks = project_mask(mask_volume, cone_reference(axes)).to(torch.float32)
         rho, llr, cone_table, cone_images = classify_cones(scratch, cones, masks, track)
         timings["classify"] = time.perf_counter() - start
+
+        # 4. Graph of cones and sign synchronisation.
+        start = time.perf_counter()
+        ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
+        weights = cone_weights(ratios)
+        sync = synchronise(weights, seed=options.seed)
+        signs = np.asarray(sync.signs, dtype=np.int64)
+        timings["graph"] = time.perf_counter() - start
+
+        # 5. Mean synchronised ratio per particle; classes by sign.
+        graph_score, count = particle_scores(ratios, signs)
+        score = graph_score
+        classes = np.where(score >= 0, 1, 2)
+
+        # 6. Refinement against the two class maps with fixed poses (see refine.py).
+        start = time.perf_counter()
+        refine = options.refine_iterations if options.ctf_correction is CtfCorrection.subtract_multiply else 0
+        batches = _batches(n, options.batch_size)
+        data_filter = ctf_filter(ps, w)
+        changed = []
+        for _ in range(refine):
+            differences = difference_maps(scratch, classes, rotations, data_filter, batches, options.symmetry, track)
+            share = float(np.mean(classes == 1))
+            prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
+            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, data_filter, prior, batches, track)
+            new_classes = np.where(score >= 0, 1, 2)
+            changed.append(int((new_classes != classes).sum()))
+            classes = new_classes
+            if changed[-1] == 0:
+                break
+        if refine:
+            timings["refine"] = time.perf_counter() - start
         del scratch
-
-    # 4. Graph of cones and sign synchronisation.
-    start = time.perf_counter()
-    ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
-    weights = cone_weights(ratios)
-    sync = synchronise(weights, seed=options.seed)
-    signs = np.asarray(sync.signs, dtype=np.int64)
-    timings["graph"] = time.perf_counter() - start
-
-    # 5. Mean synchronised ratio per particle; classes by sign.
-    score, count = particle_scores(ratios, signs)
-    classes = np.where(score >= 0, 1, 2)
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
 
     swapped = signs < 0  # after synchronisation, class 1 is the negative-ratio side of these cones
@@ -332,8 +360,10 @@ def split(
         membership=membership,
         cone_images=cone_images,
         edges=edges,
-        components=[c.nodes for c in sync.components],
+        components=components,
         sync_method=sync.method,
+        graph_score=graph_score,
+        refine_changes=changed,
         sampling=sampling,
         cone_angle=cone_angle,
         working_box=w,

@@ -81,17 +81,20 @@ def correct(
     mode: CtfCorrection,
     consensus_rfft: torch.Tensor | None = None,
     wiener_constant: float = 0.1,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the CTF correction `mode` to centred images (B, n, n // 2 + 1, unshifted rfft).
 
     `ctf` is the filter the data carry (the CTF, or its square for CTF-premultiplied data);
-    `consensus_rfft` the consensus map's projections for the subtracting modes.
+    `consensus_rfft` the consensus map's projections for the subtracting modes. Returns the corrected
+    transforms and each image's scale relative to the consensus projection (ones when not subtracting).
     """
+    scale = torch.ones(images_rfft.shape[0], dtype=torch.float64)
     if mode.subtracts:
         if consensus_rfft is None:
             raise ValueError(f"CTF correction {mode.value} needs the consensus projections")
         model = ctf * consensus_rfft
-        images_rfft = images_rfft - least_squares_scale(images_rfft, model)[:, None, None] * model
+        scale = least_squares_scale(images_rfft, model)
+        images_rfft = images_rfft - scale[:, None, None] * model
     if mode in (CtfCorrection.subtract_multiply,):
         out = images_rfft * ctf
     elif mode in (CtfCorrection.subtract_flip, CtfCorrection.flip):
@@ -102,4 +105,4 @@ def correct(
         out = images_rfft
     out = out.clone()
     out[..., 0, 0] = 0
-    return out
+    return out, scale

@@ -4,13 +4,15 @@ RELION (projector.cpp) divides the map by sinc^2(r / M) (the transform of the tr
 padded grid of size M = pad * N), pads it to M^3, Fourier transforms it once, keeps the transform
 inside the Nyquist sphere, and for each image samples the transform trilinearly at pad * A^T (kx, ky, 0)
 for every pixel (kx, ky) of the N x N rfft grid with |k| <= N / 2 (Friedel mates for x < 0).
-The sampling here is written out rather than taken from torch-fourier-slice: that library works on an
-fftshifted, unpadded grid without RELION's Nyquist sphere, so matching relion_project would need
-shifting, cropping and masking around it, while a gather over the eight neighbours on RELION's own
-layout is short, exact and fast on a CPU.
+The sampling is written out rather than taken from torch-fourier-slice: that library samples an
+fftshifted transform and leaves padding, gridding correction and RELION's Nyquist sphere to the
+caller, so matching relion_project would need shifting, cropping and masking around it, while a
+gather over the eight neighbours on RELION's own layout is short, matches relion_project to float
+precision and is fast on a CPU.
 
 Real-space projections are P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), with
-the origin at index N // 2 in both the map and the image.
+the origin at index N // 2 in both the map and the image. RELION works with even boxes; for odd ones
+relion_project's images are one pixel off this (its CenterFFT puts their origin at N // 2 + 1).
 """
 
 from __future__ import annotations
@@ -53,39 +55,37 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
         raise ValueError(f"expected a cubic map, got shape {tuple(volume.shape)}")
     m = pad * n + (pad * n) % 2
     real_dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
-    corrected = volume.to(torch.float64) / gridding_correction(n, m)
-    padded = torch.zeros((m, m, m), dtype=torch.float64)
+    corrected = (volume.to(torch.float64) / gridding_correction(n, m)).to(real_dtype)
+    padded = torch.zeros((m, m, m), dtype=real_dtype)
     lo = m // 2 - n // 2
     padded[lo : lo + n, lo : lo + n, lo : lo + n] = corrected
     ft = torch.fft.rfftn(torch.fft.ifftshift(padded), dim=(-3, -2, -1))
+    del padded
 
     half = m // 2
     j = torch.arange(m)
-    k = torch.where(j <= half, j, j - m).to(torch.float64)  # RELION keeps the Nyquist plane at +m/2
-    kx = torch.arange(half + 1, dtype=torch.float64)
+    k = torch.where(j <= half, j, j - m)  # RELION keeps the Nyquist plane at +m/2
+    kx = torch.arange(half + 1)
     r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
     max_r = n // 2 * pad  # RELION: ROUND(r_max * padding_factor), r_max = N / 2
-    ft = torch.where(r2 <= max_r * max_r, ft, torch.zeros((), dtype=ft.dtype))
+    ft = ft.masked_fill_(r2 > max_r * max_r, 0)
 
     # Frequency k (from -half + 1 to half) goes to index k + half + 1; the roll puts k = -half + 1 first.
     data = torch.zeros((m + 3, m + 3, half + 2), dtype=ft.dtype)
     data[2 : m + 2, 2 : m + 2, : half + 1] = torch.roll(ft, shifts=(half - 1, half - 1), dims=(0, 1))
-    complex_dtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
-    return PreparedVolume(data=data.to(complex_dtype), box=n, pad=pad)
+    return PreparedVolume(data=data, box=n, pad=pad)
 
 
-def _slice_coordinates(box: int, rotations: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded-grid coordinates (B, box, box // 2 + 1, 3) as (x, y, z) of each rfft pixel, and its mask."""
+def _slice_points(box: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kx, ky) (P, 2) of the rfft pixels of a box x box image inside the Nyquist circle, and their mask."""
+    half = box // 2
     ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(box, d=1.0 / box, dtype=torch.float64)
     if box % 2 == 0:
-        ky[box // 2] = box // 2  # RELION takes the Nyquist row as +N/2
+        ky[half] = half  # RELION takes the Nyquist row as +N/2
+    kx = torch.arange(half + 1, dtype=torch.float64)
     kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
-    inside = kxx * kxx + kyy * kyy <= (box // 2) ** 2
-    slice_xy = torch.stack([kxx, kyy], dim=-1)  # (box, box//2+1, 2)
-    # A^T (kx, ky, 0): the first two rows of A, transposed.
-    coords = torch.einsum("hwi,bij->bhwj", slice_xy, rotations.to(torch.float64)[:, :2, :]) * pad
-    return coords, inside
+    inside = (kxx * kxx + kyy * kyy <= half * half).reshape(-1)
+    return torch.stack([kxx.reshape(-1)[inside], kyy.reshape(-1)[inside]], dim=-1), inside
 
 
 def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tensor:
@@ -96,34 +96,32 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     directly. `rotations` are RELION's A matrices (B, 3, 3).
     """
     n, data = volume.box, volume.data
-    m = volume.padded_box
-    coords, inside = _slice_coordinates(n, rotations, volume.pad)
+    real = data.real.dtype
+    points, inside = _slice_points(n)
+    # pad * A^T (kx, ky, 0) as rows (x, y, z): the first two rows of A, scaled to the padded grid.
+    coords = points.to(real) @ (rotations[:, :2, :].to(real) * volume.pad)  # (B, P, 3)
     negative = coords[..., 0] < 0
-    coords = torch.where(negative[..., None], -coords, coords)
-
+    coords = torch.where(negative[..., None], -coords, coords)  # Friedel mate: F(-k) = conj F(k)
     base = torch.floor(coords)
-    frac = (coords - base).to(data.real.dtype)
-    x0 = base[..., 0].long()
-    y0 = base[..., 1].long() + m // 2 + 1
-    z0 = base[..., 2].long() + m // 2 + 1
-    # Points outside the Nyquist sphere are masked below; clamp keeps their indices in range.
-    x0 = x0.clamp(0, data.shape[2] - 2)
-    y0 = y0.clamp(0, data.shape[1] - 2)
-    z0 = z0.clamp(0, data.shape[0] - 2)
-
+    fx, fy, fz = (coords - base).unbind(-1)
+    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+    # Inside the Nyquist sphere every neighbour index is within data's one-voxel margin.
+    centre = volume.padded_box // 2 + 1
+    sy = data.shape[2]
+    sz = data.shape[1] * sy
+    corner = base.to(torch.int64)
+    index = (corner[..., 2] + centre) * sz + (corner[..., 1] + centre) * sy + corner[..., 0]
     flat = data.reshape(-1)
-    sy, sz = data.shape[2], data.shape[1] * data.shape[2]
-    fx, fy, fz = frac[..., 0], frac[..., 1], frac[..., 2]
-    out = torch.zeros(coords.shape[:-1], dtype=data.dtype)
-    for dz, wz in ((0, 1 - fz), (1, fz)):
-        for dy, wy in ((0, 1 - fy), (1, fy)):
-            for dx, wx in ((0, 1 - fx), (1, fx)):
-                index = (z0 + dz) * sz + (y0 + dy) * sy + (x0 + dx)
-                out += flat[index] * (wz * wy * wx)
-    out = torch.where(negative, out.conj(), out)
-    out = torch.where(inside, out, torch.zeros((), dtype=out.dtype))
-    # The slices are relative to the centre; move the real-space origin to index 0 of the image grid.
-    return out * _centre_phase(n, out.dtype)
+    values = torch.zeros(coords.shape[:-1], dtype=data.dtype)
+    for dz, wz in ((0, gz), (1, fz)):
+        for dy, wy in ((0, gy), (1, fy)):
+            for dx, wx in ((0, gx), (1, fx)):
+                values += flat[index + (dz * sz + dy * sy + dx)] * (wz * wy * wx)
+    values = torch.where(negative, values.conj(), values)
+    out = torch.zeros((len(rotations), n * (n // 2 + 1)), dtype=data.dtype)
+    out[:, inside] = values
+    # The slices are relative to the centre; move the real-space origin to index N // 2.
+    return out.reshape(-1, n, n // 2 + 1) * _centre_phase(n, data.dtype)
 
 
 def _centre_phase(box: int, dtype: torch.dtype) -> torch.Tensor:

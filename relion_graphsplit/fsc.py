@@ -1,0 +1,60 @@
+"""Fourier shell correlation, the resolution where it crosses a threshold, and a soft spherical mask."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def shell_index(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid."""
+    k = torch.fft.fftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    return torch.round(r).long()
+
+
+def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
+    """FSC (float64) of two cubic maps in shells 0..N//2 (rounded radius, half transform as RELION's
+    getFSC). A shell where either map has no power gets 0."""
+    box = vol1.shape[-1]
+    f1 = torch.fft.rfftn(vol1.to(torch.float64))
+    f2 = torch.fft.rfftn(vol2.to(torch.float64))
+    shells = shell_index(box, vol1.device)
+    keep = shells <= box // 2
+    idx = shells[keep]
+    n = box // 2 + 1
+    num = torch.bincount(idx, (f1 * f2.conj()).real[keep], minlength=n)
+    den1 = torch.bincount(idx, f1.abs().square()[keep], minlength=n)
+    den2 = torch.bincount(idx, f2.abs().square()[keep], minlength=n)
+    den = torch.sqrt(den1 * den2)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num))
+
+
+def resolution_at(fsc_curve: torch.Tensor, box: int, pixel_size: float, threshold: float = 0.143) -> float:
+    """Resolution (A) where the FSC first drops below `threshold`, interpolating linearly between shells.
+
+    Shell s has resolution box * pixel_size / s. If the curve never drops below the threshold the
+    Nyquist resolution of the last shell is returned.
+    """
+    curve = fsc_curve.detach().to("cpu", torch.float64)
+    below = torch.nonzero(curve[1:] < threshold)
+    if len(below) == 0:
+        return box * pixel_size / (len(curve) - 1)
+    i = int(below[0]) + 1
+    hi, lo = float(curve[i - 1]), float(curve[i])
+    shell = (i - 1) + (hi - threshold) / (hi - lo)
+    return math.inf if shell <= 0 else box * pixel_size / shell
+
+
+def soft_sphere_mask(
+    box: int, radius: float, width: float = 3.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A (box, box, box) float32 mask: 1 within `radius` of the centre voxel box // 2, a raised-cosine
+    edge falling to 0 over `width` pixels, 0 beyond."""
+    k = torch.arange(box, device=device, dtype=torch.float64) - box // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    edge = 0.5 + 0.5 * torch.cos(math.pi * (r - radius) / width)
+    mask = torch.where(r <= radius, torch.ones_like(r), torch.where(r >= radius + width, torch.zeros_like(r), edge))
+    return mask.to(torch.float32)

@@ -1,0 +1,342 @@
+"""CTF-corrected direct Fourier inversion, RELION's way (backprojector.cpp, reconstructor.cpp).
+
+Each image's centred 2D transform is multiplied by its CTF and inserted, with weight CTF^2, as a central
+slice through a 3D half transform padded `pad` times: the 2D frequency (kx, ky) lands at
+pad * A^T (kx, ky, 0), spread over its 8 neighbours with trilinear weights; a point with negative x
+goes in as the complex conjugate at the mirrored position (the grid only holds x >= 0). The DC term of
+every image is zeroed, and only frequencies up to `r_max` (Fourier pixels of the image) are inserted.
+
+The finished map: the two halves of the x = 0 plane are summed (Friedel), the grids are symmetrised,
+the data are divided by max(weight, radial mean weight / 1000), inverse transformed, cropped to the box,
+the corners beyond radius box/2 are softly set to their mean, and the map is divided by sinc^2 (the
+transform of the trilinear kernel). That division is RELION 4/5's default and `--skip_gridding` in
+RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps differ in the last shells).
+
+The insertion is a scatter-add over flattened voxel indices, batch by batch, so it runs on whatever
+device the accumulator lives on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from relion_graphsplit.symmetry import symmetry_matrices
+
+# Offsets of the 8 trilinear neighbours in (z, y, x), in the order (dz, dy, dx).
+_CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+
+def centred_rfft2(images: torch.Tensor) -> torch.Tensor:
+    """rfft2 of images (..., N, N) whose centre is at index N // 2 (phases relative to the centre)."""
+    return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+
+
+def radius_for_resolution(box: int, pixel_size: float, maxres: float) -> int:
+    """Fourier radius (pixels) of resolution `maxres` (A), as relion_reconstruct --maxres: ceil(N p / maxres)."""
+    return min(box // 2, math.ceil(box * pixel_size / maxres))
+
+
+def _signed_frequencies(n: int, device: torch.device) -> torch.Tensor:
+    """FFT-order integer frequencies of an n-point axis with RELION's choice: index n // 2 is +n // 2."""
+    k = torch.arange(n, device=device)
+    return torch.where(k < n // 2 + 1, k, k - n)
+
+
+class FourierAccumulator:
+    """Running sums of CTF-weighted central slices (data) and CTF^2 (weight) on a padded half grid.
+
+    The grid holds frequencies z, y in [-c, c] and x in [0, c], c = pad * r_max + 1, in RELION's
+    centred layout; `sums[0]`, `sums[1]`, `sums[2]` are the real and imaginary parts of the data and
+    the weight, shape (2c + 1, 2c + 1, c + 1) each.
+    """
+
+    def __init__(
+        self,
+        box: int,
+        pad: int = 2,
+        r_max: int | None = None,
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.box = box
+        self.pad = pad
+        self.r_max = box // 2 if r_max is None else min(r_max, box // 2)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.c = pad * self.r_max + 1
+        d = 2 * self.c + 1
+        self.sums = torch.zeros((3, d, d, self.c + 1), dtype=dtype, device=self.device)
+
+        # The 2D frequencies that are inserted: x >= 0 (rfft), radius <= r_max, and on the x = 0
+        # column only y >= 0 (the negative-y half is the Friedel mate of the positive one).
+        h = box // 2 + 1
+        ky = _signed_frequencies(box, self.device)[:, None].expand(box, h)
+        kx = torch.arange(h, device=self.device)[None, :].expand(box, h)
+        keep = (kx * kx + ky * ky <= self.r_max**2) & ~((kx == 0) & (ky < 0))
+        self._pixels = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        self._kx = kx.reshape(-1)[self._pixels].to(dtype)
+        self._ky = ky.reshape(-1)[self._pixels].to(dtype)
+        self._dc = (self._kx == 0) & (self._ky == 0)
+        self._strides = (d * (self.c + 1), self.c + 1, 1)
+        self._offsets = torch.tensor(
+            [sum(o * s for o, s in zip(corner, self._strides)) for corner in _CORNERS], device=self.device
+        )
+
+    def insert(
+        self,
+        images: torch.Tensor,
+        rotations: torch.Tensor,
+        ctf: torch.Tensor | None = None,
+        origins: torch.Tensor | None = None,
+        ctf_premultiplied: bool = False,
+    ) -> None:
+        """Insert real images (B, N, N) centred at N // 2; see `insert_rfft` for the other arguments."""
+        for start in range(0, images.shape[0], self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            f = centred_rfft2(images[sl].to(self.device, self.dtype))
+            self.insert_rfft(
+                f,
+                rotations[sl],
+                None if ctf is None else ctf[sl],
+                None if origins is None else origins[sl],
+                ctf_premultiplied,
+            )
+
+    def insert_rfft(
+        self,
+        images_rfft: torch.Tensor,
+        rotations: torch.Tensor,
+        ctf: torch.Tensor | None = None,
+        origins: torch.Tensor | None = None,
+        ctf_premultiplied: bool = False,
+    ) -> None:
+        """Insert centred image transforms (B, N, N // 2 + 1) (see `centred_rfft2`).
+
+        rotations: RELION's A (B, 3, 3); ctf: (B, N, N // 2 + 1) on the unshifted rfft grid or None
+        (no CTF correction); origins: (B, 2) rlnOriginX/Y in pixels (x, y) or None. Images are shifted
+        by +origin (a phase ramp) before insertion, which centres the particle as RELION does.
+        ctf_premultiplied: the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied), so
+        only the weight gets CTF^2.
+        """
+        b = images_rfft.shape[0]
+        vals = images_rfft.to(self.device).reshape(b, -1)[:, self._pixels]
+        if origins is not None:
+            o = origins.to(self.device, self.dtype)
+            phase = (-2.0 * math.pi / self.box) * (o[:, :1] * self._kx + o[:, 1:] * self._ky)
+            vals = vals * torch.polar(torch.ones_like(phase), phase)
+        re, im = vals.real, vals.imag
+        if ctf is None:
+            weights = torch.ones(re.shape, dtype=self.dtype, device=self.device)
+        else:
+            c = ctf.to(self.device, self.dtype).reshape(b, -1)[:, self._pixels]
+            if not ctf_premultiplied:
+                re, im = re * c, im * c
+            weights = c * c
+        re, im = re.masked_fill(self._dc, 0), im.masked_fill(self._dc, 0)
+
+        # Slice coordinates in the padded 3D frame: pad * A^T (kx, ky, 0), as (x, y, z); a point with
+        # x < 0 is stored as the complex conjugate at -(x, y, z).
+        A = rotations.to(self.device, self.dtype)
+        xyz = self.pad * (self._kx[:, None] * A[:, None, 0, :] + self._ky[:, None] * A[:, None, 1, :])
+        sign = 1.0 - 2.0 * (xyz[..., 0] < 0).to(self.dtype)
+        xyz = xyz * sign[..., None]
+        im = im * sign
+
+        lo = torch.floor(xyz)
+        frac = xyz - lo
+        lo = lo.long()
+        sz, sy, _ = self._strides
+        base = (lo[..., 2] + self.c) * sz + (lo[..., 1] + self.c) * sy + lo[..., 0]
+        index = (base[None] + self._offsets[:, None, None]).reshape(-1)
+        corner_w = _corner_weights(frac)
+        flat = self.sums.view(3, -1)
+        for channel, values in enumerate((re, im, weights)):
+            flat[channel].scatter_add_(0, index, (corner_w * values).reshape(-1))
+
+    def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
+
+        sym: RELION point group applied to the accumulated grids. regularisation: optional per-shell
+        term (length >= r_max + 1, shells of the unpadded box) added to the weight before division,
+        a Wiener-style 1 / SSNR prior in weight units (RELION adds 1 / (pad^3 tau2_fudge tau2)).
+        """
+        data, weight = _sum_friedel_plane(torch.complex(self.sums[0], self.sums[1]), self.sums[2])
+        if sym.strip().upper() != "C1":
+            ops = symmetry_matrices(sym).to(self.device)
+            data, weight = _symmetrise(data, weight, ops, self.pad * self.r_max)
+        data, weight = data.to(torch.complex128), weight.to(torch.float64)
+        return _invert(data, weight, self.box, self.pad, self.r_max, regularisation)
+
+
+def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum each x = 0 point with its Friedel mate (-z, -y, 0) (BackProjector::enforceHermitianSymmetry)."""
+    data, weight = data.clone(), weight.clone()
+    plane, wplane = data[:, :, 0], weight[:, :, 0]
+    c = plane.shape[0] // 2
+    new_plane = plane + plane.flip(0, 1).conj()
+    new_w = wplane + wplane.flip(0, 1)
+    new_plane[c, c], new_w[c, c] = plane[c, c], wplane[c, c]
+    data[:, :, 0], weight[:, :, 0] = new_plane, new_w
+    return data, weight
+
+
+def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
+    """Trilinear weights (8, ...) of the corners in `_CORNERS` order; frac (..., 3) holds (fx, fy, fz)."""
+    fx, fy, fz = frac.unbind(-1)
+    wzy = torch.stack([1 - fz, fz])[:, None] * torch.stack([1 - fy, fy])[None, :]
+    return (wzy[:, :, None] * torch.stack([1 - fx, fx])[None, None]).reshape(8, *fx.shape)
+
+
+def _trilinear_gather(
+    rows: torch.Tensor, shape: tuple[int, ...], xyz: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trilinear samples of centred half-grid fields stored as rows (Z * Y * X, F) at points xyz (M, 3).
+
+    A point with x < 0 is sampled at -xyz; returns the samples (M, F) and a sign (M,) that is -1 for
+    those mirrored points (their imaginary parts are to be negated).
+    """
+    zs, ys, xs = shape
+    c = zs // 2
+    sign = 1.0 - 2.0 * (xyz[:, 0] < 0).to(xyz.dtype)
+    xyz = xyz * sign[:, None]
+    lo = torch.floor(xyz)
+    weights = _corner_weights(xyz - lo)
+    lo = lo.long()
+    base = ((lo[:, 2] + c) * ys + (lo[:, 1] + c)) * xs + lo[:, 0]
+    offsets = torch.tensor([(dz * ys + dy) * xs + dx for dz, dy, dx in _CORNERS], device=rows.device)
+    index = (base[None] + offsets[:, None]).reshape(-1)
+    corners = rows.index_select(0, index).reshape(8, xyz.shape[0], rows.shape[1])
+    return torch.einsum("cm,cmf->mf", weights, corners), sign
+
+
+def _symmetrise(
+    data: torch.Tensor, weight: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int = 1 << 18
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add to each point v the data and weight sampled at R v for every operator R but the identity
+    (BackProjector::applyPointGroupSymmetry); points within `radius` of the origin only."""
+    shape = weight.shape
+    c = shape[0] // 2
+    k = torch.arange(shape[0], device=weight.device) - c
+    z, y, x = torch.meshgrid(k, k, torch.arange(shape[2], device=weight.device), indexing="ij")
+    inside = torch.nonzero((x * x + y * y + z * z <= radius * radius).reshape(-1)).squeeze(1)
+    xyz = torch.stack([x, y, z], -1).reshape(-1, 3)[inside].to(weight.dtype)
+    rows = torch.stack([data.real, data.imag, weight], -1).reshape(-1, 3)
+    total = rows[inside]
+    for R in ops[1:].to(weight.dtype):
+        for start in range(0, len(inside), chunk):
+            samples, sign = _trilinear_gather(rows, shape, xyz[start : start + chunk] @ R.T)
+            samples[:, 1] *= sign
+            total[start : start + chunk] += samples
+    out = rows.clone()
+    out[inside] = total
+    out = out.reshape(*shape, 3)
+    return torch.complex(out[..., 0], out[..., 1]), out[..., 2]
+
+
+def _invert(
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    box: int,
+    pad: int,
+    r_max: int,
+    regularisation: torch.Tensor | None,
+) -> torch.Tensor:
+    """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct)."""
+    device = weight.device
+    c = weight.shape[0] // 2
+    p = pad * box
+    rp = pad * r_max
+    # Decentre into the FFT grid (p, p, p // 2 + 1); frequencies along z and y run from -(p/2 - 1) to p/2.
+    kz = _signed_frequencies(p, device)
+    kx = torch.arange(p // 2 + 1, device=device)
+    r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
+    inside = r2 <= rp * rp
+    iz = (kz + c).clamp(0, 2 * c)
+    ix = kx.clamp(max=c)
+    f_data = data[iz[:, None, None], iz[None, :, None], ix[None, None, :]] * inside
+    f_weight = weight[iz[:, None, None], iz[None, :, None], ix[None, None, :]] * inside
+
+    shell_r = torch.sqrt(r2.to(torch.float64))
+    if regularisation is not None:
+        ires = torch.round(shell_r / pad).long()
+        reg_inside = r2 < rp * rp
+        term = regularisation.to(device, torch.float64)[ires.clamp(max=len(regularisation) - 1)]
+        f_weight = torch.where(reg_inside, f_weight + term, f_weight)
+
+    # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad)).
+    ires = torch.floor(shell_r / pad).long().clamp(max=r_max - 1)
+    counted = r2 < round(rp * rp)
+    sums = torch.zeros(r_max, dtype=torch.float64, device=device)
+    sums.index_add_(0, ires[counted], f_weight[counted])
+    counts = torch.bincount(ires[counted], minlength=r_max).to(torch.float64)
+    floor = sums / (1000.0 * counts.clamp(min=1))
+    w = torch.maximum(f_weight, floor[ires])
+    f_data = torch.where(w > 0, f_data / torch.where(w > 0, w, 1.0), f_data)
+
+    vol = torch.fft.fftshift(torch.fft.irfftn(f_data, s=(p, p, p)))
+    start = p // 2 - box // 2
+    vol = vol[start : start + box, start : start + box, start : start + box]
+    vol = _soft_mask_corners(vol, box / 2.0, 3.0)
+
+    r = _radius_grid(box, device)
+    rval = r / (box * pad)
+    sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
+    return (vol / (sinc * sinc)).to(torch.float32)
+
+
+def _radius_grid(box: int, device: torch.device) -> torch.Tensor:
+    """Distance (float64) of each voxel of a box^3 volume from the centre voxel box // 2."""
+    k = torch.arange(box, device=device, dtype=torch.float64) - box // 2
+    return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+
+
+def _soft_mask_corners(vol: torch.Tensor, radius: float, width: float) -> torch.Tensor:
+    """RELION's softMaskOutsideMap: beyond `radius` blend to the (edge-weighted) mean of the outside."""
+    r = _radius_grid(vol.shape[0], vol.device)
+    ramp = 0.5 + 0.5 * torch.cos(math.pi * (radius + width - r) / width)
+    edge = torch.where(r > radius + width, 1.0, torch.where(r < radius, 0.0, ramp))
+    background = (edge * vol).sum() / edge.sum()
+    return (1 - edge) * vol + edge * background
+
+
+def reconstruct_stream(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    box: int,
+    sym: str = "C1",
+    pad: int = 2,
+    r_max: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    regularisation: torch.Tensor | None = None,
+    ctf_premultiplied: bool = False,
+) -> torch.Tensor:
+    """Reconstruct from an iterable of (images (B, N, N), rotations A (B, 3, 3), origins_px (B, 2) or
+    None, ctf (B, N, N // 2 + 1) or None), holding one batch at a time. Returns (N, N, N) float32."""
+    acc = FourierAccumulator(box, pad=pad, r_max=r_max, batch_size=batch_size, device=device)
+    for images, rotations, origins, ctf in batches:
+        acc.insert(images, rotations, ctf=ctf, origins=origins, ctf_premultiplied=ctf_premultiplied)
+    return acc.finalise(sym=sym, regularisation=regularisation)
+
+
+def reconstruct(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    origins_px: torch.Tensor | None,
+    ctf: torch.Tensor | None,
+    box: int,
+    sym: str = "C1",
+    batch_size: int = 256,
+    pad: int = 2,
+    r_max: int | None = None,
+    regularisation: torch.Tensor | None = None,
+    ctf_premultiplied: bool = False,
+) -> torch.Tensor:
+    """Reconstruct from images already in memory, on the images' device. Returns (N, N, N) float32."""
+    acc = FourierAccumulator(box, pad=pad, r_max=r_max, batch_size=batch_size, device=images.device)
+    acc.insert(images, rotations, ctf=ctf, origins=origins_px, ctf_premultiplied=ctf_premultiplied)
+    return acc.finalise(sym=sym, regularisation=regularisation)

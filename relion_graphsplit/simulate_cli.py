@@ -1,0 +1,175 @@
+"""`relion_graphsplit_simulate`: a two-class particle set with known truth, from two maps or two models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import mrcfile
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import maps as atomic_maps
+from .mrc_io import read_mrc
+from .simulate import ceiling_accuracy, write_simulation
+
+console = Console(highlight=False)
+app = typer.Typer(add_completion=False)
+
+
+def _ranges(text: str) -> list[tuple[int, int]]:
+    """'1-29,60-121' -> [(1, 29), (60, 121)]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.append((int(lo), int(hi or lo)))
+    return out
+
+
+def _chains(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _maps_from_files(map1: Path, map2: Path, box: Optional[int], angpix: Optional[float]):
+    (v1, p1), (v2, p2) = read_mrc(map1), read_mrc(map2)
+    if v1.shape != v2.shape or v1.shape[0] != v1.shape[1] or v1.shape[1] != v1.shape[2]:
+        raise typer.BadParameter(f"the maps must be cubic and of one size, got {v1.shape} and {v2.shape}")
+    if abs(p1 - p2) > 1e-3 * p1:
+        raise typer.BadParameter(f"the maps have different pixel sizes ({p1} and {p2} A)")
+    if box is not None and box != v1.shape[0]:
+        raise typer.BadParameter(f"--box {box} but the maps are {v1.shape[0]}^3 (resample them first)")
+    pixel_size = angpix if angpix is not None else p1
+    return [v1, v2], pixel_size
+
+
+def _maps_from_models(
+    pdb1: Path,
+    pdb2: Path,
+    chains1: Optional[str],
+    chains2: Optional[str],
+    superpose_core: bool,
+    core_residues: str,
+    box: Optional[int],
+    angpix: Optional[float],
+    bfactor: float,
+):
+    if box is None or angpix is None:
+        raise typer.BadParameter("--box and --angpix are needed to make maps from atomic models")
+    model1 = atomic_maps.read_model(pdb1, _chains(chains1))
+    model2 = atomic_maps.read_model(pdb2, _chains(chains2))
+    if superpose_core:
+        rmsd = atomic_maps.superpose(model1, model2, _ranges(core_residues))
+        console.print(f"Superposed model 1 onto model 2 on {core_residues}: CA RMSD {rmsd:.2f} A")
+    center = atomic_maps.center_of_mass(model1, model2)
+    volumes = [atomic_maps.density_from_model(m, box, angpix, bfactor, center) for m in (model1, model2)]
+    return volumes, angpix
+
+
+@app.command(
+    help=(
+        "Simulate a RELION 3.1 particle set of two classes with known truth. Give two maps (--map1, --map2) "
+        "or two atomic models (--pdb1, --pdb2). Writes particles.mrcs, particles.star (poses with the "
+        "given errors, as a consensus refinement would report them), truth.star (true poses and "
+        "rlnClassNumber) and class1.mrc, class2.mrc to --o."
+    )
+)
+def main_command(
+    o: Path = typer.Option(..., "--o", help="Output directory (created if needed)."),
+    map1: Optional[Path] = typer.Option(None, "--map1", help="Map (MRC) of class 1."),
+    map2: Optional[Path] = typer.Option(None, "--map2", help="Map (MRC) of class 2, same box and pixel size."),
+    pdb1: Optional[Path] = typer.Option(None, "--pdb1", help="Atomic model (PDB/mmCIF, may be gzipped) of class 1."),
+    pdb2: Optional[Path] = typer.Option(
+        None, "--pdb2", help="Atomic model of class 2 (may be the same file as --pdb1)."
+    ),
+    chains1: Optional[str] = typer.Option(
+        None, "--chains1", help="Chains of --pdb1 to keep, comma-separated (default all), e.g. 'A,B,C,D,E'."
+    ),
+    chains2: Optional[str] = typer.Option(
+        None, "--chains2", help="Chains of --pdb2 to keep, e.g. 'A,C,D,E' to leave chain B out (compositional)."
+    ),
+    superpose_core: bool = typer.Option(
+        False, "--superpose-core", help="Superpose model 1 onto model 2 on the CA atoms of --core-residues first."
+    ),
+    core_residues: str = typer.Option(
+        "1-29,60-121,160-214", "--core-residues", help="Residue ranges for --superpose-core (default: adk's core)."
+    ),
+    bfactor: float = typer.Option(100.0, "--bfactor", help="B-factor (A^2) given to every atom of the models."),
+    box: Optional[int] = typer.Option(None, "--box", help="Box size in pixels (needed with models; maps give it)."),
+    angpix: Optional[float] = typer.Option(
+        None, "--angpix", help="Pixel size in A (needed with models; default for maps: their header)."
+    ),
+    n: int = typer.Option(1000, "--n", help="Number of particles."),
+    snr: float = typer.Option(
+        0.05, "--snr", help="Signal-to-noise ratio: signal variance inside the 0.75-box circle over noise variance."
+    ),
+    fraction: float = typer.Option(0.5, "--fraction", help="Fraction of particles in class 1."),
+    defocus_min: float = typer.Option(10000.0, "--defocus-min", help="Smallest mean defocus (A, underfocus)."),
+    defocus_max: float = typer.Option(30000.0, "--defocus-max", help="Largest mean defocus (A)."),
+    astigmatism: float = typer.Option(500.0, "--astigmatism", help="DefocusU - DefocusV (A)."),
+    ctf_bfactor: float = typer.Option(0.0, "--ctf-bfactor", help="CTF envelope B-factor (A^2, rlnCtfBfactor)."),
+    voltage: float = typer.Option(300.0, "--voltage", help="Acceleration voltage (kV)."),
+    cs: float = typer.Option(2.7, "--cs", help="Spherical aberration (mm)."),
+    q0: float = typer.Option(0.1, "--q0", help="Amplitude contrast (fraction)."),
+    max_shift: float = typer.Option(0.0, "--max-shift", help="True origins are uniform in [-max, max] A per axis."),
+    pose_error: float = typer.Option(
+        0.0, "--pose-error", help="RMS angle (degrees) of the random rotation between true and written poses."
+    ),
+    shift_error: float = typer.Option(0.0, "--shift-error", help="RMS length (A) of the error of written origins."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give the same files."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Particles made at a time (memory)."),
+    ceiling: bool = typer.Option(
+        True, "--ceiling/--no-ceiling", help="Report the accuracy of classifying with the true maps and poses."
+    ),
+) -> None:
+    if (map1 is None) != (map2 is None) or (pdb1 is None) != (pdb2 is None) or (map1 is None) == (pdb1 is None):
+        raise typer.BadParameter("give either --map1 and --map2, or --pdb1 and --pdb2")
+    if not 0.0 <= fraction <= 1.0:
+        raise typer.BadParameter(f"--fraction must be between 0 and 1, got {fraction}")
+    if map1 is not None:
+        volumes, pixel_size = _maps_from_files(map1, map2, box, angpix)
+    else:
+        volumes, pixel_size = _maps_from_models(
+            pdb1, pdb2, chains1, chains2, superpose_core, core_residues, box, angpix, bfactor
+        )
+    if volumes[0].shape[0] % 2:
+        raise typer.BadParameter(f"RELION particles have even boxes, got {volumes[0].shape[0]}")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("Simulating particles", total=n)
+        _, optics, truth = write_simulation(
+            o,
+            volumes,
+            pixel_size,
+            n,
+            snr,
+            [fraction, 1.0 - fraction],
+            progress=lambda done: progress.update(task, completed=done),
+            defocus_range=(defocus_min, defocus_max),
+            astigmatism=astigmatism,
+            pose_error_deg=pose_error,
+            shift_error_A=shift_error,
+            max_shift_A=max_shift,
+            voltage=voltage,
+            cs=cs,
+            q0=q0,
+            bfactor=ctf_bfactor,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    counts = np.bincount(truth["rlnClassNumber"].to_numpy(), minlength=3)[1:]
+    console.print(f"Wrote {n} particles ({counts[0]} of class 1, {counts[1]} of class 2) to {o}")
+    if ceiling:
+        with mrcfile.mmap(o / "particles.mrcs", mode="r") as mrc:
+            accuracy = ceiling_accuracy(mrc.data, volumes, truth, optics, batch_size)
+        console.print(f"Ceiling accuracy (true maps, poses, CTF and noise level): {accuracy:.3f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Accuracy and speed of the graph split against RELION's Class3D on simulated data with ground truth.
+
+For each scenario: simulate particles (relion_graphsplit.simulate), reconstruct the consensus map with
+relion_reconstruct (the input both methods get), then in the same run
+- the graph split (`relion_graphsplit --ref consensus.mrc`), timed;
+- RELION Class3D with fixed poses (`relion_refine --K 2 --skip_align --iter 25`, fixed --random_seed), timed;
+- the ceiling: the accuracy of the Bayes classifier that knows the true maps, poses, CTF and noise.
+Results are appended as JSON lines to OUT/results.jsonl and printed as a Markdown table.
+
+    python scripts/benchmark.py --out bench_out [--scenarios adk-snr0.03-50,...] [--n 6000] [--j 2]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+import typer
+
+from relion_graphsplit import maps, star_io
+from relion_graphsplit.metrics import accuracy, adjusted_rand_index
+from relion_graphsplit.mrc_io import read_mrc, write_mrc
+from relion_graphsplit.simulate import ceiling_accuracy, write_simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+STRUCTURES = ROOT.parent / "shared" / "data" / "structures"
+
+
+@dataclass
+class Scenario:
+    name: str
+    structure: str  # "adk" or "1bd2"
+    snr: float
+    fraction: float  # of class 1
+
+
+def scenarios() -> list[Scenario]:
+    out = []
+    for structure in ("adk", "1bd2"):
+        for snr in (0.1, 0.03, 0.01):
+            for fraction in (0.5, 0.8):
+                out.append(Scenario(f"{structure}-snr{snr:g}-{round(fraction * 100)}", structure, snr, fraction))
+    return out
+
+
+def class_maps(structure: str, cache: Path) -> tuple[list[np.ndarray], float]:
+    """The two states' maps: adk open/closed (bundled), or 1BD2 with and without chain B."""
+    if structure == "adk":
+        volumes = [read_mrc(ROOT / "test_data" / f"adk_{state}.mrc") for state in ("open", "closed")]
+        return [v for v, _ in volumes], volumes[0][1]
+    box, apix = 80, 2.4
+    paths = [cache / "1bd2_full.mrc", cache / "1bd2_noB.mrc"]
+    if not all(p.exists() for p in paths):
+        full = maps.read_model(STRUCTURES / "1BD2.pdb.gz")
+        centre = maps.center_of_mass(full)
+        for path, chains in zip(paths, (None, ["A", "C", "D", "E"])):
+            model = maps.read_model(STRUCTURES / "1BD2.pdb.gz", chains=chains)
+            write_mrc(path, maps.density_from_model(model, box, apix, bfactor=50.0, center=centre), apix)
+    return [read_mrc(p)[0] for p in paths], apix
+
+
+def classes_by_name(star: Path, names: np.ndarray) -> np.ndarray:
+    table = star_io.read_particles(star).particles.set_index("rlnImageName")
+    return table.loc[names, "rlnClassNumber"].to_numpy()
+
+
+def run(cmd: list[str], log: Path, cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+    return time.perf_counter() - start
+
+
+def main(
+    out: Path = typer.Option(Path("bench_out"), help="Working folder (simulations, runs, results)."),
+    only: str = typer.Option("", "--scenarios", help="Comma-separated scenario names (default: all)."),
+    n: int = typer.Option(6000, help="Particles per scenario."),
+    j: int = typer.Option(2, help="Threads for both programs."),
+    iterations: int = typer.Option(25, help="RELION Class3D iterations."),
+    seed: int = typer.Option(1, help="Simulation seed and RELION --random_seed."),
+    skip_relion: bool = typer.Option(False, help="Only the graph split and the ceiling."),
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [s for s in scenarios() if not only or s.name in only.split(",")]
+    results = out / "results.jsonl"
+    for sc in chosen:
+        work = out / sc.name
+        volumes, apix = class_maps(sc.structure, out)
+        box = volumes[0].shape[-1]
+        if not (work / "particles.star").exists():
+            write_simulation(
+                work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed,
+                pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0,
+            )  # fmt: skip
+        truth = star_io.read_particles(work / "truth.star")
+        names = truth.particles["rlnImageName"].to_numpy()
+        true_class = truth.particles["rlnClassNumber"].to_numpy()
+        with mrcfile.mmap(work / "particles.mrcs", mode="r") as mrc:
+            ceiling = ceiling_accuracy(mrc.data, volumes, truth.particles, truth.optics)
+        consensus = work / "consensus.mrc"
+        if not consensus.exists():
+            run(["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
+                work / "reconstruct.log", cwd=work)
+        row = {"scenario": sc.name, "n": n, "box": box, "pixel_size": apix, "snr": sc.snr,
+               "fraction": sc.fraction, "ceiling": ceiling, "chance": max(sc.fraction, 1 - sc.fraction)}
+
+        split_dir = work / "graphsplit"
+        shutil.rmtree(split_dir, ignore_errors=True)
+        row["graphsplit_time"] = run(
+            ["relion_graphsplit", "--i", "particles.star", "--o", "graphsplit/", "--ref", "consensus.mrc", "--j", str(j)],
+            work / "graphsplit.log", cwd=work,
+        )
+        pred = classes_by_name(split_dir / "run_data.star", names)
+        row["graphsplit_accuracy"] = accuracy(pred, true_class)
+        row["graphsplit_ari"] = adjusted_rand_index(pred, true_class)
+
+        if not skip_relion:
+            class3d = work / "class3d"
+            shutil.rmtree(class3d, ignore_errors=True)
+            class3d.mkdir()
+            diameter = round(0.75 * box * apix)
+            row["relion_time"] = run(
+                ["relion_refine", "--o", "class3d/run", "--i", "particles.star", "--ref", "consensus.mrc",
+                 "--ini_high", "50", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
+                 "--iter", str(iterations), "--tau2_fudge", "4", "--particle_diameter", str(diameter), "--K", "2",
+                 "--flatten_solvent", "--zero_mask", "--skip_align", "--sym", "C1", "--norm", "--scale",
+                 "--j", str(j), "--random_seed", str(seed)],
+                work / "class3d.log", cwd=work,
+            )  # fmt: skip
+            pred = classes_by_name(class3d / f"run_it{iterations:03d}_data.star", names)
+            row["relion_accuracy"] = accuracy(pred, true_class)
+            row["relion_ari"] = adjusted_rand_index(pred, true_class)
+            row["speedup"] = row["relion_time"] / row["graphsplit_time"]
+        gap = row["ceiling"] - row["chance"]
+        row["graphsplit_share_of_gap"] = (row["graphsplit_accuracy"] - row["chance"]) / gap if gap > 0 else float("nan")
+        row["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads available, j={j}"
+        row["date"] = time.strftime("%Y-%m-%d")
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print_table(results)
+
+
+def print_table(results: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    print("| scenario | ceiling | graph split acc / ARI | share of gap | time (s) | RELION acc / ARI | time (s) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = (f"{r['relion_accuracy']:.3f} / {r['relion_ari']:.3f} | {r['relion_time']:.0f} | {r['speedup']:.1f}x"
+               if "relion_accuracy" in r else "- | - | -")
+        print(f"| {r['scenario']} | {r['ceiling']:.3f} | {r['graphsplit_accuracy']:.3f} / {r['graphsplit_ari']:.3f} | "
+              f"{r['graphsplit_share_of_gap']:.2f} | {r['graphsplit_time']:.1f} | {rel} |")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,71 @@
+"""Fourier shell correlation, resolution at a threshold, soft spherical mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from relion_graphsplit.fsc import fsc, resolution_at, shell_index, soft_sphere_mask
+
+BOX = 32
+
+
+@pytest.fixture(scope="module")
+def volume() -> torch.Tensor:
+    return torch.randn(BOX, BOX, BOX, generator=torch.Generator().manual_seed(0))
+
+
+def test_identical_and_opposite_maps(volume):
+    same = fsc(volume, 3.0 * volume)
+    assert same.shape == (BOX // 2 + 1,) and same.dtype == torch.float64
+    assert torch.allclose(same, torch.ones_like(same))
+    assert torch.allclose(fsc(volume, -volume), -torch.ones_like(same))
+
+
+def test_independent_noise_is_uncorrelated(volume):
+    other = torch.randn(BOX, BOX, BOX, generator=torch.Generator().manual_seed(1))
+    curve = fsc(volume, other)
+    # Shells beyond the first few hold hundreds of independent points.
+    assert curve[4:].abs().max() < 0.15
+    assert abs(float(curve[4:].mean())) < 0.03
+
+
+def test_fsc_falls_where_noise_takes_over(volume):
+    # A map low-pass filtered to shell 8 plus noise: correlation is high below shell 8, low above.
+    shells = shell_index(BOX)
+    signal = torch.fft.irfftn(torch.fft.rfftn(volume) * (shells <= 8), s=volume.shape)
+    gen = torch.Generator().manual_seed(2)
+    noisy1 = signal + 0.02 * torch.randn(volume.shape, generator=gen)
+    noisy2 = signal + 0.02 * torch.randn(volume.shape, generator=gen)
+    curve = fsc(noisy1, noisy2)
+    assert curve[1:8].min() > 0.9
+    assert curve[10:].abs().max() < 0.3
+
+
+def test_a_map_without_power_gives_zero():
+    assert torch.equal(fsc(torch.zeros(BOX, BOX, BOX), torch.ones(BOX, BOX, BOX))[1:], torch.zeros(BOX // 2))
+
+
+def test_resolution_interpolates_the_crossing():
+    curve = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.1, 0.0])
+    # Crossing 0.143 between shells 3 (0.5) and 4 (0.1): shell 3 + 0.357 / 0.4.
+    shell = 3 + (0.5 - 0.143) / 0.4
+    assert resolution_at(curve, box=10, pixel_size=2.0) == pytest.approx(10 * 2.0 / shell)
+    assert resolution_at(curve, box=10, pixel_size=2.0, threshold=0.5) == pytest.approx(10 * 2.0 / 3)
+
+
+def test_resolution_is_nyquist_when_never_crossing():
+    assert resolution_at(torch.ones(17), box=32, pixel_size=1.5) == pytest.approx(3.0)
+
+
+def test_soft_sphere_mask():
+    mask = soft_sphere_mask(BOX, radius=8.0, width=4.0)
+    assert mask.shape == (BOX, BOX, BOX) and mask.dtype == torch.float32
+    c = BOX // 2
+    assert mask[c, c, c] == 1 and mask[c, c, c + 8] == 1
+    assert mask[c, c, c + 12] == 0 and mask[0, 0, 0] == 0
+    edge = mask[c, c, c + 8 : c + 13]
+    assert torch.all(edge[1:] < edge[:-1])
+    assert float(mask[c, c, c + 10]) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 2 / 4))

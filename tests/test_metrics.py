@@ -1,0 +1,46 @@
+"""Accuracy and adjusted Rand index on partitions with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from relion_graphsplit.metrics import accuracy, adjusted_rand_index, contingency
+
+
+def test_accuracy_is_invariant_to_label_swap():
+    truth = np.array([1, 1, 1, 2, 2, 2, 2, 2])
+    pred = np.array([2, 2, 1, 1, 1, 1, 1, 2])  # swapped labels, two particles wrong
+    assert accuracy(pred, truth) == pytest.approx(6 / 8)
+    assert accuracy(3 - pred, truth) == pytest.approx(6 / 8)
+    assert accuracy(truth, truth) == 1.0
+
+
+def test_accuracy_of_a_single_predicted_class_is_the_majority_share():
+    truth = np.array([0] * 7 + [1] * 3)
+    assert accuracy(np.zeros(10, dtype=int), truth) == pytest.approx(0.7)
+
+
+def test_accuracy_of_random_labels_is_near_one_half():
+    rng = np.random.default_rng(0)
+    truth, pred = rng.integers(0, 2, 20000), rng.integers(0, 2, 20000)
+    assert 0.5 <= accuracy(pred, truth) < 0.52
+
+
+def test_adjusted_rand_index_known_values():
+    assert adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+    # Hubert & Arabie's formula by hand: sum C(n_ij, 2) = 1, a = 2, b = 1, expected = 1/3, max = 3/2.
+    assert adjusted_rand_index([0, 0, 1, 2], [0, 0, 1, 1]) == pytest.approx((1 - 1 / 3) / (1.5 - 1 / 3))
+    assert adjusted_rand_index([0, 0, 0, 0], [0, 1, 2, 3]) == pytest.approx(0.0)
+    assert adjusted_rand_index([0, 0, 0], [1, 1, 1]) == 1.0
+
+
+def test_adjusted_rand_index_of_random_labels_is_near_zero():
+    rng = np.random.default_rng(1)
+    assert abs(adjusted_rand_index(rng.integers(0, 2, 20000), rng.integers(0, 2, 20000))) < 0.01
+
+
+def test_contingency_counts_pairs_and_rejects_mismatched_lengths():
+    np.testing.assert_array_equal(contingency(["a", "b", "b"], [5, 5, 7]), [[1, 0], [1, 1]])
+    with pytest.raises(ValueError):
+        contingency([0, 1], [0, 1, 1])

@@ -1,0 +1,99 @@
+"""The whole program on a small simulated data set: accuracy, outputs, determinism."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from relion_graphsplit import star_io
+from relion_graphsplit.cli import app
+from relion_graphsplit.metrics import accuracy
+from relion_graphsplit.mrc_io import read_mrc, write_mrc
+from relion_graphsplit.preprocess import fourier_crop_volume
+from relion_graphsplit.simulate import write_simulation
+
+TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    """1500 particles of the bundled adenylate kinase states, box 32 at 4 A, SNR 0.3, 60/40."""
+    import torch
+
+    out = tmp_path_factory.mktemp("sim")
+    maps = []
+    for name in ("adk_open.mrc", "adk_closed.mrc"):
+        volume, _ = read_mrc(TEST_DATA / name)
+        maps.append(fourier_crop_volume(torch.from_numpy(volume), 32).numpy())
+    write_simulation(out, maps, 4.0, 1500, 0.3, [0.6, 0.4], seed=3, pose_error_deg=1.0, max_shift_A=6.0)
+    return out
+
+
+def run(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def split_runs(simulated: Path, tmp_path_factory) -> tuple[Path, Path]:
+    outs = []
+    for threads in (1, 2):
+        out = tmp_path_factory.mktemp(f"split_j{threads}")
+        run(["--i", str(simulated / "particles.star"), "--o", str(out), "--j", str(threads)])
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def test_accuracy_on_clear_data(simulated: Path, split_runs):
+    truth = star_io.read_particles(simulated / "truth.star").particles
+    result = star_io.read_particles(split_runs[0] / "run_data.star").particles
+    # Match on rlnImageName, never on row order.
+    merged = result.merge(truth[["rlnImageName", "rlnClassNumber"]], on="rlnImageName", suffixes=("", "_true"))
+    assert len(merged) == len(truth)
+    assert accuracy(merged["rlnClassNumber"].to_numpy(), merged["rlnClassNumber_true"].to_numpy()) >= 0.95
+
+
+def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
+    out = split_runs[0]
+    original = star_io.read_particles(simulated / "particles.star")
+    data = star_io.read_particles(out / "run_data.star")
+    assert set(original.particles.columns) < set(data.particles.columns)
+    assert {"rlnClassNumber", "rlnMaxValueProbDistribution", "rlnGraphSplitScore"} <= set(data.particles.columns)
+    for column in original.particles.columns:
+        assert (data.particles[column].to_numpy() == original.particles[column].to_numpy()).all(), column
+    p = data.particles["rlnMaxValueProbDistribution"]
+    assert p.between(0.5, 1.0).all()
+    score = data.particles["rlnGraphSplitScore"]
+    assert ((score >= 0) == (data.particles["rlnClassNumber"] == 1)).all()
+    sizes = []
+    for k in (1, 2):
+        part = star_io.read_particles(out / f"run_class00{k}_data.star").particles
+        assert (part["rlnClassNumber"] == k).all()
+        sizes.append(len(part))
+    assert sum(sizes) == len(original.particles)
+    for name in ("run_cones.star", "run_memberships.star", "run_cone_images.mrcs", "run_summary.json"):
+        assert (out / name).stat().st_size > 0
+    assert not list(out.glob(".*partial*")) and not list(out.glob("graphsplit_*"))
+
+
+def test_threads_do_not_change_classes(split_runs):
+    a, b = (star_io.read_particles(out / "run_data.star").particles for out in split_runs)
+    np.testing.assert_array_equal(a["rlnClassNumber"].to_numpy(), b["rlnClassNumber"].to_numpy())
+    np.testing.assert_allclose(a["rlnGraphSplitScore"].to_numpy(), b["rlnGraphSplitScore"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_bad_input_gives_one_clear_line(tmp_path: Path):
+    result = CliRunner().invoke(app, ["--i", str(TEST_DATA / "star-samples" / "empiar_10076_7.star"), "--o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "rlnAngleRot" in result.output and "Traceback" not in result.output
+
+
+def test_mask_of_wrong_size_is_refused(simulated: Path, tmp_path: Path):
+    write_mrc(tmp_path / "mask.mrc", np.ones((16, 16, 16), dtype=np.float32), 4.0)
+    result = CliRunner().invoke(
+        app, ["--i", str(simulated / "particles.star"), "--o", str(tmp_path / "o"), "--mask", str(tmp_path / "mask.mrc")]
+    )
+    assert result.exit_code != 0
+    assert "mask" in result.output
