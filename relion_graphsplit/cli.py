@@ -109,6 +109,7 @@ def run(
             "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
             "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
             "graph_components": len(result.components), "sync_method": result.sync_method,
+            "sync_gap": result.sync_gap,
             "refine_changes": result.refine_changes,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,

@@ -129,10 +129,9 @@ def density_from_model(
     """Coulomb potential (box^3 [z, y, x] float32) of a model, `center` (A) at voxel box // 2.
 
     Every atom gets B = `bfactor` (its own B if None). The potential is computed with gemmi's
-    electron scattering factors on a grid of at most 1 A spacing (blurred there if the B-factors are
-    too small to prevent aliasing), then Fourier-cropped to the requested pixel size and un-blurred:
-    the result is the model's potential band-limited at Nyquist. `center` defaults to the model's
-    centre of mass.
+    electron scattering factors on a grid of at most 0.75 A spacing, blurred there against aliasing,
+    then Fourier-cropped to the requested pixel size and un-blurred: the result is the model's
+    potential band-limited at Nyquist. `center` defaults to the model's centre of mass.
     """
     structure = structure.clone()
     positions, _ = atom_positions(structure)
@@ -149,12 +148,10 @@ def density_from_model(
     structure.cell = gemmi.UnitCell(extent, extent, extent, 90.0, 90.0, 90.0)
     structure.spacegroup_hm = "P 1"
 
-    oversample = math.ceil(pixel_size / 1.0)
+    oversample = math.ceil(pixel_size / 0.75)
     fine = box * oversample
     fine_pixel = pixel_size / oversample
-    # Total B >= 110 fine_pixel^2 keeps the potential below 1e-3 of its peak at the fine grid's Nyquist.
-    lowest_b = min(cra.atom.b_iso for cra in structure[0].all())
-    blur = max(0.0, 110.0 * fine_pixel**2 - lowest_b)
+    blur = 110.0 * fine_pixel**2  # exp(-blur s^2 / 4) < 1e-3 at the fine grid's Nyquist
     calculator = gemmi.DensityCalculatorE()
     calculator.set_grid_cell_and_spacegroup(structure)
     calculator.grid.set_size(fine, fine, fine)

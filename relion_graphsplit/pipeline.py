@@ -80,6 +80,7 @@ class SplitResult:
     edges: pd.DataFrame  # cone pairs: shared particles, weight
     components: list[np.ndarray]  # cone indices of each connected part of the graph
     sync_method: str
+    sync_gap: float  # relative gap between the max-cut bound and the solution (0: proven optimal)
     sampling: float
     cone_angle: float
     working_box: int
@@ -362,6 +363,7 @@ def split(
         edges=edges,
         components=components,
         sync_method=sync.method,
+        sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
         graph_score=graph_score,
         refine_changes=changed,
         sampling=sampling,

@@ -130,9 +130,12 @@ def main_command(
     if map1 is not None:
         volumes, pixel_size = _maps_from_files(map1, map2, box, angpix)
     else:
-        volumes, pixel_size = _maps_from_models(
-            pdb1, pdb2, chains1, chains2, superpose_core, core_residues, box, angpix, bfactor
-        )
+        try:
+            volumes, pixel_size = _maps_from_models(
+                pdb1, pdb2, chains1, chains2, superpose_core, core_residues, box, angpix, bfactor
+            )
+        except ValueError as error:  # a chain that is not there, a model larger than the box
+            raise typer.BadParameter(str(error)) from None
     if volumes[0].shape[0] % 2:
         raise typer.BadParameter(f"RELION particles have even boxes, got {volumes[0].shape[0]}")
 

@@ -290,7 +290,7 @@ def test_cli_from_maps(tmp_path):
 @needs_structures
 def test_cli_from_models_with_a_chain_left_out(tmp_path):
     model = str(STRUCTURES / "1BD2.pdb.gz")
-    args = ["--pdb1", model, "--pdb2", model, "--chains2", "A,C,D,E", "--box", "40", "--angpix", "4"]
+    args = ["--pdb1", model, "--pdb2", model, "--chains2", "A,C,D,E", "--box", "54", "--angpix", "3"]
     result = CliRunner().invoke(app, args + ["--n", "8", "--no-ceiling", "--o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     full, partial = (read_mrc(tmp_path / f"class{k}.mrc")[0] for k in (1, 2))
