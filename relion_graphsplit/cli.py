@@ -63,7 +63,7 @@ def run(
     sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
     angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
     cone_angle: Optional[float] = typer.Option(None, "--cone_angle", help="Cone half-aperture in degrees; default: the sampling (neighbouring cones overlap)."),
-    particles_per_cone: int = typer.Option(300, "--particles_per_cone", help="Target particles per cone for the automatic sampling."),
+    particles_per_cone: int = typer.Option(600, "--particles_per_cone", help="Target particles per cone for the automatic sampling."),
     maxres: float = typer.Option(8.0, "--maxres", help="Resolution (A) the images are downsampled to for the analysis."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),

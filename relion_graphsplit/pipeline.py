@@ -52,7 +52,7 @@ class SplitOptions:
     symmetry: str = "C1"
     angular_sampling: float | None = None  # degrees between cone axes; None: from the particle count
     cone_angle: float | None = None  # cone half-aperture in degrees; None: the sampling
-    particles_per_cone: int = 300  # target of the automatic sampling
+    particles_per_cone: int = 600  # target of the automatic sampling
     min_cone_particles: int = 10  # cones with fewer members are dropped
     maxres: float | None = 8.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
