@@ -55,19 +55,41 @@ def equivalent_operators(symmetry: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return left, torch.cat([symmetry, symmetry])
 
 
+def _in_unit(directions: torch.Tensor, symmetry: torch.Tensor) -> torch.Tensor:
+    """Whether each direction lies in the asymmetric unit: no copy of it is closer to the anchor."""
+    copies = torch.cat([symmetry, -symmetry]).transpose(-1, -2)  # S^T d and -S^T d
+    scores = torch.einsum("gij,nj,i->ng", copies, directions, _ASU_ANCHOR)
+    return directions @ _ASU_ANCHOR >= scores.max(dim=1).values - 1e-12
+
+
+def _distance_to_axes(directions: torch.Tensor, axes: torch.Tensor, symmetry: torch.Tensor) -> torch.Tensor:
+    """Angle (radians) from each direction to the nearest axis, over all its equivalent directions."""
+    copies = torch.einsum("gji,nj->ngi", symmetry, directions)
+    cosines = torch.einsum("ngi,mi->ngm", torch.cat([copies, -copies], dim=1), axes)
+    return torch.acos(cosines.amax(dim=(1, 2)).clamp(-1.0, 1.0))
+
+
 def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> torch.Tensor:
     """Quasi-uniform directions about `sampling_deg` apart, kept to the asymmetric unit.
 
     The unit is the Voronoi cell of a generic anchor among its copies under the point group and the
-    mirror: a direction belongs to it when no copy of it lies closer to the anchor.
+    mirror: a direction belongs to it when no copy of it lies closer to the anchor. At the cell's
+    boundary the sphere's points and their symmetry copies do not interleave, which can leave gaps;
+    directions are added where a finer sample of the cell lies farther than 0.65 of the sampling from
+    every axis (the interior's covering radius), so that cones as wide as the sampling cover it all.
     """
     spacing = math.radians(sampling_deg)
     n_sphere = max(8, round(4.0 * math.pi / (math.sqrt(3.0) / 2.0 * spacing**2)))
     directions = fibonacci_sphere(n_sphere)
-    copies = torch.cat([symmetry, -symmetry]).transpose(-1, -2)  # S^T d and -S^T d
-    scores = torch.einsum("gij,nj,i->ng", copies, directions, _ASU_ANCHOR)
-    own = directions @ _ASU_ANCHOR
-    return directions[own >= scores.max(dim=1).values - 1e-12]
+    axes = directions[_in_unit(directions, symmetry)]
+    probe = fibonacci_sphere(16 * n_sphere)
+    probe = probe[_in_unit(probe, symmetry)]
+    distance = _distance_to_axes(probe, axes, symmetry)
+    while len(probe) and distance.max() > 0.65 * spacing:
+        farthest = probe[distance.argmax()]
+        axes = torch.cat([axes, farthest[None]])
+        distance = torch.minimum(distance, _distance_to_axes(probe, farthest[None], symmetry))
+    return axes
 
 
 def assign_to_cones(

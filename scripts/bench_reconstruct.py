@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="relion_project --white_noise")
     parser.add_argument("--sym", default="C1", help="point group for both reconstructions")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads and relion --j")
+    parser.add_argument("--j", type=int, default=2, help="relion_reconstruct --j")
+    parser.add_argument(
+        "--torch-threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time ours with"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each program")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="keep the particles and maps here (default: a temp dir)")
@@ -134,7 +137,6 @@ def main() -> None:
 
     if shutil.which("relion_project") is None or shutil.which("relion_reconstruct") is None:
         raise SystemExit("needs relion_project and relion_reconstruct on PATH")
-    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_reconstruct_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,8 @@ def main() -> None:
         project += ["--add_noise", "--white_noise", str(args.noise)]
     subprocess.run(project, cwd=work, check=True, capture_output=True)
 
-    def run_ours() -> None:
+    def run_ours(threads: int) -> None:
+        torch.set_num_threads(threads)
         vol = reconstruct_star(work / "parts.star", args.batch_size, args.sym)
         with mrcfile.new(work / "ours.mrc", overwrite=True) as m:
             m.set_data(vol)
@@ -157,9 +160,10 @@ def main() -> None:
     programs: dict[str, Callable[[], object]] = {}
     for name, extra in (("relion", []), ("relion_skip_gridding", ["--skip_gridding"])):
         cmd = ["relion_reconstruct", "--i", "parts.star", "--o", f"{name}.mrc", "--ctf", "--sym", args.sym]
-        cmd += ["--j", str(args.threads), *extra]
+        cmd += ["--j", str(args.j), *extra]
         programs[name] = lambda cmd=cmd: subprocess.run(cmd, cwd=work, check=True, capture_output=True)
-    programs["ours"] = run_ours
+    for threads in args.torch_threads:
+        programs[f"ours_{threads}"] = lambda threads=threads: run_ours(threads)
 
     # Rounds of one run of each program, so that a busy spell of a shared machine hits all of them.
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
@@ -174,19 +178,20 @@ def main() -> None:
     ours = mrcfile.read(work / "ours.mrc")
 
     print(
-        f"{args.n} particles of {args.box}^2, sym {args.sym}, {torch.get_num_threads()} torch threads, "
+        f"{args.n} particles of {args.box}^2, sym {args.sym}, "
         f"{os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
     )
     labels = {
-        "relion": f"relion_reconstruct --ctf --j {args.threads}",
-        "relion_skip_gridding": f"relion_reconstruct --ctf --j {args.threads} --skip_gridding",
-        "ours": "ours (read + CTF + insert + finalise + write)",
+        "relion": f"relion_reconstruct --ctf --j {args.j}",
+        "relion_skip_gridding": f"relion_reconstruct --ctf --j {args.j} --skip_gridding",
     }
+    for threads in args.torch_threads:
+        labels[f"ours_{threads}"] = f"ours, {threads} torch thread(s) (read+CTF+insert+finalise+write)"
     for name, label in labels.items():
         walls = [w for w, _ in timings[name]]
         best = min(timings[name])
         print(
-            f"{label:55s} best {best[0]:6.2f} s (CPU {best[1]:6.2f} s), "
+            f"{label:62s} best {best[0]:6.2f} s (CPU {best[1]:6.2f} s), "
             f"median {statistics.median(walls):6.2f} s over {len(walls)} runs"
         )
     cut = int(0.8 * (args.box // 2))

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from relion_graphsplit.geometry import MIRROR, angular_distance, euler_to_matrix, fibonacci_sphere, projection_direction
+from relion_graphsplit.symmetry import symmetry_matrices
 from relion_graphsplit.grouping import assign_to_cones, asymmetric_unit_directions, default_sampling
-
-
-def c_n(n: int) -> torch.Tensor:
-    mats = []
-    for k in range(n):
-        t = 2 * math.pi * k / n
-        mats.append([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0], [0.0, 0.0, 1.0]])
-    return torch.tensor(mats, dtype=torch.float64)
 
 
 def random_rotations(n: int, seed: int = 0) -> torch.Tensor:
@@ -24,17 +17,21 @@ def random_rotations(n: int, seed: int = 0) -> torch.Tensor:
     return euler_to_matrix(rot, tilt, psi)
 
 
-@pytest.mark.parametrize("order", [1, 2, 4])
-def test_asymmetric_unit_size_and_cover(order):
-    sym = c_n(order)
-    axes = asymmetric_unit_directions(10.0, sym)
-    whole = len(fibonacci_sphere(round(4 * math.pi / (math.sqrt(3) / 2 * math.radians(10.0) ** 2))))
-    assert abs(len(axes) - whole / (2 * order)) < 0.1 * whole / (2 * order) + 3
-    # Every direction on the sphere has an equivalent direction (symmetry and mirror) near some axis.
-    probe = fibonacci_sphere(3000)
-    copies = torch.cat([torch.einsum("gji,nj->ngi", sym, probe), -torch.einsum("gji,nj->ngi", sym, probe)], dim=1)
+@pytest.mark.parametrize("name", ["C1", "C2", "C4", "D3", "T", "O", "I"])
+def test_asymmetric_unit_size_and_cover(name):
+    sym = symmetry_matrices(name)
+    sampling = 6.0
+    axes = asymmetric_unit_directions(sampling, sym)
+    whole = len(fibonacci_sphere(round(4 * math.pi / (math.sqrt(3) / 2 * math.radians(sampling) ** 2))))
+    expected = whole / (2 * len(sym))
+    assert expected <= len(axes) < 1.35 * expected + 4
+    # Every direction on the sphere has an equivalent direction (symmetry and mirror) within the
+    # sampling of some axis, so cones as wide as the sampling cover everything.
+    probe = fibonacci_sphere(2000)
+    copies = torch.einsum("gji,nj->ngi", sym, probe)
+    copies = torch.cat([copies, -copies], dim=1)
     nearest = angular_distance(copies[:, :, None, :], axes[None, None]).amin(dim=(1, 2))
-    assert nearest.max() < 10.0
+    assert nearest.max() < sampling
 
 
 def test_c1_axes_on_upper_hemisphere():
@@ -43,7 +40,7 @@ def test_c1_axes_on_upper_hemisphere():
 
 
 def test_members_lie_within_cone_through_equivalent_orientation():
-    sym = c_n(2)
+    sym = symmetry_matrices("C2")
     A = random_rotations(3000)
     axes = asymmetric_unit_directions(12.0, sym)
     cones = assign_to_cones(A, axes, 12.0, sym)
