@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def run(
             "refine_changes": result.refine_changes,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         written += write_diagnostics(o, result, summary)
         t = time.perf_counter()

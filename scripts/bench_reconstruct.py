@@ -24,16 +24,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import mrcfile
-import numpy as np
-import pandas as pd
-import starfile
-import torch
+# Passive OpenMP waiting, as the package sets it, must be in place before torch loads (see docs/method.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from relion_graphsplit.ctf import CTFParams, ctf_2d
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.reconstruct import FourierAccumulator
+import mrcfile  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import starfile  # noqa: E402
+import torch  # noqa: E402
+
+from relion_graphsplit.ctf import CTFParams, ctf_2d  # noqa: E402
+from relion_graphsplit.fsc import fsc  # noqa: E402
+from relion_graphsplit.geometry import euler_to_matrix  # noqa: E402
+from relion_graphsplit.reconstruct import FourierAccumulator  # noqa: E402
 
 
 def blob_map(box: int, rng: np.random.Generator, n_blobs: int = 12) -> np.ndarray:

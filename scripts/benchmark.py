@@ -132,6 +132,8 @@ def main(
             work / "graphsplit.log", cwd=work,
         )
         pred = classes_by_name(split_dir / "run_data.star", names)
+        summary = json.loads((split_dir / "run_summary.json").read_text())
+        row["graphsplit_peak_memory_mb"] = summary["peak_memory_mb"]
         row["graphsplit_accuracy"] = accuracy(pred, true_class)
         row["graphsplit_ari"] = adjusted_rand_index(pred, true_class)
 
