@@ -192,50 +192,38 @@ def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
     return (wzy[:, :, None] * torch.stack([1 - fx, fx])[None, None]).reshape(8, *fx.shape)
 
 
-def _trilinear_gather(
-    rows: torch.Tensor, shape: tuple[int, ...], xyz: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trilinear samples of centred half-grid fields stored as rows (Z * Y * X, F) at points xyz (M, 3).
-
-    A point with x < 0 is sampled at -xyz; returns the samples (M, F) and a sign (M,) that is -1 for
-    those mirrored points (their imaginary parts are to be negated).
-    """
-    zs, ys, xs = shape
-    c = zs // 2
-    sign = 1.0 - 2.0 * (xyz[:, 0] < 0).to(xyz.dtype)
-    xyz = xyz * sign[:, None]
-    lo = torch.floor(xyz)
-    weights = _corner_weights(xyz - lo)
-    lo = lo.long()
-    base = ((lo[:, 2] + c) * ys + (lo[:, 1] + c)) * xs + lo[:, 0]
-    offsets = torch.tensor([(dz * ys + dy) * xs + dx for dz, dy, dx in _CORNERS], device=rows.device)
-    index = (base[None] + offsets[:, None]).reshape(-1)
-    corners = rows.index_select(0, index).reshape(8, xyz.shape[0], rows.shape[1])
-    return torch.einsum("cm,cmf->mf", weights, corners), sign
-
-
 def _symmetrise(
-    data: torch.Tensor, weight: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int = 1 << 18
+    data: torch.Tensor, weight: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int = 1 << 20
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add to each point v the data and weight sampled at R v for every operator R but the identity
-    (BackProjector::applyPointGroupSymmetry); points within `radius` of the origin only."""
+    (BackProjector::applyPointGroupSymmetry); points within `radius` of the origin only.
+
+    Samples are trilinear (grid_sample); a point R v with x < 0 is read at -R v and conjugated.
+    """
     shape = weight.shape
     c = shape[0] // 2
     k = torch.arange(shape[0], device=weight.device) - c
     z, y, x = torch.meshgrid(k, k, torch.arange(shape[2], device=weight.device), indexing="ij")
     inside = torch.nonzero((x * x + y * y + z * z <= radius * radius).reshape(-1)).squeeze(1)
     xyz = torch.stack([x, y, z], -1).reshape(-1, 3)[inside].to(weight.dtype)
-    rows = torch.stack([data.real, data.imag, weight], -1).reshape(-1, 3)
-    total = rows[inside]
+    fields = torch.stack([data.real, data.imag, weight])
+    # grid_sample's normalised coordinates (align_corners=True): -1 and 1 are the first and last index.
+    to_unit = torch.tensor([2.0 / (shape[2] - 1), 1.0 / c, 1.0 / c], dtype=weight.dtype, device=weight.device)
+    shift = torch.tensor([-1.0, 0.0, 0.0], dtype=weight.dtype, device=weight.device)
+    total = fields.reshape(3, -1)[:, inside]
     for R in ops[1:].to(weight.dtype):
         for start in range(0, len(inside), chunk):
-            samples, sign = _trilinear_gather(rows, shape, xyz[start : start + chunk] @ R.T)
-            samples[:, 1] *= sign
-            total[start : start + chunk] += samples
-    out = rows.clone()
-    out[inside] = total
-    out = out.reshape(*shape, 3)
-    return torch.complex(out[..., 0], out[..., 1]), out[..., 2]
+            p = xyz[start : start + chunk] @ (R.T * to_unit)
+            sign = 1.0 - 2.0 * (p[:, 0] < 0).to(p.dtype)
+            grid = (p * sign[:, None] + shift).reshape(1, -1, 1, 1, 3)
+            samples = torch.nn.functional.grid_sample(fields[None], grid, mode="bilinear", align_corners=True)
+            samples = samples.reshape(3, -1)
+            samples[1] *= sign
+            total[:, start : start + chunk] += samples
+    out = fields.reshape(3, -1).clone()
+    out[:, inside] = total
+    out = out.reshape(3, *shape)
+    return torch.complex(out[0], out[1]), out[2]
 
 
 def _invert(

@@ -1,0 +1,3 @@
+"""Import the package first: it sets OpenMP's passive waiting before torch loads."""
+
+import relion_graphsplit  # noqa: F401
