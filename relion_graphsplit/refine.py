@@ -10,7 +10,9 @@ docs/benchmarks.md has the measurements.
 Everything happens at the working size on the scratch images, which hold the residual to the consensus
 projection times the CTF, s = CTF (I - a CTF P): the maps reconstructed from them are the classes'
 differences to the consensus, D_k, and with Q_k the projection of D_k,
-    log p(I | k) = [2 a <s, Q_k> - a^2 <CTF^2 Q_k, Q_k>] / (2 sigma^2) + const.
+    log p(I | k) = -|I - a CTF P - a' CTF Q_k|^2 / (2 sigma^2) + const
+                 = [2 a' <s, Q_k> - a'^2 <CTF^2 Q_k, Q_k>] / (2 sigma^2) + const,
+with a' = a / mean(a), since the maps reconstructed from the residuals already carry the mean scale.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from relion_graphsplit.fsc import fsc, shell_index
 from relion_graphsplit.projection import prepare_volume, project_rfft
 from relion_graphsplit.reconstruct import FourierAccumulator
 
@@ -44,17 +47,37 @@ def difference_maps(
     symmetry: str,
     track: Callable[..., Iterable],
 ) -> list[torch.Tensor]:
-    """Reconstruct each class's difference to the consensus from the CTF-multiplied residuals."""
+    """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
+
+    Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
+    shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
+    is the noisier one, its noise power enters the likelihood as a penalty, and particles drift into
+    the larger class.
+    """
     n = scratch.shape[-1]
-    accumulators = [FourierAccumulator(n), FourierAccumulator(n)]
+    halves = [[FourierAccumulator(n), FourierAccumulator(n)] for _ in range(2)]
     for index in track(batches, description="Reconstructing class differences", total=len(batches)):
         images = torch.from_numpy(np.asarray(scratch[index]))
         ctf = ctf_filter(index)
-        for k, acc in enumerate(accumulators):
-            member = torch.from_numpy(classes[index] == k + 1)
-            if member.any():
-                acc.insert(images[member], rotations[index][member], ctf=ctf[member], ctf_premultiplied=True)
-    return [acc.finalise(sym=symmetry) for acc in accumulators]
+        for k in range(2):
+            for half in range(2):
+                member = torch.from_numpy((classes[index] == k + 1) & (index % 2 == half))
+                if member.any():
+                    halves[k][half].insert(
+                        images[member], rotations[index][member], ctf=ctf[member], ctf_premultiplied=True
+                    )
+    maps = []
+    for first, second in halves:
+        whole = FourierAccumulator(n)
+        whole.sums = first.sums + second.sums
+        curve = fsc(first.finalise(sym=symmetry), second.finalise(sym=symmetry)).clamp(min=0.0)
+        weight = torch.sqrt(2 * curve / (1 + curve))
+        f = torch.fft.rfftn(whole.finalise(sym=symmetry).to(torch.float64))
+        shells = shell_index(n).clamp(max=n // 2)
+        beyond = shell_index(n) > n // 2
+        f = f * torch.where(beyond, 0.0, weight[shells])
+        maps.append(torch.fft.irfftn(f, s=(n, n, n)).to(torch.float32))
+    return maps
 
 
 def class_log_odds(
@@ -71,7 +94,10 @@ def class_log_odds(
     """log p(class 1 | image) - log p(class 2 | image) for every particle, given the difference maps.
 
     The maps are multiplied by the 3D mask first, so that only the masked region decides. The noise
-    variance of each image is estimated from its residual, |s|^2 / sum CTF^2 per coefficient.
+    variance of each image is estimated from what its better-fitting class leaves unexplained,
+    min_k |s - a CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF): the residual alone would
+    count the class difference as noise, shrink the data term against the prior, and pull particles
+    into the larger class.
     """
     n = scratch.shape[-1]
     weights = _half_plane_weights(n)
@@ -80,13 +106,16 @@ def class_log_odds(
     for index in track(batches, description="Comparing particles with the classes", total=len(batches)):
         s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
         ctf2 = ctf_filter(index).to(torch.float64) ** 2
-        a = scale[index][:, None, None]
-        sigma2 = (weights * s.abs() ** 2).sum((1, 2)) / (weights * ctf2).sum((1, 2)).clamp(min=1e-30)
-        log_likelihood = []
+        # The maps were reconstructed from residuals that carry each image's scale a: relative to them
+        # an image's difference is a / mean(a) times their projection.
+        a = (scale[index] / scale.mean())[:, None, None]
+        log_likelihood, unexplained = [], []
         for volume in prepared:
-            q = project_rfft(volume, rotations[index])
+            q = a * project_rfft(volume, rotations[index])
             cross = (weights * (s.conj() * q).real).sum((1, 2))
             power = (weights * ctf2 * q.abs() ** 2).sum((1, 2))
-            log_likelihood.append((2 * a[:, 0, 0] * cross - a[:, 0, 0] ** 2 * power) / (2 * sigma2))
-        out[index] = (log_likelihood[0] - log_likelihood[1]).numpy() + prior
+            log_likelihood.append(2 * cross - power)
+            unexplained.append((weights * (s - ctf2 * q).abs() ** 2).sum((1, 2)))
+        sigma2 = torch.minimum(*unexplained) / (weights * ctf2).sum((1, 2)).clamp(min=1e-30)
+        out[index] = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
     return out
