@@ -40,7 +40,7 @@ def _half_plane_weights(n: int) -> torch.Tensor:
 
 def difference_maps(
     scratch: np.ndarray,
-    classes: np.ndarray,
+    probability: np.ndarray,
     rotations: torch.Tensor,
     ctf_filter: Filter,
     batches: list[np.ndarray],
@@ -48,6 +48,9 @@ def difference_maps(
     track: Callable[..., Iterable],
 ) -> list[torch.Tensor]:
     """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
+
+    `probability` (n,) is each particle's probability of class 1: particles count towards both
+    classes in proportion (soft assignment, as in expectation-maximisation).
 
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
     shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
@@ -59,12 +62,15 @@ def difference_maps(
     for index in track(batches, description="Reconstructing class differences", total=len(batches)):
         images = torch.from_numpy(np.asarray(scratch[index]))
         ctf = ctf_filter(index)
-        for k in range(2):
+        p1 = torch.from_numpy(probability[index]).to(torch.float32)
+        for k, p in enumerate((p1, 1 - p1)):
             for half in range(2):
-                member = torch.from_numpy((classes[index] == k + 1) & (index % 2 == half))
+                member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
                 if member.any():
+                    # Weighted insertion: data += p s, weight += p CTF^2.
+                    w = p[member][:, None, None]
                     halves[k][half].insert(
-                        images[member], rotations[index][member], ctf=ctf[member], ctf_premultiplied=True
+                        images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
                     )
     maps = []
     for first, second in halves:
