@@ -1,4 +1,4 @@
-"""Fourier shell correlation, the resolution where it crosses a threshold, and a soft spherical mask."""
+"""Fourier shell correlation and the resolution where it crosses a threshold."""
 
 from __future__ import annotations
 
@@ -46,15 +46,3 @@ def resolution_at(fsc_curve: torch.Tensor, box: int, pixel_size: float, threshol
     hi, lo = float(curve[i - 1]), float(curve[i])
     shell = (i - 1) + (hi - threshold) / (hi - lo)
     return math.inf if shell <= 0 else box * pixel_size / shell
-
-
-def soft_sphere_mask(
-    box: int, radius: float, width: float = 3.0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """A (box, box, box) float32 mask: 1 within `radius` of the centre voxel box // 2, a raised-cosine
-    edge falling to 0 over `width` pixels, 0 beyond."""
-    k = torch.arange(box, device=device, dtype=torch.float64) - box // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    edge = 0.5 + 0.5 * torch.cos(math.pi * (r - radius) / width)
-    mask = torch.where(r <= radius, torch.ones_like(r), torch.where(r >= radius + width, torch.zeros_like(r), edge))
-    return mask.to(torch.float32)

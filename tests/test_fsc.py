@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from relion_graphsplit.fsc import fsc, resolution_at, shell_index, soft_sphere_mask
+from relion_graphsplit.fsc import fsc, resolution_at, shell_index
 
 BOX = 32
 
@@ -58,14 +58,3 @@ def test_resolution_interpolates_the_crossing():
 
 def test_resolution_is_nyquist_when_never_crossing():
     assert resolution_at(torch.ones(17), box=32, pixel_size=1.5) == pytest.approx(3.0)
-
-
-def test_soft_sphere_mask():
-    mask = soft_sphere_mask(BOX, radius=8.0, width=4.0)
-    assert mask.shape == (BOX, BOX, BOX) and mask.dtype == torch.float32
-    c = BOX // 2
-    assert mask[c, c, c] == 1 and mask[c, c, c + 8] == 1
-    assert mask[c, c, c + 12] == 0 and mask[0, 0, 0] == 0
-    edge = mask[c, c, c + 8 : c + 13]
-    assert torch.all(edge[1:] < edge[:-1])
-    assert float(mask[c, c, c + 10]) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 2 / 4))
