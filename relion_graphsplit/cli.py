@@ -17,7 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from relion_graphsplit import __version__, star_io
+from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
 from relion_graphsplit.external import ExternalJob
+from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
@@ -97,11 +99,22 @@ def run(
         console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {box}, {apix:.3f} A/px")
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with ImageStacks(ps) as stacks, Progress(*columns, console=console, transient=False) as progress:
-            result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=o,
-                           track=_progress_tracker(progress, job))
+            track = _progress_tracker(progress, job)
+            result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=o, track=track)
+            t = time.perf_counter()
+            class_maps = reconstruct_classes(ps, stacks, result.classes, sym=sym, seed=seed, batch_size=batch_size, track=track)
+            result.timings["class maps"] = time.perf_counter() - t
         t = time.perf_counter()
         table = classified_particles(ps, result)
-        written = write_particles(o, ps, table)
+        table["rlnRandomSubset"] = class_maps.subsets
+        write_particles(o, ps, table)
+        nodes = [(o / "run_data.star", "particles")] + write_class_maps(o, class_maps)
+        write_model_star(
+            o / MODEL_NAME, [path for path, kind in nodes if kind == "map"], class_maps.distribution,
+            class_maps.resolution, class_maps.fsc, class_maps.completeness, box, apix,
+            average_pmax=float(np.mean(result.probability)),
+        )  # fmt: skip
+        command = next_command(o, o / "run_data.star", particle_diameter or 0.8 * box * apix, j, class_maps.resolution, sym=sym)
         result.timings["write"] = time.perf_counter() - t
         summary = {
             "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -112,11 +125,12 @@ def run(
             "graph_components": len(result.components), "sync_method": result.sync_method,
             "sync_gap": result.sync_gap,
             "refine_changes": result.refine_changes,
+            "class_resolution": [float(r) for r in class_maps.resolution], "next_command": command,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        written += write_diagnostics(o, result, summary)
+        write_diagnostics(o, result, summary)
         t = time.perf_counter()
         write_report(o)
         result.timings["report"] = time.perf_counter() - t
@@ -124,7 +138,9 @@ def run(
         for warning in report_warnings(o):
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"Report: {o / 'report.html'}")
-        job.outputs([(o / "run_data.star", "particles")])
+        console.print("Next, a fixed-pose Class3D in RELION seeded with the class maps:")
+        console.print(command, soft_wrap=True, markup=False, highlight=False)
+        job.outputs(nodes)
         job.succeed()
     except Aborted as err:
         console.print(f"[bold red]{err}[/]")

@@ -27,18 +27,15 @@ def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.Dat
     return table
 
 
-def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> list[Path]:
+def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> None:
     """run_data.star and one run_classNNN_data.star per class."""
-    paths = [out / "run_data.star"]
-    star_io.write_particles(paths[0], ps, table)
+    star_io.write_particles(out / "run_data.star", ps, table)
     for k in sorted(table["rlnClassNumber"].unique()):
         path = out / f"run_class{int(k):03d}_data.star"
         star_io.write_particles(path, ps, table[table["rlnClassNumber"] == k].reset_index(drop=True))
-        paths.append(path)
-    return paths
 
 
-def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> list[Path]:
+def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> None:
     """Per-cone table and graph (run_cones.star), memberships, cone images and the run summary.
 
     run_cone_images.mrcs holds 4 images per cone c: 4c mean, 4c+1 eigen-image, 4c+2 and 4c+3 the
@@ -60,7 +57,6 @@ def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> list[Pat
     summary_path = out / "run_summary.json"
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
-    return [cones, members, images, summary_path]
 
 
 def _jsonable(value):

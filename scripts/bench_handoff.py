@@ -28,7 +28,6 @@ from pathlib import Path
 # Passive OpenMP waiting, as the package sets it, must be in place before torch loads (see docs/method.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import starfile  # noqa: E402
 import torch  # noqa: E402
 import typer  # noqa: E402
@@ -40,7 +39,7 @@ from relion_graphsplit import star_io  # noqa: E402
 from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps  # noqa: E402
 from relion_graphsplit.fsc import fsc  # noqa: E402
 from relion_graphsplit.metrics import accuracy  # noqa: E402
-from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star  # noqa: E402
+from relion_graphsplit.model_star import MODEL_NAME, next_command  # noqa: E402
 from relion_graphsplit.mrc_io import read_mrc  # noqa: E402
 from relion_graphsplit.simulate import write_simulation  # noqa: E402
 from relion_graphsplit.stack import ImageStacks  # noqa: E402
@@ -73,10 +72,12 @@ def reconstruct(
     box = volumes[0].shape[-1]
     work = out / f"reconstruct-{structure}-{n}"
     if not (work / "split.star").exists():
-        write_simulation(work, volumes, apix, n, snr, [0.5, 0.5], seed=seed, pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0)
+        write_simulation(
+            work, volumes, apix, n, snr, [0.5, 0.5], seed=seed, pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0
+        )
         ps = star_io.read_particles(work / "particles.star")
-        truth = star_io.read_particles(work / "truth.star").particles
-        star_io.write_particles(work / "split.star", ps, ps.particles.assign(rlnClassNumber=truth["rlnClassNumber"].to_numpy()))
+        true_class = star_io.read_particles(work / "truth.star").particles["rlnClassNumber"].to_numpy()
+        star_io.write_particles(work / "split.star", ps, ps.particles.assign(rlnClassNumber=true_class))
 
     def ours() -> None:
         ps = star_io.read_particles(work / "split.star")
@@ -116,7 +117,9 @@ def reconstruct(
     print(f"lowest FSC(ours, relion_reconstruct) up to 0.8 Nyquist: class 1 {agreement[0]:.4f}, class 2 {agreement[1]:.4f}")
 
 
-def _refine(work: Path, root: str, reference: str, iterations: int, diameter: float, j: int, seed: int, extra: list[str]) -> float:
+def _refine(
+    work: Path, root: str, reference: str, iterations: int, diameter: float, j: int, seed: int, extra: list[str]
+) -> float:
     """A fixed-pose Class3D (the GUI's options) from `reference`; returns its wall time."""
     (work / root).parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -158,7 +161,9 @@ def workflow(
 
         row = {"scenario": sc.name, "n": n, "box": box, "pixel_size": apix, "snr": sc.snr, "fraction": sc.fraction,
                "chance": max(sc.fraction, 1 - sc.fraction)}  # fmt: skip
-        row["ceiling"] = benchmark.cached(work / "ceiling.json", lambda: benchmark._ceiling(work, volumes, star_io.read_particles(work / "truth.star")))
+        row["ceiling"] = benchmark.cached(
+            work / "ceiling.json", lambda: benchmark._ceiling(work, volumes, star_io.read_particles(work / "truth.star"))
+        )
         row["consensus_time"] = benchmark.run(
             ["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
             work / "consensus.log", cwd=work,
@@ -182,7 +187,9 @@ def workflow(
 
         # B. Class3D from the consensus map alone.
         shutil.rmtree(work / "class3d", ignore_errors=True)
-        row["class3d_time"] = _refine(work, "class3d/run", "consensus.mrc", iterations, diameter, j, seed, ["--ini_high", "50"])
+        row["class3d_time"] = _refine(
+            work, "class3d/run", "consensus.mrc", iterations, diameter, j, seed, ["--ini_high", "50"]
+        )
         for it in sorted({seeded_iter, iterations}):
             row[f"class3d_accuracy_it{it}"] = acc(Path(f"class3d/run_it{it:03d}_data.star"))
         row["class3d_total_time"] = row["consensus_time"] + row["class3d_time"]
