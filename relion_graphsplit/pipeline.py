@@ -54,10 +54,11 @@ class SplitOptions:
     cone_angle: float | None = None  # cone half-aperture in degrees; None: the sampling
     particles_per_cone: int = 600  # target of the automatic sampling
     min_cone_particles: int = 10  # cones with fewer members are dropped
-    maxres: float | None = 8.0  # A; images are downsampled to this Nyquist
+    maxres: float | None = 10.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
-    refine_iterations: int = 3  # rounds of fixed-pose classification against the class maps
+    refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
+    refine_tolerance: float = 0.001  # ... stopping once fewer than this fraction of particles change class
     particle_diameter: float | None = None  # A, for the default spherical mask
     batch_size: int = 256
     seed: int = 0
@@ -337,7 +338,7 @@ def split(
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))
             classes = new_classes
-            if changed[-1] == 0:
+            if changed[-1] <= options.refine_tolerance * n:
                 break
         if refine:
             timings["refine"] = time.perf_counter() - start
