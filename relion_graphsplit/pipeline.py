@@ -126,7 +126,6 @@ def prepare_images(
     """
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
-    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
     rotations, origins = star_io.poses(ps)
     squared = star_io.ctf_premultiplied(ps)
     data_filter = ctf_filter(ps, w)
