@@ -102,19 +102,27 @@ def run(
             track = _progress_tracker(progress, job)
             result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=o, track=track)
             t = time.perf_counter()
-            class_maps = reconstruct_classes(ps, stacks, result.classes, sym=sym, seed=seed, batch_size=batch_size, track=track)
+            class_maps = None
+            if np.bincount(result.classes, minlength=3)[1:].min() >= 2:
+                class_maps = reconstruct_classes(ps, stacks, result.classes, sym=sym, seed=seed, batch_size=batch_size, track=track)
+            else:
+                result.warnings.append("a class holds fewer than 2 particles: no class maps were made")
             result.timings["class maps"] = time.perf_counter() - t
         t = time.perf_counter()
         table = classified_particles(ps, result)
-        table["rlnRandomSubset"] = class_maps.subsets
+        nodes = [(o / "run_data.star", "particles")]
+        command = None
+        if class_maps is not None:
+            table["rlnRandomSubset"] = class_maps.subsets
+            nodes += write_class_maps(o, class_maps)
+            write_model_star(
+                o / MODEL_NAME, [path for path, kind in nodes if kind == "map"], class_maps.distribution,
+                class_maps.resolution, class_maps.fsc, class_maps.completeness, box, apix,
+                average_pmax=float(np.mean(result.probability)),
+            )  # fmt: skip
+            diameter = particle_diameter or 0.8 * box * apix
+            command = next_command(o, o / "run_data.star", diameter, j, class_maps.resolution, sym=sym)
         write_particles(o, ps, table)
-        nodes = [(o / "run_data.star", "particles")] + write_class_maps(o, class_maps)
-        write_model_star(
-            o / MODEL_NAME, [path for path, kind in nodes if kind == "map"], class_maps.distribution,
-            class_maps.resolution, class_maps.fsc, class_maps.completeness, box, apix,
-            average_pmax=float(np.mean(result.probability)),
-        )  # fmt: skip
-        command = next_command(o, o / "run_data.star", particle_diameter or 0.8 * box * apix, j, class_maps.resolution, sym=sym)
         result.timings["write"] = time.perf_counter() - t
         summary = {
             "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -125,7 +133,8 @@ def run(
             "graph_components": len(result.components), "sync_method": result.sync_method,
             "sync_gap": result.sync_gap,
             "refine_changes": result.refine_changes,
-            "class_resolution": [float(r) for r in class_maps.resolution], "next_command": command,
+            "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
+            "next_command": command,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -138,8 +147,9 @@ def run(
         for warning in report_warnings(o):
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"Report: {o / 'report.html'}")
-        console.print("Next, a fixed-pose Class3D in RELION seeded with the class maps:")
-        console.print(command, soft_wrap=True, markup=False, highlight=False)
+        if command:
+            console.print("Next, a fixed-pose Class3D in RELION seeded with the class maps:")
+            console.print(command, soft_wrap=True, markup=False, highlight=False)
         job.outputs(nodes)
         job.succeed()
     except Aborted as err:

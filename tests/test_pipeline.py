@@ -97,3 +97,21 @@ def test_mask_of_wrong_size_is_refused(simulated: Path, tmp_path: Path):
     )
     assert result.exit_code != 0
     assert "mask" in result.output
+
+
+def test_a_collapsed_split_still_writes_the_particles(simulated: Path, tmp_path: Path, monkeypatch):
+    import relion_graphsplit.cli as cli
+
+    real_split = cli.split
+
+    def one_class(*args, **kwargs):
+        result = real_split(*args, **kwargs)
+        result.classes[:] = 1
+        return result
+
+    monkeypatch.setattr(cli, "split", one_class)
+    out = tmp_path / "o"
+    result = run(["--i", str(simulated / "particles.star"), "--o", str(out), "--refine_iter", "0"])
+    assert "no class maps" in result.output
+    assert (star_io.read_particles(out / "run_data.star").particles["rlnClassNumber"] == 1).all()
+    assert not (out / "run_class001.mrc").exists() and not (out / "run_model.star").exists()

@@ -1,13 +1,12 @@
-"""The hand-off to RELION: time of the class-map step, and the workflow it enables, on simulated data.
+"""Time of the class-map step against relion_reconstruct, on simulated data split into its true classes.
 
-reconstruct: our reconstruct_classes (both classes' half maps, full maps and FSC from one pass over the
-    stack, with the STAR file read and the maps written) against relion_reconstruct --ctf on the same
-    particles split into their true classes: the two class maps alone (--class k), and all six maps
-    (--class k, --class k --subset 1|2). The maps are compared by FSC.
-(The workflow, graph split followed by a seeded Class3D against Class3D from the consensus map, is
-measured by scripts/benchmark.py, in the same run as the rest.)
+Our reconstruct_classes (both classes' half maps, full maps and FSC from one pass over the stack, with
+the STAR file read and the maps written) against relion_reconstruct --ctf on the same particles: the two
+class maps alone (--class k), and all six maps (--class k, --class k --subset 1|2). The maps are compared
+by FSC. (The workflow, graph split followed by a seeded Class3D, against Class3D from the consensus map,
+is measured by scripts/benchmark.py, in the same run as the rest.)
 
-    python scripts/bench_handoff.py reconstruct --out bench_handoff [--n 6000] [--j 2]
+    python scripts/bench_classmaps.py --out bench_classmaps [--n 6000] [--j 2]
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def _best_and_median(times: list[float]) -> str:
 
 @app.command()
 def reconstruct(
-    out: Path = typer.Option(Path("bench_handoff"), help="Working folder."),
+    out: Path = typer.Option(Path("bench_classmaps"), help="Working folder."),
     structure: str = typer.Option("1bd2", help="adk (64^2, 2 A) or 1bd2 (80^2, 2.4 A), as in benchmark.py."),
     n: int = typer.Option(6000, help="Particles."),
     snr: float = typer.Option(0.05, help="Signal-to-noise ratio of the simulated images."),
