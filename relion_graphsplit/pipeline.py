@@ -6,7 +6,8 @@
    log-likelihood ratio of every member (alignment, masks, pca, mixture);
 4. graph of cones weighted by the agreement of their ratios; sign synchronisation by max-cut
    (graph, maxcut);
-5. each particle's mean synchronised ratio; classes by its sign.
+5. each particle's mean synchronised ratio; classes by its sign;
+6. refinement with fixed poses against the two class maps, started from that split (refine).
 """
 
 from __future__ import annotations
@@ -323,7 +324,9 @@ def split(
 
         # 6. Refinement against the two class maps with fixed poses (see refine.py).
         start = time.perf_counter()
-        refine = options.refine_iterations if options.ctf_correction is CtfCorrection.subtract_multiply else 0
+        # The refinement's likelihood assumes the scratch images are residuals times the CTF.
+        plain = options.ctf_correction is CtfCorrection.subtract_multiply and not star_io.ctf_premultiplied(ps)
+        refine = options.refine_iterations if plain else 0
         batches = _batches(n, options.batch_size)
         data_filter = ctf_filter(ps, w)
         changed = []
