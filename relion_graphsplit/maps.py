@@ -180,3 +180,29 @@ def density_from_pdb(
 ) -> np.ndarray:
     """Coulomb potential map (box^3 [z, y, x] float32) of an atomic model file; see density_from_model."""
     return density_from_model(read_model(path, chains), box, pixel_size, bfactor, center)
+
+
+def residue_mask(
+    models: Sequence[gemmi.Structure],
+    residues: Sequence[tuple[int, int]],
+    box: int,
+    pixel_size: float,
+    center: np.ndarray,
+    radius: float = 4.0,
+) -> np.ndarray:
+    """Voxels within `radius` A of an atom of `residues` in any of the models (box^3 [z, y, x], bool)."""
+    from scipy.spatial import cKDTree
+
+    coords = (np.arange(box) - box // 2) * pixel_size
+    z, y, x = np.meshgrid(coords, coords, coords, indexing="ij")
+    grid = np.stack([x, y, z], axis=-1).reshape(-1, 3) + center
+    atoms = [
+        [a.pos.x, a.pos.y, a.pos.z]
+        for model in models
+        for chain in model[0]
+        for residue in chain
+        if any(lo <= residue.seqid.num <= hi for lo, hi in residues)
+        for a in residue
+    ]
+    distance, _ = cKDTree(np.array(atoms)).query(grid, distance_upper_bound=radius)
+    return np.isfinite(distance).reshape(box, box, box)

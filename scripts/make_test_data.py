@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from scipy.spatial import cKDTree
 
 from relion_graphsplit import maps
 from relion_graphsplit.mrc_io import write_mrc
@@ -22,23 +21,6 @@ STRUCTURES = Path("/work/shared/data/structures")
 BOX = 64
 PIXEL_SIZE = 2.0
 BFACTOR = 100.0
-
-
-def domain_mask(models, residues, box: int, pixel_size: float, center: np.ndarray, radius: float = 4.0):
-    """Voxels within `radius` A of an atom of `residues` in any of the models (box^3 [z, y, x])."""
-    coords = (np.arange(box) - box // 2) * pixel_size
-    z, y, x = np.meshgrid(coords, coords, coords, indexing="ij")
-    grid = np.stack([x, y, z], axis=-1).reshape(-1, 3) + center
-    atoms = [
-        [a.pos.x, a.pos.y, a.pos.z]
-        for model in models
-        for chain in model[0]
-        for residue in chain
-        if any(lo <= residue.seqid.num <= hi for lo, hi in residues)
-        for a in residue
-    ]
-    distance, _ = cKDTree(np.array(atoms)).query(grid, distance_upper_bound=radius)
-    return np.isfinite(distance).reshape(box, box, box)
 
 
 def main(
@@ -58,8 +40,8 @@ def main(
 
     diff = volumes["adk_open"] - volumes["adk_closed"]
     moving = ((30, 59), (122, 159))  # NMP and LID domains
-    near_moving = domain_mask((open_model, closed_model), moving, BOX, PIXEL_SIZE, center)
-    near_core = domain_mask((open_model, closed_model), maps.ADK_CORE_RESIDUES, BOX, PIXEL_SIZE, center)
+    near_moving = maps.residue_mask((open_model, closed_model), moving, BOX, PIXEL_SIZE, center)
+    near_core = maps.residue_mask((open_model, closed_model), maps.ADK_CORE_RESIDUES, BOX, PIXEL_SIZE, center)
     energy = (diff**2).sum()
     total = np.abs(volumes["adk_closed"]).sum()
     print(f"core CA RMSD after superposition: {rmsd:.2f} A")

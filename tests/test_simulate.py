@@ -11,7 +11,6 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
@@ -119,22 +118,6 @@ def test_density_is_centred_on_the_given_centre():
         maps.density_from_model(model, 16, 2.0)
 
 
-def _near(models, residues, box, pixel_size, center, radius=4.0) -> np.ndarray:
-    atoms = [
-        [a.pos.x, a.pos.y, a.pos.z]
-        for model in models
-        for chain in model[0]
-        for residue in chain
-        if any(lo <= residue.seqid.num <= hi for lo, hi in residues)
-        for a in residue
-    ]
-    coords = (np.arange(box) - box // 2) * pixel_size
-    z, y, x = np.meshgrid(coords, coords, coords, indexing="ij")
-    grid = np.stack([x, y, z], axis=-1).reshape(-1, 3) + center
-    distance, _ = cKDTree(np.array(atoms)).query(grid, distance_upper_bound=radius)
-    return np.isfinite(distance).reshape(box, box, box)
-
-
 @needs_structures
 def test_adk_cores_agree_after_superposition():
     box, pixel_size = 64, 2.0
@@ -146,8 +129,8 @@ def test_adk_cores_agree_after_superposition():
     def masked_correlations(open_model):
         center = maps.center_of_mass(open_model, closed)
         a, b = (maps.density_from_model(m, box, pixel_size, center=center) for m in (open_model, closed))
-        core = _near((open_model, closed), maps.ADK_CORE_RESIDUES, box, pixel_size, center)
-        moving = _near((open_model, closed), NMP_LID, box, pixel_size, center)
+        core = maps.residue_mask((open_model, closed), maps.ADK_CORE_RESIDUES, box, pixel_size, center)
+        moving = maps.residue_mask((open_model, closed), NMP_LID, box, pixel_size, center)
         corr = [np.corrcoef(a[m], b[m])[0, 1] for m in (core & ~moving, moving & ~core)]
         return corr, ((a - b)[moving & ~core] ** 2).sum() / ((a - b)[core & ~moving] ** 2).sum()
 
