@@ -331,11 +331,12 @@ def split(
         data_filter = ctf_filter(ps, w)
         changed = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
-        for _ in range(refine):
-            differences = difference_maps(scratch, probability, rotations, data_filter, batches, options.symmetry, track)
+        rounds = track(range(refine), description="Refining against the class maps (rounds)", total=refine)
+        for _ in rounds:
+            differences = difference_maps(scratch, probability, rotations, data_filter, batches, options.symmetry)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, data_filter, prior, batches, track)
+            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, data_filter, prior, batches)
             probability = 1.0 / (1.0 + np.exp(-score))
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))

@@ -17,7 +17,7 @@ with a' = a / mean(a), since the maps reconstructed from the residuals already c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ def difference_maps(
     ctf_filter: Filter,
     batches: list[np.ndarray],
     symmetry: str,
-    track: Callable[..., Iterable],
 ) -> list[torch.Tensor]:
     """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
 
@@ -59,7 +58,7 @@ def difference_maps(
     """
     n = scratch.shape[-1]
     halves = [[FourierAccumulator(n), FourierAccumulator(n)] for _ in range(2)]
-    for index in track(batches, description="Reconstructing class differences", total=len(batches)):
+    for index in batches:
         images = torch.from_numpy(np.asarray(scratch[index]))
         ctf = ctf_filter(index)
         p1 = torch.from_numpy(probability[index]).to(torch.float32)
@@ -95,7 +94,6 @@ def class_log_odds(
     ctf_filter: Filter,
     prior: float,
     batches: list[np.ndarray],
-    track: Callable[..., Iterable],
 ) -> np.ndarray:
     """log p(class 1 | image) - log p(class 2 | image) for every particle, given the difference maps.
 
@@ -109,7 +107,7 @@ def class_log_odds(
     weights = _half_plane_weights(n)
     prepared = [prepare_volume((m * mask).to(torch.float64)) for m in maps]
     out = np.zeros(scratch.shape[0])
-    for index in track(batches, description="Comparing particles with the classes", total=len(batches)):
+    for index in batches:
         s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
         ctf2 = ctf_filter(index).to(torch.float64) ** 2
         # The maps were reconstructed from residuals that carry each image's scale a: relative to them
