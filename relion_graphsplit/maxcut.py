@@ -92,7 +92,7 @@ def synchronise(
     method: str = "auto",
     seed: int = 0,
     n_rounds: int = 200,
-    sdp_max_nodes: int = 200,
+    sdp_max_nodes: int = 80,
     bm_rank: int = 10,
 ) -> SyncResult:
     """Signs s maximising s^T W s for a symmetric weight matrix W (n, n), dense or scipy.sparse.
