@@ -100,8 +100,9 @@ def synchronise(
     Each connected component of the graph |W| > 0 is solved on its own with `method`: 'sdp'
     (Goemans-Williamson SDP), 'bm' (Burer-Monteiro at rank `bm_rank`), 'spectral' (leading
     eigenvector) or 'auto' (SDP for components of at most `sdp_max_nodes` nodes, Burer-Monteiro
-    above). On 2 cores the SDP takes about 2 s at 200 nodes, 6-8 s at 300, and 3 CPU minutes and
-    6.6 GB at 1000, where Burer-Monteiro takes under a second. A relaxation is rounded by
+    above). On 2 cores the SDP took about 2 s on sparse planted graphs of 200 nodes and 10 s on a
+    real cone graph of 150 nodes and 1024 edges, and 3 CPU minutes and 6.6 GB at 1000 nodes, where
+    Burer-Monteiro takes under a second and reached the same optimum. A relaxation is rounded by
     `n_rounds` random hyperplanes; each rounding and the all-+1 labelling are polished by
     `local_search`, and the first of the best (within a relative 1e-9) is kept, so near-ties do not
     hang on floating-point noise. An SDP that fails falls back to Burer-Monteiro (logged, and named
