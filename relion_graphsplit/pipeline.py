@@ -74,7 +74,6 @@ class SplitResult:
     graph_score: np.ndarray  # (n,) mean synchronised log-likelihood ratio of the graph split
     refine_changes: list[int]  # particles that changed class in each refinement round
     probability: np.ndarray  # (n,) posterior probability of the assigned class
-    cones_per_particle: np.ndarray  # (n,)
     cones: Cones
     cone_table: pd.DataFrame  # per-cone diagnostics
     membership: pd.DataFrame  # per (cone, particle): rho, llr
@@ -95,31 +94,21 @@ def _batches(n: int, size: int) -> list[np.ndarray]:
     return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-def ctf_filter(ps: star_io.ParticleSet, w: int) -> Callable[[np.ndarray], torch.Tensor]:
-    """The filter the particles' data carry at the working box w: their CTF (squared if premultiplied)."""
-    params = star_io.ctf_params(ps)
-    work_apix = star_io.pixel_size(ps) * star_io.image_size(ps) / w
-    squared = star_io.ctf_premultiplied(ps)
-
-    def data_filter(index: np.ndarray) -> torch.Tensor:
-        ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
-        return ctf * ctf if squared else ctf
-
-    return data_filter
-
-
 def prepare_images(
     ps: star_io.ParticleSet,
     stacks: ImageStacks,
     scratch: np.ndarray,
+    filters: np.ndarray,
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
-    Returns each image's grey scale relative to the consensus projection (ones when not subtracting)
-    and the time spent per step.
+    `filters` (n, w, w // 2 + 1) receives the filter each image's data carry at the working size
+    (its CTF, squared if CTF-premultiplied), computed once for this and the later steps. Returns each
+    image's grey scale relative to the consensus projection (ones when not subtracting) and the time
+    spent per step.
 
     Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
     map is given and the correction needs one, reconstructs it at the working size. Pass 2 corrects
@@ -128,8 +117,9 @@ def prepare_images(
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
     rotations, origins = star_io.poses(ps)
+    params = star_io.ctf_params(ps)
+    work_apix = star_io.pixel_size(ps) * star_io.image_size(ps) / w
     squared = star_io.ctf_premultiplied(ps)
-    data_filter = ctf_filter(ps, w)
     need_consensus = options.ctf_correction.subtracts and consensus is None
 
     def centred_small(index: np.ndarray) -> torch.Tensor:
@@ -144,8 +134,10 @@ def prepare_images(
         for index in track(batches, description="Reading and centring images", total=len(batches)):
             small = torch.fft.irfft2(centred_small(index), s=(w, w)).to(torch.float32)
             scratch[index] = small.numpy()
+            ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
+            filters[index] = (ctf * ctf if squared else ctf).numpy()
             if need_consensus:
-                yield small, rotations[index], None, data_filter(index)
+                yield small, rotations[index], None, ctf
 
     if need_consensus:
         if squared:
@@ -162,7 +154,8 @@ def prepare_images(
     for index in track(batches, description="Correcting for the CTF", total=len(batches)):
         f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
         projections = project_rfft(prepared, rotations[index]) if prepared is not None else None
-        corrected, scale[index] = correct(f, data_filter(index).to(torch.float64), options.ctf_correction, projections)
+        data_filter = torch.from_numpy(np.asarray(filters[index])).to(torch.float64)
+        corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
         scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
     timings["ctf"] = time.perf_counter() - start
     return scale, timings
@@ -298,7 +291,10 @@ def split(
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
     with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
         scratch = np.lib.format.open_memmap(Path(tmp) / "images.npy", mode="w+", dtype=np.float32, shape=(n, w, w))
-        scale, prep_times = prepare_images(ps, stacks, scratch, options, small_consensus, track)
+        filters = np.lib.format.open_memmap(
+            Path(tmp) / "filters.npy", mode="w+", dtype=np.float32, shape=(n, w, w // 2 + 1)
+        )
+        scale, prep_times = prepare_images(ps, stacks, scratch, filters, options, small_consensus, track)
         timings.update(prep_times)
 
         # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
@@ -318,7 +314,7 @@ def split(
         timings["graph"] = time.perf_counter() - start
 
         # 5. Mean synchronised ratio per particle; classes by sign.
-        graph_score, count = particle_scores(ratios, signs)
+        graph_score, _ = particle_scores(ratios, signs)
         score = graph_score
         classes = np.where(score >= 0, 1, 2)
 
@@ -328,15 +324,14 @@ def split(
         plain = options.ctf_correction is CtfCorrection.subtract_multiply and not star_io.ctf_premultiplied(ps)
         refine = options.refine_iterations if plain else 0
         batches = _batches(n, options.batch_size)
-        data_filter = ctf_filter(ps, w)
         changed = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
         rounds = track(range(refine), description="Refining against the class maps (rounds)", total=refine)
         for _ in rounds:
-            differences = difference_maps(scratch, probability, rotations, data_filter, batches, options.symmetry)
+            differences = difference_maps(scratch, probability, rotations, filters, batches, options.symmetry)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, data_filter, prior, batches)
+            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, filters, prior, batches)
             probability = 1.0 / (1.0 + np.exp(-score))
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))
@@ -345,7 +340,7 @@ def split(
                 break
         if refine:
             timings["refine"] = time.perf_counter() - start
-        del scratch
+        del scratch, filters
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
 
     swapped = signs < 0  # after synchronisation, class 1 is the negative-ratio side of these cones
@@ -363,12 +358,10 @@ def split(
         {"cone": cones.cone.numpy(), "particle": cones.particle.numpy(), "rho": rho.numpy(), "llr": llr.numpy()}
     )
     edges = _edges(weights, shared_counts(ratios))
-    warnings += _warnings(cone_table, components, classes)
     return SplitResult(
         classes=classes,
         score=score,
         probability=probability,
-        cones_per_particle=count,
         cones=cones,
         cone_table=cone_table,
         membership=membership,
@@ -401,22 +394,3 @@ def _edges(weights, shared) -> pd.DataFrame:
     i, j = upper.row[keep], upper.col[keep]
     w = np.asarray(weights[i, j]).ravel()
     return pd.DataFrame({"cone1": i, "cone2": j, "shared": upper.data[keep].astype(np.int64), "weight": w})
-
-
-def _warnings(cone_table: pd.DataFrame, components: list[np.ndarray], classes: np.ndarray) -> list[str]:
-    out = []
-    few = int((cone_table["particles"] < 30).sum())
-    if few:
-        out.append(f"{few} of {len(cone_table)} cones hold fewer than 30 particles: their split is unreliable")
-    if len(components) > 1:
-        sizes = sorted((len(c) for c in components), reverse=True)
-        out.append(f"the cone graph has {len(components)} disconnected parts (sizes {sizes[:6]}): "
-                   "their classes are synchronised separately and may be swapped between parts")
-    if not (cone_table["separation"] > 2.0).any():
-        out.append("no cone shows two separated populations (mixture separation > 2 sigma): "
-                   "there may be no heterogeneity inside the mask")
-    share = float(np.mean(classes == 1))
-    if min(share, 1 - share) < 0.1:
-        out.append(f"very unbalanced classes: {100 * share:.1f}% / {100 * (1 - share):.1f}%")
-    return out
-

@@ -3,9 +3,9 @@
 The graph split sees each particle only through a few cones' first components. Once it has split the
 set, the two classes can be reconstructed and every particle compared with both, with its own pose,
 CTF and scale: the likelihood ratio under white noise, the statistic the ceiling classifier uses with
-the true maps. A few such rounds (hard-assignment EM with fixed poses, started from the graph split
-rather than from a random partition) take the split most of the remaining way to that ceiling;
-docs/benchmarks.md has the measurements.
+the true maps. Rounds of this (expectation-maximisation with fixed poses and soft assignments, started
+from the graph split rather than from a random partition) take the split much of the remaining way to
+that ceiling; docs/benchmarks.md has the measurements.
 
 Everything happens at the working size on the scratch images, which hold the residual to the consensus
 projection times the CTF, s = CTF (I - a CTF P): the maps reconstructed from them are the classes'
@@ -17,16 +17,12 @@ with a' = a / mean(a), since the maps reconstructed from the residuals already c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from relion_graphsplit.fsc import fsc, shell_index
 from relion_graphsplit.projection import prepare_volume, project_rfft
 from relion_graphsplit.reconstruct import FourierAccumulator
-
-Filter = Callable[[np.ndarray], torch.Tensor]
 
 
 def _half_plane_weights(n: int) -> torch.Tensor:
@@ -42,7 +38,7 @@ def difference_maps(
     scratch: np.ndarray,
     probability: np.ndarray,
     rotations: torch.Tensor,
-    ctf_filter: Filter,
+    filters: np.ndarray,
     batches: list[np.ndarray],
     symmetry: str,
 ) -> list[torch.Tensor]:
@@ -60,7 +56,7 @@ def difference_maps(
     halves = [[FourierAccumulator(n), FourierAccumulator(n)] for _ in range(2)]
     for index in batches:
         images = torch.from_numpy(np.asarray(scratch[index]))
-        ctf = ctf_filter(index)
+        ctf = torch.from_numpy(np.asarray(filters[index]))
         p1 = torch.from_numpy(probability[index]).to(torch.float32)
         for k, p in enumerate((p1, 1 - p1)):
             for half in range(2):
@@ -91,7 +87,7 @@ def class_log_odds(
     mask: torch.Tensor,
     rotations: torch.Tensor,
     scale: torch.Tensor,
-    ctf_filter: Filter,
+    filters: np.ndarray,
     prior: float,
     batches: list[np.ndarray],
 ) -> np.ndarray:
@@ -109,7 +105,7 @@ def class_log_odds(
     out = np.zeros(scratch.shape[0])
     for index in batches:
         s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        ctf2 = ctf_filter(index).to(torch.float64) ** 2
+        ctf2 = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) ** 2
         # The maps were reconstructed from residuals that carry each image's scale a: relative to them
         # an image's difference is a / mean(a) times their projection.
         a = (scale[index] / scale.mean())[:, None, None]

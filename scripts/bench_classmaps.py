@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-# Passive OpenMP waiting, as the package sets it, must be in place before torch loads (see docs/method.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
 
 import torch  # noqa: E402
 import typer  # noqa: E402

@@ -24,8 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Passive OpenMP waiting, as the package sets it, must be in place before torch loads (see docs/method.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
 
 import mrcfile  # noqa: E402
 import numpy as np  # noqa: E402
