@@ -20,13 +20,15 @@ from relion_graphsplit import __version__, star_io
 from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
 from relion_graphsplit.external import ExternalJob
 from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
-from relion_graphsplit.mrc_io import read_mrc
+from relion_graphsplit.masks import resample_volume
+from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import CtfCorrection
 from relion_graphsplit.report import report_warnings, write_report
 from relion_graphsplit.stack import ImageStacks
 
+MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
 console = Console(stderr=False, highlight=False)
 app = typer.Typer(add_completion=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 
@@ -61,7 +63,9 @@ def run(
     ctx: typer.Context,
     i: Optional[Path] = typer.Option(None, "--i", "--in_parts", help="Refined particle STAR file (angles, origins, CTF)."),
     o: Path = typer.Option(..., "--o", help="Output directory (created; inputs are never modified)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft sphere."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft mask drawn around the consensus map. The mask used is written to run_mask.mrc."),
+    mask_threshold: float = typer.Option(0.2, "--mask_threshold", min=0.01, max=0.99, help="Default mask: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
+    mask_extend: float = typer.Option(6.0, "--mask_extend", min=0.0, help="Default mask: extension (A) beyond the threshold, before a 6 A soft edge."),
     ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC); default: reconstructed from the particles."),
     sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
     angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
@@ -71,7 +75,7 @@ def run(
     resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
     refine_iter: int = typer.Option(30, "--refine_iter", help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.1% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
-    particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Diameter (A) of the default spherical mask; default 80% of the box."),
+    particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Particle diameter (A) for the printed RELION Class3D command; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
     j: int = typer.Option(1, "--j", help="Threads."),
     batch_size: int = typer.Option(256, "--batch_size", help="Images per batch (bounds the memory used)."),
@@ -92,8 +96,8 @@ def run(
         options = SplitOptions(
             symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
             particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
-            ctf_correction=ctf_correction, refine_iterations=refine_iter, particle_diameter=particle_diameter,
-            batch_size=batch_size, seed=seed,
+            ctf_correction=ctf_correction, mask_threshold=mask_threshold, mask_extend=mask_extend,
+            refine_iterations=refine_iter, batch_size=batch_size, seed=seed,
         )
         o.mkdir(parents=True, exist_ok=True)
         console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {box}, {apix:.3f} A/px")
@@ -110,7 +114,9 @@ def run(
             result.timings["class maps"] = time.perf_counter() - t
         t = time.perf_counter()
         table = classified_particles(ps, result)
-        nodes = [(o / "run_data.star", "particles")]
+        used_mask = mask_volume if mask_volume is not None else resample_volume(result.mask, box)
+        write_mrc(o / MASK_NAME, used_mask.numpy(), apix)
+        nodes = [(o / "run_data.star", "particles"), (o / MASK_NAME, "mask")]
         command = None
         if class_maps is not None:
             table["rlnRandomSubset"] = class_maps.subsets

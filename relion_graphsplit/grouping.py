@@ -97,15 +97,17 @@ def assign_to_cones(
     axes: torch.Tensor,
     cone_angle_deg: float,
     symmetry: torch.Tensor,
-    chunk: int = 65536,
+    max_elements: int = 1 << 22,
 ) -> Cones:
     """Put each particle (RELION matrices (n, 3, 3)) into every cone within `cone_angle_deg`.
 
     A particle farther than that from every axis (a hole between cones) joins its nearest cone, so that
-    every particle is classified.
+    every particle is classified. Particles are taken in chunks of at most `max_elements` (particle,
+    cone, equivalent direction) cosines, so that the memory used does not grow with their number.
     """
     left, right = equivalent_operators(symmetry)
     cos_max = math.cos(math.radians(cone_angle_deg))
+    chunk = max(1, max_elements // (len(axes) * len(left)))
     cones, particles, ops = [], [], []
     for start in range(0, len(rotations), chunk):
         A = rotations[start : start + chunk]

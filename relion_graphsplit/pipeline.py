@@ -27,7 +27,7 @@ from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
-from relion_graphsplit.masks import project_mask, resample_volume, soft_sphere
+from relion_graphsplit.masks import consensus_mask, project_mask, resample_volume
 from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
@@ -35,6 +35,7 @@ from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, f
 from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.reconstruct import reconstruct_stream
 from relion_graphsplit.refine import class_log_odds, difference_maps
+from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.stack import ImageStacks
 from relion_graphsplit.symmetry import symmetry_matrices
 
@@ -58,9 +59,10 @@ class SplitOptions:
     maxres: float | None = 10.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
+    mask_threshold: float = 0.2  # default mask: fraction of the low-passed consensus map's maximum ...
+    mask_extend: float = 6.0  # ... and extension in A (masks.consensus_mask)
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.001  # ... stopping once fewer than this fraction of particles change class
-    particle_diameter: float | None = None  # A, for the default spherical mask
     batch_size: int = 256
     seed: int = 0
 
@@ -86,6 +88,7 @@ class SplitResult:
     cone_angle: float
     working_box: int
     working_pixel_size: float
+    mask: torch.Tensor  # (w, w, w) the 3D mask used, at the working size
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -97,22 +100,22 @@ def _batches(n: int, size: int) -> list[np.ndarray]:
 def prepare_images(
     ps: star_io.ParticleSet,
     stacks: ImageStacks,
-    scratch: np.ndarray,
-    filters: np.ndarray,
+    scratch: ScratchArray,
+    filters: ScratchArray,
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
     `filters` (n, w, w // 2 + 1) receives the filter each image's data carry at the working size
     (its CTF, squared if CTF-premultiplied), computed once for this and the later steps. Returns each
-    image's grey scale relative to the consensus projection (ones when not subtracting) and the time
-    spent per step.
+    image's grey scale relative to the consensus projection (ones when not subtracting), the consensus
+    map at the working size, and the time spent per step.
 
     Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
-    map is given and the correction needs one, reconstructs it at the working size. Pass 2 corrects
-    the images in `scratch` for the CTF.
+    map is given, reconstructs it at the working size (not possible from CTF-premultiplied images,
+    whose consensus stays None). Pass 2 corrects the images in `scratch` for the CTF.
     """
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
@@ -120,7 +123,9 @@ def prepare_images(
     params = star_io.ctf_params(ps)
     work_apix = star_io.pixel_size(ps) * star_io.image_size(ps) / w
     squared = star_io.ctf_premultiplied(ps)
-    need_consensus = options.ctf_correction.subtracts and consensus is None
+    need_consensus = consensus is None and not squared
+    if consensus is None and squared and options.ctf_correction.subtracts:
+        raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
 
     def centred_small(index: np.ndarray) -> torch.Tensor:
         f = torch.fft.rfft2(stacks.read(index).to(torch.float64))
@@ -140,8 +145,6 @@ def prepare_images(
                 yield small, rotations[index], None, ctf
 
     if need_consensus:
-        if squared:
-            raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
         consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry, batch_size=options.batch_size)
     else:
         for _ in pass_one():
@@ -158,7 +161,7 @@ def prepare_images(
         corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
         scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
     timings["ctf"] = time.perf_counter() - start
-    return scale, timings
+    return scale, consensus, timings
 
 
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
@@ -176,7 +179,7 @@ def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
 
 
 def classify_cones(
-    scratch: np.ndarray,
+    scratch: ScratchArray,
     cones: Cones,
     masks: torch.Tensor,
     track: Track = no_progress,
@@ -259,8 +262,11 @@ def split(
 ) -> SplitResult:
     """Split a refined particle set into two classes with the graph method.
 
-    `mask` and `consensus` are maps at the particles' box and pixel size (or None).
+    `mask` and `consensus` are maps at the particles' box and pixel size (or None). Without a mask,
+    one is drawn around the consensus map (masks.consensus_mask).
     """
+    if mask is None and consensus is None and star_io.ctf_premultiplied(ps):
+        raise ValueError("CTF-premultiplied particles need a consensus map (--ref) or a mask (--mask)")
     timings: dict[str, float] = {}
     warnings: list[str] = []
     n = len(ps.particles)
@@ -289,18 +295,20 @@ def split(
     w = working_box(box, apix, options.maxres, options.resize)
     work_apix = apix * box / w
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
-    with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
-        scratch = np.lib.format.open_memmap(Path(tmp) / "images.npy", mode="w+", dtype=np.float32, shape=(n, w, w))
-        filters = np.lib.format.open_memmap(
-            Path(tmp) / "filters.npy", mode="w+", dtype=np.float32, shape=(n, w, w // 2 + 1)
-        )
-        scale, prep_times = prepare_images(ps, stacks, scratch, filters, options, small_consensus, track)
+    with (
+        tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp,
+        ScratchArray(Path(tmp) / "images.f32", (n, w, w)) as scratch,
+        ScratchArray(Path(tmp) / "filters.f32", (n, w, w // 2 + 1)) as filters,
+    ):
+        scale, small_consensus, prep_times = prepare_images(ps, stacks, scratch, filters, options, small_consensus, track)
         timings.update(prep_times)
 
         # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
         start = time.perf_counter()
-        diameter = options.particle_diameter or 0.8 * box * apix
-        mask_volume = resample_volume(mask, w) if mask is not None else soft_sphere(w, diameter / work_apix / 2.0, edge=2.0)
+        # The 3D mask focuses every later step; by default it is drawn around the consensus map.
+        mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
+            small_consensus, work_apix, threshold=options.mask_threshold, extend=options.mask_extend
+        )
         masks = project_mask(mask_volume, cone_reference(axes)).to(torch.float32)
         rho, llr, cone_table, cone_images = classify_cones(scratch, cones, masks, track)
         timings["classify"] = time.perf_counter() - start
@@ -328,7 +336,7 @@ def split(
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
         rounds = track(range(refine), description="Refining against the class maps (rounds)", total=refine)
         for _ in rounds:
-            differences = difference_maps(scratch, probability, rotations, filters, batches, options.symmetry)
+            differences = difference_maps(scratch, probability, rotations, filters, batches, options.symmetry, mask_volume)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
             score = class_log_odds(scratch, differences, mask_volume, rotations, scale, filters, prior, batches)
@@ -340,7 +348,6 @@ def split(
                 break
         if refine:
             timings["refine"] = time.perf_counter() - start
-        del scratch, filters
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
 
     swapped = signs < 0  # after synchronisation, class 1 is the negative-ratio side of these cones
@@ -376,6 +383,7 @@ def split(
         cone_angle=cone_angle,
         working_box=w,
         working_pixel_size=work_apix,
+        mask=mask_volume,
         timings=timings,
         warnings=warnings,
     )

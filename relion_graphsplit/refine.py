@@ -23,6 +23,7 @@ import torch
 from relion_graphsplit.fsc import fsc, shell_index
 from relion_graphsplit.projection import prepare_volume, project_rfft
 from relion_graphsplit.reconstruct import FourierAccumulator
+from relion_graphsplit.scratch import ScratchArray
 
 
 def _half_plane_weights(n: int) -> torch.Tensor:
@@ -35,12 +36,13 @@ def _half_plane_weights(n: int) -> torch.Tensor:
 
 
 def difference_maps(
-    scratch: np.ndarray,
+    scratch: ScratchArray,
     probability: np.ndarray,
     rotations: torch.Tensor,
-    filters: np.ndarray,
+    filters: ScratchArray,
     batches: list[np.ndarray],
     symmetry: str,
+    mask: torch.Tensor,
 ) -> list[torch.Tensor]:
     """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
 
@@ -50,7 +52,8 @@ def difference_maps(
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
     shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
     is the noisier one, its noise power enters the likelihood as a penalty, and particles drift into
-    the larger class.
+    the larger class. The FSC is taken between the halves multiplied by the 3D `mask` (the region the
+    likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
     """
     n = scratch.shape[-1]
     halves = [[FourierAccumulator(n), FourierAccumulator(n)] for _ in range(2)]
@@ -71,7 +74,7 @@ def difference_maps(
     for first, second in halves:
         whole = FourierAccumulator(n)
         whole.sums = first.sums + second.sums
-        curve = fsc(first.finalise(sym=symmetry), second.finalise(sym=symmetry)).clamp(min=0.0)
+        curve = fsc(first.finalise(sym=symmetry) * mask, second.finalise(sym=symmetry) * mask).clamp(min=0.0)
         weight = torch.sqrt(2 * curve / (1 + curve))
         f = torch.fft.rfftn(whole.finalise(sym=symmetry).to(torch.float64))
         shells = shell_index(n).clamp(max=n // 2)
@@ -82,12 +85,12 @@ def difference_maps(
 
 
 def class_log_odds(
-    scratch: np.ndarray,
+    scratch: ScratchArray,
     maps: list[torch.Tensor],
     mask: torch.Tensor,
     rotations: torch.Tensor,
     scale: torch.Tensor,
-    filters: np.ndarray,
+    filters: ScratchArray,
     prior: float,
     batches: list[np.ndarray],
 ) -> np.ndarray:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import resource
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import pandas as pd
 import torch
+from mrcfile.utils import data_dtype_from_header
 
-from mrcfile.mrcmemmap import MrcMemmap
-
+from .scratch import read_rows
 from .star_io import ParticleSet, image_size
 
 
@@ -61,29 +63,63 @@ def resolve_stack(stack: str, star_dir: Path, workdir: str | os.PathLike | None 
     return None
 
 
-def stack_shape(path: Path) -> tuple[int, int, int]:
-    """(images, ny, nx) from an MRC header; a 2D image is a stack of one."""
+@dataclass(frozen=True)
+class StackLayout:
+    """How an MRC file stores its images, from its header: they follow one another from `offset`."""
+
+    images: int
+    ny: int
+    nx: int
+    offset: int  # bytes before the first image: header and extended header
+    mode: int
+    dtype: np.dtype | None  # of the data as stored (byte order included); None: a mode mrcfile cannot read
+
+
+def stack_layout(path: Path) -> StackLayout:
+    """The layout of an MRC file's images; a 2D image is a stack of one."""
     with mrcfile.open(path, header_only=True, permissive=True) as mrc:
         header = mrc.header
-        return int(header.nz), int(header.ny), int(header.nx)
+        try:
+            dtype = data_dtype_from_header(header)
+        except ValueError:
+            dtype = None
+        offset = header.nbytes + int(header.nsymbt)
+        return StackLayout(int(header.nz), int(header.ny), int(header.nx), offset, int(header.mode), dtype)
+
+
+def stack_shape(path: Path) -> tuple[int, int, int]:
+    """(images, ny, nx) from an MRC header; a 2D image is a stack of one."""
+    layout = stack_layout(path)
+    return layout.images, layout.ny, layout.nx
+
+
+def _unreadable(path: Path, layout: StackLayout) -> str | None:
+    """Why the images of a stack cannot be read, or None."""
+    if layout.dtype is None or layout.dtype.kind not in "iuf":
+        return f"MRC mode {layout.mode} is not supported for images"
+    size, end = path.stat().st_size, layout.offset + layout.images * layout.ny * layout.nx * layout.dtype.itemsize
+    if size < end:
+        return f"{size} bytes, the header announces {end}"
+    return None
 
 
 def _default_max_open() -> int:
-    """How many stacks may stay mapped: half the file descriptors left after a reserve (a memory
-    map holds two)."""
+    """How many stacks may stay open: the file descriptors left after a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 16
-    return max(16, (soft - 256) // 2)
+    return max(16, soft - 256)
 
 
 class ImageStacks:
     """The images of a ParticleSet, read by particle row as (B, N, N) float32.
 
     Every stack is checked up front (exists, holds the images asked of it, square boxes of the
-    set's size). Stacks are memory-mapped on first use and kept open, at most `max_open` at once
-    (the least recently used is closed; by default as many as the open-file limit allows), so sets
-    with one stack per micrograph work on any system. Use as a context manager or call close().
+    set's size, a readable data block). Images are read with plain file reads, never memory-mapped, so
+    the process holds only the batch asked for, however large the stacks. Stacks are opened on first
+    use and kept open, at most `max_open` at once (the least recently used is closed; by default as
+    many as the open-file limit allows), so sets with one stack per micrograph work on any system. Use
+    as a context manager or call close().
     """
 
     def __init__(
@@ -103,7 +139,8 @@ class ImageStacks:
                 f"(looked in {base} and {star_dir})"
             )
 
-        shapes = np.array([stack_shape(p) for p in self._paths]).reshape(-1, 3)
+        self._layouts = [stack_layout(p) for p in self._paths]
+        shapes = np.array([(s.images, s.ny, s.nx) for s in self._layouts]).reshape(-1, 3)
         needed = np.zeros(len(stacks), dtype=np.int64)
         np.maximum.at(needed, self._stack, self._image + 1)
         short = np.flatnonzero(needed > shapes[:, 0])
@@ -122,8 +159,15 @@ class ImageStacks:
             raise StackError(
                 f"{ps.path}: rlnImageSize is {image_size(ps)} but the stacks hold {self._box}-pixel images"
             )
+        reasons = [(p, _unreadable(p, layout)) for p, layout in zip(self._paths, self._layouts)]
+        unreadable = [(p, why) for p, why in reasons if why is not None]
+        if unreadable:
+            path, why = unreadable[0]
+            raise StackError(
+                f"{ps.path}: {len(unreadable)} image stacks cannot be read, first {path} ({why})"
+            )
         self._max_open = max(1, max_open if max_open is not None else _default_max_open())
-        self._open: OrderedDict[int, MrcMemmap] = OrderedDict()
+        self._open: OrderedDict[int, io.RawIOBase] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._stack)
@@ -136,7 +180,8 @@ class ImageStacks:
     def read(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Images of the given particle rows, (B, N, N) float32, in the order asked.
 
-        Reads stack by stack with sorted indices, so each memory map is read front to back.
+        Reads stack by stack, each image once however often it is asked for, in one read per run of
+        consecutive images.
         """
         rows = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         rows = rows.astype(np.int64).reshape(-1)
@@ -144,24 +189,32 @@ class ImageStacks:
             raise IndexError(f"particle rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}")
         out = np.empty((rows.size, self._box, self._box), dtype=np.float32)
         stack, image = self._stack[rows], self._image[rows]
-        order = np.lexsort((image, stack))
+        order = np.argsort(stack, kind="stable")
         for part in np.split(order, np.flatnonzero(np.diff(stack[order])) + 1):
             if part.size:
-                out[part] = self._data(stack[part[0]])[image[part]]
+                out[part] = self._images(stack[part[0]], image[part])
         return torch.from_numpy(out)
 
-    def _data(self, stack: int) -> np.ndarray:
-        """The (n, N, N) memory map of one stack, opening it (and closing the oldest) if needed."""
-        mrc = self._open.pop(stack, None)
-        if mrc is None:
+    def _images(self, stack: int, images: np.ndarray) -> np.ndarray:
+        """Images of one stack (0-based, any order, repeats allowed) as stored, (k, N, N)."""
+        distinct, inverse = np.unique(images, return_inverse=True)
+        layout = self._layouts[stack]
+        data = np.empty((len(distinct), self._box, self._box), dtype=layout.dtype)
+        try:
+            read_rows(self._file(stack), layout.offset, distinct, data)
+        except EOFError as err:
+            raise StackError(f"{self._paths[stack]}: shorter than when checked ({err})") from err
+        return data[inverse]
+
+    def _file(self, stack: int) -> io.RawIOBase:
+        """The open file of one stack, opening it (and closing the least recently used) if needed."""
+        file = self._open.pop(stack, None)
+        if file is None:
             if len(self._open) >= self._max_open:
                 self._open.popitem(last=False)[1].close()
-            mrc = mrcfile.mmap(self._paths[stack], mode="r", permissive=True)
-            if mrc.data is None:
-                mrc.close()
-                raise StackError(f"{self._paths[stack]}: cannot read the image data")
-        self._open[stack] = mrc
-        return mrc.data if mrc.data.ndim == 3 else mrc.data[None]
+            file = open(self._paths[stack], "rb", buffering=0)
+        self._open[stack] = file
+        return file
 
     def close(self) -> None:
         """Close every open stack."""

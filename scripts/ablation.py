@@ -3,12 +3,15 @@
     python scripts/ablation.py --out bench_out --scenario adk-snr0.01-50 --n 6000 \
         --variant "ctf_correction=flip,refine_iterations=0" --variant "particles_per_cone=300" ...
 
-Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/pipeline.py).
+Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/pipeline.py),
+or `mask=sphere` for a soft sphere of 80% of the box instead of the default mask around the consensus.
+`--fraction` replaces the scenario's class-1 fraction (a separate simulation).
 Prints, per variant, the accuracy of the graph split alone and after refinement, and the time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,10 +30,20 @@ from relion_graphsplit.simulate import write_simulation
 from benchmark import class_maps, scenarios  # scripts/ is on sys.path when run as a script
 
 
+def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
+    """Soft-edged sphere (box^3) of `radius` pixels with a raised-cosine edge of `edge` pixels."""
+    c = torch.arange(box, dtype=torch.float32) - box // 2
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    return 0.5 * (1.0 + torch.cos(torch.pi * ((r - radius) / edge).clamp(0.0, 1.0)))
+
+
 def parse(variant: str) -> dict:
     options = {}
     for item in filter(None, variant.split(",")):
         key, value = item.split("=")
+        if key == "mask":
+            options[key] = value
+            continue
         field = pipeline.SplitOptions.__dataclass_fields__[key]
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(field.type), str)
         options[key] = CtfCorrection(value) if key == "ctf_correction" else kind(value)
@@ -43,10 +56,13 @@ def main(
     n: int = typer.Option(6000),
     seed: int = typer.Option(1),
     j: int = typer.Option(1),
+    fraction: float = typer.Option(None, help="Class-1 fraction instead of the scenario's."),
     variant: list[str] = typer.Option([""], help="SplitOptions overrides, e.g. 'particles_per_cone=300'."),
 ) -> None:
     torch.set_num_threads(j)
     sc = next(s for s in scenarios() if s.name == scenario)
+    if fraction is not None:
+        sc = dataclasses.replace(sc, name=f"{sc.structure}-snr{sc.snr:g}-{round(fraction * 100)}", fraction=fraction)
     work = out / f"ablation-{sc.name}-{n}"
     volumes, apix = class_maps(sc.structure, out)
     if not (work / "particles.star").exists():
@@ -55,10 +71,13 @@ def main(
     ps = star_io.read_particles(work / "particles.star")
     truth = star_io.read_particles(work / "truth.star").particles["rlnClassNumber"].to_numpy()
     for spec in variant:
-        options = pipeline.SplitOptions(**parse(spec))
+        overrides = parse(spec)
+        box = star_io.image_size(ps)
+        mask = sphere(box, 0.4 * box, edge=6.0 / star_io.pixel_size(ps)) if overrides.pop("mask", None) == "sphere" else None
+        options = pipeline.SplitOptions(**overrides)
         start = time.perf_counter()
         with ImageStacks(ps) as stacks:
-            result = pipeline.split(ps, stacks, options)
+            result = pipeline.split(ps, stacks, options, mask=mask)
         row = {
             "scenario": sc.name, "n": n, "variant": spec or "defaults",
             "graph_accuracy": accuracy(np.where(result.graph_score >= 0, 1, 2), truth),

@@ -128,6 +128,7 @@ def test_success_marker_and_output_nodes(finished):
         assert declared[JOB + path.name] == (6, "DensityMap.mrc")
     for path in job.glob("run_half1_class[0-9][0-9][0-9]_unfil.mrc"):
         assert declared[JOB + path.name] == (10, "DensityMap.mrc.halfmap")
+    assert declared[JOB + "run_mask.mrc"] == (7, "Mask3D.mrc")
 
 
 def test_bad_input_marks_failure(tmp_path, refine3d, monkeypatch):

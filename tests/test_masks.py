@@ -1,23 +1,39 @@
-import math
-
-import pytest
 import torch
 
 from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.masks import project_mask, resample_volume, soft_sphere
+from relion_graphsplit.masks import consensus_mask, project_mask, resample_volume
 
 BOX = 32
 
 
-def test_soft_sphere():
-    mask = soft_sphere(BOX, radius=8.0, edge=4.0)
-    assert mask.shape == (BOX, BOX, BOX) and mask.dtype == torch.float32
+def ball(box: int, radius: float, centre: tuple[int, int, int]) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*[torch.arange(box, dtype=torch.float32)] * 3, indexing="ij")
+    r2 = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2
+    return (r2 <= radius**2).to(torch.float32)
+
+
+def test_consensus_mask_covers_the_particle_not_the_noise():
     c = BOX // 2
-    assert mask[c, c, c] == 1 and mask[c, c, c + 8] == 1
-    assert mask[c, c, c + 12] == 0 and mask[0, 0, 0] == 0
-    edge = mask[c, c, c + 8 : c + 13]
-    assert torch.all(edge[1:] < edge[:-1])
-    assert float(mask[c, c, c + 10]) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 2 / 4))
+    apix = 2.0
+    particle = ball(BOX, 5.0, (c, c, c))
+    blob = 0.3 * ball(BOX, 1.5, (4, 4, 4))  # a small noise blob above the threshold, away from the particle
+    mask = consensus_mask(particle + blob, apix, lowpass=6.0, threshold=0.2, extend=4.0, edge=6.0)
+    assert mask.shape == (BOX, BOX, BOX) and mask.dtype == torch.float32
+    assert float(mask.min()) >= 0.0 and float(mask.max()) == 1.0
+    assert mask[c, c, c] == 1 and mask[c, c, c + 6] == 1  # inside, and within the 4 A extension
+    assert mask[4, 4, 4] == 0  # the blob is not the largest connected part
+    assert mask[c, c, BOX - 1] == 0 and mask[0, 0, 0] == 0
+    edge = mask[c, c, c + 5 :]
+    assert torch.all(edge[1:] <= edge[:-1]) and 0 < float(edge[edge < 1].max()) < 1  # a soft, falling edge
+
+
+def test_consensus_mask_extension_in_angstrom():
+    c = BOX // 2
+    particle = ball(BOX, 5.0, (c, c, c))
+    narrow = consensus_mask(particle, 1.0, lowpass=4.0, extend=2.0, edge=3.0)
+    wide = consensus_mask(particle, 1.0, lowpass=4.0, extend=6.0, edge=3.0)
+    assert float(wide.sum()) > float(narrow.sum())
+    assert narrow[c, c, c + 10] == 0 and wide[c, c, c + 10] == 1
 
 
 def test_projected_mask_follows_the_viewing_direction():
@@ -35,7 +51,7 @@ def test_projected_mask_follows_the_viewing_direction():
 
 
 def test_resample_keeps_extent():
-    mask = soft_sphere(BOX, radius=8.0)
+    mask = ball(BOX, 8.0, (BOX // 2,) * 3)
     small = resample_volume(mask, 16)
     assert small.shape == (16, 16, 16)
     assert small[8, 8, 8] > 0.99 and small[8, 8, 14] < 0.05

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +20,6 @@ TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> Path:
     """1500 particles of the bundled adenylate kinase states, box 32 at 4 A, SNR 0.3, 60/40."""
-    import torch
 
     out = tmp_path_factory.mktemp("sim")
     maps = []
@@ -76,6 +76,28 @@ def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
     for name in ("run_cones.star", "run_memberships.star", "run_cone_images.mrcs", "run_summary.json"):
         assert (out / name).stat().st_size > 0
     assert not list(out.glob(".*partial*")) and not list(out.glob("graphsplit_*"))
+
+
+def test_default_mask_is_drawn_around_the_particle(simulated: Path, split_runs):
+    # The simulated particles are centred: the mask written holds the centre, not the box's corners,
+    # and covers far less than the box (a sphere over 80% of it would cover 27%).
+    mask, apix = read_mrc(split_runs[0] / "run_mask.mrc")
+    assert mask.shape == (32, 32, 32) and apix == pytest.approx(4.0)
+    assert mask[16, 16, 16] > 0.99 and mask[0, 0, 0] == 0 and mask[-1, -1, -1] == 0
+    assert 0.02 < mask.mean() < 0.2
+    truth, _ = read_mrc(TEST_DATA / "adk_open.mrc")
+    small = fourier_crop_volume(torch.from_numpy(truth), 32).numpy()
+    assert mask[small > 0.5 * small.max()].min() > 0.99  # the protein's dense core is inside
+
+
+def test_a_given_mask_is_used_and_written(simulated: Path, tmp_path: Path):
+    box = np.zeros((32, 32, 32), dtype=np.float32)
+    box[8:24, 8:24, 8:24] = 1.0
+    write_mrc(tmp_path / "mask.mrc", box, 4.0)
+    out = tmp_path / "o"
+    run(["--i", str(simulated / "particles.star"), "--o", str(out), "--mask", str(tmp_path / "mask.mrc"), "--refine_iter", "1"])
+    written, _ = read_mrc(out / "run_mask.mrc")
+    np.testing.assert_allclose(written, box, atol=1e-6)
 
 
 def test_threads_do_not_change_classes(split_runs):

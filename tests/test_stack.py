@@ -142,6 +142,61 @@ def test_integer_stacks_and_single_images(tmp_path):
         np.testing.assert_array_equal(stacks.read([0, 1, 2]).numpy(), np.stack([stack[1], single, stack[0]]))
 
 
+def write_mrcs(path: Path, images: np.ndarray, extended_header: int = 0) -> None:
+    """Write `images` as an MRC image stack in their dtype and byte order."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(images)
+        mrc.set_image_stack()
+        if extended_header:
+            mrc.set_extended_header(np.zeros(extended_header, dtype="V1"))
+
+
+def test_reads_every_mode_and_byte_order_in_the_order_asked(tmp_path):
+    rng = np.random.default_rng(8)
+    stored = {
+        "f32.mrcs": rng.normal(size=(9, BOX, BOX)).astype(np.float32),
+        "i16.mrcs": rng.integers(-3000, 3000, size=(7, BOX, BOX)).astype(np.int16),
+        "u16.mrcs": rng.integers(0, 60000, size=(3, BOX, BOX)).astype(np.uint16),
+        "f16.mrcs": rng.normal(size=(4, BOX, BOX)).astype(np.float16),
+        "i8.mrcs": rng.integers(-100, 100, size=(3, BOX, BOX)).astype(np.int8),
+        "big.mrcs": rng.normal(size=(5, BOX, BOX)).astype(">f4"),
+        "bigint.mrcs": rng.integers(-3000, 3000, size=(4, BOX, BOX)).astype(">i2"),
+    }
+    for k, (name, images) in enumerate(stored.items()):
+        write_mrcs(tmp_path / name, images, extended_header=97 * k)
+    refs = [(name, i) for name, images in stored.items() for i in range(len(images))]
+    ps = particle_set([f"{i + 1}@{name}" for name, i in refs], tmp_path / "particles.star")
+    expected = np.stack([stored[name][i].astype(np.float32) for name, i in refs])
+    rows = np.random.default_rng(9).permutation(len(refs))
+    rows = np.concatenate([rows, rows[:5], [3, 4, 5, 1, 8]])  # repeats and runs of neighbours
+    with ImageStacks(ps, workdir=tmp_path, max_open=3) as stacks:
+        np.testing.assert_array_equal(stacks.read(rows).numpy(), expected[rows])
+        np.testing.assert_array_equal(stacks.read(rows[::-1]).numpy(), expected[rows[::-1]])
+        np.testing.assert_array_equal(stacks.read(np.arange(0, len(refs), 3)).numpy(), expected[::3])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_stacks_are_read_not_memory_mapped(project):
+    star, expected = project
+    with ImageStacks(read_particles(star)) as stacks:
+        stacks.read(np.arange(len(expected)))
+        assert "Extract/" not in Path("/proc/self/maps").read_text()
+
+
+def test_truncated_and_unsupported_stacks_are_refused(tmp_path):
+    make_stack(tmp_path / "a.mrcs", 3, seed=10)
+    star = tmp_path / "particles.star"
+    with open(tmp_path / "a.mrcs", "r+b") as f:
+        f.truncate(1024 + 3 * BOX * BOX * 4 - 1)
+    with pytest.raises(StackError, match=r"1 image stacks cannot be read, first .*a.mrcs \(.* bytes"):
+        ImageStacks(particle_set(["1@a.mrcs"], star), workdir=tmp_path)
+    make_stack(tmp_path / "c.mrcs", 2, seed=11)
+    with mrcfile.open(tmp_path / "c.mrcs", "r+") as mrc:
+        mrc.header.mode = 4  # complex
+    with pytest.raises(StackError, match="MRC mode 4 is not supported"):
+        ImageStacks(particle_set(["1@c.mrcs"], star), workdir=tmp_path)
+
+
 def test_missing_stacks_are_reported_in_one_line(tmp_path):
     make_stack(tmp_path / "a.mrcs", 2, seed=6)
     star = tmp_path / "particles.star"
