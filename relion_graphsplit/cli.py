@@ -40,11 +40,14 @@ class Aborted(RuntimeError):
 def _progress_tracker(progress: Progress, job: ExternalJob):
     def track(iterable, description: str = "", total: int | None = None):
         task = progress.add_task(description, total=total)
+        done = 0
         for item in iterable:
             if job.abort_requested():
                 raise Aborted("RELION asked the job to abort")
             yield item
+            done += 1
             progress.advance(task)
+        progress.update(task, total=done)  # an iterable that ends early (converged) ends its bar full
 
     return track
 
@@ -64,7 +67,7 @@ def run(
     i: Optional[Path] = typer.Option(None, "--i", "--in_parts", help="Refined particle STAR file (angles, origins, CTF)."),
     o: Path = typer.Option(..., "--o", help="Output directory (created; inputs are never modified)."),
     mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft mask drawn around the consensus map. The mask used is written to run_mask.mrc."),
-    mask_threshold: float = typer.Option(0.2, "--mask_threshold", min=0.01, max=0.99, help="Default mask: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
+    mask_threshold: float = typer.Option(0.1, "--mask_threshold", min=0.01, max=0.99, help="Default mask: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
     mask_extend: float = typer.Option(6.0, "--mask_extend", min=0.0, help="Default mask: extension (A) beyond the threshold, before a 6 A soft edge."),
     ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC); default: reconstructed from the particles."),
     sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),

@@ -13,7 +13,7 @@ def consensus_mask(
     volume: torch.Tensor,
     pixel_size: float,
     lowpass: float = 15.0,
-    threshold: float = 0.2,
+    threshold: float = 0.1,
     extend: float = 6.0,
     edge: float = 6.0,
 ) -> torch.Tensor:

@@ -59,7 +59,7 @@ class SplitOptions:
     maxres: float | None = 10.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
-    mask_threshold: float = 0.2  # default mask: fraction of the low-passed consensus map's maximum ...
+    mask_threshold: float = 0.1  # default mask: fraction of the low-passed consensus map's maximum ...
     mask_extend: float = 6.0  # ... and extension in A (masks.consensus_mask)
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.001  # ... stopping once fewer than this fraction of particles change class
@@ -332,10 +332,16 @@ def split(
         plain = options.ctf_correction is CtfCorrection.subtract_multiply and not star_io.ctf_premultiplied(ps)
         refine = options.refine_iterations if plain else 0
         batches = _batches(n, options.batch_size)
-        changed = []
+        changed: list[int] = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
-        rounds = track(range(refine), description="Refining against the class maps (rounds)", total=refine)
-        for _ in rounds:
+
+        def rounds():  # until fewer than refine_tolerance of the particles change class
+            for _ in range(refine):
+                if changed and changed[-1] <= options.refine_tolerance * n:
+                    return
+                yield
+
+        for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
             differences = difference_maps(scratch, probability, rotations, filters, batches, options.symmetry, mask_volume)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
@@ -344,8 +350,6 @@ def split(
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))
             classes = new_classes
-            if changed[-1] <= options.refine_tolerance * n:
-                break
         if refine:
             timings["refine"] = time.perf_counter() - start
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))

@@ -51,11 +51,11 @@ def parse(variant: str) -> dict:
 
 
 def main(
-    out: Path = typer.Option(Path("bench_out")),
-    scenario: str = typer.Option("adk-snr0.01-50"),
-    n: int = typer.Option(6000),
-    seed: int = typer.Option(1),
-    j: int = typer.Option(1),
+    out: Path = typer.Option(Path("bench_out"), help="Working folder (shared with scripts/benchmark.py)."),
+    scenario: str = typer.Option("adk-snr0.01-50", help="Scenario name, as in scripts/benchmark.py."),
+    n: int = typer.Option(6000, help="Particles."),
+    seed: int = typer.Option(1, help="Simulation seed."),
+    j: int = typer.Option(1, help="torch threads."),
     fraction: float = typer.Option(None, help="Class-1 fraction instead of the scenario's."),
     variant: list[str] = typer.Option([""], help="SplitOptions overrides, e.g. 'particles_per_cone=300'."),
 ) -> None:

@@ -165,3 +165,17 @@ def test_relion_pipeliner_takes_the_finished_job(finished):
     assert nodes[JOB + "run_data.star"] == 3
     edges = pipeline["pipeline_output_edges"]
     assert JOB + "run_data.star" in set(edges.loc[edges["rlnPipeLineEdgeProcess"] == JOB, "rlnPipeLineEdgeToNode"])
+
+
+def test_progress_bar_of_a_converged_loop_ends_full(tmp_path):
+    """A loop that stops before its announced total (the refinement converging) ends with a full bar."""
+    from rich.progress import Progress
+
+    from relion_graphsplit.cli import _progress_tracker
+    from relion_graphsplit.external import ExternalJob
+
+    progress = Progress(disable=True)
+    track = _progress_tracker(progress, ExternalJob(tmp_path, active=False))
+    assert list(track(iter(range(3)), description="rounds", total=30)) == [0, 1, 2]
+    (task,) = progress.tasks
+    assert task.completed == 3 and task.total == 3 and task.finished

@@ -30,8 +30,8 @@ def test_consensus_mask_covers_the_particle_not_the_noise():
 def test_consensus_mask_extension_in_angstrom():
     c = BOX // 2
     particle = ball(BOX, 5.0, (c, c, c))
-    narrow = consensus_mask(particle, 1.0, lowpass=4.0, extend=2.0, edge=3.0)
-    wide = consensus_mask(particle, 1.0, lowpass=4.0, extend=6.0, edge=3.0)
+    narrow = consensus_mask(particle, 1.0, lowpass=4.0, threshold=0.2, extend=2.0, edge=3.0)
+    wide = consensus_mask(particle, 1.0, lowpass=4.0, threshold=0.2, extend=6.0, edge=3.0)
     assert float(wide.sum()) > float(narrow.sum())
     assert narrow[c, c, c + 10] == 0 and wide[c, c, c + 10] == 1
 
