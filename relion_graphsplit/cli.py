@@ -77,7 +77,7 @@ def run(
     maxres: float = typer.Option(10.0, "--maxres", help="Resolution (A) the images are downsampled to for the analysis."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
-    refine_iter: int = typer.Option(30, "--refine_iter", help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.1% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
+    refine_iter: int = typer.Option(30, "--refine_iter", help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
     particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Particle diameter (A) for the printed RELION Class3D command; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
     j: int = typer.Option(1, "--j", help="Threads."),

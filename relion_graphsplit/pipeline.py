@@ -34,7 +34,7 @@ from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
 from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.reconstruct import reconstruct_stream
-from relion_graphsplit.refine import class_log_odds, difference_maps
+from relion_graphsplit.refine import class_log_odds, difference_maps, residual_sums
 from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.stack import ImageStacks
 from relion_graphsplit.symmetry import symmetry_matrices
@@ -62,7 +62,7 @@ class SplitOptions:
     mask_threshold: float = 0.1  # default mask: fraction of the low-passed consensus map's maximum ...
     mask_extend: float = 6.0  # ... and extension in A (masks.consensus_mask)
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
-    refine_tolerance: float = 0.001  # ... stopping once fewer than this fraction of particles change class
+    refine_tolerance: float = 0.0025  # ... stopping once fewer than this fraction of particles change class
     batch_size: int = 256
     seed: int = 0
 
@@ -335,6 +335,8 @@ def split(
         changed: list[int] = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
 
+        totals = residual_sums(scratch, rotations, filters, batches) if refine else []
+
         def rounds():  # until fewer than refine_tolerance of the particles change class
             for _ in range(refine):
                 if changed and changed[-1] <= options.refine_tolerance * n:
@@ -342,7 +344,9 @@ def split(
                 yield
 
         for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
-            differences = difference_maps(scratch, probability, rotations, filters, batches, options.symmetry, mask_volume)
+            differences = difference_maps(
+                scratch, probability, totals, rotations, filters, batches, options.symmetry, mask_volume
+            )
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
             score = class_log_odds(scratch, differences, mask_volume, rotations, scale, filters, prior, batches)

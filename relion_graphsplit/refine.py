@@ -35,9 +35,34 @@ def _half_plane_weights(n: int) -> torch.Tensor:
     return w
 
 
+def _power(z: torch.Tensor) -> torch.Tensor:
+    """|z|^2 of a complex tensor, without the square root of abs()."""
+    return z.real**2 + z.imag**2
+
+
+def residual_sums(
+    scratch: ScratchArray, rotations: torch.Tensor, filters: ScratchArray, batches: list[np.ndarray]
+) -> list[FourierAccumulator]:
+    """Sums of all particles' residuals and CTF^2 in the two halves (even and odd particle numbers).
+
+    With fixed poses they are the same in every round, and the second class's sums are these minus
+    the first class's: one insertion per particle and round instead of two.
+    """
+    halves = [FourierAccumulator(scratch.shape[-1]) for _ in range(2)]
+    for index in batches:
+        images = torch.from_numpy(np.asarray(scratch[index]))
+        ctf = torch.from_numpy(np.asarray(filters[index]))
+        for half in range(2):
+            member = torch.from_numpy(index % 2 == half)
+            if member.any():
+                halves[half].insert(images[member], rotations[index][member], ctf=ctf[member], ctf_premultiplied=True)
+    return halves
+
+
 def difference_maps(
     scratch: ScratchArray,
     probability: np.ndarray,
+    totals: list[FourierAccumulator],
     rotations: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
@@ -47,7 +72,8 @@ def difference_maps(
     """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
 
     `probability` (n,) is each particle's probability of class 1: particles count towards both
-    classes in proportion (soft assignment, as in expectation-maximisation).
+    classes in proportion (soft assignment, as in expectation-maximisation). `totals` are the halves'
+    sums over all particles (`residual_sums`); class 2's sums are their difference to class 1's.
 
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
     shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
@@ -56,20 +82,23 @@ def difference_maps(
     likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
     """
     n = scratch.shape[-1]
-    halves = [[FourierAccumulator(n), FourierAccumulator(n)] for _ in range(2)]
+    first_class = [FourierAccumulator(n), FourierAccumulator(n)]
     for index in batches:
         images = torch.from_numpy(np.asarray(scratch[index]))
         ctf = torch.from_numpy(np.asarray(filters[index]))
-        p1 = torch.from_numpy(probability[index]).to(torch.float32)
-        for k, p in enumerate((p1, 1 - p1)):
-            for half in range(2):
-                member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
-                if member.any():
-                    # Weighted insertion: data += p s, weight += p CTF^2.
-                    w = p[member][:, None, None]
-                    halves[k][half].insert(
-                        images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
-                    )
+        p = torch.from_numpy(probability[index]).to(torch.float32)
+        for half in range(2):
+            member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
+            if member.any():
+                # Weighted insertion: data += p s, weight += p CTF^2.
+                w = p[member][:, None, None]
+                first_class[half].insert(
+                    images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
+                )
+    second_class = [FourierAccumulator(n), FourierAccumulator(n)]
+    for total, first, second in zip(totals, first_class, second_class):
+        second.sums = total.sums - first.sums
+    halves = [first_class, second_class]
     maps = []
     for first, second in halves:
         whole = FourierAccumulator(n)
@@ -116,9 +145,9 @@ def class_log_odds(
         for volume in prepared:
             q = a * project_rfft(volume, rotations[index])
             cross = (weights * (s.conj() * q).real).sum((1, 2))
-            power = (weights * ctf2 * q.abs() ** 2).sum((1, 2))
+            power = (weights * ctf2 * _power(q)).sum((1, 2))
             log_likelihood.append(2 * cross - power)
-            unexplained.append((weights * (s - ctf2 * q).abs() ** 2).sum((1, 2)))
+            unexplained.append((weights * _power(s - ctf2 * q)).sum((1, 2)))
         sigma2 = torch.minimum(*unexplained) / (weights * ctf2).sum((1, 2)).clamp(min=1e-30)
         out[index] = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
     return out
