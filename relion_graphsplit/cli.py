@@ -67,8 +67,9 @@ def run(
     i: Optional[Path] = typer.Option(None, "--i", "--in_parts", help="Refined particle STAR file (angles, origins, CTF)."),
     o: Path = typer.Option(..., "--o", help="Output directory (created; inputs are never modified)."),
     mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft mask drawn around the consensus map. The mask used is written to run_mask.mrc."),
-    mask_threshold: float = typer.Option(0.1, "--mask_threshold", min=0.01, max=0.99, help="Default mask: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
-    mask_extend: float = typer.Option(6.0, "--mask_extend", min=0.0, help="Default mask: extension (A) beyond the threshold, before a 6 A soft edge."),
+    mask_threshold: float = typer.Option(0.1, "--mask_threshold", min=0.01, max=0.99, help="Default mask for the graph split: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
+    refine_mask_threshold: float = typer.Option(0.3, "--refine_mask_threshold", min=0.01, max=0.99, help="Default mask for the refinement: the same, drawn around the larger of the two first class maps at each voxel."),
+    mask_extend: float = typer.Option(3.0, "--mask_extend", min=0.0, help="Default masks: extension (A) beyond the threshold, before a 6 A soft edge."),
     ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC); default: reconstructed from the particles."),
     sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
     angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
@@ -99,7 +100,8 @@ def run(
         options = SplitOptions(
             symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
             particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
-            ctf_correction=ctf_correction, mask_threshold=mask_threshold, mask_extend=mask_extend,
+            ctf_correction=ctf_correction, mask_threshold=mask_threshold,
+            refine_mask_threshold=refine_mask_threshold, mask_extend=mask_extend,
             refine_iterations=refine_iter, batch_size=batch_size, seed=seed,
         )
         o.mkdir(parents=True, exist_ok=True)

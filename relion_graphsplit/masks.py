@@ -14,7 +14,7 @@ def consensus_mask(
     pixel_size: float,
     lowpass: float = 15.0,
     threshold: float = 0.1,
-    extend: float = 6.0,
+    extend: float = 3.0,
     edge: float = 6.0,
 ) -> torch.Tensor:
     """Soft mask around the particle in a consensus map: the default 3D mask when none is given.
@@ -34,6 +34,24 @@ def consensus_mask(
     distance = ndimage.distance_transform_edt(labels != largest) * pixel_size
     ramp = np.clip((distance - extend) / max(edge, 1e-6), 0.0, 1.0)
     return torch.from_numpy(0.5 * (1.0 + np.cos(np.pi * ramp))).to(torch.float32)
+
+
+def class_maps_mask(
+    consensus: torch.Tensor,
+    differences: list[torch.Tensor],
+    scale: float,
+    pixel_size: float,
+    threshold: float = 0.3,
+    extend: float = 3.0,
+) -> torch.Tensor:
+    """`consensus_mask` of the larger of the two class maps at each voxel.
+
+    The class maps are the consensus plus each class's difference to it (reconstructed from residuals
+    that carry the images' mean grey `scale`). A part present in few particles is faint in the
+    consensus but at full strength in its class's map, so a tighter threshold keeps it.
+    """
+    both = torch.maximum(*(consensus + d / scale for d in differences))
+    return consensus_mask(both, pixel_size, threshold=threshold, extend=extend)
 
 
 def resample_volume(volume: torch.Tensor, box: int) -> torch.Tensor:

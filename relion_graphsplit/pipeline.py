@@ -27,7 +27,7 @@ from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
-from relion_graphsplit.masks import consensus_mask, project_mask, resample_volume
+from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
 from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
@@ -60,7 +60,8 @@ class SplitOptions:
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
     mask_threshold: float = 0.1  # default mask: fraction of the low-passed consensus map's maximum ...
-    mask_extend: float = 6.0  # ... and extension in A (masks.consensus_mask)
+    refine_mask_threshold: float = 0.3  # ... then, for the refinement, of the two class maps' (masks.class_maps_mask)
+    mask_extend: float = 3.0  # extension of both in A
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.0025  # ... stopping once fewer than this fraction of particles change class
     batch_size: int = 256
@@ -88,7 +89,7 @@ class SplitResult:
     cone_angle: float
     working_box: int
     working_pixel_size: float
-    mask: torch.Tensor  # (w, w, w) the 3D mask used, at the working size
+    mask: torch.Tensor  # (w, w, w) the graph split's 3D mask, at the working size
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -343,13 +344,24 @@ def split(
                     return
                 yield
 
+        refine_mask = mask_volume
         for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
             differences = difference_maps(
-                scratch, probability, totals, rotations, filters, batches, options.symmetry, mask_volume
+                scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
             )
+            if not changed and mask is None:
+                # Redrawn once around the first class maps, where a part the classes differ by is at
+                # full strength (in the consensus it is at its occupancy).
+                refine_mask = class_maps_mask(
+                    small_consensus, differences, float(scale.mean()), work_apix,
+                    threshold=options.refine_mask_threshold, extend=options.mask_extend,
+                )
+                differences = difference_maps(
+                    scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
+                )
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-            score = class_log_odds(scratch, differences, mask_volume, rotations, scale, filters, prior, batches)
+            score = class_log_odds(scratch, differences, refine_mask, rotations, scale, filters, prior, batches)
             probability = 1.0 / (1.0 + np.exp(-score))
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))

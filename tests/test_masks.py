@@ -1,7 +1,7 @@
 import torch
 
 from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.masks import consensus_mask, project_mask, resample_volume
+from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
 
 BOX = 32
 
@@ -55,3 +55,17 @@ def test_resample_keeps_extent():
     small = resample_volume(mask, 16)
     assert small.shape == (16, 16, 16)
     assert small[8, 8, 8] > 0.99 and small[8, 8, 14] < 0.05
+
+
+def test_class_maps_mask_keeps_a_part_faint_in_the_consensus():
+    """A part in 20% of the particles is at 20% in the consensus but whole in its class map."""
+    c, apix = BOX // 2, 2.0
+    core = ball(BOX, 5.0, (c, c, c))
+    part = ball(BOX, 3.0, (c, c, c + 9))
+    consensus = core + 0.2 * part
+    scale = 2.0  # the difference maps carry the images' grey scale
+    differences = [scale * 0.8 * part, -scale * 0.2 * part]  # class 1 has the part, class 2 lacks it
+    from_consensus = consensus_mask(consensus, apix, threshold=0.3, extend=2.0)
+    from_classes = class_maps_mask(consensus, differences, scale, apix, threshold=0.3, extend=2.0)
+    assert from_consensus[c, c, c + 10] < 0.5 < from_classes[c, c, c + 10] == 1
+    assert from_classes[c, c, c] == 1 and from_classes[0, 0, 0] == 0

