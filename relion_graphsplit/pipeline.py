@@ -60,7 +60,7 @@ class SplitOptions:
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
     mask_threshold: float = 0.1  # default mask: fraction of the low-passed consensus map's maximum ...
-    refine_mask_threshold: float = 0.3  # ... then, for the refinement, of the two class maps' (masks.class_maps_mask)
+    refine_mask_threshold: float = 0.3  # ... then, for the refinement, of the two class maps' (0: keep the first)
     mask_extend: float = 3.0  # extension of both in A
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.0025  # ... stopping once fewer than this fraction of particles change class
@@ -349,7 +349,7 @@ def split(
             differences = difference_maps(
                 scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
             )
-            if not changed and mask is None:
+            if not changed and mask is None and options.refine_mask_threshold > 0:
                 # Redrawn once around the first class maps, where a part the classes differ by is at
                 # full strength (in the consensus it is at its occupancy).
                 refine_mask = class_maps_mask(
