@@ -12,9 +12,10 @@ from relion_graphsplit.fsc import shell_index
 def consensus_mask(
     volume: torch.Tensor,
     pixel_size: float,
+    *,
+    threshold: float,
+    extend: float,
     lowpass: float = 15.0,
-    threshold: float = 0.1,
-    extend: float = 3.0,
     edge: float = 6.0,
 ) -> torch.Tensor:
     """Soft mask around the particle in a consensus map: the default 3D mask when none is given.
@@ -41,8 +42,9 @@ def class_maps_mask(
     differences: list[torch.Tensor],
     scale: float,
     pixel_size: float,
-    threshold: float = 0.3,
-    extend: float = 3.0,
+    *,
+    threshold: float,
+    extend: float,
 ) -> torch.Tensor:
     """`consensus_mask` of the larger of the two class maps at each voxel.
 

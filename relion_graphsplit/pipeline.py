@@ -345,20 +345,18 @@ def split(
                 yield
 
         refine_mask = mask_volume
+        if refine and mask is None and options.refine_mask_threshold > 0:
+            # Redrawn around the graph split's class maps, where a part the classes differ by is at
+            # full strength (in the consensus it is at its occupancy).
+            first = difference_maps(scratch, probability, totals, rotations, filters, batches, options.symmetry, mask_volume)
+            refine_mask = class_maps_mask(
+                small_consensus, first, float(scale.mean()), work_apix,
+                threshold=options.refine_mask_threshold, extend=options.mask_extend,
+            )
         for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
             differences = difference_maps(
                 scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
             )
-            if not changed and mask is None and options.refine_mask_threshold > 0:
-                # Redrawn once around the first class maps, where a part the classes differ by is at
-                # full strength (in the consensus it is at its occupancy).
-                refine_mask = class_maps_mask(
-                    small_consensus, differences, float(scale.mean()), work_apix,
-                    threshold=options.refine_mask_threshold, extend=options.mask_extend,
-                )
-                differences = difference_maps(
-                    scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
-                )
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
             score = class_log_odds(scratch, differences, refine_mask, rotations, scale, filters, prior, batches)

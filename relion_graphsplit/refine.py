@@ -40,6 +40,30 @@ def _power(z: torch.Tensor) -> torch.Tensor:
     return z.real**2 + z.imag**2
 
 
+def _weighted_halves(
+    scratch: ScratchArray,
+    weights: np.ndarray,
+    rotations: torch.Tensor,
+    filters: ScratchArray,
+    batches: list[np.ndarray],
+) -> list[FourierAccumulator]:
+    """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
+    for per-particle weights w (n,); particles of weight <= 1e-6 are left out."""
+    halves = [FourierAccumulator(scratch.shape[-1]) for _ in range(2)]
+    for index in batches:
+        images = torch.from_numpy(np.asarray(scratch[index]))
+        ctf = torch.from_numpy(np.asarray(filters[index]))
+        p = torch.from_numpy(weights[index]).to(torch.float32)
+        for half in range(2):
+            member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
+            if member.any():
+                w = p[member][:, None, None]
+                halves[half].insert(
+                    images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
+                )
+    return halves
+
+
 def residual_sums(
     scratch: ScratchArray, rotations: torch.Tensor, filters: ScratchArray, batches: list[np.ndarray]
 ) -> list[FourierAccumulator]:
@@ -48,15 +72,7 @@ def residual_sums(
     With fixed poses they are the same in every round, and the second class's sums are these minus
     the first class's: one insertion per particle and round instead of two.
     """
-    halves = [FourierAccumulator(scratch.shape[-1]) for _ in range(2)]
-    for index in batches:
-        images = torch.from_numpy(np.asarray(scratch[index]))
-        ctf = torch.from_numpy(np.asarray(filters[index]))
-        for half in range(2):
-            member = torch.from_numpy(index % 2 == half)
-            if member.any():
-                halves[half].insert(images[member], rotations[index][member], ctf=ctf[member], ctf_premultiplied=True)
-    return halves
+    return _weighted_halves(scratch, np.ones(scratch.shape[0]), rotations, filters, batches)
 
 
 def difference_maps(
@@ -82,19 +98,7 @@ def difference_maps(
     likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
     """
     n = scratch.shape[-1]
-    first_class = [FourierAccumulator(n), FourierAccumulator(n)]
-    for index in batches:
-        images = torch.from_numpy(np.asarray(scratch[index]))
-        ctf = torch.from_numpy(np.asarray(filters[index]))
-        p = torch.from_numpy(probability[index]).to(torch.float32)
-        for half in range(2):
-            member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
-            if member.any():
-                # Weighted insertion: data += p s, weight += p CTF^2.
-                w = p[member][:, None, None]
-                first_class[half].insert(
-                    images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
-                )
+    first_class = _weighted_halves(scratch, probability, rotations, filters, batches)
     second_class = [FourierAccumulator(n), FourierAccumulator(n)]
     for total, first, second in zip(totals, first_class, second_class):
         second.sums = total.sums - first.sums

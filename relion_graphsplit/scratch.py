@@ -23,32 +23,38 @@ def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), stops.tolist()))
 
 
-def _as_bytes(block: np.ndarray) -> memoryview:
-    return memoryview(block.reshape(-1).view(np.uint8))
-
-
-def read_rows(file: io.RawIOBase, offset: int, rows: np.ndarray, out: np.ndarray) -> None:
-    """Fill `out` (k, ...) with the rows `rows` (sorted, distinct) of an array stored from byte `offset`
-    of `file`, row after row in `out`'s dtype; one read per run of consecutive rows."""
-    row_bytes = out[0].nbytes if len(out) else 0
+def _runs(offset: int, rows: np.ndarray, block: np.ndarray):
+    """(file position, bytes of `block`) per run of consecutive `rows` (sorted, distinct), where row r
+    of an array stored from byte `offset` is block row i for rows[i] = r."""
+    row_bytes = block[0].nbytes if len(block) else 0
     for start, stop in consecutive_runs(rows):
-        buffer = _as_bytes(out[start:stop])
-        file.seek(offset + int(rows[start]) * row_bytes)
+        yield offset + int(rows[start]) * row_bytes, memoryview(block[start:stop].reshape(-1).view(np.uint8))
+
+
+def read_rows(
+    file: io.RawIOBase, offset: int, rows: np.ndarray, row_shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """Rows `rows` (any order, repeats allowed) of an array of `row_shape` rows in `dtype` stored from
+    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    distinct, inverse = np.unique(rows, return_inverse=True)
+    out = np.empty((len(distinct), *row_shape), dtype=dtype)
+    for position, buffer in _runs(offset, distinct, out):
+        file.seek(position)
         done = 0
         while done < len(buffer):
             got = file.readinto(buffer[done:])
             if not got:
-                raise EOFError(f"{file.name}: ends before row {int(rows[stop - 1])}")
+                raise EOFError(f"{file.name}: ends before byte {position + len(buffer)}")
             done += got
+    return out if np.array_equal(distinct, rows) else out[inverse]
 
 
 def write_rows(file: io.RawIOBase, offset: int, rows: np.ndarray, values: np.ndarray) -> None:
     """Write `values` (k, ...) as the rows `rows` (sorted, distinct) of an array stored from byte
     `offset` of `file`; one write per run of consecutive rows."""
-    row_bytes = values[0].nbytes if len(values) else 0
-    for start, stop in consecutive_runs(rows):
-        buffer = _as_bytes(values[start:stop])
-        file.seek(offset + int(rows[start]) * row_bytes)
+    for position, buffer in _runs(offset, rows, values):
+        file.seek(position)
         done = 0
         while done < len(buffer):
             done += file.write(buffer[done:])
@@ -74,11 +80,7 @@ class ScratchArray:
         return rows
 
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
-        rows = self._rows(index)
-        distinct, inverse = np.unique(rows, return_inverse=True)
-        out = np.empty((len(distinct), *self.shape[1:]), dtype=np.float32)
-        read_rows(self._file, 0, distinct, out)
-        return out if np.array_equal(distinct, rows) else out[inverse]
+        return read_rows(self._file, 0, self._rows(index), self.shape[1:], np.float32)
 
     def __setitem__(self, index: np.ndarray, values: np.ndarray) -> None:
         rows = self._rows(index)

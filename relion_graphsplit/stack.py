@@ -197,14 +197,11 @@ class ImageStacks:
 
     def _images(self, stack: int, images: np.ndarray) -> np.ndarray:
         """Images of one stack (0-based, any order, repeats allowed) as stored, (k, N, N)."""
-        distinct, inverse = np.unique(images, return_inverse=True)
         layout = self._layouts[stack]
-        data = np.empty((len(distinct), self._box, self._box), dtype=layout.dtype)
         try:
-            read_rows(self._file(stack), layout.offset, distinct, data)
+            return read_rows(self._file(stack), layout.offset, images, (self._box, self._box), layout.dtype)
         except EOFError as err:
             raise StackError(f"{self._paths[stack]}: shorter than when checked ({err})") from err
-        return data[inverse]
 
     def _file(self, stack: int) -> io.RawIOBase:
         """The open file of one stack, opening it (and closing the least recently used) if needed."""
