@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__, star_io
 from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
@@ -81,7 +82,7 @@ def run(
     refine_iter: int = typer.Option(30, "--refine_iter", help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
     particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Particle diameter (A) for the printed RELION Class3D command; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
-    j: int = typer.Option(1, "--j", help="Threads."),
+    j: int = typer.Option(1, "--j", help="Threads (torch, and the BLAS under numpy and scipy)."),
     batch_size: int = typer.Option(256, "--batch_size", help="Images per batch (bounds the memory used)."),
     pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Accepted for RELION and ignored."),
 ) -> None:
@@ -93,6 +94,7 @@ def run(
         if i is None:
             raise typer.BadParameter("give the particles with --i (or --in_parts)")
         torch.set_num_threads(max(1, j))
+        threadpool_limits(max(1, j))  # numpy's and scipy's BLAS too
         ps = star_io.read_particles(i)
         box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
         mask_volume = _read_map(mask, box, apix, "mask") if mask else None

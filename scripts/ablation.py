@@ -82,7 +82,8 @@ def main(
             "scenario": sc.name, "n": n, "variant": spec or "defaults",
             "graph_accuracy": accuracy(np.where(result.graph_score >= 0, 1, 2), truth),
             "accuracy": accuracy(result.classes, truth), "sampling": round(result.sampling, 1),
-            "cones": result.cones.n_cones, "seconds": round(time.perf_counter() - start, 1),
+            "cones": result.cones.n_cones, "rounds": len(result.refine_changes),
+            "seconds": round(time.perf_counter() - start, 1),
             "date": time.strftime("%Y-%m-%d"),
         }
         print(json.dumps(row), flush=True)

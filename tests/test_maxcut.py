@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 
 from relion_graphsplit.geometry import fibonacci_sphere
 from relion_graphsplit.maxcut import local_search, sign_objective, synchronise
@@ -146,11 +147,10 @@ def test_auto_switches_to_burer_monteiro_above_sdp_max_nodes():
 
 @pytest.mark.parametrize("method", ["sdp", "bm", "spectral"])
 def test_deterministic(method):
-    threadpoolctl = pytest.importorskip("threadpoolctl")
     W, _ = planted(100, 0.1, seed=10)
     first = synchronise(W, method=method, seed=3)
     again = synchronise(W.toarray(), method=method, seed=3)  # dense input, same answer
-    with threadpoolctl.threadpool_limits(1):
+    with threadpool_limits(1):
         single_thread = synchronise(W, method=method, seed=3)
     for other in (again, single_thread):
         assert np.array_equal(first.signs, other.signs)

@@ -36,6 +36,24 @@ def test_first_component_finds_planted_direction_with_padding():
     assert torch.all(comp.eigenimage.sum(dim=1) >= 0)
 
 
+def test_first_component_is_top_eigenvector_of_each_cones_covariance():
+    # Padding rows anywhere (not only at the end), both the Gram (P <= D) and covariance (P > D) paths.
+    g = torch.Generator().manual_seed(5)
+    for p, d in ((60, 80), (90, 40)):
+        data = torch.randn(3, p, d, generator=g, dtype=torch.float64)
+        valid = torch.rand(3, p, generator=g) < 0.7
+        comp = first_component(data, valid)
+        for c in range(3):
+            rows = data[c][valid[c]]
+            centred = rows - rows.mean(0)
+            values, vectors = torch.linalg.eigh(centred.T @ centred)
+            reference = vectors[:, -1] * (1 if vectors[:, -1].sum() >= 0 else -1)
+            torch.testing.assert_close(comp.eigenimage[c], reference, atol=1e-9, rtol=0)
+            torch.testing.assert_close(comp.explained[c], values[-1] / values.sum(), atol=1e-12, rtol=0)
+            torch.testing.assert_close(comp.scores[c][valid[c]], centred @ reference, atol=1e-9, rtol=0)
+            assert torch.all(comp.scores[c][~valid[c]] == 0)
+
+
 def test_mixture_recovers_known_parameters():
     g = torch.Generator().manual_seed(2)
     n = 4000

@@ -89,6 +89,17 @@ def test_project_rfft_is_rfft_of_projection_with_origin_at_centre():
     assert correlations(identity[None].numpy(), blob_map().sum(0)[None].numpy())[0] > 0.9999
 
 
+def test_stack_of_maps_projects_as_each_map_alone():
+    A = euler_to_matrix(*(torch.tensor(a) for a in random_angles(4, seed=5)))
+    maps = torch.stack([blob_map(), 2.0 * blob_map().flip(0)])
+    stacked = project_rfft(prepare_volume(maps), A)
+    assert stacked.shape == (2, 4, BOX, BOX // 2 + 1)
+    for k in range(2):
+        torch.testing.assert_close(stacked[k], project_rfft(prepare_volume(maps[k]), A), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="cubic"):
+        prepare_volume(torch.zeros(2, BOX, BOX, BOX - 1))
+
+
 def test_shift_images_moves_content_towards_higher_indices():
     image = torch.zeros((1, 32, 32))
     image[0, 16, 16] = 1.0
