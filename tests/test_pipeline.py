@@ -1,5 +1,7 @@
 """The whole program on a small simulated data set: accuracy, outputs, determinism."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +38,28 @@ def run(args: list[str]) -> None:
     return result
 
 
+def run_console(args: list[str]) -> subprocess.CompletedProcess:
+    """The program as the console command runs it: a process of its own, left through cli.main."""
+    command = [sys.executable, "-c", "from relion_graphsplit.cli import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def split_runs(simulated: Path, tmp_path_factory) -> tuple[Path, Path]:
-    outs = []
-    for threads in (1, 2):
-        out = tmp_path_factory.mktemp(f"split_j{threads}")
-        run(["--i", str(simulated / "particles.star"), "--o", str(out), "--j", str(threads)])
-        outs.append(out)
-    return outs[0], outs[1]
+    """The same split with --j 1 (in this process) and --j 2 (as the console command)."""
+    first, second = tmp_path_factory.mktemp("split_j1"), tmp_path_factory.mktemp("split_j2")
+    run(["--i", str(simulated / "particles.star"), "--o", str(first), "--j", "1"])
+    done = run_console(["--i", str(simulated / "particles.star"), "--o", str(second), "--j", "2"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return first, second
+
+
+def test_console_exit_codes(tmp_path: Path):
+    assert run_console(["--help"]).returncode == 0
+    assert run_console(["--i", "particles.star"]).returncode == 2  # no --o: a usage error
+    missing = run_console(["--i", str(tmp_path / "missing.star"), "--o", str(tmp_path / "out")])
+    assert missing.returncode == 1
+    assert "missing.star" in missing.stdout + missing.stderr
 
 
 def test_accuracy_on_clear_data(simulated: Path, split_runs):
