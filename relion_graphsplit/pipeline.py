@@ -34,7 +34,7 @@ from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
 from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.reconstruct import reconstruct_stream
-from relion_graphsplit.refine import class_log_odds, difference_maps, residual_sums
+from relion_graphsplit.refine import class_log_odds, class_sums, difference_maps, residual_sums
 from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.stack import ImageStacks
 from relion_graphsplit.symmetry import symmetry_matrices
@@ -345,19 +345,21 @@ def split(
                     return
                 yield
 
+        def sums():  # the classes' sums for the current probabilities
+            return class_sums(scratch, probability, totals, rotations, filters, batches)
+
+        halves = None  # class_sums of the current probabilities, once computed
         refine_mask = mask_volume
         if refine and mask is None and options.refine_mask_threshold > 0:
             # Redrawn around the graph split's class maps, where a part the classes differ by is at
             # full strength (in the consensus it is at its occupancy).
-            first = difference_maps(scratch, probability, totals, rotations, filters, batches, options.symmetry, mask_volume)
+            halves = sums()
             refine_mask = class_maps_mask(
-                small_consensus, first, float(scale.mean()), work_apix,
-                threshold=options.refine_mask_threshold, extend=options.mask_extend,
+                small_consensus, difference_maps(halves, options.symmetry, mask_volume), float(scale.mean()),
+                work_apix, threshold=options.refine_mask_threshold, extend=options.mask_extend,
             )
         for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
-            differences = difference_maps(
-                scratch, probability, totals, rotations, filters, batches, options.symmetry, refine_mask
-            )
+            differences = difference_maps(halves if halves is not None else sums(), options.symmetry, refine_mask)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
             score = class_log_odds(scratch, differences, refine_mask, rotations, scale, filters, prior, batches)
@@ -365,6 +367,7 @@ def split(
             # (the classes are this round's own); the slow drift of noisy sets takes fewer rounds.
             relaxation = options.refine_relaxation if changed else 1.0
             probability = np.clip(probability + relaxation * (1.0 / (1.0 + np.exp(-score)) - probability), 0.0, 1.0)
+            halves = None
             new_classes = np.where(score >= 0, 1, 2)
             changed.append(int((new_classes != classes).sum()))
             classes = new_classes

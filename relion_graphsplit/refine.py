@@ -75,21 +75,30 @@ def residual_sums(
     return _weighted_halves(scratch, np.ones(scratch.shape[0]), rotations, filters, batches)
 
 
-def difference_maps(
+def class_sums(
     scratch: ScratchArray,
     probability: np.ndarray,
     totals: list[FourierAccumulator],
     rotations: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
-    symmetry: str,
-    mask: torch.Tensor,
-) -> list[torch.Tensor]:
-    """Each class's difference to the consensus, from the CTF-multiplied residuals, FSC-weighted.
+) -> list[list[FourierAccumulator]]:
+    """Each class's sums in its two halves (even and odd particle numbers), [class][half].
 
     `probability` (n,) is each particle's probability of class 1: particles count towards both
     classes in proportion (soft assignment, as in expectation-maximisation). `totals` are the halves'
     sums over all particles (`residual_sums`); class 2's sums are their difference to class 1's.
+    """
+    n = scratch.shape[-1]
+    first_class = _weighted_halves(scratch, probability, rotations, filters, batches)
+    second_class = [FourierAccumulator(n), FourierAccumulator(n)]
+    for total, first, second in zip(totals, first_class, second_class):
+        second.sums = total.sums - first.sums
+    return [first_class, second_class]
+
+
+def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each class's difference to the consensus, from its halves' sums (`class_sums`), FSC-weighted.
 
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
     shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
@@ -97,12 +106,7 @@ def difference_maps(
     the larger class. The FSC is taken between the halves multiplied by the 3D `mask` (the region the
     likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
     """
-    n = scratch.shape[-1]
-    first_class = _weighted_halves(scratch, probability, rotations, filters, batches)
-    second_class = [FourierAccumulator(n), FourierAccumulator(n)]
-    for total, first, second in zip(totals, first_class, second_class):
-        second.sums = total.sums - first.sums
-    halves = [first_class, second_class]
+    n = halves[0][0].box
     maps = []
     for first, second in halves:
         whole = FourierAccumulator(n)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from relion_graphsplit.refine import difference_maps, residual_sums
+from relion_graphsplit.refine import class_sums, difference_maps, residual_sums
 from relion_graphsplit.simulate import uniform_rotations
 
 
@@ -17,8 +17,8 @@ def test_class_two_from_the_totals_equals_its_own_insertion():
     probability[:5], probability[5:10] = 0.0, 1.0  # hard members of either class
     mask = torch.ones(box, box, box)
     totals = residual_sums(images, rotations, filters, batches)
-    maps = difference_maps(images, probability, totals, rotations, filters, batches, "C1", mask)
-    swapped = difference_maps(images, 1.0 - probability, totals, rotations, filters, batches, "C1", mask)
+    maps = difference_maps(class_sums(images, probability, totals, rotations, filters, batches), "C1", mask)
+    swapped = difference_maps(class_sums(images, 1.0 - probability, totals, rotations, filters, batches), "C1", mask)
     scale = float(maps[0].abs().max())
     assert scale > 0
     for a, b in zip(maps, swapped[::-1]):
