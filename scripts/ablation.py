@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
+from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import pipeline, star_io
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.preprocess import CtfCorrection
-from relion_graphsplit.stack import ImageStacks
-
 from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.stack import ImageStacks
 
 from benchmark import class_maps, scenarios  # scripts/ is on sys.path when run as a script
 
@@ -55,11 +55,12 @@ def main(
     scenario: str = typer.Option("adk-snr0.01-50", help="Scenario name, as in scripts/benchmark.py."),
     n: int = typer.Option(6000, help="Particles."),
     seed: int = typer.Option(1, help="Simulation seed."),
-    j: int = typer.Option(1, help="torch threads."),
+    j: int = typer.Option(1, help="Threads (torch and the BLAS under numpy and scipy), as the program's --j."),
     fraction: float = typer.Option(None, help="Class-1 fraction instead of the scenario's."),
     variant: list[str] = typer.Option([""], help="SplitOptions overrides, e.g. 'particles_per_cone=300'."),
 ) -> None:
     torch.set_num_threads(j)
+    threadpool_limits(j)
     sc = next(s for s in scenarios() if s.name == scenario)
     if fraction is not None:
         sc = dataclasses.replace(sc, name=f"{sc.structure}-snr{sc.snr:g}-{round(fraction * 100)}", fraction=fraction)
