@@ -18,8 +18,11 @@ device the accumulator lives on.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -155,8 +158,11 @@ class FourierAccumulator:
         index = (base[None] + self._offsets[:, None, None]).reshape(-1)
         corner_w = _corner_weights(frac)
         flat = self.sums.view(3, -1)
-        for channel, values in enumerate((re, im, weights)):
+
+        def add(channel: int, values: torch.Tensor) -> None:
             flat[channel].scatter_add_(0, index, (corner_w * values).reshape(-1))
+
+        _each_in_parallel(add, [re, im, weights], self.device)
 
     def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
@@ -171,6 +177,26 @@ class FourierAccumulator:
             data, weight = _symmetrise(data, weight, ops, self.pad * self.r_max)
         data, weight = data.to(torch.complex128), weight.to(torch.float64)
         return _invert(data, weight, self.box, self.pad, self.r_max, regularisation)
+
+
+@functools.lru_cache(maxsize=4)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-scatter")
+
+
+def _each_in_parallel(add: Callable[[int, torch.Tensor], None], channels: list[torch.Tensor], device: torch.device) -> None:
+    """add(i, channels[i]) for every channel, in up to torch.get_num_threads() threads on the CPU.
+
+    torch's scatter_add_ runs on one thread on the CPU; the channels go to separate grids, so they can
+    be added at once, each in the same order as alone (the sums do not depend on the thread count).
+    """
+    workers = min(len(channels), torch.get_num_threads())
+    if workers < 2 or device.type != "cpu":
+        for i, values in enumerate(channels):
+            add(i, values)
+        return
+    for job in [_thread_pool(workers).submit(add, i, values) for i, values in enumerate(channels)]:
+        job.result()
 
 
 def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +252,56 @@ def _symmetrise(
     return torch.complex(out[0], out[1]), out[2]
 
 
+@dataclass(frozen=True)
+class _InversionGrid:
+    """Index tensors of `_invert` for one (box, pad, r_max, device); the same for every map finalised."""
+
+    decentre: torch.Tensor  # (p,) row of the centred grid holding each FFT-order z (and y) frequency
+    decentre_x: torch.Tensor  # (p // 2 + 1,) the same for x
+    inside: torch.Tensor  # (p, p, p // 2 + 1) bool: radius <= pad * r_max
+    shell: torch.Tensor  # (p, p, p // 2 + 1) int64: floor(r / pad), at most r_max - 1
+    counted: torch.Tensor  # (m,) flat indices of the voxels that enter the radial mean weight
+    counts: torch.Tensor  # (r_max,) float64: voxels per shell among them
+    radius: torch.Tensor  # (p, p, p // 2 + 1) float64: radius in padded Fourier pixels
+    crop: torch.Tensor  # (box,) index of each output voxel along an axis of the padded map (FFT order)
+    edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
+    sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
+
+
+@functools.lru_cache(maxsize=8)
+def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
+    p = pad * box
+    rp = pad * r_max
+    c = rp + 1  # the accumulators' half width
+    kz = _signed_frequencies(p, device)
+    kx = torch.arange(p // 2 + 1, device=device)
+    r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
+    radius = torch.sqrt(r2.to(torch.float64))
+    shell = torch.floor(radius / pad).long().clamp(max=r_max - 1)
+    counted = torch.nonzero((r2 < round(rp * rp)).reshape(-1)).squeeze(1)
+    counts = torch.bincount(shell.reshape(-1)[counted], minlength=r_max).to(torch.float64)
+    half = box // 2
+    crop = torch.arange(-half, box - half, device=device) % p  # fftshift, then the central box
+    r = _radius_grid(box, device)
+    mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
+    ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
+    edge = torch.where(r > mask_radius + width, 1.0, torch.where(r < mask_radius, 0.0, ramp))
+    rval = r / p
+    sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
+    return _InversionGrid(
+        decentre=(kz + c).clamp(0, 2 * c),
+        decentre_x=kx.clamp(max=c),
+        inside=r2 <= rp * rp,
+        shell=shell,
+        counted=counted,
+        counts=counts.clamp(min=1),
+        radius=radius,
+        crop=crop,
+        edge=edge,
+        sinc2=sinc * sinc,
+    )
+
+
 def _invert(
     data: torch.Tensor,
     weight: torch.Tensor,
@@ -235,61 +311,39 @@ def _invert(
     regularisation: torch.Tensor | None,
 ) -> torch.Tensor:
     """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct)."""
-    device = weight.device
-    c = weight.shape[0] // 2
+    g = _inversion_grid(box, pad, r_max, weight.device)
     p = pad * box
-    rp = pad * r_max
-    # Decentre into the FFT grid (p, p, p // 2 + 1); frequencies along z and y run from -(p/2 - 1) to p/2.
-    kz = _signed_frequencies(p, device)
-    kx = torch.arange(p // 2 + 1, device=device)
-    r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
-    inside = r2 <= rp * rp
-    iz = (kz + c).clamp(0, 2 * c)
-    ix = kx.clamp(max=c)
-    f_data = data[iz[:, None, None], iz[None, :, None], ix[None, None, :]] * inside
-    f_weight = weight[iz[:, None, None], iz[None, :, None], ix[None, None, :]] * inside
 
-    shell_r = torch.sqrt(r2.to(torch.float64))
+    def decentred(grid: torch.Tensor) -> torch.Tensor:  # into the FFT grid (p, p, p // 2 + 1)
+        out = grid.index_select(0, g.decentre).index_select(1, g.decentre).index_select(2, g.decentre_x)
+        return out.masked_fill_(~g.inside, 0)
+
+    f_data, f_weight = decentred(data), decentred(weight)
     if regularisation is not None:
-        ires = torch.round(shell_r / pad).long()
-        reg_inside = r2 < rp * rp
-        term = regularisation.to(device, torch.float64)[ires.clamp(max=len(regularisation) - 1)]
-        f_weight = torch.where(reg_inside, f_weight + term, f_weight)
+        rp = pad * r_max
+        shells = torch.round(g.radius / pad).long().clamp(max=len(regularisation) - 1)
+        term = regularisation.to(weight.device, torch.float64)[shells]
+        f_weight = torch.where(g.radius < rp, f_weight + term, f_weight)
 
     # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad)).
-    ires = torch.floor(shell_r / pad).long().clamp(max=r_max - 1)
-    counted = r2 < round(rp * rp)
-    sums = torch.zeros(r_max, dtype=torch.float64, device=device)
-    sums.index_add_(0, ires[counted], f_weight[counted])
-    counts = torch.bincount(ires[counted], minlength=r_max).to(torch.float64)
-    floor = sums / (1000.0 * counts.clamp(min=1))
-    w = torch.maximum(f_weight, floor[ires])
+    sums = torch.zeros(r_max, dtype=torch.float64, device=weight.device)
+    sums.index_add_(0, g.shell.reshape(-1)[g.counted], f_weight.reshape(-1)[g.counted])
+    floor = sums / (1000.0 * g.counts)
+    w = torch.maximum(f_weight, floor[g.shell])
     f_data = torch.where(w > 0, f_data / torch.where(w > 0, w, 1.0), f_data)
 
-    vol = torch.fft.fftshift(torch.fft.irfftn(f_data, s=(p, p, p)))
-    start = p // 2 - box // 2
-    vol = vol[start : start + box, start : start + box, start : start + box]
-    vol = _soft_mask_corners(vol, box / 2.0, 3.0)
-
-    r = _radius_grid(box, device)
-    rval = r / (box * pad)
-    sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
-    return (vol / (sinc * sinc)).to(torch.float32)
+    vol = torch.fft.irfftn(f_data, s=(p, p, p))
+    vol = vol.index_select(0, g.crop).index_select(1, g.crop).index_select(2, g.crop)
+    # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
+    background = (g.edge * vol).sum() / g.edge.sum()
+    vol = (1 - g.edge) * vol + g.edge * background
+    return (vol / g.sinc2).to(torch.float32)
 
 
 def _radius_grid(box: int, device: torch.device) -> torch.Tensor:
     """Distance (float64) of each voxel of a box^3 volume from the centre voxel box // 2."""
     k = torch.arange(box, device=device, dtype=torch.float64) - box // 2
     return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-
-
-def _soft_mask_corners(vol: torch.Tensor, radius: float, width: float) -> torch.Tensor:
-    """RELION's softMaskOutsideMap: beyond `radius` blend to the (edge-weighted) mean of the outside."""
-    r = _radius_grid(vol.shape[0], vol.device)
-    ramp = 0.5 + 0.5 * torch.cos(math.pi * (radius + width - r) / width)
-    edge = torch.where(r > radius + width, 1.0, torch.where(r < radius, 0.0, ramp))
-    background = (edge * vol).sum() / edge.sum()
-    return (1 - edge) * vol + edge * background
 
 
 def reconstruct_stream(

@@ -193,6 +193,26 @@ def test_stream_and_batch_size_do_not_change_the_map(blobs):
     assert torch.allclose(whole, streamed, atol=1e-5 * float(whole.abs().max()))
 
 
+def test_sums_do_not_depend_on_the_thread_count(blobs):
+    """The data and weight channels are scattered in parallel threads; each must sum as alone."""
+    gen = torch.Generator().manual_seed(11)
+    A = random_poses(gen, 200)
+    ctf = random_ctf(gen, 200, BOX)
+    images = apply_ctf(blob_images(blobs, A, BOX), ctf) + 0.1 * torch.randn(200, BOX, BOX, generator=gen)
+    sums = {}
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            acc = FourierAccumulator(BOX, batch_size=64)
+            acc.insert(images, A, ctf=ctf)
+            sums[count] = acc.sums.clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert sums[1].abs().max() > 0
+    assert torch.equal(sums[1], sums[3])
+
+
 def test_maxres_limits_the_radius(blobs):
     gen = torch.Generator().manual_seed(8)
     A = random_poses(gen, 400)
