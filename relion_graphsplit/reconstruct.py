@@ -13,7 +13,8 @@ transform of the trilinear kernel). That division is RELION 4/5's default and `-
 RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps differ in the last shells).
 
 The insertion is a scatter-add over flattened voxel indices, batch by batch, so it runs on whatever
-device the accumulator lives on.
+device the accumulator lives on. On the CPU torch scatters on one thread, so the three channels (real
+and imaginary data, weight) are scattered in parallel threads, each in the order it would be alone.
 """
 
 from __future__ import annotations
