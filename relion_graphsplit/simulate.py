@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
@@ -34,6 +35,21 @@ NORMALISATION_DIAMETER = 0.75
 """Diameter of the circle outside which the background is normalised, as a fraction of the box."""
 
 PARTICLES_PER_MICROGRAPH = 100
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How the particles were imaged, and how far off the poses a consensus refinement reports are."""
+
+    defocus_range: tuple[float, float] = (10000.0, 30000.0)  # A, mean defocus (underfocus)
+    astigmatism: float = 500.0  # A, DefocusU - DefocusV
+    voltage: float = 300.0  # kV
+    cs: float = 2.7  # mm
+    q0: float = 0.1  # amplitude contrast
+    bfactor: float = 0.0  # A^2, CTF envelope (rlnCtfBfactor)
+    max_shift_A: float = 0.0  # true origins uniform in [-max, max] per axis
+    pose_error_deg: float = 0.0  # RMS angle of the rotation between true and reported poses
+    shift_error_A: float = 0.0  # RMS length of the error of the reported origins
 
 
 def model_images(
@@ -61,15 +77,7 @@ def draw_particles(
     box: int,
     pixel_size: float,
     fractions: Sequence[float],
-    defocus_range: tuple[float, float] = (10000.0, 30000.0),
-    astigmatism: float = 500.0,
-    pose_error_deg: float = 0.0,
-    shift_error_A: float = 0.0,
-    max_shift_A: float = 0.0,
-    voltage: float = 300.0,
-    cs: float = 2.7,
-    q0: float = 0.1,
-    bfactor: float = 0.0,
+    conditions: Conditions = Conditions(),
     seed: int = 0,
     stack_name: str = "particles.mrcs",
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -79,19 +87,21 @@ def draw_particles(
     rotation about a uniform axis with RMS angle `pose_error_deg`, and the true origin plus a 2D
     Gaussian error of RMS length `shift_error_A`. `truth` holds the true poses and the true class
     (rlnClassNumber, 1-based). Origins are uniform in [-max_shift_A, max_shift_A] per axis; the mean
-    defocus is uniform in `defocus_range` with DefocusU - DefocusV = `astigmatism` at a uniform angle.
+    defocus is uniform in `defocus_range` with DefocusU - DefocusV = `astigmatism` at a uniform angle
+    (all of them fields of `conditions`).
     """
+    c = conditions
     rng = np.random.default_rng(seed)
     p = np.asarray(fractions, dtype=np.float64)
     if p.ndim != 1 or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
     classes = rng.choice(len(p), size=n_particles, p=p / p.sum())
     true_rot, true_tilt, true_psi = matrix_to_euler(torch.from_numpy(uniform_rotations(n_particles, rng)))
-    origins = rng.uniform(-max_shift_A, max_shift_A, size=(n_particles, 2))
-    defocus = rng.uniform(*defocus_range, size=n_particles)
+    origins = rng.uniform(-c.max_shift_A, c.max_shift_A, size=(n_particles, 2))
+    defocus = rng.uniform(*c.defocus_range, size=n_particles)
     defocus_angle = rng.uniform(0.0, 180.0, size=n_particles)
-    error_axes = rng.standard_normal((n_particles, 3)) * math.radians(pose_error_deg) / math.sqrt(3.0)
-    shift_errors = rng.standard_normal((n_particles, 2)) * shift_error_A / math.sqrt(2.0)
+    error_axes = rng.standard_normal((n_particles, 3)) * math.radians(c.pose_error_deg) / math.sqrt(3.0)
+    shift_errors = rng.standard_normal((n_particles, 2)) * c.shift_error_A / math.sqrt(2.0)
     subsets = rng.integers(1, 3, size=n_particles)
 
     A_true = euler_to_matrix(true_rot, true_tilt, true_psi)
@@ -108,10 +118,10 @@ def draw_particles(
             "rlnAnglePsi": psi.numpy(),
             "rlnOriginXAngst": origins[:, 0] + shift_errors[:, 0],
             "rlnOriginYAngst": origins[:, 1] + shift_errors[:, 1],
-            "rlnDefocusU": defocus + astigmatism / 2.0,
-            "rlnDefocusV": defocus - astigmatism / 2.0,
+            "rlnDefocusU": defocus + c.astigmatism / 2.0,
+            "rlnDefocusV": defocus - c.astigmatism / 2.0,
             "rlnDefocusAngle": defocus_angle,
-            "rlnCtfBfactor": np.full(n_particles, float(bfactor)),
+            "rlnCtfBfactor": np.full(n_particles, float(c.bfactor)),
             "rlnRandomSubset": subsets,
         }
     )
@@ -119,9 +129,9 @@ def draw_particles(
         {
             "rlnOpticsGroup": [1],
             "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnAmplitudeContrast": [q0],
-            "rlnSphericalAberration": [cs],
-            "rlnVoltage": [voltage],
+            "rlnAmplitudeContrast": [c.q0],
+            "rlnSphericalAberration": [c.cs],
+            "rlnVoltage": [c.voltage],
             "rlnImagePixelSize": [pixel_size],
             "rlnImageSize": [box],
             "rlnImageDimensionality": [2],
@@ -162,15 +172,7 @@ def simulate(
     n_particles: int,
     snr: float,
     fractions: Sequence[float],
-    defocus_range: tuple[float, float] = (10000.0, 30000.0),
-    astigmatism: float = 500.0,
-    pose_error_deg: float = 0.0,
-    shift_error_A: float = 0.0,
-    max_shift_A: float = 0.0,
-    voltage: float = 300.0,
-    cs: float = 2.7,
-    q0: float = 0.1,
-    bfactor: float = 0.0,
+    conditions: Conditions = Conditions(),
     seed: int = 0,
     stack_name: str = "particles.mrcs",
     batch_size: int = 256,
@@ -194,23 +196,7 @@ def simulate(
         raise ValueError("maps must be cubic and all of the same size")
     if box % 2:
         raise ValueError(f"RELION particles have even boxes, got {box}")
-    particles, optics, truth = draw_particles(
-        n_particles,
-        box,
-        pixel_size,
-        fractions,
-        defocus_range=defocus_range,
-        astigmatism=astigmatism,
-        pose_error_deg=pose_error_deg,
-        shift_error_A=shift_error_A,
-        max_shift_A=max_shift_A,
-        voltage=voltage,
-        cs=cs,
-        q0=q0,
-        bfactor=bfactor,
-        seed=seed,
-        stack_name=stack_name,
-    )
+    particles, optics, truth = draw_particles(n_particles, box, pixel_size, fractions, conditions, seed, stack_name)
     noise_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     volumes = [prepare_volume(torch.from_numpy(np.asarray(m, dtype=np.float32))) for m in maps]
     truth_set = make_particle_set(truth, optics)

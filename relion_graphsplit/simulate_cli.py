@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import maps as atomic_maps
 from .mrc_io import read_mrc
-from .simulate import ceiling_accuracy, write_simulation
+from .simulate import Conditions, ceiling_accuracy, write_simulation
 
 console = Console(highlight=False)
 app = typer.Typer(add_completion=False)
@@ -150,15 +150,10 @@ def main_command(
             snr,
             [fraction, 1.0 - fraction],
             progress=lambda done: progress.update(task, completed=done),
-            defocus_range=(defocus_min, defocus_max),
-            astigmatism=astigmatism,
-            pose_error_deg=pose_error,
-            shift_error_A=shift_error,
-            max_shift_A=max_shift,
-            voltage=voltage,
-            cs=cs,
-            q0=q0,
-            bfactor=ctf_bfactor,
+            conditions=Conditions(
+                defocus_range=(defocus_min, defocus_max), astigmatism=astigmatism, voltage=voltage, cs=cs, q0=q0,
+                bfactor=ctf_bfactor, max_shift_A=max_shift, pose_error_deg=pose_error, shift_error_A=shift_error,
+            ),
             seed=seed,
             batch_size=batch_size,
         )

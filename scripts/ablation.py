@@ -27,7 +27,7 @@ from relion_graphsplit.preprocess import CtfCorrection
 from relion_graphsplit.simulate import write_simulation
 from relion_graphsplit.stack import ImageStacks
 
-from benchmark import class_maps, scenarios  # scripts/ is on sys.path when run as a script
+from benchmark import CONDITIONS, class_maps, scenarios  # scripts/ is on sys.path when run as a script
 
 
 def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
@@ -68,7 +68,7 @@ def main(
     volumes, apix = class_maps(sc.structure, out)
     if not (work / "particles.star").exists():
         write_simulation(work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed,
-                         pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0)
+                         conditions=CONDITIONS)
     ps = star_io.read_particles(work / "particles.star")
     truth = star_io.read_particles(work / "truth.star").particles["rlnClassNumber"].to_numpy()
     for spec in variant:

@@ -62,7 +62,7 @@ def reconstruct(
     work = out / f"reconstruct-{structure}-{n}"
     if not (work / "split.star").exists():
         write_simulation(
-            work, volumes, apix, n, snr, [0.5, 0.5], seed=seed, pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0
+            work, volumes, apix, n, snr, [0.5, 0.5], seed=seed, conditions=benchmark.CONDITIONS
         )
         ps = star_io.read_particles(work / "particles.star")
         true_class = star_io.read_particles(work / "truth.star").particles["rlnClassNumber"].to_numpy()

@@ -28,10 +28,12 @@ import typer
 from relion_graphsplit import maps, star_io
 from relion_graphsplit.metrics import accuracy, adjusted_rand_index
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.simulate import ceiling_accuracy, write_simulation
+from relion_graphsplit.simulate import Conditions, ceiling_accuracy, write_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT.parent / "shared" / "data" / "structures"
+CONDITIONS = Conditions(pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0)
+"""Pose errors and shifts of every simulated scenario (CTF: the simulator's defaults)."""
 
 
 @dataclass
@@ -113,8 +115,7 @@ def main(
         box = volumes[0].shape[-1]
         if not (work / "particles.star").exists():
             write_simulation(
-                work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed,
-                pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0,
+                work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed, conditions=CONDITIONS,
             )  # fmt: skip
         truth = star_io.read_particles(work / "truth.star")
         names = truth.particles["rlnImageName"].to_numpy()

@@ -19,7 +19,7 @@ from relion_graphsplit.model_star import MODEL_NAME, ini_high, next_command, ssn
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
 from relion_graphsplit.reconstruct import reconstruct
-from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.simulate import Conditions, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
@@ -34,7 +34,7 @@ def simulated(tmp_path_factory) -> dict:
         fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / f"adk_{state}.mrc")[0]), BOX).numpy()
         for state in ("open", "closed")
     ]
-    write_simulation(out, maps, APIX, 600, 0.3, [0.6, 0.4], seed=5, max_shift_A=6.0)
+    write_simulation(out, maps, APIX, 600, 0.3, [0.6, 0.4], seed=5, conditions=Conditions(max_shift_A=6.0))
     ps = star_io.read_particles(out / "particles.star")
     classes = star_io.read_particles(out / "truth.star").particles["rlnClassNumber"].to_numpy()
     return {"dir": out, "ps": ps, "classes": classes, "truth": [torch.from_numpy(m) for m in maps]}

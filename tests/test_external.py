@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from relion_graphsplit.cli import app
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.simulate import Conditions, write_simulation
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 JOB = "External/job005/"
@@ -83,7 +83,8 @@ def refine3d(tmp_path_factory) -> Path:
         for state in ("open", "closed")
     ]
     write_simulation(
-        job, maps, 4.0, 400, 0.3, [0.6, 0.4], seed=3, max_shift_A=6.0, stack_name="Refine3D/job004/particles.mrcs"
+        job, maps, 4.0, 400, 0.3, [0.6, 0.4], seed=3, conditions=Conditions(max_shift_A=6.0),
+        stack_name="Refine3D/job004/particles.mrcs",
     )
     (job / "particles.star").rename(job / "run_data.star")
     return root / "Refine3D"

@@ -14,7 +14,7 @@ from relion_graphsplit.cli import app
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.simulate import Conditions, write_simulation
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 
@@ -28,7 +28,8 @@ def simulated(tmp_path_factory) -> Path:
     for name in ("adk_open.mrc", "adk_closed.mrc"):
         volume, _ = read_mrc(TEST_DATA / name)
         maps.append(fourier_crop_volume(torch.from_numpy(volume), 32).numpy())
-    write_simulation(out, maps, 4.0, 1500, 0.3, [0.6, 0.4], seed=3, pose_error_deg=1.0, max_shift_A=6.0)
+    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0)
+    write_simulation(out, maps, 4.0, 1500, 0.3, [0.6, 0.4], seed=3, conditions=conditions)
     return out
 
 

@@ -22,7 +22,7 @@ from relion_graphsplit.fsc import fsc
 from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.simulate import Conditions, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
 pytestmark = [
@@ -46,7 +46,8 @@ def project(tmp_path_factory) -> Path:
         fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / f"adk_{state}.mrc")[0]), BOX).numpy()
         for state in ("open", "closed")
     ]
-    write_simulation(root, maps, APIX, 800, 0.3, [0.6, 0.4], seed=3, pose_error_deg=1.0, max_shift_A=6.0)
+    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0)
+    write_simulation(root, maps, APIX, 800, 0.3, [0.6, 0.4], seed=3, conditions=conditions)
     ps = star_io.read_particles(root / "particles.star")
     classes = star_io.read_particles(root / "truth.star").particles["rlnClassNumber"].to_numpy()
     table = ps.particles.drop(columns="rlnRandomSubset").assign(rlnClassNumber=classes)

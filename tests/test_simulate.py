@@ -20,6 +20,7 @@ from relion_graphsplit.geometry import euler_to_matrix
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.projection import prepare_volume
 from relion_graphsplit.simulate import (
+    Conditions,
     ceiling_accuracy,
     draw_particles,
     model_images,
@@ -33,6 +34,7 @@ from relion_graphsplit.star_io import ctf_params, make_particle_set, poses, read
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = Path("/work/shared/data/structures")
 needs_structures = pytest.mark.skipif(not STRUCTURES.is_dir(), reason="shared structures not available")
+SHIFTED = Conditions(max_shift_A=4.0)
 NMP_LID = ((30, 59), (122, 159))
 
 
@@ -146,7 +148,7 @@ def test_adk_cores_agree_after_superposition():
 
 def test_same_seed_same_particles(adk_maps):
     volumes, pixel_size = adk_maps
-    kwargs = dict(max_shift_A=5.0, pose_error_deg=2.0, shift_error_A=1.0, seed=7, batch_size=16)
+    kwargs = dict(conditions=Conditions(max_shift_A=5.0, pose_error_deg=2.0, shift_error_A=1.0), seed=7, batch_size=16)
     a = simulate(volumes, pixel_size, 40, 0.1, [0.5, 0.5], **kwargs)
     b = simulate(volumes, pixel_size, 40, 0.1, [0.5, 0.5], **kwargs)
     np.testing.assert_array_equal(a[0], b[0])
@@ -163,7 +165,7 @@ def test_same_seed_same_particles(adk_maps):
 
 def test_images_are_normalised_like_relion_extraction(adk_maps):
     volumes, pixel_size = adk_maps
-    images, *_ = simulate(volumes, pixel_size, 30, 0.5, [0.5, 0.5], max_shift_A=4.0, seed=1)
+    images, *_ = simulate(volumes, pixel_size, 30, 0.5, [0.5, 0.5], SHIFTED, seed=1)
     background = images[:, ~normalisation_mask(64).numpy()]
     np.testing.assert_allclose(background.mean(1), 0.0, atol=1e-5)
     np.testing.assert_allclose(background.std(1), 1.0, atol=1e-5)
@@ -172,7 +174,7 @@ def test_images_are_normalised_like_relion_extraction(adk_maps):
 def test_snr_is_signal_variance_inside_the_circle_over_noise_variance(adk_maps):
     volumes, pixel_size = adk_maps
     snr = 0.3
-    images, _, optics, truth = simulate(volumes, pixel_size, 150, snr, [0.5, 0.5], max_shift_A=4.0, seed=2)
+    images, _, optics, truth = simulate(volumes, pixel_size, 150, snr, [0.5, 0.5], SHIFTED, seed=2)
     truth_set = make_particle_set(truth, optics)
     rotations, origins = poses(truth_set)
     ctf = ctf_2d(ctf_params(truth_set), 64, pixel_size)
@@ -193,7 +195,7 @@ def test_snr_is_signal_variance_inside_the_circle_over_noise_variance(adk_maps):
 
 def test_class_fractions_and_pose_errors():
     particles, optics, truth = draw_particles(
-        4000, 64, 2.0, [0.3, 0.7], pose_error_deg=3.0, shift_error_A=2.0, max_shift_A=5.0, seed=3
+        4000, 64, 2.0, [0.3, 0.7], Conditions(pose_error_deg=3.0, shift_error_A=2.0, max_shift_A=5.0), seed=3
     )
     assert np.mean(truth["rlnClassNumber"] == 1) == pytest.approx(0.3, abs=0.03)
     assert set(truth["rlnClassNumber"]) == {1, 2} and len(optics) == 1
@@ -213,15 +215,15 @@ def test_class_fractions_and_pose_errors():
 
 def test_ceiling_accuracy_from_certain_to_chance(adk_maps):
     volumes, pixel_size = adk_maps
-    high = simulate(volumes, pixel_size, 100, 0.1, [0.5, 0.5], max_shift_A=4.0, seed=4)
-    low = simulate(volumes, pixel_size, 200, 1e-6, [0.5, 0.5], max_shift_A=4.0, seed=5)
+    high = simulate(volumes, pixel_size, 100, 0.1, [0.5, 0.5], SHIFTED, seed=4)
+    low = simulate(volumes, pixel_size, 200, 1e-6, [0.5, 0.5], SHIFTED, seed=5)
     assert ceiling_accuracy(high[0], volumes, high[3], high[2]) >= 0.98
     assert ceiling_accuracy(low[0], volumes, low[3], low[2]) == pytest.approx(0.5, abs=0.1)
 
 
 def test_write_simulation_files_match_the_simulation(adk_maps, tmp_path):
     volumes, pixel_size = adk_maps
-    kwargs = dict(max_shift_A=3.0, pose_error_deg=1.0, seed=6, batch_size=10)
+    kwargs = dict(conditions=Conditions(max_shift_A=3.0, pose_error_deg=1.0), seed=6, batch_size=10)
     particles, optics, truth = write_simulation(tmp_path, volumes, pixel_size, 24, 0.2, [0.5, 0.5], **kwargs)
     images, *_ = simulate(volumes, pixel_size, 24, 0.2, [0.5, 0.5], **kwargs)
     with mrcfile.open(tmp_path / "particles.mrcs") as mrc:
@@ -243,7 +245,7 @@ def test_write_simulation_files_match_the_simulation(adk_maps, tmp_path):
 def test_relion_reconstructs_the_true_class_from_the_truth_file(adk_maps, tmp_path):
     """End to end with RELION's conventions: angles, origins and CTF as relion_reconstruct reads them."""
     volumes, pixel_size = adk_maps
-    write_simulation(tmp_path, volumes, pixel_size, 400, 10.0, [0.5, 0.5], max_shift_A=6.0, seed=9)
+    write_simulation(tmp_path, volumes, pixel_size, 400, 10.0, [0.5, 0.5], conditions=Conditions(max_shift_A=6.0), seed=9)
     command = ["relion_reconstruct", "--i", "truth.star", "--o", "rec.mrc", "--class", "1", "--ctf"]
     subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
     reconstruction = mrcfile.read(tmp_path / "rec.mrc").ravel()
