@@ -94,6 +94,8 @@ def run(
             console.print(f"Ignoring unknown arguments: {' '.join(ctx.args)}")
         if i is None:
             raise typer.BadParameter("give the particles with --i (or --in_parts)")
+        if o.exists() and not o.is_dir():
+            raise typer.BadParameter(f"{o} exists and is not a directory", param_hint="--o")
         torch.set_num_threads(max(1, j))
         threadpool_limits(max(1, j))  # numpy's and scipy's BLAS too
         ps = star_io.read_particles(i)
@@ -170,7 +172,7 @@ def run(
         console.print(f"[bold red]{err}[/]")
         job.aborted()
         raise typer.Exit(1)
-    except (star_io.StarFileError, ValueError, FileNotFoundError) as err:
+    except (star_io.StarFileError, ValueError, OSError) as err:  # bad input, or a file that cannot be read or written
         console.print(f"[bold red]error:[/] {err}")
         job.fail()
         raise typer.Exit(1)

@@ -6,6 +6,7 @@ or when RELION passed --pipeline_control.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -44,8 +45,12 @@ class ExternalJob:
 
     def _mark(self, name: str) -> None:
         if self.active:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / name).touch()
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / name).touch()
+            except OSError:  # an output directory that cannot be made: the error is reported as it is
+                if name == "RELION_JOB_EXIT_SUCCESS":
+                    raise
 
     def succeed(self) -> None:
         self._mark("RELION_JOB_EXIT_SUCCESS")
@@ -56,7 +61,8 @@ class ExternalJob:
     def aborted(self) -> None:
         self._mark("RELION_JOB_EXIT_ABORTED")
         if self.active:
-            (self.out / "RELION_JOB_ABORT_NOW").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone already, or never there (see _mark)
+                (self.out / "RELION_JOB_ABORT_NOW").unlink(missing_ok=True)
 
     def outputs(self, nodes: list[tuple[Path, str]]) -> None:
         """Declare (path, kind) output nodes in RELION_OUTPUT_NODES.star, kind a key of NODE_TYPES."""

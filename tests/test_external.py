@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from relion_graphsplit.cli import app
+from relion_graphsplit.external import ExternalJob
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
 from relion_graphsplit.simulate import Conditions, write_simulation
@@ -140,6 +141,17 @@ def test_bad_input_marks_failure(tmp_path, refine3d, monkeypatch):
     assert (project / JOB / "RELION_JOB_EXIT_FAILURE").is_file()
     assert not (project / JOB / "RELION_JOB_EXIT_SUCCESS").exists()
     assert "rlnAngleRot" in result.output
+
+
+def test_a_marker_that_cannot_be_written_does_not_hide_the_failure(tmp_path):
+    """An output directory that cannot be made: the failure marker is skipped, the success one is not."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    job = ExternalJob(blocker / "job", active=True)
+    job.fail()  # nothing raised: the run's own error is the one to report
+    job.aborted()
+    with pytest.raises(OSError):
+        job.succeed()
 
 
 def test_abort_request_stops_the_job(tmp_path, refine3d, monkeypatch):

@@ -55,12 +55,20 @@ def split_runs(simulated: Path, tmp_path_factory) -> tuple[Path, Path]:
     return first, second
 
 
-def test_console_exit_codes(tmp_path: Path):
+def test_console_exit_codes(simulated: Path, tmp_path: Path):
     assert run_console(["--help"]).returncode == 0
     assert run_console(["--i", "particles.star"]).returncode == 2  # no --o: a usage error
     missing = run_console(["--i", str(tmp_path / "missing.star"), "--o", str(tmp_path / "out")])
     assert missing.returncode == 1
     assert "missing.star" in missing.stdout + missing.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    onto_file = run_console(["--i", str(tmp_path / "missing.star"), "--o", str(a_file)])
+    assert onto_file.returncode == 2  # --o names a file: a usage error, before anything is read
+    assert "not a directory" in onto_file.stdout + onto_file.stderr
+    under_file = run_console(["--i", str(simulated / "particles.star"), "--o", str(a_file / "out")])
+    assert under_file.returncode == 1  # --o cannot be made: one line, no traceback
+    assert "Not a directory" in under_file.stdout and "Traceback" not in under_file.stdout + under_file.stderr
 
 
 def test_accuracy_on_clear_data(simulated: Path, split_runs):
