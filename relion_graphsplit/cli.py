@@ -74,17 +74,17 @@ def run(
     mask_extend: float = typer.Option(3.0, "--mask_extend", min=0.0, help="Default masks: extension (A) beyond the threshold, before a 6 A soft edge."),
     ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC); default: reconstructed from the particles."),
     sym: str = typer.Option("C1", "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
-    angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
-    cone_angle: Optional[float] = typer.Option(None, "--cone_angle", help="Cone half-aperture in degrees; default: the sampling (neighbouring cones overlap)."),
-    particles_per_cone: int = typer.Option(600, "--particles_per_cone", help="Target particles per cone for the automatic sampling."),
-    maxres: float = typer.Option(10.0, "--maxres", help="Resolution (A) the images are downsampled to for the analysis."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Working box in pixels (overrides --maxres)."),
+    angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", min=0.5, max=90.0, help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
+    cone_angle: Optional[float] = typer.Option(None, "--cone_angle", min=0.5, max=90.0, help="Cone half-aperture in degrees; default: the sampling (neighbouring cones overlap)."),
+    particles_per_cone: int = typer.Option(600, "--particles_per_cone", min=10, help="Target particles per cone for the automatic sampling."),
+    maxres: float = typer.Option(10.0, "--maxres", min=0.1, help="Resolution (A) the images are downsampled to for the analysis."),
+    resize: Optional[int] = typer.Option(None, "--resize", min=8, help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
-    refine_iter: int = typer.Option(30, "--refine_iter", help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
+    refine_iter: int = typer.Option(30, "--refine_iter", min=0, help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
     particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Particle diameter (A) for the printed RELION Class3D command; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
-    j: int = typer.Option(1, "--j", help="Threads (torch, and the BLAS under numpy and scipy)."),
-    batch_size: int = typer.Option(256, "--batch_size", help="Images per batch (bounds the memory used)."),
+    j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy)."),
+    batch_size: int = typer.Option(256, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
     pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Accepted for RELION and ignored."),
 ) -> None:
     job = ExternalJob(o, active=True if pipeline_control else None)
@@ -96,8 +96,8 @@ def run(
             raise typer.BadParameter("give the particles with --i (or --in_parts)")
         if o.exists() and not o.is_dir():
             raise typer.BadParameter(f"{o} exists and is not a directory", param_hint="--o")
-        torch.set_num_threads(max(1, j))
-        threadpool_limits(max(1, j))  # numpy's and scipy's BLAS too
+        torch.set_num_threads(j)
+        threadpool_limits(j)  # numpy's and scipy's BLAS too
         ps = star_io.read_particles(i)
         box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
         mask_volume = _read_map(mask, box, apix, "mask") if mask else None

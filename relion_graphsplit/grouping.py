@@ -78,6 +78,8 @@ def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> t
     directions are added where a finer sample of the cell lies farther than 0.65 of the sampling from
     every axis (the interior's covering radius), so that cones as wide as the sampling cover it all.
     """
+    if not 0.0 < sampling_deg <= 90.0:
+        raise ValueError(f"the angular sampling must be in (0, 90] degrees, got {sampling_deg}")
     spacing = math.radians(sampling_deg)
     n_sphere = max(8, round(4.0 * math.pi / (math.sqrt(3.0) / 2.0 * spacing**2)))
     directions = fibonacci_sphere(n_sphere)
@@ -105,6 +107,8 @@ def assign_to_cones(
     every particle is classified. Particles are taken in chunks of at most `max_elements` (particle,
     cone, equivalent direction) cosines, so that the memory used does not grow with their number.
     """
+    if not 0.0 < cone_angle_deg <= 90.0:
+        raise ValueError(f"the cone angle must be in (0, 90] degrees, got {cone_angle_deg}")
     left, right = equivalent_operators(symmetry)
     cos_max = math.cos(math.radians(cone_angle_deg))
     chunk = max(1, max_elements // (len(axes) * len(left)))

@@ -70,3 +70,12 @@ def test_default_sampling_targets_particles_per_cone():
     assert 200 < median < 400
     assert default_sampling(100, 1, 300) == 25.0
     assert default_sampling(10**7, 1, 300) == 5.0
+
+
+@pytest.mark.parametrize("angle", [0.0, -5.0, 120.0])
+def test_sampling_and_cone_angle_out_of_range_are_refused(angle):
+    c1 = symmetry_matrices("C1")
+    with pytest.raises(ValueError, match="degrees"):
+        asymmetric_unit_directions(angle, c1)
+    with pytest.raises(ValueError, match="degrees"):
+        assign_to_cones(torch.eye(3)[None], torch.tensor([[0.0, 0.0, 1.0]]), angle, c1)

@@ -71,6 +71,17 @@ def test_console_exit_codes(simulated: Path, tmp_path: Path):
     assert "Not a directory" in under_file.stdout and "Traceback" not in under_file.stdout + under_file.stderr
 
 
+@pytest.mark.parametrize(
+    "option", [["--maxres", "0"], ["--angular_sampling", "-5"], ["--cone_angle", "0"], ["--batch_size", "0"],
+               ["--particles_per_cone", "0"], ["--resize", "3"], ["--j", "0"], ["--refine_iter", "-1"]],
+)
+def test_option_values_out_of_range_are_usage_errors(tmp_path: Path, option: list[str]):
+    result = CliRunner().invoke(app, ["--i", str(tmp_path / "p.star"), "--o", str(tmp_path / "out"), *option])
+    assert result.exit_code == 2
+    assert option[0] in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_accuracy_on_clear_data(simulated: Path, split_runs):
     truth = star_io.read_particles(simulated / "truth.star").particles
     result = star_io.read_particles(split_runs[0] / "run_data.star").particles
