@@ -298,3 +298,16 @@ def test_cli_help_and_bad_inputs(tmp_path):
     assert all(option in help_text for option in options)
     result = runner.invoke(app, ["--map1", str(REPO / "test_data/adk_open.mrc"), "--o", str(tmp_path)])
     assert result.exit_code != 0
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--n", "0"], ["--snr", "0"], ["--fraction", "1.5"], ["--batch-size", "0"], ["--pose-error", "-1"],
+     ["--max-shift", "-2"], ["--defocus-min", "30000", "--defocus-max", "10000"]],
+)
+def test_cli_option_values_out_of_range_are_usage_errors(tmp_path, option):
+    maps = ["--map1", str(REPO / "test_data/adk_open.mrc"), "--map2", str(REPO / "test_data/adk_closed.mrc")]
+    result = CliRunner().invoke(app, [*maps, "--no-ceiling", "--o", str(tmp_path / "sim"), *option])
+    assert result.exit_code == 2
+    assert "defocus" in result.output if "--defocus-min" in option else option[0] in result.output
+    assert not (tmp_path / "sim").exists()
