@@ -14,7 +14,8 @@ RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps dif
 
 The insertion is a scatter-add over flattened voxel indices, batch by batch, so it runs on whatever
 device the accumulator lives on. On the CPU torch scatters on one thread, so the three channels (real
-and imaginary data, weight) are scattered in parallel threads, each in the order it would be alone.
+and imaginary data, weight) are scattered in parallel threads, each in the order it would be alone,
+while the caller prepares the next batch; reading `sums` waits for them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,8 @@ class FourierAccumulator:
         self.dtype = dtype
         self.c = pad * self.r_max + 1
         d = 2 * self.c + 1
-        self.sums = torch.zeros((3, d, d, self.c + 1), dtype=dtype, device=self.device)
+        self._sums = torch.zeros((3, d, d, self.c + 1), dtype=dtype, device=self.device)
+        self._pending: list[Future] = []  # scatters still running into _sums (see insert_rfft)
 
         # The 2D frequencies that are inserted: x >= 0 (rfft), radius <= r_max, and on the x = 0
         # column only y >= 0 (the negative-y half is the Friedel mate of the positive one).
@@ -90,6 +92,22 @@ class FourierAccumulator:
         self._offsets = torch.tensor(
             [sum(o * s for o, s in zip(corner, self._strides)) for corner in _CORNERS], device=self.device
         )
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(3, 2c + 1, 2c + 1, c + 1): real and imaginary parts of the data, and the weight."""
+        self._wait()
+        return self._sums
+
+    @sums.setter
+    def sums(self, value: torch.Tensor) -> None:
+        self._wait()
+        self._sums = value
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for job in pending:
+            job.result()
 
     def insert(
         self,
@@ -158,12 +176,12 @@ class FourierAccumulator:
         base = (lo[..., 2] + self.c) * sz + (lo[..., 1] + self.c) * sy + lo[..., 0]
         index = (base[None] + self._offsets[:, None, None]).reshape(-1)
         corner_w = _corner_weights(frac)
-        flat = self.sums.view(3, -1)
+        flat = self.sums.view(3, -1)  # waits for this accumulator's previous scatters
 
         def add(channel: int, values: torch.Tensor) -> None:
             flat[channel].scatter_add_(0, index, (corner_w * values).reshape(-1))
 
-        _each_in_parallel(add, [re, im, weights], self.device)
+        self._pending = _each_in_parallel(add, [re, im, weights], self.device)
 
     def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
@@ -185,19 +203,22 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-scatter")
 
 
-def _each_in_parallel(add: Callable[[int, torch.Tensor], None], channels: list[torch.Tensor], device: torch.device) -> None:
-    """add(i, channels[i]) for every channel, in up to torch.get_num_threads() threads on the CPU.
+def _each_in_parallel(
+    add: Callable[[int, torch.Tensor], None], channels: list[torch.Tensor], device: torch.device
+) -> list[Future]:
+    """add(i, channels[i]) for every channel, in up to torch.get_num_threads() threads on the CPU;
+    returns the jobs still running (none when done in this thread).
 
     torch's scatter_add_ runs on one thread on the CPU; the channels go to separate grids, so they can
-    be added at once, each in the same order as alone (the sums do not depend on the thread count).
+    be added at once, each in the same order as alone (the sums do not depend on the thread count),
+    while the caller prepares its next batch.
     """
     workers = min(len(channels), torch.get_num_threads())
     if workers < 2 or device.type != "cpu":
         for i, values in enumerate(channels):
             add(i, values)
-        return
-    for job in [_thread_pool(workers).submit(add, i, values) for i, values in enumerate(channels)]:
-        job.result()
+        return []
+    return [_thread_pool(workers).submit(add, i, values) for i, values in enumerate(channels)]
 
 
 def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
