@@ -350,6 +350,14 @@ def _require_poses(ps: ParticleSet) -> None:
         raise StarFileError(
             f"{ps.path}: not a refined particle set with CTF values: missing {', '.join(missing)}"
         )
+    per_particle = (*ANGLE_COLUMNS, "rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    for column in (c for c in per_particle if c in ps.particles):
+        values = pd.to_numeric(ps.particles[column], errors="coerce").to_numpy(np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise StarFileError(
+                f"{ps.path}: {column} is not a finite number for {bad.size} particle(s), the first in row {bad[0] + 1}"
+            )
 
 
 def _write_block(f, name: str, table: pd.DataFrame, version: int, chunk: int = 100_000) -> None:

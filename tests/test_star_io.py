@@ -367,6 +367,16 @@ def test_other_refusals(tmp_path):
         )
 
 
+@pytest.mark.parametrize("column, value", [("rlnAngleRot", "nan"), ("rlnOriginXAngst", "inf"), ("rlnDefocusU", "abc")])
+def test_poses_and_defocus_that_are_not_finite_numbers_are_refused(tmp_path, column, value):
+    table = particle_table(4)
+    table[column] = table[column].astype(object)
+    table.loc[2, column] = value
+    path = tmp_path / "p.star"
+    starfile.write({"optics": optics_table(), "particles": table}, path)
+    assert refusal(path).endswith(f"{column} is not a finite number for 1 particle(s), the first in row 3")
+
+
 def test_unused_optics_groups_do_not_count():
     """A subset that keeps its parent's optics table is judged on the groups it uses."""
     optics = optics_table(groups=(1, 2), rlnImagePixelSize=[1.5, 1.1], rlnImageSize=[64, 80])
