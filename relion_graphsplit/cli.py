@@ -60,7 +60,20 @@ def _read_map(path: Path, box: int, pixel_size: float, what: str) -> torch.Tenso
         raise typer.BadParameter(f"{what} {path} is {volume.shape}, the particles are {box}^3")
     if abs(apix - pixel_size) > 1e-3 * pixel_size and apix > 0:
         raise typer.BadParameter(f"{what} {path} has pixel size {apix:.4f} A, the particles {pixel_size:.4f} A")
+    if not np.isfinite(volume).all():
+        raise typer.BadParameter(f"{what} {path} holds values that are not finite numbers")
     return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+
+
+def _read_mask(path: Path, box: int, pixel_size: float) -> torch.Tensor:
+    """A 3D mask as RELION takes it: values from 0 (ignored) to 1 (kept), some of them above 0."""
+    mask = _read_map(path, box, pixel_size, "mask")
+    low, high = float(mask.min()), float(mask.max())
+    if low < -1e-3 or high > 1.001:
+        raise typer.BadParameter(f"mask {path} has values from {low:.3g} to {high:.3g}: a mask runs from 0 to 1")
+    if high <= 0:
+        raise typer.BadParameter(f"mask {path} is empty (no value above 0)")
+    return mask.clamp(0.0, 1.0)
 
 
 @app.command(help="Split a refined particle set into two classes with the graph method (thesis chapter 4).")
@@ -100,7 +113,7 @@ def run(
         threadpool_limits(j)  # numpy's and scipy's BLAS too
         ps = star_io.read_particles(i)
         box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
-        mask_volume = _read_map(mask, box, apix, "mask") if mask else None
+        mask_volume = _read_mask(mask, box, apix) if mask else None
         consensus = _read_map(ref, box, apix, "consensus map") if ref else None
         options = SplitOptions(
             symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,

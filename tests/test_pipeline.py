@@ -82,6 +82,26 @@ def test_option_values_out_of_range_are_usage_errors(tmp_path: Path, option: lis
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
+def test_bad_masks_and_maps_are_refused(simulated: Path, tmp_path: Path):
+    box, apix = 32, 4.0
+    cases = {
+        "empty": ("--mask", np.zeros((box,) * 3, np.float32), "is empty"),
+        "density": ("--mask", np.linspace(-0.5, 2.0, box**3, dtype=np.float32).reshape((box,) * 3), "runs from 0 to 1"),
+        "nan_mask": ("--mask", np.full((box,) * 3, np.nan, np.float32), "not finite"),
+        "nan_ref": ("--ref", np.full((box,) * 3, np.nan, np.float32), "not finite"),
+    }
+    for name, (option, volume, message) in cases.items():
+        write_mrc(tmp_path / f"{name}.mrc", volume, apix)
+        out = tmp_path / f"out_{name}"
+        args = ["--i", str(simulated / "particles.star"), "--o", str(out), option, str(tmp_path / f"{name}.mrc")]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, name
+        text = " ".join(result.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's error panel
+        assert message in text, name
+        assert not out.exists(), name
+
+
 def test_accuracy_on_clear_data(simulated: Path, split_runs):
     truth = star_io.read_particles(simulated / "truth.star").particles
     result = star_io.read_particles(split_runs[0] / "run_data.star").particles
