@@ -98,6 +98,8 @@ def read_particles(path: str | os.PathLike, require_poses: bool = True) -> Parti
     cannot be found it is left out of the optics table and `image_size` raises.
     """
     path = Path(path)
+    if path.is_dir():
+        raise StarFileError(f"{path}: a folder, not a STAR file")
     if not path.is_file():
         raise StarFileError(f"{path}: no such file")
     try:

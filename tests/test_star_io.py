@@ -349,6 +349,7 @@ def test_missing_columns_are_named(tmp_path):
 
 def test_other_refusals(tmp_path):
     assert "no such file" in refusal(tmp_path / "absent.star")
+    assert "a folder, not a STAR file" in refusal(tmp_path)
 
     only_optics = tmp_path / "optics_only.star"
     micrographs = pd.DataFrame({"rlnMicrographName": ["a.mrc"]})
