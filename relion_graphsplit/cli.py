@@ -81,7 +81,7 @@ def run(
     ctx: typer.Context,
     i: Optional[Path] = typer.Option(None, "--i", "--in_parts", help="Refined particle STAR file (angles, origins, CTF)."),
     o: Path = typer.Option(..., "--o", help="Output directory (created; inputs are never modified)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC) to focus on; default: a soft mask drawn around the consensus map. The mask used is written to run_mask.mrc."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC, values from 0 to 1) to focus on; default: a soft mask drawn around the consensus map. The mask used is written to run_mask.mrc."),
     mask_threshold: float = typer.Option(0.1, "--mask_threshold", min=0.01, max=0.99, help="Default mask for the graph split: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
     refine_mask_threshold: float = typer.Option(0.3, "--refine_mask_threshold", min=0.0, max=0.99, help="Default mask for the refinement: the same, drawn around the larger of the two first class maps at each voxel (0: refine with the graph split's mask)."),
     mask_extend: float = typer.Option(3.0, "--mask_extend", min=0.0, help="Default masks: extension (A) beyond the threshold, before a 6 A soft edge."),
