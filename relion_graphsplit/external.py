@@ -45,23 +45,23 @@ class ExternalJob:
 
     def _mark(self, name: str) -> None:
         if self.active:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / name).touch()
-            except OSError:  # an output directory that cannot be made: the error is reported as it is
-                if name == "RELION_JOB_EXIT_SUCCESS":
-                    raise
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / name).touch()
 
     def succeed(self) -> None:
         self._mark("RELION_JOB_EXIT_SUCCESS")
 
+    # On the way out of a failed or aborted run a marker that cannot be written (an output directory
+    # that cannot be made) must not hide the run's own error.
+
     def fail(self) -> None:
-        self._mark("RELION_JOB_EXIT_FAILURE")
+        with contextlib.suppress(OSError):
+            self._mark("RELION_JOB_EXIT_FAILURE")
 
     def aborted(self) -> None:
-        self._mark("RELION_JOB_EXIT_ABORTED")
-        if self.active:
-            with contextlib.suppress(OSError):  # gone already, or never there (see _mark)
+        with contextlib.suppress(OSError):
+            self._mark("RELION_JOB_EXIT_ABORTED")
+            if self.active:
                 (self.out / "RELION_JOB_ABORT_NOW").unlink(missing_ok=True)
 
     def outputs(self, nodes: list[tuple[Path, str]]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -106,6 +107,7 @@ class FourierAccumulator:
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, []
+        futures.wait(pending)  # all of them, so that none still writes if one failed
         for job in pending:
             job.result()
 
@@ -284,13 +286,19 @@ class _InversionGrid:
     shell: torch.Tensor  # (p, p, p // 2 + 1) int64: floor(r / pad), at most r_max - 1
     counted: torch.Tensor  # (m,) flat indices of the voxels that enter the radial mean weight
     counts: torch.Tensor  # (r_max,) float64: voxels per shell among them
-    radius: torch.Tensor  # (p, p, p // 2 + 1) float64: radius in padded Fourier pixels
     crop: torch.Tensor  # (box,) index of each output voxel along an axis of the padded map (FFT order)
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
 
 
-@functools.lru_cache(maxsize=8)
+def _padded_radius(p: int, device: torch.device) -> torch.Tensor:
+    """Radius (float64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume."""
+    kz = _signed_frequencies(p, device)
+    kx = torch.arange(p // 2 + 1, device=device)
+    return torch.sqrt((kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2).to(torch.float64))
+
+
+@functools.lru_cache(maxsize=2)  # the working size and the particles' box
 def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
     p = pad * box
     rp = pad * r_max
@@ -298,7 +306,7 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     kz = _signed_frequencies(p, device)
     kx = torch.arange(p // 2 + 1, device=device)
     r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
-    radius = torch.sqrt(r2.to(torch.float64))
+    radius = _padded_radius(p, device)
     shell = torch.floor(radius / pad).long().clamp(max=r_max - 1)
     counted = torch.nonzero((r2 < round(rp * rp)).reshape(-1)).squeeze(1)
     counts = torch.bincount(shell.reshape(-1)[counted], minlength=r_max).to(torch.float64)
@@ -317,7 +325,6 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
         shell=shell,
         counted=counted,
         counts=counts.clamp(min=1),
-        radius=radius,
         crop=crop,
         edge=edge,
         sinc2=sinc * sinc,
@@ -342,10 +349,10 @@ def _invert(
 
     f_data, f_weight = decentred(data), decentred(weight)
     if regularisation is not None:
-        rp = pad * r_max
-        shells = torch.round(g.radius / pad).long().clamp(max=len(regularisation) - 1)
+        radius = _padded_radius(p, weight.device)
+        shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
         term = regularisation.to(weight.device, torch.float64)[shells]
-        f_weight = torch.where(g.radius < rp, f_weight + term, f_weight)
+        f_weight = torch.where(radius < pad * r_max, f_weight + term, f_weight)
 
     # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad)).
     sums = torch.zeros(r_max, dtype=torch.float64, device=weight.device)
