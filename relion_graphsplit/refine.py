@@ -137,24 +137,29 @@ def class_log_odds(
     variance of each image is estimated from what its better-fitting class leaves unexplained,
     min_k |s - a CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF): the residual alone would
     count the class difference as noise, shrink the data term against the prior, and pull particles
-    into the larger class.
+    into the larger class. The terms are float32 (a third faster than float64), their sums float64.
     """
     n = scratch.shape[-1]
-    weights = _half_plane_weights(n)
-    prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float64))
+    weights = _half_plane_weights(n).to(torch.float32)
+    prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
     out = np.zeros(scratch.shape[0])
     for index in batches:
-        s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        ctf2 = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) ** 2
+        s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])))
+        ctf2 = torch.from_numpy(np.asarray(filters[index])) ** 2
+        w_ctf2 = weights * ctf2
         # The maps were reconstructed from residuals that carry each image's scale a: relative to them
         # an image's difference is a / mean(a) times their projection.
-        a = (scale[index] / scale.mean())[:, None, None]
+        a = (scale[index] / scale.mean()).to(torch.float32)[:, None, None]
         log_likelihood, unexplained = [], []
         for q in a * project_rfft(prepared, rotations[index]):
-            cross = (weights * (s.conj() * q).real).sum((1, 2))
-            power = (weights * ctf2 * _power(q)).sum((1, 2))
-            log_likelihood.append(2 * cross - power)
-            unexplained.append((weights * _power(s - ctf2 * q)).sum((1, 2)))
-        sigma2 = torch.minimum(*unexplained) / (weights * ctf2).sum((1, 2)).clamp(min=1e-30)
+            overlap = s.real * q.real + s.imag * q.imag  # Re(conj(s) q)
+            log_likelihood.append(2 * _sum(weights * overlap) - _sum(w_ctf2 * _power(q)))
+            unexplained.append(_sum(weights * _power(s - ctf2 * q)))
+        sigma2 = torch.minimum(*unexplained) / _sum(w_ctf2).clamp(min=1e-30)
         out[index] = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
     return out
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """Per-image sums (B,) of float32 terms (B, N, M), accumulated in float64."""
+    return x.sum((1, 2), dtype=torch.float64)

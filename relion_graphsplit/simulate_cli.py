@@ -90,43 +90,62 @@ def main_command(
         None, "--chains2", help="Chains of --pdb2 to keep, e.g. 'A,C,D,E' to leave chain B out (compositional)."
     ),
     superpose_core: bool = typer.Option(
-        False, "--superpose-core", help="Superpose model 1 onto model 2 on the CA atoms of --core-residues first."
+        False, "--superpose_core", "--superpose-core",
+        help="Superpose model 1 onto model 2 on the CA atoms of --core_residues first."
     ),
     core_residues: str = typer.Option(
-        "1-29,60-121,160-214", "--core-residues", help="Residue ranges for --superpose-core (default: adk's core)."
+        "1-29,60-121,160-214", "--core_residues", "--core-residues",
+        help="Residue ranges for --superpose_core (default: adk's core)."
     ),
     bfactor: float = typer.Option(100.0, "--bfactor", help="B-factor (A^2) given to every atom of the models."),
-    box: Optional[int] = typer.Option(None, "--box", min=8, help="Box size in pixels (needed with models; maps give it)."),
+    box: Optional[int] = typer.Option(
+        None, "--box", min=8, help="Box size in pixels (needed with models; maps give it)."
+    ),
     angpix: Optional[float] = typer.Option(
         None, "--angpix", min=0.01, help="Pixel size in A (needed with models; default for maps: their header)."
     ),
     n: int = typer.Option(1000, "--n", min=1, help="Number of particles."),
     snr: float = typer.Option(
-        0.05, "--snr", min=1e-9, help="Signal-to-noise ratio: signal variance inside the 0.75-box circle over noise variance."
+        0.05, "--snr", min=1e-9,
+        help="Signal-to-noise ratio: signal variance inside the 0.75-box circle over noise variance."
     ),
     fraction: float = typer.Option(0.5, "--fraction", min=0.0, max=1.0, help="Fraction of particles in class 1."),
-    defocus_min: float = typer.Option(10000.0, "--defocus-min", min=0.0, help="Smallest mean defocus (A, underfocus)."),
-    defocus_max: float = typer.Option(30000.0, "--defocus-max", min=0.0, help="Largest mean defocus (A)."),
+    defocus_min: float = typer.Option(
+        10000.0, "--defocus_min", "--defocus-min", min=0.0, help="Smallest mean defocus (A, underfocus)."
+    ),
+    defocus_max: float = typer.Option(
+        30000.0, "--defocus_max", "--defocus-max", min=0.0, help="Largest mean defocus (A)."
+    ),
     astigmatism: float = typer.Option(500.0, "--astigmatism", min=0.0, help="DefocusU - DefocusV (A)."),
-    ctf_bfactor: float = typer.Option(0.0, "--ctf-bfactor", help="CTF envelope B-factor (A^2, rlnCtfBfactor)."),
+    ctf_bfactor: float = typer.Option(
+        0.0, "--ctf_bfactor", "--ctf-bfactor", help="CTF envelope B-factor (A^2, rlnCtfBfactor)."
+    ),
     voltage: float = typer.Option(300.0, "--voltage", min=1.0, help="Acceleration voltage (kV)."),
     cs: float = typer.Option(2.7, "--cs", min=0.0, help="Spherical aberration (mm)."),
     q0: float = typer.Option(0.1, "--q0", min=0.0, max=1.0, help="Amplitude contrast (fraction)."),
-    max_shift: float = typer.Option(0.0, "--max-shift", min=0.0, help="True origins are uniform in [-max, max] A per axis."),
-    pose_error: float = typer.Option(
-        0.0, "--pose-error", min=0.0, help="RMS angle (degrees) of the random rotation between true and written poses."
+    max_shift: float = typer.Option(
+        0.0, "--max_shift", "--max-shift", min=0.0, help="True origins are uniform in [-max, max] A per axis."
     ),
-    shift_error: float = typer.Option(0.0, "--shift-error", min=0.0, help="RMS length (A) of the error of written origins."),
+    pose_error: float = typer.Option(
+        0.0, "--pose_error", "--pose-error", min=0.0,
+        help="RMS angle (degrees) of the random rotation between true and written poses."
+    ),
+    shift_error: float = typer.Option(
+        0.0, "--shift_error", "--shift-error", min=0.0, help="RMS length (A) of the error of written origins."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give the same files."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Particles made at a time (memory)."),
+    batch_size: int = typer.Option(
+        256, "--batch_size", "--batch-size", min=1, help="Particles made at a time (memory)."
+    ),
     ceiling: bool = typer.Option(
-        True, "--ceiling/--no-ceiling", help="Report the accuracy of classifying with the true maps and poses."
+        True, "--ceiling/--no_ceiling", " /--no-ceiling",
+        help="Report the accuracy of classifying with the true maps and poses."
     ),
 ) -> None:
     if (map1 is None) != (map2 is None) or (pdb1 is None) != (pdb2 is None) or (map1 is None) == (pdb1 is None):
         raise typer.BadParameter("give either --map1 and --map2, or --pdb1 and --pdb2")
     if defocus_min > defocus_max:
-        raise typer.BadParameter(f"--defocus-min ({defocus_min}) is above --defocus-max ({defocus_max})")
+        raise typer.BadParameter(f"--defocus_min ({defocus_min}) is above --defocus_max ({defocus_max})")
     if map1 is not None:
         volumes, pixel_size = _maps_from_files(map1, map2, box, angpix)
     else:

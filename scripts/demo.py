@@ -31,7 +31,7 @@ def main(
     subprocess.run(
         ["relion_graphsplit_simulate", "--map1", str(ROOT / "test_data" / "adk_open.mrc"),
          "--map2", str(ROOT / "test_data" / "adk_closed.mrc"), "--n", str(n), "--snr", str(snr),
-         "--fraction", "0.5", "--pose-error", "1.0", "--seed", "1", "--o", str(sim)],
+         "--fraction", "0.5", "--pose_error", "1.0", "--seed", "1", "--o", str(sim)],
         check=True,
     )  # fmt: skip
     subprocess.run(["relion_graphsplit", "--i", str(sim / "particles.star"), "--o", str(split), "--j", str(j)], check=True)

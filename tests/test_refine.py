@@ -1,8 +1,59 @@
 import numpy as np
 import torch
 
-from relion_graphsplit.refine import class_sums, difference_maps, residual_sums
+from relion_graphsplit.projection import project
+from relion_graphsplit.refine import _half_plane_weights, class_log_odds, class_sums, difference_maps, residual_sums
 from relion_graphsplit.simulate import uniform_rotations
+
+
+def _smooth_map(rng: np.random.Generator, box: int) -> torch.Tensor:
+    """A random map of a few Gaussian blobs (box^3)."""
+    k = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    out = torch.zeros(box, box, box, dtype=torch.float64)
+    for centre in rng.uniform(-box / 5, box / 5, (4, 3)):
+        out += torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) / 4.0)
+    return out
+
+
+def test_class_log_odds_classify_and_match_the_float64_likelihood():
+    """Residual images s = a' CTF^2 Q_k + noise: the log odds pick class k, and equal the white-noise
+    likelihood ratio computed in float64 from real-space projections."""
+    rng = np.random.default_rng(1)
+    n, box = 200, 16
+    maps = [_smooth_map(rng, box), _smooth_map(rng, box)]
+    rotations = torch.from_numpy(uniform_rotations(n, rng))
+    ctf = torch.from_numpy(rng.uniform(0.3, 1.0, (n, box, box // 2 + 1)))
+    scale = torch.from_numpy(rng.uniform(0.8, 1.2, n))
+    relative = (scale / scale.mean())[:, None, None]
+    truth = rng.integers(1, 3, n)
+    q = torch.stack([torch.fft.rfft2(project(m, rotations)) for m in maps])  # (2, n, N, N // 2 + 1)
+    clean = relative * ctf**2 * torch.where(torch.from_numpy(truth == 1)[:, None, None], q[0], q[1])
+    images = torch.fft.irfft2(clean, s=(box, box)) + 0.02 * torch.from_numpy(rng.standard_normal((n, box, box)))
+    prior = 0.3
+    batches = [np.arange(0, 120), np.arange(120, n)]
+    odds = class_log_odds(
+        images.numpy().astype(np.float32),
+        [m.to(torch.float32) for m in maps],
+        torch.ones(box, box, box),
+        rotations,
+        scale,
+        ctf.numpy().astype(np.float32),
+        prior,
+        batches,
+    )
+    assert np.mean(np.where(odds >= 0, 1, 2) == truth) > 0.95
+
+    w = _half_plane_weights(box)
+    s = torch.fft.rfft2(images)
+    log_likelihood = [
+        (w * (2 * (s.conj() * relative * q[k]).real - ctf**2 * (relative * q[k]).abs() ** 2)).sum((1, 2))
+        for k in range(2)
+    ]
+    unexplained = [(w * (s - ctf**2 * relative * q[k]).abs() ** 2).sum((1, 2)) for k in range(2)]
+    sigma2 = torch.minimum(*unexplained) / (w * ctf**2).sum((1, 2))
+    expected = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
+    np.testing.assert_allclose(odds, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
 def test_class_two_from_the_totals_equals_its_own_insertion():

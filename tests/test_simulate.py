@@ -10,6 +10,7 @@ import gemmi
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 import torch
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
@@ -261,7 +262,7 @@ def test_cli_from_maps(tmp_path):
         app,
         [
             "--map1", str(REPO / "test_data/adk_open.mrc"), "--map2", str(REPO / "test_data/adk_closed.mrc"),
-            "--n", "20", "--snr", "0.5", "--fraction", "0.3", "--max-shift", "3", "--pose-error", "2",
+            "--n", "20", "--snr", "0.5", "--fraction", "0.3", "--max_shift", "3", "--pose_error", "2",
             "--seed", "1", "--o", str(tmp_path / "sim"),
         ],
     )  # fmt: skip
@@ -272,11 +273,29 @@ def test_cli_from_maps(tmp_path):
     }  # fmt: skip
 
 
+def test_cli_takes_dashes_as_well_as_underscores(tmp_path):
+    """Options are spelt as RELION's (--pose_error); the dashed forms (--pose-error) do the same."""
+    maps = ["--map1", str(REPO / "test_data/adk_open.mrc"), "--map2", str(REPO / "test_data/adk_closed.mrc")]
+    common = ["--n", "6", "--snr", "0.5", "--seed", "3"]
+    spellings = {
+        "underscores": ["--max_shift", "3", "--pose_error", "2", "--defocus_min", "15000", "--batch_size", "4", "--no_ceiling"],
+        "dashes": ["--max-shift", "3", "--pose-error", "2", "--defocus-min", "15000", "--batch-size", "4", "--no_ceiling"],
+    }
+    for name, args in spellings.items():
+        result = CliRunner().invoke(app, [*maps, *common, *args, "--o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert "Ceiling accuracy" not in result.output
+    written = [(tmp_path / name / "particles.star").read_text() for name in spellings]
+    assert written[0] == written[1]
+    particles = starfile.read(tmp_path / "dashes" / "particles.star")["particles"]
+    assert ((particles["rlnDefocusU"] + particles["rlnDefocusV"]) / 2 >= 15000).all()  # --defocus-min was taken
+
+
 @needs_structures
 def test_cli_from_models_with_a_chain_left_out(tmp_path):
     model = str(STRUCTURES / "1BD2.pdb.gz")
     args = ["--pdb1", model, "--pdb2", model, "--chains2", "A,C,D,E", "--box", "54", "--angpix", "3"]
-    result = CliRunner().invoke(app, args + ["--n", "8", "--no-ceiling", "--o", str(tmp_path)])
+    result = CliRunner().invoke(app, args + ["--n", "8", "--no_ceiling", "--o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     full, partial = (read_mrc(tmp_path / f"class{k}.mrc")[0] for k in (1, 2))
     assert 0.8 < partial.sum() / full.sum() < 0.95  # chain B is ~12 kDa of ~95 kDa
@@ -285,7 +304,7 @@ def test_cli_from_models_with_a_chain_left_out(tmp_path):
 @needs_structures
 def test_cli_superposes_adk_on_its_core(tmp_path):
     args = ["--pdb1", str(STRUCTURES / "adk_open.pdb"), "--pdb2", str(STRUCTURES / "adk_closed.pdb")]
-    args += ["--superpose-core", "--box", "48", "--angpix", "2", "--n", "4", "--no-ceiling", "--o", str(tmp_path)]
+    args += ["--superpose_core", "--box", "48", "--angpix", "2", "--n", "4", "--no_ceiling", "--o", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "Superposed model 1 onto model 2 on 1-29,60-121,160-214" in result.output
@@ -294,7 +313,7 @@ def test_cli_superposes_adk_on_its_core(tmp_path):
 def test_cli_help_and_bad_inputs(tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(app, ["--help"]).output
-    options = ("--map1", "--pdb1", "--chains1", "--superpose-core", "--snr", "--fraction", "--pose-error", "--seed")
+    options = ("--map1", "--pdb1", "--chains1", "--superpose_core", "--snr", "--fraction", "--pose_error", "--seed")
     assert all(option in help_text for option in options)
     result = runner.invoke(app, ["--map1", str(REPO / "test_data/adk_open.mrc"), "--o", str(tmp_path)])
     assert result.exit_code != 0
@@ -302,12 +321,12 @@ def test_cli_help_and_bad_inputs(tmp_path):
 
 @pytest.mark.parametrize(
     "option",
-    [["--n", "0"], ["--snr", "0"], ["--fraction", "1.5"], ["--batch-size", "0"], ["--pose-error", "-1"],
-     ["--max-shift", "-2"], ["--defocus-min", "30000", "--defocus-max", "10000"]],
+    [["--n", "0"], ["--snr", "0"], ["--fraction", "1.5"], ["--batch_size", "0"], ["--pose_error", "-1"],
+     ["--max_shift", "-2"], ["--defocus_min", "30000", "--defocus_max", "10000"]],
 )
 def test_cli_option_values_out_of_range_are_usage_errors(tmp_path, option):
     maps = ["--map1", str(REPO / "test_data/adk_open.mrc"), "--map2", str(REPO / "test_data/adk_closed.mrc")]
-    result = CliRunner().invoke(app, [*maps, "--no-ceiling", "--o", str(tmp_path / "sim"), *option])
+    result = CliRunner().invoke(app, [*maps, "--no_ceiling", "--o", str(tmp_path / "sim"), *option])
     assert result.exit_code == 2
-    assert "defocus" in result.output if "--defocus-min" in option else option[0] in result.output
+    assert "defocus" in result.output if "--defocus_min" in option else option[0] in result.output
     assert not (tmp_path / "sim").exists()
