@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -26,7 +27,7 @@ from relion_graphsplit.masks import resample_volume
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
-from relion_graphsplit.preprocess import CtfCorrection
+from relion_graphsplit.preprocess import COLOURED_NOISE, CtfCorrection
 from relion_graphsplit.report import report_warnings, write_report
 from relion_graphsplit.stack import ImageStacks
 
@@ -93,6 +94,7 @@ def run(
     maxres: float = typer.Option(10.0, "--maxres", min=0.1, help="Resolution (A) the images are downsampled to for the analysis."),
     resize: Optional[int] = typer.Option(None, "--resize", min=8, help="Working box in pixels (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
+    whiten: bool = typer.Option(True, "--whiten/--no_whiten", help="Whiten images and CTFs by the noise spectrum of their residuals to the consensus before the analysis (real images carry more noise at low frequencies; see docs/method.md). Used with the subtracting CTF corrections."),
     refine_iter: int = typer.Option(30, "--refine_iter", min=0, help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone; used with --ctf_correction subtract-multiply on particles that are not CTF-premultiplied)."),
     particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", help="Particle diameter (A) for the printed RELION Class3D command; default 80% of the box."),
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
@@ -118,7 +120,7 @@ def run(
         options = SplitOptions(
             symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
             particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
-            ctf_correction=ctf_correction, mask_threshold=mask_threshold,
+            ctf_correction=ctf_correction, whiten=whiten, mask_threshold=mask_threshold,
             refine_mask_threshold=refine_mask_threshold, mask_extend=mask_extend,
             refine_iterations=refine_iter, batch_size=batch_size, seed=seed,
         )
@@ -160,7 +162,7 @@ def run(
             "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
             "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
             "graph_components": len(result.components), "sync_method": result.sync_method,
-            "sync_gap": result.sync_gap,
+            "sync_gap": result.sync_gap, "noise_contrast": result.noise_contrast,
             "refine_changes": result.refine_changes,
             "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
             "next_command": command,
@@ -200,6 +202,7 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
     table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
     table.add_row("graph components", str(len(result.components)))
+    table.add_row("noise", _noise_description(result.noise_contrast))
     for k in (1, 2):
         count = int((result.classes == k).sum())
         table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")
@@ -207,6 +210,15 @@ def _print_summary(result, n: int, total: float) -> None:
         table.add_row(f"time: {step}", f"{seconds:.1f} s")
     table.add_row("time: total", f"{total:.1f} s")
     console.print(table)
+
+
+def _noise_description(contrast: float) -> str:
+    """How coloured the noise was found, and whether the images were whitened (method.md item 8)."""
+    if math.isnan(contrast):
+        return "not estimated (not whitened)"
+    if contrast >= COLOURED_NOISE:
+        return f"coloured ({contrast:.1f}-fold): whitened"
+    return f"white ({contrast:.1f}-fold): not whitened"
 
 
 def main() -> None:

@@ -31,8 +31,16 @@ from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mas
 from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
-from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
-from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
+from relion_graphsplit.preprocess import (
+    CtfCorrection,
+    correct,
+    fourier_crop,
+    fourier_crop_volume,
+    least_squares_scale,
+    whitening_filter,
+    working_box,
+)
+from relion_graphsplit.projection import PreparedVolume, prepare_volume, project_rfft, shift_images
 from relion_graphsplit.reconstruct import reconstruct_stream
 from relion_graphsplit.refine import class_log_odds, class_sums, difference_maps, residual_sums
 from relion_graphsplit.scratch import ScratchArray
@@ -59,6 +67,7 @@ class SplitOptions:
     maxres: float | None = 10.0  # A; images are downsampled to this Nyquist
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
+    whiten: bool = True  # whiten images and CTFs by the residuals' noise spectrum (subtracting corrections)
     mask_threshold: float = 0.1  # default mask: fraction of the low-passed consensus map's maximum ...
     refine_mask_threshold: float = 0.3  # ... then, for the refinement, of the two class maps' (0: keep the first)
     mask_extend: float = 3.0  # extension of both in A
@@ -86,6 +95,7 @@ class SplitResult:
     components: list[np.ndarray]  # cone indices of each connected part of the graph
     sync_method: str
     sync_gap: float  # relative gap between the max-cut bound and the solution (0: proven optimal)
+    noise_contrast: float  # noise power of the noisiest ring over the least noisy (nan: not estimated)
     sampling: float
     cone_angle: float
     working_box: int
@@ -93,6 +103,10 @@ class SplitResult:
     mask: torch.Tensor  # (w, w, w) the graph split's 3D mask, at the working size
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+NOISE_SAMPLE = 2048
+"""About this many particles, in evenly spread batches, give the noise spectrum for the whitening."""
 
 
 def _batches(n: int, size: int) -> list[np.ndarray]:
@@ -107,17 +121,19 @@ def prepare_images(
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
     `filters` (n, w, w // 2 + 1) receives the filter each image's data carry at the working size
     (its CTF, squared if CTF-premultiplied), computed once for this and the later steps. Returns each
     image's grey scale relative to the consensus projection (ones when not subtracting), the consensus
-    map at the working size, and the time spent per step.
+    map at the working size, the whitening filter and the noise's contrast (preprocess.whitening_filter;
+    ones and nan when not whitening) and the time spent per step.
 
     Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
     map is given, reconstructs it at the working size (not possible from CTF-premultiplied images,
-    whose consensus stays None). Pass 2 corrects the images in `scratch` for the CTF.
+    whose consensus stays None). Pass 2 corrects the images in `scratch` for the CTF, whitened by the
+    noise spectrum of the residuals of a sample of them.
     """
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
@@ -155,15 +171,43 @@ def prepare_images(
 
     start = time.perf_counter()
     prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
+    whitening, contrast = torch.ones(w, w // 2 + 1, dtype=torch.float64), float("nan")
+    if prepared is not None and options.whiten:
+        sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
+        residuals = (_residual(scratch, filters, prepared, rotations, index) for index in sample)
+        whitening, contrast = whitening_filter(residuals)
     scale = torch.ones(n, dtype=torch.float64)
     for index in track(batches, description="Correcting for the CTF", total=len(batches)):
-        f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        projections = project_rfft(prepared, rotations[index]) if prepared is not None else None
+        # Images and projections whitened, the CTF not: the corrected images hold the whitened
+        # residual times the CTF (or its sign), whose noise is as white as without whitening.
+        f = whitening * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        projections = whitening * project_rfft(prepared, rotations[index]) if prepared is not None else None
         data_filter = torch.from_numpy(np.asarray(filters[index])).to(torch.float64)
         corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
         scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
     timings["ctf"] = time.perf_counter() - start
-    return scale, consensus, timings
+    return scale, consensus, whitening, contrast, timings
+
+
+def _residual(
+    scratch: ScratchArray, filters: ScratchArray, prepared: PreparedVolume, rotations: torch.Tensor, index: np.ndarray
+) -> torch.Tensor:
+    """Images `index` less their least-squares scaled, CTF-modulated consensus projections (rfft)."""
+    f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+    model = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) * project_rfft(prepared, rotations[index])
+    return f - least_squares_scale(f, model)[:, None, None] * model
+
+
+def whiten_for_refinement(
+    scratch: ScratchArray, filters: ScratchArray, whitening: torch.Tensor, batches: list[np.ndarray]
+) -> None:
+    """Turn the corrected images CTF (W r) into CTF' (W r) and their filters CTF into CTF' = W CTF: the
+    white-noise likelihood of the refinement then weighs each frequency by the inverse noise power."""
+    w = scratch.shape[-1]
+    for index in batches:
+        f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        scratch[index] = torch.fft.irfft2(whitening * f, s=(w, w)).numpy().astype(np.float32)
+        filters[index] = (whitening * torch.from_numpy(np.asarray(filters[index]))).numpy()
 
 
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
@@ -302,7 +346,9 @@ def split(
         ScratchArray(Path(tmp) / "images.f32", (n, w, w)) as scratch,
         ScratchArray(Path(tmp) / "filters.f32", (n, w, w // 2 + 1)) as filters,
     ):
-        scale, small_consensus, prep_times = prepare_images(ps, stacks, scratch, filters, options, small_consensus, track)
+        scale, small_consensus, whitening, noise_contrast, prep_times = prepare_images(
+            ps, stacks, scratch, filters, options, small_consensus, track
+        )
         timings.update(prep_times)
 
         # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
@@ -337,6 +383,8 @@ def split(
         changed: list[int] = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
 
+        if refine and not torch.all(whitening == 1):
+            whiten_for_refinement(scratch, filters, whitening, batches)
         totals = residual_sums(scratch, rotations, filters, batches) if refine else []
 
         def rounds():  # until fewer than refine_tolerance of the particles change class
@@ -402,6 +450,7 @@ def split(
         components=components,
         sync_method=sync.method,
         sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
+        noise_contrast=noise_contrast,
         graph_score=graph_score,
         refine_changes=changed,
         sampling=sampling,

@@ -12,6 +12,7 @@ in which the first component is a matched filter. docs/benchmarks.md has the mea
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import torch
 
@@ -73,6 +74,49 @@ def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> 
     num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
     den = (weight * model_rfft.abs() ** 2).sum(dim=(-2, -1)).clamp(min=1e-30)
     return num / den
+
+
+COLOURED_NOISE = 2.0
+"""Noise whose power varies less than this many times across the rings counts as white (whitening_filter)."""
+
+
+def whitening_filter(
+    residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE
+) -> tuple[torch.Tensor, float]:
+    """Radial filter (n, n // 2 + 1) that makes the noise white, and the noise's contrast: how many
+    times the power of its noisiest ring within Nyquist is that of its least noisy one.
+
+    The filter is 1 / sqrt of the mean power of the
+    residual transforms `residuals` (batches (B, n, n // 2 + 1), unshifted rfft) in each ring of integer
+    radius, relative to their mean power. The DC ring takes the first ring's value.
+
+    Real images carry more noise at low frequencies than at high ones (ice, the structured background);
+    the principal component and the refinement's likelihood assume white noise, so images and their
+    CTFs are multiplied by this filter before the CTF correction. Residuals to the consensus projection
+    are noise, plus the difference between the classes and what pose errors leave: on white noise
+    these make the rings' power vary by up to 1.4-fold (docs/benchmarks.md), and whitening by them
+    would damp the very frequencies the classes differ at. So unless the power of the rings within
+    Nyquist varies by at least `min_contrast`, the noise counts as white and the filter is ones.
+    """
+    power = sum((r.abs() ** 2).sum(0) for r in residuals)  # one batch at a time
+    n = power.shape[-2]
+    ky = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)
+    kx = torch.arange(n // 2 + 1, dtype=torch.float64)
+    ring = torch.round(torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)).long()
+    weight = torch.full((n, n // 2 + 1), 2.0, dtype=torch.float64)
+    weight[:, 0] = weight[:, -1] = 1.0  # rfft columns other than 0 and Nyquist stand for two coefficients
+    rings = int(ring.max()) + 1
+    ring_power = torch.bincount(ring.reshape(-1), (weight * power).reshape(-1), minlength=rings)
+    ring_count = torch.bincount(ring.reshape(-1), weight.reshape(-1), minlength=rings)
+    mean = ring_power / ring_count
+    mean[0] = mean[1]
+    mean = mean.clamp(min=1e-12 * float(mean.max()))
+    within = mean[1 : n // 2 + 1]
+    contrast = float(within.max() / within.min())
+    if contrast < min_contrast:
+        return torch.ones(n, n // 2 + 1, dtype=torch.float64), contrast
+    overall = (ring_power[1:].sum() + mean[0]) / ring_count.sum()
+    return torch.sqrt(overall / mean[ring]), contrast
 
 
 def correct(

@@ -1,9 +1,12 @@
 """Simulated particle sets with known classes, written as a RELION 3.1 project would hold them.
 
 Each particle is the projection of one of several maps in a uniformly random orientation, multiplied
-by RELION's CTF, shifted by its origin (image(x) = P(x + o)), with white Gaussian noise added and the
-result normalised as RELION's extraction does. The particle STAR file carries the poses perturbed by
-known errors, as a consensus refinement would give them; the truth table carries the true ones.
+by RELION's CTF, shifted by its origin (image(x) = P(x + o)), with Gaussian noise added and the
+result normalised as RELION's extraction does. The noise is white, or coloured: real images carry
+extra noise at low frequencies (ice, the structured background), modelled by a noise power spectrum
+1 + E exp(-B s^2 / 2) (Conditions.noise_excess E, noise_bfactor B). The particle STAR file carries
+the poses perturbed by known errors, as a consensus refinement would give them; the truth table
+carries the true ones.
 
 Signal-to-noise ratio: for each particle, the noise variance is the variance of its noiseless
 CTF-modulated image over the pixels inside the normalisation circle (diameter 0.75 box), divided by
@@ -50,6 +53,15 @@ class Conditions:
     max_shift_A: float = 0.0  # true origins uniform in [-max, max] per axis
     pose_error_deg: float = 0.0  # RMS angle of the rotation between true and reported poses
     shift_error_A: float = 0.0  # RMS length of the error of the reported origins
+    noise_excess: float = 0.0  # extra noise power at zero frequency, in units of the white part (0: white)
+    noise_bfactor: float = 1000.0  # A^2; the extra power falls as exp(-B s^2 / 2)
+
+    def noise_filter(self, box: int, pixel_size: float) -> torch.Tensor:
+        """Amplitude filter (box, box // 2 + 1) on the unshifted rfft grid that colours white noise as
+        1 + E exp(-B s^2 / 2) in power, keeping unit variance per pixel (ones for white noise)."""
+        k = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)
+        power = 1.0 + self.noise_excess * torch.exp(-self.noise_bfactor * (k[:, None] ** 2 + k[None, :] ** 2) / 2)
+        return (power / power.mean()).sqrt()[:, : box // 2 + 1]  # Parseval, over the full grid
 
 
 def model_images(
@@ -204,6 +216,7 @@ def simulate(
     ctf = ctf_params(truth_set)
     classes = truth["rlnClassNumber"].to_numpy() - 1
     inside = normalisation_mask(box)
+    colour = conditions.noise_filter(box, pixel_size)
     images = np.empty((n_particles, box, box), dtype=np.float32) if out is None else out
     scale, offset, noise_sd = (np.empty(n_particles) for _ in range(3))
 
@@ -214,6 +227,8 @@ def simulate(
         ).to(torch.float64)
         sigma = torch.sqrt(signal[:, inside].var(dim=1, correction=0) / snr)
         noise = torch.from_numpy(noise_rng.standard_normal(signal.shape))
+        if conditions.noise_excess:
+            noise = torch.fft.irfft2(torch.fft.rfft2(noise) * colour, s=(box, box))
         image = signal + sigma[:, None, None] * noise
         background = image[:, ~inside]
         mean, sd = background.mean(dim=1), background.std(dim=1, correction=0)
@@ -268,8 +283,10 @@ def class_log_likelihoods(
     truth: pd.DataFrame,
     optics: pd.DataFrame,
     batch_size: int = 256,
+    conditions: Conditions = Conditions(),
 ) -> np.ndarray:
-    """log p(image | class k) (n, K) under white Gaussian noise, given the true pose, CTF and noise.
+    """log p(image | class k) (n, K) under Gaussian noise, given the true pose, CTF and noise (its
+    level per particle, its colour from the `conditions` of the simulation).
 
     Uses the truth table's poses and its normalisation columns (see simulate); constant terms dropped.
     """
@@ -282,6 +299,10 @@ def class_log_likelihoods(
     scale, offset, noise_sd = (
         torch.tensor(truth[column].to_numpy(np.float64)) for column in ("NormScale", "NormOffset", "NoiseStddev")
     )
+    # Parseval on the rfft grid, each frequency divided by its noise power: sum_x r^2 for white noise.
+    weights = torch.full((box, box // 2 + 1), 2.0, dtype=torch.float64)
+    weights[:, 0] = weights[:, -1] = 1.0
+    weights = weights / conditions.noise_filter(box, pixel_size) ** 2 / box**2
     out = np.empty((len(truth), len(maps)))
     for start in range(0, len(truth), batch_size):
         rows = slice(start, min(start + batch_size, len(truth)))
@@ -290,7 +311,7 @@ def class_log_likelihoods(
         for k, volume in enumerate(volumes):
             model = model_images(volume, rotations[rows], origins_px[rows], c).to(torch.float64)
             model = scale[rows, None, None] * model + offset[rows, None, None]
-            residual = ((y - model) ** 2).sum(dim=(1, 2))
+            residual = (weights * torch.fft.rfft2(y - model).abs().square()).sum(dim=(1, 2))
             out[rows, k] = (-residual / (2.0 * noise_sd[rows] ** 2)).numpy()
     return out
 
@@ -301,13 +322,14 @@ def ceiling_accuracy(
     truth: pd.DataFrame,
     optics: pd.DataFrame,
     batch_size: int = 256,
+    conditions: Conditions = Conditions(),
 ) -> float:
-    """Accuracy of the Bayes classifier that knows the true maps, poses, CTF and noise level.
+    """Accuracy of the Bayes classifier that knows the true maps, poses, CTF and noise (level and colour).
 
     Each particle goes to the class of highest posterior (class_log_likelihoods plus the log of the
     class frequencies in `truth`): no method that sees only the images can do better on average.
     """
-    log_likelihoods = class_log_likelihoods(images, maps, truth, optics, batch_size)
+    log_likelihoods = class_log_likelihoods(images, maps, truth, optics, batch_size, conditions)
     true_classes = truth["rlnClassNumber"].to_numpy() - 1
     counts = np.bincount(true_classes, minlength=len(maps))
     log_prior = np.log(np.maximum(counts, 1) / counts.sum())

@@ -133,6 +133,14 @@ def main_command(
     shift_error: float = typer.Option(
         0.0, "--shift_error", "--shift-error", min=0.0, help="RMS length (A) of the error of written origins."
     ),
+    noise_excess: float = typer.Option(
+        0.0, "--noise_excess", "--noise-excess", min=0.0,
+        help="Coloured noise: extra noise power at zero frequency, in units of the white noise (0: white noise).",
+    ),
+    noise_bfactor: float = typer.Option(
+        1000.0, "--noise_bfactor", "--noise-bfactor", min=0.0,
+        help="B (A^2) of the extra noise's fall with frequency, exp(-B s^2 / 2) in power.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same inputs and seed give the same files."),
     batch_size: int = typer.Option(
         256, "--batch_size", "--batch-size", min=1, help="Particles made at a time (memory)."
@@ -146,6 +154,11 @@ def main_command(
         raise typer.BadParameter("give either --map1 and --map2, or --pdb1 and --pdb2")
     if defocus_min > defocus_max:
         raise typer.BadParameter(f"--defocus_min ({defocus_min}) is above --defocus_max ({defocus_max})")
+    conditions = Conditions(
+        defocus_range=(defocus_min, defocus_max), astigmatism=astigmatism, voltage=voltage, cs=cs, q0=q0,
+        bfactor=ctf_bfactor, max_shift_A=max_shift, pose_error_deg=pose_error, shift_error_A=shift_error,
+        noise_excess=noise_excess, noise_bfactor=noise_bfactor,
+    )
     if map1 is not None:
         volumes, pixel_size = _maps_from_files(map1, map2, box, angpix)
     else:
@@ -169,10 +182,7 @@ def main_command(
             snr,
             [fraction, 1.0 - fraction],
             progress=lambda done: progress.update(task, completed=done),
-            conditions=Conditions(
-                defocus_range=(defocus_min, defocus_max), astigmatism=astigmatism, voltage=voltage, cs=cs, q0=q0,
-                bfactor=ctf_bfactor, max_shift_A=max_shift, pose_error_deg=pose_error, shift_error_A=shift_error,
-            ),
+            conditions=conditions,
             seed=seed,
             batch_size=batch_size,
         )
@@ -180,7 +190,7 @@ def main_command(
     console.print(f"Wrote {n} particles ({counts[0]} of class 1, {counts[1]} of class 2) to {o}")
     if ceiling:
         with mrcfile.mmap(o / "particles.mrcs", mode="r") as mrc:
-            accuracy = ceiling_accuracy(mrc.data, volumes, truth, optics, batch_size)
+            accuracy = ceiling_accuracy(mrc.data, volumes, truth, optics, batch_size, conditions)
         console.print(f"Ceiling accuracy (true maps, poses, CTF and noise level): {accuracy:.3f}")
 
 

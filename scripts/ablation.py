@@ -5,7 +5,8 @@
 
 Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/pipeline.py),
 or `mask=sphere` for a soft sphere of 80% of the box instead of the default mask around the consensus.
-`--fraction` replaces the scenario's class-1 fraction (a separate simulation).
+`--fraction` replaces the scenario's class-1 fraction, `--noise-excess` makes the noise coloured (each a
+separate simulation).
 Prints, per variant, the accuracy of the graph split alone and after refinement, and the time.
 """
 
@@ -16,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import torch
 import typer
@@ -24,10 +26,10 @@ from threadpoolctl import threadpool_limits
 from relion_graphsplit import pipeline, star_io
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.preprocess import CtfCorrection
-from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.simulate import ceiling_accuracy, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
-from benchmark import CONDITIONS, class_maps, scenarios  # scripts/ is on sys.path when run as a script
+from benchmark import CONDITIONS, cached, class_maps, scenarios  # scripts/ is on sys.path when run as a script
 
 
 def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
@@ -45,7 +47,8 @@ def parse(variant: str) -> dict:
             options[key] = value
             continue
         field = pipeline.SplitOptions.__dataclass_fields__[key]
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(field.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float,
+                "bool": lambda v: v.lower() not in ("0", "false", "no")}.get(str(field.type), str)
         options[key] = CtfCorrection(value) if key == "ctf_correction" else kind(value)
     return options
 
@@ -57,6 +60,7 @@ def main(
     seed: int = typer.Option(1, help="Simulation seed."),
     j: int = typer.Option(1, help="Threads (torch and the BLAS under numpy and scipy), as the program's --j."),
     fraction: float = typer.Option(None, help="Class-1 fraction instead of the scenario's."),
+    noise_excess: float = typer.Option(0.0, help="Coloured noise (simulate.Conditions.noise_excess); 0: white."),
     variant: list[str] = typer.Option([""], help="SplitOptions overrides, e.g. 'particles_per_cone=300'."),
 ) -> None:
     torch.set_num_threads(j)
@@ -64,13 +68,21 @@ def main(
     sc = next(s for s in scenarios() if s.name == scenario)
     if fraction is not None:
         sc = dataclasses.replace(sc, name=f"{sc.structure}-snr{sc.snr:g}-{round(fraction * 100)}", fraction=fraction)
-    work = out / f"ablation-{sc.name}-{n}"
+    conditions = dataclasses.replace(CONDITIONS, noise_excess=noise_excess)
+    work = out / (f"ablation-{sc.name}-{n}" + (f"-excess{noise_excess:g}" if noise_excess else ""))
     volumes, apix = class_maps(sc.structure, out)
     if not (work / "particles.star").exists():
         write_simulation(work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed,
-                         conditions=CONDITIONS)
+                         conditions=conditions)
     ps = star_io.read_particles(work / "particles.star")
-    truth = star_io.read_particles(work / "truth.star").particles["rlnClassNumber"].to_numpy()
+    truth_set = star_io.read_particles(work / "truth.star")
+    truth = truth_set.particles["rlnClassNumber"].to_numpy()
+
+    def ceiling() -> float:
+        with mrcfile.open(work / "particles.mrcs", permissive=True) as mrc:
+            return ceiling_accuracy(mrc.data, volumes, truth_set.particles, truth_set.optics, conditions=conditions)
+
+    ceiling_value = cached(work / "ceiling.json", ceiling)
     for spec in variant:
         overrides = parse(spec)
         box = star_io.image_size(ps)
@@ -80,10 +92,11 @@ def main(
         with ImageStacks(ps) as stacks:
             result = pipeline.split(ps, stacks, options, mask=mask)
         row = {
-            "scenario": sc.name, "n": n, "variant": spec or "defaults",
+            "scenario": sc.name, "n": n, "noise_excess": noise_excess, "variant": spec or "defaults",
             "graph_accuracy": accuracy(np.where(result.graph_score >= 0, 1, 2), truth),
-            "accuracy": accuracy(result.classes, truth), "sampling": round(result.sampling, 1),
+            "accuracy": accuracy(result.classes, truth), "ceiling": ceiling_value, "sampling": round(result.sampling, 1),
             "cones": result.cones.n_cones, "rounds": len(result.refine_changes),
+            "noise_contrast": round(result.noise_contrast, 2),
             "seconds": round(time.perf_counter() - start, 1),
             "date": time.strftime("%Y-%m-%d"),
         }

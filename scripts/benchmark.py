@@ -80,7 +80,7 @@ def cached(path: Path, compute):
 
 def _ceiling(work: Path, volumes: list[np.ndarray], truth: star_io.ParticleSet) -> float:
     with mrcfile.mmap(work / "particles.mrcs", mode="r") as mrc:
-        return ceiling_accuracy(mrc.data, volumes, truth.particles, truth.optics)
+        return ceiling_accuracy(mrc.data, volumes, truth.particles, truth.optics, conditions=CONDITIONS)
 
 
 def classes_by_name(star: Path, names: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The whole program on a small simulated data set: accuracy, outputs, determinism."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from relion_graphsplit import star_io
 from relion_graphsplit.cli import app
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
+from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import fourier_crop_volume
 from relion_graphsplit.simulate import Conditions, write_simulation
+from relion_graphsplit.stack import ImageStacks
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 
@@ -132,6 +135,8 @@ def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
     for name in ("run_cones.star", "run_memberships.star", "run_cone_images.mrcs", "run_summary.json"):
         assert (out / name).stat().st_size > 0
     assert not list(out.glob(".*partial*")) and not list(out.glob("graphsplit_*"))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert 1.0 <= summary["noise_contrast"] < 2.0  # white noise, so not whitened
 
 
 def test_default_mask_is_drawn_around_the_particle(simulated: Path, split_runs):
@@ -193,3 +198,20 @@ def test_a_collapsed_split_still_writes_the_particles(simulated: Path, tmp_path:
     assert "no class maps" in result.output
     assert (star_io.read_particles(out / "run_data.star").particles["rlnClassNumber"] == 1).all()
     assert not (out / "run_class001.mrc").exists() and not (out / "run_model.star").exists()
+
+
+def test_whitening_helps_on_coloured_noise(tmp_path: Path):
+    """Noise with the low-frequency excess of real images (simulate.Conditions.noise_excess): whitening
+    images and CTFs by the residuals' noise spectrum (the default) classifies better than without."""
+    maps = [fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / name)[0]), 32).numpy()
+            for name in ("adk_open.mrc", "adk_closed.mrc")]
+    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0, noise_excess=8.0, noise_bfactor=1000.0)
+    write_simulation(tmp_path, maps, 4.0, 1500, 0.1, [0.5, 0.5], seed=3, conditions=conditions)
+    ps = star_io.read_particles(tmp_path / "particles.star")
+    truth = star_io.read_particles(tmp_path / "truth.star").particles["rlnClassNumber"].to_numpy()
+    accuracies = {}
+    for whiten in (True, False):
+        with ImageStacks(ps) as stacks:
+            accuracies[whiten] = accuracy(split(ps, stacks, SplitOptions(whiten=whiten)).classes, truth)
+    assert accuracies[True] > 0.93
+    assert accuracies[True] > accuracies[False] + 0.02

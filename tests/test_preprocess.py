@@ -2,7 +2,15 @@ import torch
 
 from relion_graphsplit.ctf import CTFParams, ctf_2d
 from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.preprocess import CtfCorrection, correct, fourier_crop, fourier_crop_volume, working_box
+from relion_graphsplit.preprocess import (
+    CtfCorrection,
+    correct,
+    fourier_crop,
+    fourier_crop_volume,
+    whitening_filter,
+    working_box,
+)
+from relion_graphsplit.simulate import Conditions
 from relion_graphsplit.projection import prepare_volume, project_rfft
 from tests.test_alignment import blob_volume
 
@@ -73,3 +81,26 @@ def test_consensus_subtraction_leaves_only_the_difference():
         assert "consensus" in str(err)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_whitening_filter_flattens_the_noise_spectrum():
+    """Coloured noise (the simulator's 1 + E exp(-B s^2 / 2)) gives the inverse square root of its power
+    spectrum, relative to the mean, so that filtered it is white; white noise, or noise whose power
+    varies less than `min_contrast`-fold, gives exactly ones (the images are left alone)."""
+    box, pixel_size = 32, 4.0
+    g = torch.Generator().manual_seed(0)
+    white = torch.fft.rfft2(torch.randn(3000, box, box, generator=g, dtype=torch.float64))
+    ones = torch.ones(box, box // 2 + 1, dtype=torch.float64)
+    filter_, contrast = whitening_filter([white[:1000], white[1000:]])
+    assert torch.equal(filter_, ones) and 1.0 <= contrast < 1.2
+
+    colour = Conditions(noise_excess=8.0, noise_bfactor=1000.0).noise_filter(box, pixel_size)
+    filter_, contrast = whitening_filter([white * colour])
+    assert contrast > 5.0
+    flattened = filter_ * colour
+    assert flattened.std() / flattened.mean() < 0.03
+    assert filter_[0, 1] < 0.5 * filter_[0, box // 2]  # low frequencies, the noisiest, are damped
+
+    slight = Conditions(noise_excess=0.5, noise_bfactor=1000.0).noise_filter(box, pixel_size)  # 1.5-fold
+    assert torch.equal(whitening_filter([white * slight])[0], ones)
+    assert not torch.equal(whitening_filter([white * slight], min_contrast=1.2)[0], ones)

@@ -222,6 +222,39 @@ def test_ceiling_accuracy_from_certain_to_chance(adk_maps):
     assert ceiling_accuracy(low[0], volumes, low[3], low[2]) == pytest.approx(0.5, abs=0.1)
 
 
+def test_coloured_noise_has_the_asked_spectrum(adk_maps):
+    """Images of noise alone (SNR 1e-6): white noise has a flat power spectrum; coloured noise has the
+    power 1 + E exp(-B s^2 / 2), and the per-pixel variance (hence the SNR's meaning) is kept."""
+    volumes, pixel_size = adk_maps
+    box = volumes[0].shape[-1]
+    k = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)
+    s2 = (k[:, None] ** 2 + k[None, : box // 2 + 1] ** 2).reshape(-1)
+    shells = [(s2 > lo**2) & (s2 <= hi**2) for lo, hi in ((0.0, 0.02), (0.02, 0.04), (0.1, 0.2))]
+    for excess in (0.0, 8.0):
+        conditions = Conditions(noise_excess=excess, noise_bfactor=1000.0)
+        images = simulate(volumes, pixel_size, 300, 1e-6, [0.5, 0.5], conditions, seed=2)[0]
+        power = torch.fft.rfft2(torch.from_numpy(images).to(torch.float64)).abs().square().mean(0).reshape(-1)
+        expected = 1.0 + excess * torch.exp(-1000.0 * s2 / 2)
+        measured = [power[shell].mean() / power[shells[-1]].mean() for shell in shells[:2]]
+        for m, shell in zip(measured, shells):
+            assert m.item() == pytest.approx((expected[shell].mean() / expected[shells[-1]].mean()).item(), rel=0.1)
+    unit = Conditions(noise_excess=8.0).noise_filter(box, pixel_size)
+    full = torch.cat([unit, unit[:, 1 : (box + 1) // 2]], dim=1)  # with the rfft grid's other half
+    assert full.square().mean().item() == pytest.approx(1.0, rel=1e-9)
+    assert torch.equal(Conditions().noise_filter(box, pixel_size), torch.ones(box, box // 2 + 1, dtype=torch.float64))
+
+
+def test_ceiling_knows_the_noise_colour(adk_maps):
+    """On coloured noise the Bayes classifier that knows the colour does better than one that takes
+    the noise for white."""
+    volumes, pixel_size = adk_maps
+    conditions = Conditions(max_shift_A=4.0, noise_excess=8.0)
+    images, _, optics, truth = simulate(volumes, pixel_size, 400, 0.01, [0.5, 0.5], conditions, seed=6)
+    knowing = ceiling_accuracy(images, volumes, truth, optics, conditions=conditions)
+    white = ceiling_accuracy(images, volumes, truth, optics)
+    assert knowing > white + 0.02
+
+
 def test_write_simulation_files_match_the_simulation(adk_maps, tmp_path):
     volumes, pixel_size = adk_maps
     kwargs = dict(conditions=Conditions(max_shift_A=3.0, pose_error_deg=1.0), seed=6, batch_size=10)
