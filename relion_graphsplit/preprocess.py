@@ -86,9 +86,9 @@ def whitening_filter(
     """Radial filter (n, n // 2 + 1) that makes the noise white, and the noise's contrast: how many
     times the power of its noisiest ring within Nyquist is that of its least noisy one.
 
-    The filter is 1 / sqrt of the mean power of the
-    residual transforms `residuals` (batches (B, n, n // 2 + 1), unshifted rfft) in each ring of integer
-    radius, relative to their mean power. The DC ring takes the first ring's value.
+    The filter is 1 / sqrt of the mean power of the residual transforms `residuals` (batches
+    (B, n, n // 2 + 1), unshifted rfft) in each ring of integer radius, relative to their mean power.
+    The DC ring takes the first ring's value.
 
     Real images carry more noise at low frequencies than at high ones (ice, the structured background);
     the principal component and the refinement's likelihood assume white noise, so images and their

@@ -215,3 +215,15 @@ def test_whitening_helps_on_coloured_noise(tmp_path: Path):
             accuracies[whiten] = accuracy(split(ps, stacks, SplitOptions(whiten=whiten)).classes, truth)
     assert accuracies[True] > 0.93
     assert accuracies[True] > accuracies[False] + 0.02
+
+
+def test_no_whiten_leaves_the_noise_unestimated(simulated: Path, tmp_path: Path):
+    """--no_whiten: no noise estimate (null in run_summary.json, said in the summary table); the
+    classes are those of the default run, since the simulated noise is white and left alone anyway."""
+    plain, default = tmp_path / "plain", tmp_path / "default"
+    result = run(["--i", str(simulated / "particles.star"), "--o", str(plain), "--no_whiten", "--refine_iter", "1"])
+    assert "not estimated" in result.output
+    assert json.loads((plain / "run_summary.json").read_text())["noise_contrast"] is None
+    run(["--i", str(simulated / "particles.star"), "--o", str(default), "--refine_iter", "1"])
+    classes = [star_io.read_particles(d / "run_data.star").particles["rlnClassNumber"].to_numpy() for d in (plain, default)]
+    assert np.array_equal(*classes)
