@@ -28,7 +28,7 @@ from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import COLOURED_NOISE, CtfCorrection
-from relion_graphsplit.report import report_warnings, write_report
+from relion_graphsplit.report import noise_description, report_warnings, write_report
 from relion_graphsplit.stack import ImageStacks
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
@@ -164,6 +164,7 @@ def run(
             "graph_components": len(result.components), "sync_method": result.sync_method,
             "sync_gap": result.sync_gap,
             "noise_contrast": None if math.isnan(result.noise_contrast) else result.noise_contrast,
+            "whitened": bool(result.noise_contrast >= COLOURED_NOISE),  # False for NaN
             "refine_changes": result.refine_changes,
             "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
             "next_command": command,
@@ -203,7 +204,8 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
     table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
     table.add_row("graph components", str(len(result.components)))
-    table.add_row("noise", _noise_description(result.noise_contrast))
+    contrast = None if math.isnan(result.noise_contrast) else result.noise_contrast
+    table.add_row("noise", noise_description(contrast, contrast is not None and contrast >= COLOURED_NOISE))
     for k in (1, 2):
         count = int((result.classes == k).sum())
         table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")
@@ -211,15 +213,6 @@ def _print_summary(result, n: int, total: float) -> None:
         table.add_row(f"time: {step}", f"{seconds:.1f} s")
     table.add_row("time: total", f"{total:.1f} s")
     console.print(table)
-
-
-def _noise_description(contrast: float) -> str:
-    """How coloured the noise was found, and whether the images were whitened (method.md item 8)."""
-    if math.isnan(contrast):
-        return "not estimated (not whitened)"
-    if contrast >= COLOURED_NOISE:
-        return f"coloured ({contrast:.1f}-fold): whitened"
-    return f"white ({contrast:.1f}-fold): not whitened"
 
 
 def main() -> None:

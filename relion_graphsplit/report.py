@@ -610,6 +610,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f'<table class="facts">{body}</table>'
 
 
+def noise_description(contrast: float | None, whitened: bool) -> str:
+    """How coloured the noise was found (power of the noisiest ring over the least noisy, None when
+    not estimated), and whether the images were whitened (method.md item 8)."""
+    if contrast is None:
+        return "not estimated (not whitened)"
+    return f"{'coloured' if whitened else 'white'} ({contrast:.1f}-fold): {'whitened' if whitened else 'not whitened'}"
+
+
 def _summary_html(run: Run) -> str:
     s = run.summary
     sizes = _class_sizes(run)
@@ -626,6 +634,8 @@ def _summary_html(run: Run) -> str:
                   f"{float(s.get('cone_angle', math.nan)):.1f}° cones; median {int(np.median(counts))} particles)"),
         ("graph parts", f"{s.get('graph_components', run.cones['component'].nunique())}"),
     ]
+    if "whitened" in s:  # runs of earlier versions did not record it
+        rows.append(("noise", noise_description(s.get("noise_contrast"), bool(s["whitened"]))))
     rows += [(f"class {k}", f"{sizes[k]} ({100 * sizes[k] / total:.1f}%)") for k in (1, 2)]
     timings = {str(k): float(v) for k, v in s.get("timings", {}).items()}
     longest = max(timings.values(), default=1.0) or 1.0

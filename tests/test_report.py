@@ -269,3 +269,20 @@ def test_page_renders_in_headless_chromium(healthy):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_summary_says_how_the_noise_was_treated(tmp_path):
+    """The summary names the noise's contrast and whether the images were whitened; runs of earlier
+    versions, which did not record it, get no such row."""
+    out = make_run(tmp_path / "run", n_cones=12, n_particles=200, maps=False)
+    summary_path = out / "run_summary.json"
+    summary = json.loads(summary_path.read_text())
+    for fields, expected in (
+        ({"noise_contrast": 8.56, "whitened": True}, "coloured (8.6-fold): whitened"),
+        ({"noise_contrast": 1.12, "whitened": False}, "white (1.1-fold): not whitened"),
+        ({"noise_contrast": None, "whitened": False}, "not estimated (not whitened)"),
+    ):
+        summary_path.write_text(json.dumps({**summary, **fields}))
+        assert f"<th>noise</th><td>{expected}</td>" in write_report(out).read_text()
+    summary_path.write_text(json.dumps(summary))
+    assert "<th>noise</th>" not in write_report(out).read_text()
