@@ -27,7 +27,7 @@ from relion_graphsplit.masks import resample_volume
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
-from relion_graphsplit.preprocess import COLOURED_NOISE, CtfCorrection
+from relion_graphsplit.preprocess import CtfCorrection
 from relion_graphsplit.report import noise_description, report_warnings, write_report
 from relion_graphsplit.stack import ImageStacks
 
@@ -164,7 +164,7 @@ def run(
             "graph_components": len(result.components), "sync_method": result.sync_method,
             "sync_gap": result.sync_gap,
             "noise_contrast": None if math.isnan(result.noise_contrast) else result.noise_contrast,
-            "whitened": bool(result.noise_contrast >= COLOURED_NOISE),  # False for NaN
+            "whitened": result.whitened,
             "refine_changes": result.refine_changes,
             "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
             "next_command": command,
@@ -205,7 +205,7 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
     table.add_row("graph components", str(len(result.components)))
     contrast = None if math.isnan(result.noise_contrast) else result.noise_contrast
-    table.add_row("noise", noise_description(contrast, contrast is not None and contrast >= COLOURED_NOISE))
+    table.add_row("noise", noise_description(contrast, result.whitened))
     for k in (1, 2):
         count = int((result.classes == k).sum())
         table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")

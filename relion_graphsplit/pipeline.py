@@ -36,7 +36,8 @@ from relion_graphsplit.preprocess import (
     correct,
     fourier_crop,
     fourier_crop_volume,
-    least_squares_scale,
+    Whitening,
+    subtract_consensus,
     whitening_filter,
     working_box,
 )
@@ -96,6 +97,7 @@ class SplitResult:
     sync_method: str
     sync_gap: float  # relative gap between the max-cut bound and the solution (0: proven optimal)
     noise_contrast: float  # noise power of the noisiest ring over the least noisy (nan: not estimated)
+    whitened: bool  # images and CTFs whitened (preprocess.whitening_filter)
     sampling: float
     cone_angle: float
     working_box: int
@@ -121,14 +123,14 @@ def prepare_images(
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor | None, Whitening, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
     `filters` (n, w, w // 2 + 1) receives the filter each image's data carry at the working size
     (its CTF, squared if CTF-premultiplied), computed once for this and the later steps. Returns each
     image's grey scale relative to the consensus projection (ones when not subtracting), the consensus
-    map at the working size, the whitening filter and the noise's contrast (preprocess.whitening_filter;
-    ones and nan when not whitening) and the time spent per step.
+    map at the working size, the noise estimate and its whitening filter (preprocess.whitening_filter)
+    and the time spent per step.
 
     Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
     map is given, reconstructs it at the working size (not possible from CTF-premultiplied images,
@@ -171,22 +173,21 @@ def prepare_images(
 
     start = time.perf_counter()
     prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
-    whitening, contrast = torch.ones(w, w // 2 + 1, dtype=torch.float64), float("nan")
+    whitening = Whitening.none(w)
     if prepared is not None and options.whiten:
         sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
-        residuals = (_residual(scratch, filters, prepared, rotations, index) for index in sample)
-        whitening, contrast = whitening_filter(residuals)
+        whitening = whitening_filter(_residual(scratch, filters, prepared, rotations, index) for index in sample)
     scale = torch.ones(n, dtype=torch.float64)
     for index in track(batches, description="Correcting for the CTF", total=len(batches)):
         # Images and projections whitened, the CTF not: the corrected images hold the whitened
         # residual times the CTF (or its sign), whose noise is as white as without whitening.
-        f = whitening * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        projections = whitening * project_rfft(prepared, rotations[index]) if prepared is not None else None
+        f = whitening.filter * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        projections = whitening.filter * project_rfft(prepared, rotations[index]) if prepared is not None else None
         data_filter = torch.from_numpy(np.asarray(filters[index])).to(torch.float64)
         corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
         scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
     timings["ctf"] = time.perf_counter() - start
-    return scale, consensus, whitening, contrast, timings
+    return scale, consensus, whitening, timings
 
 
 def _residual(
@@ -195,7 +196,7 @@ def _residual(
     """Images `index` less their least-squares scaled, CTF-modulated consensus projections (rfft)."""
     f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
     model = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) * project_rfft(prepared, rotations[index])
-    return f - least_squares_scale(f, model)[:, None, None] * model
+    return subtract_consensus(f, model)[0]
 
 
 def whiten_for_refinement(
@@ -346,7 +347,7 @@ def split(
         ScratchArray(Path(tmp) / "images.f32", (n, w, w)) as scratch,
         ScratchArray(Path(tmp) / "filters.f32", (n, w, w // 2 + 1)) as filters,
     ):
-        scale, small_consensus, whitening, noise_contrast, prep_times = prepare_images(
+        scale, small_consensus, whitening, prep_times = prepare_images(
             ps, stacks, scratch, filters, options, small_consensus, track
         )
         timings.update(prep_times)
@@ -383,8 +384,8 @@ def split(
         changed: list[int] = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
 
-        if refine and not torch.all(whitening == 1):
-            whiten_for_refinement(scratch, filters, whitening, batches)
+        if refine and whitening.applied:
+            whiten_for_refinement(scratch, filters, whitening.filter, batches)
         totals = residual_sums(scratch, rotations, filters, batches) if refine else []
 
         def rounds():  # until fewer than refine_tolerance of the particles change class
@@ -450,7 +451,8 @@ def split(
         components=components,
         sync_method=sync.method,
         sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
-        noise_contrast=noise_contrast,
+        noise_contrast=whitening.contrast,
+        whitened=whitening.applied,
         graph_score=graph_score,
         refine_changes=changed,
         sampling=sampling,

@@ -12,9 +12,12 @@ in which the first component is a matched filter. docs/benchmarks.md has the mea
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from collections.abc import Iterable
 
 import torch
+
+from relion_graphsplit.projection import rfft_weights
 
 
 class CtfCorrection(str, enum.Enum):
@@ -66,10 +69,16 @@ def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.irfftn(f, s=(n, n, n), dim=(-3, -2, -1)).to(torch.float32)
 
 
+def subtract_consensus(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images less their model (the CTF-modulated consensus projection) scaled by least squares, and
+    the scales (B,)."""
+    scale = least_squares_scale(images_rfft, model_rfft)
+    return images_rfft - scale[:, None, None] * model_rfft, scale
+
+
 def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> torch.Tensor:
     """Per-image a minimising |image - a model|^2 over the half-plane (DC excluded), shape (B,)."""
-    weight = torch.ones(images_rfft.shape[-2:], dtype=torch.float64)
-    weight[:, 1:-1] = 2.0  # rfft columns other than 0 and Nyquist stand for two Fourier coefficients
+    weight = rfft_weights(images_rfft.shape[-2])
     weight[0, 0] = 0.0
     num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
     den = (weight * model_rfft.abs() ** 2).sum(dim=(-2, -1)).clamp(min=1e-30)
@@ -80,11 +89,24 @@ COLOURED_NOISE = 2.0
 """Noise whose power varies less than this many times across the rings counts as white (whitening_filter)."""
 
 
-def whitening_filter(
-    residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE
-) -> tuple[torch.Tensor, float]:
-    """Radial filter (n, n // 2 + 1) that makes the noise white, and the noise's contrast: how many
-    times the power of its noisiest ring within Nyquist is that of its least noisy one.
+@dataclass(frozen=True)
+class Whitening:
+    """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), and the
+    noise's contrast: its power in the noisiest ring within Nyquist over that in the least noisy one
+    (nan when not estimated)."""
+
+    filter: torch.Tensor
+    contrast: float
+    applied: bool
+
+    @classmethod
+    def none(cls, n: int) -> Whitening:
+        """No estimate, no whitening."""
+        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), float("nan"), False)
+
+
+def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE) -> Whitening:
+    """The Whitening of noise whose transforms are `residuals`.
 
     The filter is 1 / sqrt of the mean power of the residual transforms `residuals` (batches
     (B, n, n // 2 + 1), unshifted rfft) in each ring of integer radius, relative to their mean power.
@@ -103,8 +125,7 @@ def whitening_filter(
     ky = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)
     kx = torch.arange(n // 2 + 1, dtype=torch.float64)
     ring = torch.round(torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)).long()
-    weight = torch.full((n, n // 2 + 1), 2.0, dtype=torch.float64)
-    weight[:, 0] = weight[:, -1] = 1.0  # rfft columns other than 0 and Nyquist stand for two coefficients
+    weight = rfft_weights(n)
     rings = int(ring.max()) + 1
     ring_power = torch.bincount(ring.reshape(-1), (weight * power).reshape(-1), minlength=rings)
     ring_count = torch.bincount(ring.reshape(-1), weight.reshape(-1), minlength=rings)
@@ -114,9 +135,9 @@ def whitening_filter(
     within = mean[1 : n // 2 + 1]
     contrast = float(within.max() / within.min())
     if contrast < min_contrast:
-        return torch.ones(n, n // 2 + 1, dtype=torch.float64), contrast
+        return Whitening(Whitening.none(n).filter, contrast, False)
     overall = (ring_power[1:].sum() + mean[0]) / ring_count.sum()
-    return torch.sqrt(overall / mean[ring]), contrast
+    return Whitening(torch.sqrt(overall / mean[ring]), contrast, True)
 
 
 def correct(
@@ -136,9 +157,7 @@ def correct(
     if mode.subtracts:
         if consensus_rfft is None:
             raise ValueError(f"CTF correction {mode.value} needs the consensus projections")
-        model = ctf * consensus_rfft
-        scale = least_squares_scale(images_rfft, model)
-        images_rfft = images_rfft - scale[:, None, None] * model
+        images_rfft, scale = subtract_consensus(images_rfft, ctf * consensus_rfft)
     if mode in (CtfCorrection.subtract_multiply,):
         out = images_rfft * ctf
     elif mode in (CtfCorrection.subtract_flip, CtfCorrection.flip):

@@ -133,6 +133,17 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     return out if volume.stacked else out[0]
 
 
+def rfft_weights(box: int) -> torch.Tensor:
+    """How many pixels of the full 2D transform of a box x box image each pixel of its unshifted rfft
+    grid (box, box // 2 + 1) stands for in a sum over all of them (float64): 2 for a pixel and its
+    Friedel mate, 1 on the x = 0 column and, for an even box, the Nyquist column."""
+    weights = torch.full((box, box // 2 + 1), 2.0, dtype=torch.float64)
+    weights[:, 0] = 1.0
+    if box % 2 == 0:
+        weights[:, -1] = 1.0
+    return weights
+
+
 def _centre_phase(box: int, dtype: torch.dtype) -> torch.Tensor:
     """exp(-2 pi i k . c / N) with c = N // 2: the transform of a shift of the origin to index N // 2."""
     return shift_phase(box, torch.tensor([[box // 2, box // 2]], dtype=torch.float64))[0].to(dtype)

@@ -21,18 +21,16 @@ import numpy as np
 import torch
 
 from relion_graphsplit.fsc import fsc, shell_index
-from relion_graphsplit.projection import prepare_volume, project_rfft
+from relion_graphsplit.projection import prepare_volume, project_rfft, rfft_weights
 from relion_graphsplit.reconstruct import FourierAccumulator
 from relion_graphsplit.scratch import ScratchArray
 
 
 def _half_plane_weights(n: int) -> torch.Tensor:
     """Weights of the rfft coefficients in a full-plane inner product (DC excluded)."""
-    w = torch.full((n, n // 2 + 1), 2.0, dtype=torch.float64)
-    w[:, 0] = 1.0
-    w[:, -1] = 1.0
-    w[0, 0] = 0.0
-    return w
+    weights = rfft_weights(n)
+    weights[0, 0] = 0.0
+    return weights
 
 
 def _power(z: torch.Tensor) -> torch.Tensor:

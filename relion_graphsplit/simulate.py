@@ -31,7 +31,7 @@ from .ctf import ctf_2d
 from .files import atomic_path
 from .geometry import euler_to_matrix, matrix_to_euler
 from .mrc_io import write_mrc
-from .projection import PreparedVolume, prepare_volume, project_rfft, shift_images
+from .projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
 from .star_io import ctf_params, make_particle_set, poses, write_particles
 
 NORMALISATION_DIAMETER = 0.75
@@ -300,9 +300,7 @@ def class_log_likelihoods(
         torch.tensor(truth[column].to_numpy(np.float64)) for column in ("NormScale", "NormOffset", "NoiseStddev")
     )
     # Parseval on the rfft grid, each frequency divided by its noise power: sum_x r^2 for white noise.
-    weights = torch.full((box, box // 2 + 1), 2.0, dtype=torch.float64)
-    weights[:, 0] = weights[:, -1] = 1.0
-    weights = weights / conditions.noise_filter(box, pixel_size) ** 2 / box**2
+    weights = rfft_weights(box) / conditions.noise_filter(box, pixel_size) ** 2 / box**2
     out = np.empty((len(truth), len(maps)))
     for start in range(0, len(truth), batch_size):
         rows = slice(start, min(start + batch_size, len(truth)))

@@ -91,16 +91,18 @@ def test_whitening_filter_flattens_the_noise_spectrum():
     g = torch.Generator().manual_seed(0)
     white = torch.fft.rfft2(torch.randn(3000, box, box, generator=g, dtype=torch.float64))
     ones = torch.ones(box, box // 2 + 1, dtype=torch.float64)
-    filter_, contrast = whitening_filter([white[:1000], white[1000:]])
-    assert torch.equal(filter_, ones) and 1.0 <= contrast < 1.2
+    white_noise = whitening_filter([white[:1000], white[1000:]])
+    assert torch.equal(white_noise.filter, ones) and 1.0 <= white_noise.contrast < 1.2
+    assert not white_noise.applied
 
     colour = Conditions(noise_excess=8.0, noise_bfactor=1000.0).noise_filter(box, pixel_size)
-    filter_, contrast = whitening_filter([white * colour])
-    assert contrast > 5.0
+    coloured = whitening_filter([white * colour])
+    filter_ = coloured.filter
+    assert coloured.contrast > 5.0 and coloured.applied
     flattened = filter_ * colour
     assert flattened.std() / flattened.mean() < 0.03
     assert filter_[0, 1] < 0.5 * filter_[0, box // 2]  # low frequencies, the noisiest, are damped
 
     slight = Conditions(noise_excess=0.5, noise_bfactor=1000.0).noise_filter(box, pixel_size)  # 1.5-fold
-    assert torch.equal(whitening_filter([white * slight])[0], ones)
-    assert not torch.equal(whitening_filter([white * slight], min_contrast=1.2)[0], ones)
+    assert torch.equal(whitening_filter([white * slight]).filter, ones)
+    assert not torch.equal(whitening_filter([white * slight], min_contrast=1.2).filter, ones)
