@@ -4,7 +4,8 @@
         --variant "ctf_correction=flip,refine_iterations=0" --variant "particles_per_cone=300" ...
 
 Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/pipeline.py),
-or `mask=sphere` for a soft sphere of 80% of the box instead of the default mask around the consensus.
+or `mask=sphere` for a soft sphere of 80% of the box instead of the default mask around the consensus,
+or `noise=true` to whiten by the simulated noise spectrum instead of the estimated one.
 `--fraction` replaces the scenario's class-1 fraction, `--noise-excess` makes the noise coloured (each a
 separate simulation).
 Prints, per variant, the accuracy of the graph split alone and after refinement, and the time.
@@ -12,10 +13,12 @@ Prints, per variant, the accuracy of the graph split alone and after refinement,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import mrcfile
 import numpy as np
@@ -25,8 +28,8 @@ from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import pipeline, star_io
 from relion_graphsplit.metrics import accuracy
-from relion_graphsplit.preprocess import CtfCorrection
-from relion_graphsplit.simulate import ceiling_accuracy, write_simulation
+from relion_graphsplit.preprocess import CtfCorrection, Whitening
+from relion_graphsplit.simulate import Conditions, ceiling_accuracy, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
 from benchmark import CONDITIONS, cached, class_maps, scenarios  # scripts/ is on sys.path when run as a script
@@ -39,11 +42,26 @@ def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
     return 0.5 * (1.0 + torch.cos(torch.pi * ((r - radius) / edge).clamp(0.0, 1.0)))
 
 
+def true_whitening(conditions: Conditions, box: int, pixel_size: float):
+    """A stand-in for pipeline.whitening_filter that whitens by the simulated noise spectrum at the
+    working size (keeping the estimate's contrast for the report): how much a better estimate could gain."""
+    estimate = pipeline.whitening_filter
+
+    def whitening(residuals):
+        found = estimate(residuals)
+        n = found.filter.shape[0]
+        # The simulated amplitude filter at the working pixel size, inverted: whitens the noise.
+        colour = conditions.noise_filter(n, pixel_size * box / n)
+        return Whitening(1.0 / colour, found.contrast, conditions.noise_excess > 0)
+
+    return whitening
+
+
 def parse(variant: str) -> dict:
     options = {}
     for item in filter(None, variant.split(",")):
         key, value = item.split("=")
-        if key == "mask":
+        if key in ("mask", "noise"):
             options[key] = value
             continue
         field = pipeline.SplitOptions.__dataclass_fields__[key]
@@ -87,9 +105,13 @@ def main(
         overrides = parse(spec)
         box = star_io.image_size(ps)
         mask = sphere(box, 0.4 * box, edge=6.0 / star_io.pixel_size(ps)) if overrides.pop("mask", None) == "sphere" else None
+        noise = (
+            mock.patch.object(pipeline, "whitening_filter", true_whitening(conditions, box, star_io.pixel_size(ps)))
+            if overrides.pop("noise", None) == "true" else contextlib.nullcontext()
+        )  # fmt: skip
         options = pipeline.SplitOptions(**overrides)
         start = time.perf_counter()
-        with ImageStacks(ps) as stacks:
+        with ImageStacks(ps) as stacks, noise:
             result = pipeline.split(ps, stacks, options, mask=mask)
         row = {
             "scenario": sc.name, "n": n, "noise_excess": noise_excess, "variant": spec or "defaults",
