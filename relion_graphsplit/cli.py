@@ -25,7 +25,7 @@ from relion_graphsplit.external import ExternalJob
 from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.masks import resample_volume
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.outputs import classified_particles, write_diagnostics, write_particles
+from relion_graphsplit.outputs import classified_particles, noise_spectrum, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import CtfCorrection
 from relion_graphsplit.report import noise_description, report_warnings, write_report
@@ -165,6 +165,7 @@ def run(
             "sync_gap": result.sync_gap,
             "noise_contrast": None if math.isnan(result.noise_contrast) else result.noise_contrast,
             "whitened": result.whitened,
+            "noise_spectrum": noise_spectrum(result),
             "refine_changes": result.refine_changes,
             "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
             "next_command": command,

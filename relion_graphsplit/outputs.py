@@ -27,6 +27,18 @@ def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.Dat
     return table
 
 
+def noise_spectrum(result: SplitResult) -> dict | None:
+    """The estimated noise power per ring of the working box (rings 1..w // 2, relative to their mean)
+    with each ring's resolution in A, for run_summary.json; None when the noise was not estimated."""
+    if not len(result.noise_spectrum):
+        return None
+    rings = np.arange(1, len(result.noise_spectrum) + 1)
+    return {
+        "resolution": (result.working_box * result.working_pixel_size / rings).tolist(),
+        "relative_power": result.noise_spectrum.tolist(),
+    }
+
+
 def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> None:
     """run_data.star and one run_classNNN_data.star per class."""
     star_io.write_particles(out / "run_data.star", ps, table)

@@ -98,6 +98,7 @@ class SplitResult:
     sync_gap: float  # relative gap between the max-cut bound and the solution (0: proven optimal)
     noise_contrast: float  # noise power of the noisiest ring over the least noisy (nan: not estimated)
     whitened: bool  # images and CTFs whitened (preprocess.whitening_filter)
+    noise_spectrum: np.ndarray  # noise power of rings 1..w // 2 relative to their mean (empty: not estimated)
     sampling: float
     cone_angle: float
     working_box: int
@@ -453,6 +454,7 @@ def split(
         sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
         noise_contrast=whitening.contrast,
         whitened=whitening.applied,
+        noise_spectrum=whitening.spectrum.numpy(),
         graph_score=graph_score,
         refine_changes=changed,
         sampling=sampling,

@@ -91,18 +91,20 @@ COLOURED_NOISE = 2.0
 
 @dataclass(frozen=True)
 class Whitening:
-    """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), and the
-    noise's contrast: its power in the noisiest ring within Nyquist over that in the least noisy one
-    (nan when not estimated)."""
+    """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), the noise
+    power of rings 1..n // 2 relative to their mean (`spectrum`, empty when not estimated), and the
+    noise's contrast: the power of the noisiest of those rings over the least noisy one's (nan when not
+    estimated)."""
 
     filter: torch.Tensor
     contrast: float
     applied: bool
+    spectrum: torch.Tensor
 
     @classmethod
     def none(cls, n: int) -> Whitening:
         """No estimate, no whitening."""
-        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), float("nan"), False)
+        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), float("nan"), False, torch.zeros(0))
 
 
 def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE) -> Whitening:
@@ -134,10 +136,11 @@ def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = CO
     mean = mean.clamp(min=1e-12 * float(mean.max()))
     within = mean[1 : n // 2 + 1]
     contrast = float(within.max() / within.min())
+    spectrum = within / within.mean()
     if contrast < min_contrast:
-        return Whitening(Whitening.none(n).filter, contrast, False)
+        return Whitening(Whitening.none(n).filter, contrast, False, spectrum)
     overall = (ring_power[1:].sum() + mean[0]) / ring_count.sum()
-    return Whitening(torch.sqrt(overall / mean[ring]), contrast, True)
+    return Whitening(torch.sqrt(overall / mean[ring]), contrast, True, spectrum)
 
 
 def correct(

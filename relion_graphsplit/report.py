@@ -447,6 +447,20 @@ def fsc_figure(run: Run) -> go.Figure:
     return fig
 
 
+def noise_figure(spectrum: dict) -> go.Figure:
+    """The estimated noise power per ring (run_summary.json's noise_spectrum) against spatial frequency."""
+    resolution = np.asarray(spectrum["resolution"], dtype=np.float64)
+    fig = go.Figure(go.Scatter(
+        x=1.0 / resolution, y=spectrum["relative_power"], mode="lines+markers", line=dict(color="#555555", width=2),
+        customdata=resolution, hovertemplate="%{customdata:.1f} Å<br>power %{y:.2f}<extra></extra>", showlegend=False,
+    ))
+    fig.add_hline(y=1.0, line=dict(dash="dash", color="#888888"))
+    fig.update_layout(height=300, template="plotly_white", margin=dict(l=50, r=20, t=20, b=40),
+                      xaxis_title="spatial frequency (1/Å)", yaxis_title="noise power / mean", yaxis_type="log",
+                      yaxis_tickvals=[0.1, 0.2, 0.5, 1, 2, 5, 10])
+    return fig
+
+
 def central_slices(volume: np.ndarray) -> list[np.ndarray]:
     """The xy, xz and yz central sections of a [z, y, x] volume."""
     n = volume.shape[0] // 2
@@ -822,6 +836,17 @@ def render_html(run: Run) -> str:
         f"<h1>Graph split report</h1><p class='caption'>{html.escape(str(run.out.resolve()))}</p>",
         _warnings_html(warnings, run.notes),
         "<h2>Summary</h2>", _summary_html(run),
+    ]
+    if run.summary.get("noise_spectrum"):  # None when not estimated; runs of earlier versions lack it
+        parts += [
+            "<h2>Noise</h2>",
+            f'<div class="figure" id="noise-figure">{_figure_html(noise_figure(run.summary["noise_spectrum"]), "noise")}</div>',
+            '<p class="caption">Noise power in each ring of the working box, relative to the mean, from the '
+            "residuals of up to about 2000 particles to their consensus projections (these also hold the difference "
+            "between the classes). Flat: white noise. When the noisiest ring holds at least twice the power of "
+            "the least noisy one, images and CTFs are whitened by this spectrum before the analysis.</p>",
+        ]
+    parts += [
         "<h2>Cones</h2>", _cone_section(run),
         "<h2>Graph of cones</h2>",
         f'<div class="figure" id="graph-figure">{_figure_html(graph_figure(run), "cone-graph")}</div>',

@@ -137,6 +137,11 @@ def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
     assert not list(out.glob(".*partial*")) and not list(out.glob("graphsplit_*"))
     summary = json.loads((out / "run_summary.json").read_text())
     assert 1.0 <= summary["noise_contrast"] < 2.0  # white noise, so not whitened
+    spectrum = summary["noise_spectrum"]  # one value per ring of the working box, Nyquist last
+    assert len(spectrum["resolution"]) == len(spectrum["relative_power"]) == summary["working_box"] // 2
+    assert spectrum["resolution"][-1] == pytest.approx(2 * summary["working_pixel_size"])
+    power = np.asarray(spectrum["relative_power"])
+    assert power.mean() == pytest.approx(1.0) and power.max() / power.min() == pytest.approx(summary["noise_contrast"])
 
 
 def test_default_mask_is_drawn_around_the_particle(simulated: Path, split_runs):
@@ -223,7 +228,8 @@ def test_no_whiten_leaves_the_noise_unestimated(simulated: Path, tmp_path: Path)
     plain, default = tmp_path / "plain", tmp_path / "default"
     result = run(["--i", str(simulated / "particles.star"), "--o", str(plain), "--no_whiten", "--refine_iter", "1"])
     assert "not estimated" in result.output
-    assert json.loads((plain / "run_summary.json").read_text())["noise_contrast"] is None
+    summary = json.loads((plain / "run_summary.json").read_text())
+    assert summary["noise_contrast"] is None and summary["noise_spectrum"] is None
     run(["--i", str(simulated / "particles.star"), "--o", str(default), "--refine_iter", "1"])
     classes = [star_io.read_particles(d / "run_data.star").particles["rlnClassNumber"].to_numpy() for d in (plain, default)]
     assert np.array_equal(*classes)

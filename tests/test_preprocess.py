@@ -103,6 +103,12 @@ def test_whitening_filter_flattens_the_noise_spectrum():
     assert flattened.std() / flattened.mean() < 0.03
     assert filter_[0, 1] < 0.5 * filter_[0, box // 2]  # low frequencies, the noisiest, are damped
 
+    # The spectrum (rings 1..box // 2, relative to their mean) follows the simulated power, white or not.
+    assert white_noise.spectrum.shape == (box // 2,) and (white_noise.spectrum - 1.0).abs().max() < 0.1
+    k = torch.arange(1, box // 2 + 1, dtype=torch.float64) / (box * pixel_size)
+    power = 1.0 + 8.0 * torch.exp(-1000.0 * k**2 / 2)
+    assert torch.allclose(coloured.spectrum, power / power.mean(), rtol=0.1)
+
     slight = Conditions(noise_excess=0.5, noise_bfactor=1000.0).noise_filter(box, pixel_size)  # 1.5-fold
     assert torch.equal(whitening_filter([white * slight]).filter, ones)
     assert not torch.equal(whitening_filter([white * slight], min_contrast=1.2).filter, ones)

@@ -286,3 +286,22 @@ def test_summary_says_how_the_noise_was_treated(tmp_path):
         assert f"<th>noise</th><td>{expected}</td>" in write_report(out).read_text()
     summary_path.write_text(json.dumps(summary))
     assert "<th>noise</th>" not in write_report(out).read_text()
+
+
+def test_noise_spectrum_is_plotted_when_estimated(tmp_path):
+    """The report plots run_summary.json's noise spectrum against spatial frequency; no plot when the
+    noise was not estimated (null) or the run predates the field."""
+    out = make_run(tmp_path / "run", n_cones=12, n_particles=200, maps=False)
+    summary_path = out / "run_summary.json"
+    summary = json.loads(summary_path.read_text())
+    spectrum = {"resolution": [80.0, 40.0, 26.7, 20.0], "relative_power": [2.5, 0.9, 0.35, 0.25]}
+    summary_path.write_text(json.dumps({**summary, "noise_spectrum": spectrum}))
+    page = write_report(out).read_text()
+    assert 'id="noise-figure"' in page
+    figure = report.noise_figure(spectrum)
+    assert np.allclose(figure.data[0].x, [1 / 80, 1 / 40, 1 / 26.7, 1 / 20])
+    assert list(figure.data[0].y) == spectrum["relative_power"]
+    assert "noise_spectrum" not in summary  # as written by earlier versions
+    for unestimated in ({**summary, "noise_spectrum": None}, summary):
+        summary_path.write_text(json.dumps(unestimated))
+        assert 'id="noise-figure"' not in write_report(out).read_text()
