@@ -100,6 +100,7 @@ def run(
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy)."),
     batch_size: int = typer.Option(256, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
+    scratch_dir: Optional[Path] = typer.Option(None, "--scratch_dir", help="Existing folder for the temporary working-size images and CTFs (about 6 bytes per particle and working pixel, removed at the end); default: inside --o. On a cluster, a node's local disk (e.g. $TMPDIR) spares the shared file system."),
     pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Accepted for RELION and ignored."),
 ) -> None:
     job = ExternalJob(o, active=True if pipeline_control else None)
@@ -111,6 +112,8 @@ def run(
             raise typer.BadParameter("give the particles with --i (or --in_parts)")
         if o.exists() and not o.is_dir():
             raise typer.BadParameter(f"{o} exists and is not a directory", param_hint="--o")
+        if scratch_dir is not None and not scratch_dir.is_dir():
+            raise typer.BadParameter(f"{scratch_dir} is not an existing directory", param_hint="--scratch_dir")
         torch.set_num_threads(j)
         threadpool_limits(j)  # numpy's and scipy's BLAS too
         ps = star_io.read_particles(i)
@@ -129,7 +132,7 @@ def run(
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with ImageStacks(ps) as stacks, Progress(*columns, console=console, transient=False) as progress:
             track = _progress_tracker(progress, job)
-            result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=o, track=track)
+            result = split(ps, stacks, options, mask=mask_volume, consensus=consensus, scratch_dir=scratch_dir or o, track=track)
             t = time.perf_counter()
             class_maps = None
             if np.bincount(result.classes, minlength=3)[1:].min() >= 2:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import pytest
 from typer.testing import CliRunner
 
-from relion_graphsplit import star_io
+from relion_graphsplit import pipeline, star_io
 from relion_graphsplit.cli import app
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
@@ -72,6 +73,29 @@ def test_console_exit_codes(simulated: Path, tmp_path: Path):
     under_file = run_console(["--i", str(simulated / "particles.star"), "--o", str(a_file / "out")])
     assert under_file.returncode == 1  # --o cannot be made: one line, no traceback
     assert "Not a directory" in under_file.stdout and "Traceback" not in under_file.stdout + under_file.stderr
+
+
+def test_scratch_dir_holds_the_working_images_and_is_left_empty(simulated: Path, tmp_path: Path, monkeypatch):
+    """--scratch_dir takes the temporary images (a node's local disk on a cluster) and is left as it
+    was found; one that does not exist is a usage error, before anything is written."""
+    made = []
+
+    class Recorded(tempfile.TemporaryDirectory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(Path(self.name))
+
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryDirectory", Recorded)
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    run(["--i", str(simulated / "particles.star"), "--o", str(out), "--scratch_dir", str(scratch), "--refine_iter", "1"])
+    assert [p.parent for p in made] == [scratch]
+    assert not list(scratch.iterdir())
+    assert (out / "run_data.star").is_file() and not list(out.glob("graphsplit_*"))
+    missing = CliRunner().invoke(app, ["--i", str(simulated / "particles.star"), "--o", str(tmp_path / "out2"),
+                                       "--scratch_dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--scratch_dir" in missing.output
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize(
