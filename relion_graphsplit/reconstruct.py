@@ -196,7 +196,6 @@ class FourierAccumulator:
         if sym.strip().upper() != "C1":
             ops = symmetry_matrices(sym).to(self.device)
             data, weight = _symmetrise(data, weight, ops, self.pad * self.r_max)
-        data, weight = data.to(torch.complex128), weight.to(torch.float64)
         return _invert(data, weight, self.box, self.pad, self.r_max, regularisation)
 
 
@@ -224,8 +223,10 @@ def _each_in_parallel(
 
 
 def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum each x = 0 point with its Friedel mate (-z, -y, 0) (BackProjector::enforceHermitianSymmetry)."""
-    data, weight = data.clone(), weight.clone()
+    """Sum each x = 0 point with its Friedel mate (-z, -y, 0) (BackProjector::enforceHermitianSymmetry).
+
+    `data` is changed in place; `weight` is copied (it is the accumulator's own)."""
+    weight = weight.clone()
     plane, wplane = data[:, :, 0], weight[:, :, 0]
     c = plane.shape[0] // 2
     new_plane = plane + plane.flip(0, 1).conj()
@@ -280,13 +281,10 @@ def _symmetrise(
 class _InversionGrid:
     """Index tensors of `_invert` for one (box, pad, r_max, device); the same for every map finalised."""
 
-    decentre: torch.Tensor  # (p,) row of the centred grid holding each FFT-order z (and y) frequency
-    decentre_x: torch.Tensor  # (p // 2 + 1,) the same for x
     inside: torch.Tensor  # (p, p, p // 2 + 1) bool: radius <= pad * r_max
     shell: torch.Tensor  # (p, p, p // 2 + 1) int64: floor(r / pad), at most r_max - 1
     counted: torch.Tensor  # (m,) flat indices of the voxels that enter the radial mean weight
     counts: torch.Tensor  # (r_max,) float64: voxels per shell among them
-    crop: torch.Tensor  # (box,) index of each output voxel along an axis of the padded map (FFT order)
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
 
@@ -302,7 +300,6 @@ def _padded_radius(p: int, device: torch.device) -> torch.Tensor:
 def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
     p = pad * box
     rp = pad * r_max
-    c = rp + 1  # the accumulators' half width
     kz = _signed_frequencies(p, device)
     kx = torch.arange(p // 2 + 1, device=device)
     r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
@@ -310,8 +307,6 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     shell = torch.floor(radius / pad).long().clamp(max=r_max - 1)
     counted = torch.nonzero((r2 < round(rp * rp)).reshape(-1)).squeeze(1)
     counts = torch.bincount(shell.reshape(-1)[counted], minlength=r_max).to(torch.float64)
-    half = box // 2
-    crop = torch.arange(-half, box - half, device=device) % p  # fftshift, then the central box
     r = _radius_grid(box, device)
     mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
     ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
@@ -319,13 +314,10 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     rval = r / p
     sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
     return _InversionGrid(
-        decentre=(kz + c).clamp(0, 2 * c),
-        decentre_x=kx.clamp(max=c),
         inside=r2 <= rp * rp,
         shell=shell,
         counted=counted,
         counts=counts.clamp(min=1),
-        crop=crop,
         edge=edge,
         sinc2=sinc * sinc,
     )
@@ -342,12 +334,8 @@ def _invert(
     """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct)."""
     g = _inversion_grid(box, pad, r_max, weight.device)
     p = pad * box
-
-    def decentred(grid: torch.Tensor) -> torch.Tensor:  # into the FFT grid (p, p, p // 2 + 1)
-        out = grid.index_select(0, g.decentre).index_select(1, g.decentre).index_select(2, g.decentre_x)
-        return out.masked_fill_(~g.inside, 0)
-
-    f_data, f_weight = decentred(data), decentred(weight)
+    f_data = _decentred(data, p, pad * r_max, torch.complex128).masked_fill_(~g.inside, 0)
+    f_weight = _decentred(weight, p, pad * r_max, torch.float64).masked_fill_(~g.inside, 0)
     if regularisation is not None:
         radius = _padded_radius(p, weight.device)
         shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
@@ -359,14 +347,47 @@ def _invert(
     sums.index_add_(0, g.shell.reshape(-1)[g.counted], f_weight.reshape(-1)[g.counted])
     floor = sums / (1000.0 * g.counts)
     w = torch.maximum(f_weight, floor[g.shell])
-    f_data = torch.where(w > 0, f_data / torch.where(w > 0, w, 1.0), f_data)
+    # Divide where w > 0, in place: a real reciprocal times both parts is what complex division by
+    # (w + 0i) computes, bit for bit, without the complex temporaries.
+    scale = w.masked_fill_(w <= 0, 1.0).reciprocal_()
+    torch.view_as_real(f_data).mul_(scale[..., None])
 
-    vol = torch.fft.irfftn(f_data, s=(p, p, p))
-    vol = vol.index_select(0, g.crop).index_select(1, g.crop).index_select(2, g.crop)
+    vol = _centred_box(torch.fft.irfftn(f_data, s=(p, p, p)), box)
     # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
     background = (g.edge * vol).sum() / g.edge.sum()
     vol = (1 - g.edge) * vol + g.edge * background
     return (vol / g.sinc2).to(torch.float32)
+
+
+def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype) -> torch.Tensor:
+    """The frequencies within `radius` of a centred half grid (2c + 1, 2c + 1, c + 1), c > radius,
+    placed on the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume as `dtype`, zero elsewhere.
+
+    Along z and y, FFT index k holds frequency k for k <= p // 2 and k - p above (RELION's choice:
+    +p // 2 at p // 2); four block copies, which convert as they go.
+    """
+    c = grid.shape[0] // 2
+    out = torch.zeros((p, p, p // 2 + 1), dtype=dtype, device=grid.device)
+    positive, negative = min(radius, p // 2), min(radius, (p - 1) // 2)
+    rows = [(slice(0, positive + 1), slice(c, c + positive + 1)), (slice(p - negative, p), slice(c - negative, c))]
+    x = min(radius, p // 2) + 1
+    for out_z, in_z in rows:
+        for out_y, in_y in rows:
+            out[out_z, out_y, :x] = grid[in_z, in_y, :x]
+    return out
+
+
+def _centred_box(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """The central box^3 of an FFT-order volume (p, p, p), the origin at box // 2: fftshift, then crop,
+    as eight block copies."""
+    p, half = volume.shape[0], box // 2
+    out = torch.empty((box, box, box), dtype=volume.dtype, device=volume.device)
+    parts = [(slice(0, half), slice(p - half, p)), (slice(half, box), slice(0, box - half))]
+    for out_z, in_z in parts:
+        for out_y, in_y in parts:
+            for out_x, in_x in parts:
+                out[out_z, out_y, out_x] = volume[in_z, in_y, in_x]
+    return out
 
 
 def _radius_grid(box: int, device: torch.device) -> torch.Tensor:

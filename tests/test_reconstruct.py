@@ -230,6 +230,19 @@ def test_maxres_limits_the_radius(blobs):
     assert acc.finalise().shape == (BOX, BOX, BOX)
 
 
+@pytest.mark.parametrize("sym", ["C1", "D2"])
+def test_finalise_leaves_the_sums_as_they_were(blobs, sym):
+    """finalise works on copies: the same map twice, and the sums unchanged for further insertions."""
+    gen = torch.Generator().manual_seed(10)
+    A = random_poses(gen, 100)
+    acc = FourierAccumulator(BOX + 1)
+    acc.insert(blob_images(blobs, A, BOX + 1), A)
+    before = acc.sums.clone()
+    first = acc.finalise(sym=sym)
+    assert torch.equal(acc.sums, before)
+    assert torch.equal(acc.finalise(sym=sym), first)
+
+
 def test_regularisation_damps_high_frequencies(blobs):
     gen = torch.Generator().manual_seed(9)
     A = random_poses(gen, 300)
