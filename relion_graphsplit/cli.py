@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
@@ -166,7 +165,7 @@ def run(
             "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
             "graph_components": len(result.components), "sync_method": result.sync_method,
             "sync_gap": result.sync_gap,
-            "noise_contrast": None if math.isnan(result.noise_contrast) else result.noise_contrast,
+            "noise_contrast": result.noise_contrast,
             "whitened": result.whitened,
             "noise_spectrum": noise_spectrum(result),
             "refine_changes": result.refine_changes,
@@ -208,8 +207,7 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
     table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
     table.add_row("graph components", str(len(result.components)))
-    contrast = None if math.isnan(result.noise_contrast) else result.noise_contrast
-    table.add_row("noise", noise_description(contrast, result.whitened))
+    table.add_row("noise", noise_description(result.noise_contrast, result.whitened))
     for k in (1, 2):
         count = int((result.classes == k).sum())
         table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")

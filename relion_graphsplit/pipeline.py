@@ -33,10 +33,10 @@ from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import (
     CtfCorrection,
+    Whitening,
     correct,
     fourier_crop,
     fourier_crop_volume,
-    Whitening,
     subtract_consensus,
     whitening_filter,
     working_box,
@@ -96,7 +96,7 @@ class SplitResult:
     components: list[np.ndarray]  # cone indices of each connected part of the graph
     sync_method: str
     sync_gap: float  # relative gap between the max-cut bound and the solution (0: proven optimal)
-    noise_contrast: float  # noise power of the noisiest ring over the least noisy (nan: not estimated)
+    noise_contrast: float | None  # noise power of the noisiest ring over the least noisy (None: not estimated)
     whitened: bool  # images and CTFs whitened (preprocess.whitening_filter)
     noise_spectrum: np.ndarray  # noise power of rings 1..w // 2 relative to their mean (empty: not estimated)
     sampling: float

@@ -93,18 +93,18 @@ COLOURED_NOISE = 2.0
 class Whitening:
     """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), the noise
     power of rings 1..n // 2 relative to their mean (`spectrum`, empty when not estimated), and the
-    noise's contrast: the power of the noisiest of those rings over the least noisy one's (nan when not
-    estimated)."""
+    noise's contrast: the power of the noisiest of those rings over the least noisy one's (None when
+    not estimated)."""
 
     filter: torch.Tensor
-    contrast: float
+    contrast: float | None
     applied: bool
     spectrum: torch.Tensor
 
     @classmethod
     def none(cls, n: int) -> Whitening:
         """No estimate, no whitening."""
-        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), float("nan"), False, torch.zeros(0))
+        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), None, False, torch.zeros(0))
 
 
 def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE) -> Whitening:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import mrcfile
 import numpy as np
 import torch
 import typer
@@ -29,10 +28,10 @@ from threadpoolctl import threadpool_limits
 from relion_graphsplit import pipeline, star_io
 from relion_graphsplit.metrics import accuracy
 from relion_graphsplit.preprocess import CtfCorrection, Whitening
-from relion_graphsplit.simulate import Conditions, ceiling_accuracy, write_simulation
+from relion_graphsplit.simulate import Conditions, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
-from benchmark import CONDITIONS, cached, class_maps, scenarios  # scripts/ is on sys.path when run as a script
+from benchmark import CONDITIONS, cached, class_maps, scenario_ceiling, scenarios  # scripts/ is on sys.path when run as a script
 
 
 def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
@@ -95,12 +94,7 @@ def main(
     ps = star_io.read_particles(work / "particles.star")
     truth_set = star_io.read_particles(work / "truth.star")
     truth = truth_set.particles["rlnClassNumber"].to_numpy()
-
-    def ceiling() -> float:
-        with mrcfile.open(work / "particles.mrcs", permissive=True) as mrc:
-            return ceiling_accuracy(mrc.data, volumes, truth_set.particles, truth_set.optics, conditions=conditions)
-
-    ceiling_value = cached(work / "ceiling.json", ceiling)
+    ceiling_value = cached(work / "ceiling.json", lambda: scenario_ceiling(work, volumes, truth_set, conditions))
     for spec in variant:
         overrides = parse(spec)
         box = star_io.image_size(ps)
@@ -118,7 +112,7 @@ def main(
             "graph_accuracy": accuracy(np.where(result.graph_score >= 0, 1, 2), truth),
             "accuracy": accuracy(result.classes, truth), "ceiling": ceiling_value, "sampling": round(result.sampling, 1),
             "cones": result.cones.n_cones, "rounds": len(result.refine_changes),
-            "noise_contrast": round(result.noise_contrast, 2),
+            "noise_contrast": None if result.noise_contrast is None else round(result.noise_contrast, 2),
             "seconds": round(time.perf_counter() - start, 1),
             "date": time.strftime("%Y-%m-%d"),
         }

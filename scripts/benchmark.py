@@ -82,7 +82,8 @@ def cached(path: Path, compute):
     return value
 
 
-def _ceiling(work: Path, volumes: list[np.ndarray], truth: star_io.ParticleSet, conditions: Conditions) -> float:
+def scenario_ceiling(work: Path, volumes: list[np.ndarray], truth: star_io.ParticleSet, conditions: Conditions) -> float:
+    """The ceiling accuracy of the simulated set in `work` (simulate.ceiling_accuracy)."""
     with mrcfile.mmap(work / "particles.mrcs", mode="r") as mrc:
         return ceiling_accuracy(mrc.data, volumes, truth.particles, truth.optics, conditions=conditions)
 
@@ -128,7 +129,7 @@ def main(
         truth = star_io.read_particles(work / "truth.star")
         names = truth.particles["rlnImageName"].to_numpy()
         true_class = truth.particles["rlnClassNumber"].to_numpy()
-        ceiling = cached(work / "ceiling.json", lambda: _ceiling(work, volumes, truth, conditions))
+        ceiling = cached(work / "ceiling.json", lambda: scenario_ceiling(work, volumes, truth, conditions))
         consensus = work / "consensus.mrc"
         if not consensus.exists():
             run(["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
