@@ -8,6 +8,7 @@ gold-standard FSC (unmasked, as in RELION's model.star) and gives the resolution
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,12 @@ def reconstruct_classes(
     rotations, origins = star_io.poses(ps)
     params = star_io.ctf_params(ps)
     premultiplied = star_io.ctf_premultiplied(ps)
-    accumulators = [FourierAccumulator(box, batch_size=batch_size, device=device) for _ in range(2 * n_classes)]
-    batches = [np.arange(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+    accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
+    # Batches in file order (one read per run of consecutive images), split among the accumulators;
+    # about one scatter's worth of images for each, so that a batch's images, CTFs and temporaries
+    # stay small at any box size.
+    size = min(batch_size, len(accumulators) * accumulators[0].images_per_scatter)
+    batches = [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
     for index in track(batches, description="Reconstructing class maps", total=len(batches)):
         images = stacks.read(index)
         particles = torch.from_numpy(index)
@@ -128,16 +133,21 @@ def reconstruct_classes(
 
 def _completeness(acc: FourierAccumulator) -> torch.Tensor:
     """Per shell of the box (0..N // 2), the fraction of the padded half grid's voxels with weight > 0."""
-    c = acc.c
-    k = torch.arange(-c, c + 1, device=acc.device, dtype=torch.float64)
-    x = torch.arange(c + 1, device=acc.device, dtype=torch.float64)
+    shell, total = _completeness_shells(acc.c, acc.pad, acc.box, acc.device)
+    filled = torch.bincount(shell[acc.sums[2].reshape(-1) > 0], minlength=len(total) + 1)[: len(total)]
+    return (filled.to(torch.float64) / total.clamp(min=1)).cpu()
+
+
+@functools.lru_cache(maxsize=1)
+def _completeness_shells(c: int, pad: int, box: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an accumulator's centred half grid (2c + 1, 2c + 1, c + 1), flat: each voxel's shell of the
+    box, round(r / pad), with N // 2 + 1 for those beyond N // 2; and the voxels per shell (N // 2 + 1,)."""
+    k = torch.arange(-c, c + 1, device=device, dtype=torch.float64)
+    x = torch.arange(c + 1, device=device, dtype=torch.float64)
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + x[None, None, :] ** 2)
-    shell = torch.round(r / acc.pad).long()
-    inside = shell <= acc.box // 2
-    shells = shell[inside]
-    filled = torch.bincount(shells, (acc.sums[2][inside] > 0).to(torch.float64), minlength=acc.box // 2 + 1)
-    total = torch.bincount(shells, minlength=acc.box // 2 + 1).to(torch.float64)
-    return (filled / total.clamp(min=1)).cpu()
+    shell = torch.round(r / pad).clamp_(max=box // 2 + 1).to(torch.int32).reshape(-1)
+    total = torch.bincount(shell, minlength=box // 2 + 2)[: box // 2 + 1].to(torch.float64)
+    return shell, total
 
 
 def write_class_maps(out: Path, maps: ClassMaps) -> list[tuple[Path, str]]:

@@ -166,7 +166,7 @@ def prepare_images(
                 yield small, rotations[index], None, ctf
 
     if need_consensus:
-        consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry, batch_size=options.batch_size)
+        consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry)
     else:
         for _ in pass_one():
             pass

@@ -34,6 +34,13 @@ from relion_graphsplit.symmetry import symmetry_matrices
 # Offsets of the 8 trilinear neighbours in (z, y, x), in the order (dz, dy, dx).
 _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 
+# Image pixels inserted per scatter. It keeps each temporary (the largest, 8 int64 indices per pixel,
+# 16 MiB) below glibc's largest mmap threshold (32 MiB), so that its memory is reused instead of
+# mapped and faulted in afresh for every batch: at box 256 insertion takes a third less time than 64
+# images at a time (docs/benchmarks.md, "Box size"). Each channel's sums are added in the same order
+# whatever the chunk.
+_INSERT_PIXELS = 1 << 18
+
 
 def centred_rfft2(images: torch.Tensor) -> torch.Tensor:
     """rfft2 of images (..., N, N) whose centre is at index N // 2 (phases relative to the centre)."""
@@ -64,14 +71,12 @@ class FourierAccumulator:
         box: int,
         pad: int = 2,
         r_max: int | None = None,
-        batch_size: int = 256,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.box = box
         self.pad = pad
         self.r_max = box // 2 if r_max is None else min(r_max, box // 2)
-        self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
         self.c = pad * self.r_max + 1
@@ -105,6 +110,12 @@ class FourierAccumulator:
         self._wait()
         self._sums = value
 
+    @property
+    def images_per_scatter(self) -> int:
+        """Images inserted by one scatter (`_INSERT_PIXELS` pixels): a batch size that keeps the
+        temporaries of `insert` small."""
+        return max(1, _INSERT_PIXELS // len(self._pixels))
+
     def _wait(self) -> None:
         pending, self._pending = self._pending, []
         futures.wait(pending)  # all of them, so that none still writes if one failed
@@ -119,9 +130,11 @@ class FourierAccumulator:
         origins: torch.Tensor | None = None,
         ctf_premultiplied: bool = False,
     ) -> None:
-        """Insert real images (B, N, N) centred at N // 2; see `insert_rfft` for the other arguments."""
-        for start in range(0, images.shape[0], self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        """Insert real images (B, N, N) centred at N // 2, `images_per_scatter` at a time; see
+        `insert_rfft` for the other arguments."""
+        chunk = self.images_per_scatter
+        for start in range(0, images.shape[0], chunk):
+            sl = slice(start, start + chunk)
             f = centred_rfft2(images[sl].to(self.device, self.dtype))
             self.insert_rfft(
                 f,
@@ -281,32 +294,35 @@ def _symmetrise(
 class _InversionGrid:
     """Index tensors of `_invert` for one (box, pad, r_max, device); the same for every map finalised."""
 
-    inside: torch.Tensor  # (p, p, p // 2 + 1) bool: radius <= pad * r_max
-    shell: torch.Tensor  # (p, p, p // 2 + 1) int64: floor(r / pad), at most r_max - 1
-    counted: torch.Tensor  # (m,) flat indices of the voxels that enter the radial mean weight
-    counts: torch.Tensor  # (r_max,) float64: voxels per shell among them
+    outside: torch.Tensor  # (p, p, p // 2 + 1) bool: radius > pad * r_max, where no data are kept
+    shell: torch.Tensor  # (p, p, p // 2 + 1) int32: floor(r / pad) below radius pad * r_max, else r_max
+    counts: torch.Tensor  # (r_max,) float64: voxels per shell below radius pad * r_max
+    inner: torch.Tensor  # (box, box, box) float64: 1 - edge
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
+    edge_sum: torch.Tensor  # () float64: the sum of edge
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
 
 
 def _padded_radius(p: int, device: torch.device) -> torch.Tensor:
     """Radius (float64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume."""
+    return _padded_radius2(p, device).to(torch.float64).sqrt_()
+
+
+def _padded_radius2(p: int, device: torch.device) -> torch.Tensor:
+    """Squared radius (int64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume."""
     kz = _signed_frequencies(p, device)
     kx = torch.arange(p // 2 + 1, device=device)
-    return torch.sqrt((kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2).to(torch.float64))
+    return (kz * kz)[:, None, None] + (kz * kz)[None, :, None] + (kx * kx)[None, None, :]
 
 
 @functools.lru_cache(maxsize=2)  # the working size and the particles' box
 def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
     p = pad * box
-    rp = pad * r_max
-    kz = _signed_frequencies(p, device)
-    kx = torch.arange(p // 2 + 1, device=device)
-    r2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
-    radius = _padded_radius(p, device)
-    shell = torch.floor(radius / pad).long().clamp(max=r_max - 1)
-    counted = torch.nonzero((r2 < round(rp * rp)).reshape(-1)).squeeze(1)
-    counts = torch.bincount(shell.reshape(-1)[counted], minlength=r_max).to(torch.float64)
+    rp2 = (pad * r_max) ** 2
+    r2 = _padded_radius2(p, device)
+    below = r2 < rp2
+    shell = r2.to(torch.float64).sqrt_().div_(pad).floor_().to(torch.int32).masked_fill_(~below, r_max)
+    counts = torch.bincount(shell.view(-1), minlength=r_max + 1)[:r_max].to(torch.float64)
     r = _radius_grid(box, device)
     mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
     ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
@@ -314,11 +330,12 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     rval = r / p
     sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
     return _InversionGrid(
-        inside=r2 <= rp * rp,
+        outside=r2 > rp2,
         shell=shell,
-        counted=counted,
         counts=counts.clamp(min=1),
+        inner=1 - edge,
         edge=edge,
+        edge_sum=edge.sum(),
         sinc2=sinc * sinc,
     )
 
@@ -331,32 +348,38 @@ def _invert(
     r_max: int,
     regularisation: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct)."""
+    """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct).
+
+    The volume-sized steps work in place on the grids made here, so that few new ones are allocated.
+    """
     g = _inversion_grid(box, pad, r_max, weight.device)
     p = pad * box
-    f_data = _decentred(data, p, pad * r_max, torch.complex128).masked_fill_(~g.inside, 0)
-    f_weight = _decentred(weight, p, pad * r_max, torch.float64).masked_fill_(~g.inside, 0)
+    f_data = _decentred(data, p, pad * r_max, torch.complex128).masked_fill_(g.outside, 0)
+    f_weight = _decentred(weight, p, pad * r_max, torch.float64).masked_fill_(g.outside, 0)
     if regularisation is not None:
         radius = _padded_radius(p, weight.device)
         shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
         term = regularisation.to(weight.device, torch.float64)[shells]
         f_weight = torch.where(radius < pad * r_max, f_weight + term, f_weight)
 
-    # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad)).
-    sums = torch.zeros(r_max, dtype=torch.float64, device=weight.device)
-    sums.index_add_(0, g.shell.reshape(-1)[g.counted], f_weight.reshape(-1)[g.counted])
+    # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad), below
+    # radius pad * r_max); the voxels beyond, in bin r_max, get the last shell's floor.
+    sums = torch.bincount(g.shell.view(-1), weights=f_weight.view(-1), minlength=r_max + 1)[:r_max]
     floor = sums / (1000.0 * g.counts)
-    w = torch.maximum(f_weight, floor[g.shell])
-    # Divide where w > 0, in place: a real reciprocal times both parts is what complex division by
-    # (w + 0i) computes, bit for bit, without the complex temporaries.
-    scale = w.masked_fill_(w <= 0, 1.0).reciprocal_()
+    floor = torch.cat([floor, floor[-1:]])
+    for z in range(0, p, 16):  # slab by slab, so that the gathered floors stay small
+        slab = f_weight[z : z + 16]
+        torch.maximum(slab, floor[g.shell[z : z + 16]], out=slab)
+    # Divide where the weight is > 0, in place: a real reciprocal times both parts is what complex
+    # division by (w + 0i) computes, bit for bit, without the complex temporaries.
+    scale = f_weight.masked_fill_(f_weight <= 0, 1.0).reciprocal_()
     torch.view_as_real(f_data).mul_(scale[..., None])
 
     vol = _centred_box(torch.fft.irfftn(f_data, s=(p, p, p)), box)
     # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
-    background = (g.edge * vol).sum() / g.edge.sum()
-    vol = (1 - g.edge) * vol + g.edge * background
-    return (vol / g.sinc2).to(torch.float32)
+    background = (g.edge * vol).sum() / g.edge_sum
+    vol.mul_(g.inner).add_(g.edge * background)
+    return vol.div_(g.sinc2).to(torch.float32)
 
 
 def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype) -> torch.Tensor:
@@ -402,14 +425,13 @@ def reconstruct_stream(
     sym: str = "C1",
     pad: int = 2,
     r_max: int | None = None,
-    batch_size: int = 256,
     device: torch.device | str = "cpu",
     regularisation: torch.Tensor | None = None,
     ctf_premultiplied: bool = False,
 ) -> torch.Tensor:
     """Reconstruct from an iterable of (images (B, N, N), rotations A (B, 3, 3), origins_px (B, 2) or
     None, ctf (B, N, N // 2 + 1) or None), holding one batch at a time. Returns (N, N, N) float32."""
-    acc = FourierAccumulator(box, pad=pad, r_max=r_max, batch_size=batch_size, device=device)
+    acc = FourierAccumulator(box, pad=pad, r_max=r_max, device=device)
     for images, rotations, origins, ctf in batches:
         acc.insert(images, rotations, ctf=ctf, origins=origins, ctf_premultiplied=ctf_premultiplied)
     return acc.finalise(sym=sym, regularisation=regularisation)
@@ -422,13 +444,12 @@ def reconstruct(
     ctf: torch.Tensor | None,
     box: int,
     sym: str = "C1",
-    batch_size: int = 256,
     pad: int = 2,
     r_max: int | None = None,
     regularisation: torch.Tensor | None = None,
     ctf_premultiplied: bool = False,
 ) -> torch.Tensor:
     """Reconstruct from images already in memory, on the images' device. Returns (N, N, N) float32."""
-    acc = FourierAccumulator(box, pad=pad, r_max=r_max, batch_size=batch_size, device=images.device)
+    acc = FourierAccumulator(box, pad=pad, r_max=r_max, device=images.device)
     acc.insert(images, rotations, ctf=ctf, origins=origins_px, ctf_premultiplied=ctf_premultiplied)
     return acc.finalise(sym=sym, regularisation=regularisation)

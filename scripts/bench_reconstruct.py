@@ -106,7 +106,7 @@ def reconstruct_star(star_path: Path, batch_size: int, sym: str) -> np.ndarray:
         const(0.0),
         const(1.0),
     )
-    acc = FourierAccumulator(box, batch_size=batch_size)
+    acc = FourierAccumulator(box)
     with mrcfile.mmap(star_path.parent / names[1].iloc[0], mode="r") as stack:
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
