@@ -18,10 +18,10 @@ import pytest
 import starfile
 import torch
 
+import relion_graphsplit.reconstruct as reconstruct_module
 from relion_graphsplit.ctf import CTFParams, ctf_2d
 from relion_graphsplit.fsc import fsc
 from relion_graphsplit.geometry import euler_to_matrix
-import relion_graphsplit.reconstruct as reconstruct_module
 from relion_graphsplit.reconstruct import (
     FourierAccumulator,
     centred_rfft2,
@@ -198,8 +198,10 @@ def test_streaming_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch
     assert torch.allclose(whole, streamed, atol=1e-5 * float(whole.abs().max()))
 
 
-def test_sums_do_not_depend_on_the_thread_count(blobs):
-    """The data and weight channels are scattered in parallel threads; each must sum as alone."""
+def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
+    """The data and weight channels are scattered in parallel threads; each must sum as alone, over
+    several scatters in a row."""
+    monkeypatch.setattr(reconstruct_module, "_INSERT_PIXELS", 64 * BOX * BOX // 2)  # 82 images a scatter: 3 for 200
     gen = torch.Generator().manual_seed(11)
     A = random_poses(gen, 200)
     ctf = random_ctf(gen, 200, BOX)
