@@ -12,8 +12,8 @@ in which the first component is a matched filter. docs/benchmarks.md has the mea
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 

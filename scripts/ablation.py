@@ -43,7 +43,8 @@ def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
 
 def true_whitening(conditions: Conditions, box: int, pixel_size: float):
     """A stand-in for pipeline.whitening_filter that whitens by the simulated noise spectrum at the
-    working size (keeping the estimate's contrast for the report): how much a better estimate could gain."""
+    working size (keeping the estimate's contrast and spectrum for the report): how much a better
+    estimate could gain."""
     estimate = pipeline.whitening_filter
 
     def whitening(residuals):
@@ -51,7 +52,7 @@ def true_whitening(conditions: Conditions, box: int, pixel_size: float):
         n = found.filter.shape[0]
         # The simulated amplitude filter at the working pixel size, inverted: whitens the noise.
         colour = conditions.noise_filter(n, pixel_size * box / n)
-        return Whitening(1.0 / colour, found.contrast, conditions.noise_excess > 0)
+        return Whitening(1.0 / colour, found.contrast, conditions.noise_excess > 0, found.spectrum)
 
     return whitening
 
