@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
+@functools.lru_cache(maxsize=2)  # the working size and the particles' box
 def shell_index(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid."""
+    """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid. The
+    tensor is cached and shared: do not modify it."""
     k = torch.fft.fftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
     kx = torch.fft.rfftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
@@ -21,13 +24,15 @@ def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
     box = vol1.shape[-1]
     f1 = torch.fft.rfftn(vol1.to(torch.float64))
     f2 = torch.fft.rfftn(vol2.to(torch.float64))
-    shells = shell_index(box, vol1.device)
-    keep = shells <= box // 2
-    idx = shells[keep]
+    shells = shell_index(box, vol1.device).view(-1)
     n = box // 2 + 1
-    num = torch.bincount(idx, (f1 * f2.conj()).real[keep], minlength=n)
-    den1 = torch.bincount(idx, f1.abs().square()[keep], minlength=n)
-    den2 = torch.bincount(idx, f2.abs().square()[keep], minlength=n)
+
+    def shell_sums(values: torch.Tensor) -> torch.Tensor:  # shells beyond N // 2 are dropped
+        return torch.bincount(shells, values.reshape(-1), minlength=n)[:n]
+
+    num = shell_sums((f1 * f2.conj()).real)
+    den1 = shell_sums(f1.abs().square())
+    den2 = shell_sums(f2.abs().square())
     den = torch.sqrt(den1 * den2)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num))
 

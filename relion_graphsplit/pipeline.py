@@ -34,14 +34,14 @@ from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import (
     CtfCorrection,
     Whitening,
+    centre_downsampled,
     correct,
-    fourier_crop,
     fourier_crop_volume,
     subtract_consensus,
     whitening_filter,
     working_box,
 )
-from relion_graphsplit.projection import PreparedVolume, prepare_volume, project_rfft, shift_images
+from relion_graphsplit.projection import PreparedVolume, prepare_volume, project_rfft
 from relion_graphsplit.reconstruct import reconstruct_stream
 from relion_graphsplit.refine import class_log_odds, class_sums, difference_maps, residual_sums
 from relion_graphsplit.scratch import ScratchArray
@@ -149,9 +149,7 @@ def prepare_images(
         raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
 
     def centred_small(index: np.ndarray) -> torch.Tensor:
-        f = torch.fft.rfft2(stacks.read(index).to(torch.float64))
-        f = shift_images(f, origins[index])  # RELION centres by translating the image by +origin
-        return fourier_crop(f, w)
+        return centre_downsampled(torch.fft.rfft2(stacks.read(index).to(torch.float64)), origins[index], w)
 
     start = time.perf_counter()
     batches = _batches(n, options.batch_size)

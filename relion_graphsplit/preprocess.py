@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relion_graphsplit.projection import rfft_weights
+from relion_graphsplit.projection import rfft_weights, shift_images
 
 
 class CtfCorrection(str, enum.Enum):
@@ -56,6 +56,16 @@ def fourier_crop(images_rfft: torch.Tensor, n: int) -> torch.Tensor:
         return images_rfft
     rows = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
     return images_rfft[..., rows, : n // 2 + 1] * (n / big) ** 2
+
+
+def centre_downsampled(images_rfft: torch.Tensor, origins_px: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop unshifted rffts (B, N, N // 2 + 1) to n pixels (`fourier_crop`) and translate each image by
+    +origin (B, 2), in pixels of the N box, as RELION centres particles.
+
+    Shifting after the crop gives the kept frequencies the same phases as shifting the whole transform
+    would, and computes only theirs (at box 256 to 50, a 25th).
+    """
+    return shift_images(fourier_crop(images_rfft, n), origins_px * (n / images_rfft.shape[-2]))
 
 
 def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:

@@ -294,8 +294,9 @@ def _symmetrise(
 class _InversionGrid:
     """Index tensors of `_invert` for one (box, pad, r_max, device); the same for every map finalised."""
 
-    outside: torch.Tensor  # (p, p, p // 2 + 1) bool: radius > pad * r_max, where no data are kept
-    shell: torch.Tensor  # (p, p, p // 2 + 1) int32: floor(r / pad) below radius pad * r_max, else r_max
+    slabs: list[slice]  # the x planes of the padded half transform (p, p, p // 2 + 1) in `_invert`'s slabs
+    shell: list[torch.Tensor]  # per slab (p, p, planes) int32: floor(r / pad) below radius pad * r_max, else r_max
+    outside: list[torch.Tensor]  # per slab (p, p, planes) bool: radius > pad * r_max, where no data are kept
     counts: torch.Tensor  # (r_max,) float64: voxels per shell below radius pad * r_max
     inner: torch.Tensor  # (box, box, box) float64: 1 - edge
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
@@ -303,26 +304,33 @@ class _InversionGrid:
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
 
 
-def _padded_radius(p: int, device: torch.device) -> torch.Tensor:
-    """Radius (float64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume."""
-    return _padded_radius2(p, device).to(torch.float64).sqrt_()
-
-
-def _padded_radius2(p: int, device: torch.device) -> torch.Tensor:
-    """Squared radius (int64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume."""
+def _padded_radius2(p: int, device: torch.device, xs: slice = slice(None)) -> torch.Tensor:
+    """Squared radius (int64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3
+    volume; only the x planes `xs` of it."""
     kz = _signed_frequencies(p, device)
-    kx = torch.arange(p // 2 + 1, device=device)
+    kx = torch.arange(p // 2 + 1, device=device)[xs]
     return (kz * kz)[:, None, None] + (kz * kz)[None, :, None] + (kx * kx)[None, None, :]
+
+
+# Bytes of complex128 in one slab of x planes of `_invert`: the whole transform up to box 63, 4 planes
+# at box 256; below glibc's mmap threshold, so that the slabs' memory is reused.
+_SLAB_BYTES = 1 << 24
 
 
 @functools.lru_cache(maxsize=2)  # the working size and the particles' box
 def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
-    p = pad * box
+    p, h = pad * box, pad * box // 2 + 1
     rp2 = (pad * r_max) ** 2
-    r2 = _padded_radius2(p, device)
-    below = r2 < rp2
-    shell = r2.to(torch.float64).sqrt_().div_(pad).floor_().to(torch.int32).masked_fill_(~below, r_max)
-    counts = torch.bincount(shell.view(-1), minlength=r_max + 1)[:r_max].to(torch.float64)
+    planes = max(1, _SLAB_BYTES // (16 * p * p))
+    slabs = [slice(x, min(x + planes, h)) for x in range(0, h, planes)]
+    shell, outside = [], []
+    counts = torch.zeros(r_max + 1, dtype=torch.float64, device=device)
+    for xs in slabs:
+        r2 = _padded_radius2(p, device, xs)
+        below = r2 < rp2
+        shell.append(r2.to(torch.float64).sqrt_().div_(pad).floor_().to(torch.int32).masked_fill_(~below, r_max))
+        outside.append(r2 > rp2)
+        counts += torch.bincount(shell[-1].view(-1), minlength=r_max + 1)
     r = _radius_grid(box, device)
     mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
     ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
@@ -330,9 +338,10 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     rval = r / p
     sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
     return _InversionGrid(
-        outside=r2 > rp2,
+        slabs=slabs,
         shell=shell,
-        counts=counts.clamp(min=1),
+        outside=outside,
+        counts=counts[:r_max].clamp(min=1),
         inner=1 - edge,
         edge=edge,
         edge_sum=edge.sum(),
@@ -350,67 +359,88 @@ def _invert(
 ) -> torch.Tensor:
     """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct).
 
-    The volume-sized steps work in place on the grids made here, so that few new ones are allocated.
+    The padded transform (p = pad * box) is never built whole. Slab by slab of x planes, the
+    frequencies are placed on the FFT grid in float64, divided by the floored weight and inverse
+    transformed along z and y, of which only the central box^2 is kept (cropping in real space
+    commutes with the other axis' transform); then the kept lines are transformed along x and cropped.
+    This is irfftn of the padded grid, cropped, to rounding: at box 256 the float64 grids take 0.4 GB
+    instead of 2.7 GB, and the transforms along y and x run on a half and a quarter of the lines.
     """
     g = _inversion_grid(box, pad, r_max, weight.device)
-    p = pad * box
-    f_data = _decentred(data, p, pad * r_max, torch.complex128).masked_fill_(g.outside, 0)
-    f_weight = _decentred(weight, p, pad * r_max, torch.float64).masked_fill_(g.outside, 0)
-    if regularisation is not None:
-        radius = _padded_radius(p, weight.device)
-        shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
-        term = regularisation.to(weight.device, torch.float64)[shells]
-        f_weight = torch.where(radius < pad * r_max, f_weight + term, f_weight)
+    p, rp = pad * box, pad * r_max
+
+    def weight_slab(xs: slice) -> torch.Tensor:
+        w = _decentred(weight, p, rp, torch.float64, xs)
+        if regularisation is not None:
+            radius = _padded_radius2(p, weight.device, xs).to(torch.float64).sqrt_()
+            shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
+            term = regularisation.to(weight.device, torch.float64)[shells]
+            w = torch.where(radius < rp, w + term, w)
+        return w
 
     # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad), below
-    # radius pad * r_max); the voxels beyond, in bin r_max, get the last shell's floor.
-    sums = torch.bincount(g.shell.view(-1), weights=f_weight.view(-1), minlength=r_max + 1)[:r_max]
-    floor = sums / (1000.0 * g.counts)
+    # radius pad * r_max); the voxels beyond, in bin r_max, get the last shell's floor. Each weight slab
+    # is made twice, for these sums and then to divide.
+    sums = torch.zeros(r_max + 1, dtype=torch.float64, device=weight.device)
+    for xs, shell in zip(g.slabs, g.shell):
+        sums += torch.bincount(shell.view(-1), weights=weight_slab(xs).view(-1), minlength=r_max + 1)
+    floor = sums[:r_max] / (1000.0 * g.counts)
     floor = torch.cat([floor, floor[-1:]])
-    for z in range(0, p, 16):  # slab by slab, so that the gathered floors stay small
-        slab = f_weight[z : z + 16]
-        torch.maximum(slab, floor[g.shell[z : z + 16]], out=slab)
-    # Divide where the weight is > 0, in place: a real reciprocal times both parts is what complex
-    # division by (w + 0i) computes, bit for bit, without the complex temporaries.
-    scale = f_weight.masked_fill_(f_weight <= 0, 1.0).reciprocal_()
-    torch.view_as_real(f_data).mul_(scale[..., None])
 
-    vol = _centred_box(torch.fft.irfftn(f_data, s=(p, p, p)), box)
+    kept = torch.empty((box, box, p // 2 + 1), dtype=torch.complex128, device=weight.device)
+    for xs, shell, outside in zip(g.slabs, g.shell, g.outside):
+        w = weight_slab(xs)
+        torch.maximum(w, floor[shell], out=w)
+        # Divide where the weight is > 0 (a real reciprocal times both parts is what complex division
+        # by (w + 0i) computes, bit for bit); beyond radius pad * r_max, keep nothing.
+        scale = w.masked_fill_(w <= 0, 1.0).reciprocal_().masked_fill_(outside, 0.0)
+        f = _decentred(data, p, rp, torch.complex128, xs)
+        torch.view_as_real(f).mul_(scale[..., None])
+        kept[:, :, xs] = _centred_box(torch.fft.ifft2(f, dim=(0, 1)), box, dims=(0, 1))
+    vol = torch.empty((box, box, box), dtype=torch.float64, device=weight.device)
+    planes = max(1, _SLAB_BYTES // (8 * box * p))
+    for z in range(0, box, planes):
+        vol[z : z + planes] = _centred_box(torch.fft.irfft(kept[z : z + planes], n=p, dim=2), box, dims=(2,))
+    del kept
+
     # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
     background = (g.edge * vol).sum() / g.edge_sum
     vol.mul_(g.inner).add_(g.edge * background)
     return vol.div_(g.sinc2).to(torch.float32)
 
 
-def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype) -> torch.Tensor:
+def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype, xs: slice = slice(None)) -> torch.Tensor:
     """The frequencies within `radius` of a centred half grid (2c + 1, 2c + 1, c + 1), c > radius,
-    placed on the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume as `dtype`, zero elsewhere.
+    placed on the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume as `dtype`, zero elsewhere;
+    only the x planes `xs` of it.
 
     Along z and y, FFT index k holds frequency k for k <= p // 2 and k - p above (RELION's choice:
     +p // 2 at p // 2); four block copies, which convert as they go.
     """
     c = grid.shape[0] // 2
-    out = torch.zeros((p, p, p // 2 + 1), dtype=dtype, device=grid.device)
+    x0, x1, _ = xs.indices(p // 2 + 1)
+    out = torch.empty((p, p, x1 - x0), dtype=dtype, device=grid.device)
     positive, negative = min(radius, p // 2), min(radius, (p - 1) // 2)
     rows = [(slice(0, positive + 1), slice(c, c + positive + 1)), (slice(p - negative, p), slice(c - negative, c))]
-    x = min(radius, p // 2) + 1
+    x = max(x0, min(x1, positive + 1))
     for out_z, in_z in rows:
         for out_y, in_y in rows:
-            out[out_z, out_y, :x] = grid[in_z, in_y, :x]
+            out[out_z, out_y, : x - x0] = grid[in_z, in_y, x0:x]
+    gap = slice(positive + 1, p - negative)  # frequencies beyond the radius along z and y, and x
+    out[gap] = 0
+    out[:, gap] = 0
+    out[:, :, x - x0 :] = 0
     return out
 
 
-def _centred_box(volume: torch.Tensor, box: int) -> torch.Tensor:
-    """The central box^3 of an FFT-order volume (p, p, p), the origin at box // 2: fftshift, then crop,
-    as eight block copies."""
-    p, half = volume.shape[0], box // 2
-    out = torch.empty((box, box, box), dtype=volume.dtype, device=volume.device)
-    parts = [(slice(0, half), slice(p - half, p)), (slice(half, box), slice(0, box - half))]
-    for out_z, in_z in parts:
-        for out_y, in_y in parts:
-            for out_x, in_x in parts:
-                out[out_z, out_y, out_x] = volume[in_z, in_y, in_x]
-    return out
+def _centred_box(volume: torch.Tensor, box: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """The central `box` points along `dims` of an FFT-order array (p along each of them), the origin
+    moved to index box // 2: fftshift, then crop, as block copies."""
+    half = box // 2
+    for dim in dims:
+        p = volume.shape[dim]
+        volume = torch.cat([volume.narrow(dim, p - half, half), volume.narrow(dim, 0, box - half)], dim=dim)
+    return volume
 
 
 def _radius_grid(box: int, device: torch.device) -> torch.Tensor:

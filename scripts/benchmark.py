@@ -10,7 +10,8 @@ Results are appended as JSON lines to OUT/results.jsonl and printed as a Markdow
     python scripts/benchmark.py --out bench_out [--scenarios adk-snr0.03-50,...] [--n 6000] [--j 2]
 
 `--noise-excess E` simulates coloured noise instead (simulate.Conditions.noise_excess), in scenarios
-named with the suffix `-excessE`.
+named with the suffix `-excessE`; `--box B --apix P` makes the 1bd2 maps at box B and P A per pixel
+(default 80 at 2.4 A), in scenarios named with the suffix `-boxB-PA`.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def scenarios() -> list[Scenario]:
     return out
 
 
-def class_maps(structure: str, cache: Path) -> tuple[list[np.ndarray], float]:
-    """The two states' maps: adk open/closed (bundled), or 1BD2 with and without chain B."""
+def class_maps(structure: str, cache: Path, box: int = 80, apix: float = 2.4) -> tuple[list[np.ndarray], float]:
+    """The two states' maps: adk open/closed (bundled, box 64), or 1BD2 with and without chain B (box
+    80 at 2.4 A unless given)."""
     if structure == "adk":
         volumes = [read_mrc(ROOT / "test_data" / f"adk_{state}.mrc") for state in ("open", "closed")]
         return [v for v, _ in volumes], volumes[0][1]
-    box, apix = 80, 2.4
-    paths = [cache / "1bd2_full.mrc", cache / "1bd2_noB.mrc"]
+    tag = "" if (box, apix) == (80, 2.4) else f"_box{box}_{apix:g}A"
+    paths = [cache / f"1bd2_full{tag}.mrc", cache / f"1bd2_noB{tag}.mrc"]
     if not all(p.exists() for p in paths):
         full = maps.read_model(STRUCTURES / "1BD2.pdb.gz")
         centre = maps.center_of_mass(full)
@@ -106,25 +108,30 @@ def main(
     n: int = typer.Option(6000, help="Particles per scenario."),
     j: int = typer.Option(2, help="Threads for both programs."),
     iterations: int = typer.Option(25, help="RELION Class3D iterations."),
-    seeded_iter: int = typer.Option(5, help="Class3D iterations after the graph split (the workflow)."),
+    seeded_iter: int = typer.Option(5, help="Class3D iterations after the graph split (the workflow); 0: not run."),
     seed: int = typer.Option(1, help="Simulation seed and RELION --random_seed."),
     skip_relion: bool = typer.Option(False, help="Only the graph split and the ceiling."),
     reuse_relion: bool = typer.Option(False, help="Reuse RELION runs (and their times) from an earlier run of this script."),
     noise_excess: float = typer.Option(0.0, help="Coloured noise (simulate.Conditions.noise_excess); 0: white."),
+    box: int = typer.Option(80, help="Box of the 1bd2 scenarios (pixels)."),
+    apix: float = typer.Option(2.4, help="Pixel size of the 1bd2 scenarios (A)."),
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in scenarios() if not only or s.name in only.split(",")]
+    resized = (box, apix) != (80, 2.4)
+    if resized and any(s.structure == "adk" for s in chosen):
+        raise typer.BadParameter("applies to the 1bd2 scenarios only (the adk maps are bundled at box 64)", param_hint="--box")
     conditions = dataclasses.replace(CONDITIONS, noise_excess=noise_excess)
-    suffix = f"-excess{noise_excess:g}" if noise_excess else ""
+    suffix = (f"-excess{noise_excess:g}" if noise_excess else "") + (f"-box{box}-{apix:g}A" if resized else "")
     results = out / "results.jsonl"
     for sc in chosen:
         sc = dataclasses.replace(sc, name=sc.name + suffix)
         work = out / sc.name
-        volumes, apix = class_maps(sc.structure, out)
-        box = volumes[0].shape[-1]
+        volumes, pixel_size = class_maps(sc.structure, out, box, apix)
+        size = volumes[0].shape[-1]
         if not (work / "particles.star").exists():
             write_simulation(
-                work, volumes, apix, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed, conditions=conditions,
+                work, volumes, pixel_size, n, sc.snr, [sc.fraction, 1 - sc.fraction], seed=seed, conditions=conditions,
             )  # fmt: skip
         truth = star_io.read_particles(work / "truth.star")
         names = truth.particles["rlnImageName"].to_numpy()
@@ -134,7 +141,7 @@ def main(
         if not consensus.exists():
             run(["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
                 work / "reconstruct.log", cwd=work)
-        row = {"scenario": sc.name, "n": n, "box": box, "pixel_size": apix, "snr": sc.snr, "noise_excess": noise_excess,
+        row = {"scenario": sc.name, "n": n, "box": size, "pixel_size": pixel_size, "snr": sc.snr, "noise_excess": noise_excess,
                "fraction": sc.fraction, "ceiling": ceiling, "chance": max(sc.fraction, 1 - sc.fraction)}
 
         split_dir = work / "graphsplit"
@@ -151,7 +158,7 @@ def main(
 
         # The workflow users run: the graph split, then the Class3D command it prints, for a few iterations.
         # None when a class came out too small for class maps (the program then says so).
-        if summary["next_command"] is not None:
+        if summary["next_command"] is not None and seeded_iter > 0:
             command = summary["next_command"].replace("--iter 25", f"--iter {seeded_iter}")
             row["seeded_time"] = run(["bash", "-c", command], work / "seeded.log", cwd=work)
             for it in sorted({1, seeded_iter}):
@@ -161,7 +168,7 @@ def main(
 
         if not skip_relion:
             class3d = work / "class3d"
-            diameter = round(0.75 * box * apix)
+            diameter = round(0.75 * size * pixel_size)
 
             def class3d_run() -> float:
                 shutil.rmtree(class3d, ignore_errors=True)
@@ -181,8 +188,9 @@ def main(
                 timing.unlink(missing_ok=True)
             row["relion_time"] = cached(timing, class3d_run)
             row["relion_reused"] = reuse_relion
-            early = classes_by_name(class3d / f"run_it{seeded_iter:03d}_data.star", names)
-            row[f"relion_accuracy_it{seeded_iter}"] = accuracy(early, true_class)
+            if seeded_iter > 0:
+                early = classes_by_name(class3d / f"run_it{seeded_iter:03d}_data.star", names)
+                row[f"relion_accuracy_it{seeded_iter}"] = accuracy(early, true_class)
             pred = classes_by_name(class3d / f"run_it{iterations:03d}_data.star", names)
             row["relion_accuracy"] = accuracy(pred, true_class)
             row["relion_ari"] = adjusted_rand_index(pred, true_class)

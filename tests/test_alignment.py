@@ -3,7 +3,7 @@ import torch
 from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.geometry import MIRROR, euler_to_matrix
 from relion_graphsplit.grouping import assign_to_cones
-from relion_graphsplit.preprocess import fourier_crop
+from relion_graphsplit.preprocess import centre_downsampled
 from relion_graphsplit.projection import project, shift_images
 
 
@@ -20,7 +20,7 @@ def blob_volume(n: int = 48) -> torch.Tensor:
 def centred(images: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
     """The pipeline's centring: translate each image by +origin in Fourier space."""
     n = images.shape[-1]
-    return torch.fft.irfft2(fourier_crop(shift_images(torch.fft.rfft2(images), origins), n), s=(n, n))
+    return torch.fft.irfft2(centre_downsampled(torch.fft.rfft2(images), origins, n), s=(n, n))
 
 
 def test_particles_of_one_cone_align_onto_one_image():

@@ -4,14 +4,15 @@ from relion_graphsplit.ctf import CTFParams, ctf_2d
 from relion_graphsplit.geometry import euler_to_matrix
 from relion_graphsplit.preprocess import (
     CtfCorrection,
+    centre_downsampled,
     correct,
     fourier_crop,
     fourier_crop_volume,
     whitening_filter,
     working_box,
 )
+from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.simulate import Conditions
-from relion_graphsplit.projection import prepare_volume, project_rfft
 from tests.test_alignment import blob_volume
 
 
@@ -43,6 +44,19 @@ def test_fourier_crop_keeps_low_frequencies_and_grey_levels():
     image = vol.sum(0)
     f = fourier_crop(torch.fft.rfft2(image)[None], 24)
     assert abs(float(torch.fft.irfft2(f, s=(24, 24)).sum()) * 4 - float(image.sum())) < 1e-6 * float(image.sum())
+
+
+def test_centring_after_downsampling_equals_centring_before():
+    """The origins (pixels of the full box) shift the downsampled transform as they would the full one."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(5, 65, 65, generator=g, dtype=torch.float64)
+    origins = (torch.rand(5, 2, generator=g, dtype=torch.float64) - 0.5) * 12
+    f = torch.fft.rfft2(images)
+    for n in (64, 24):
+        expected = fourier_crop(shift_images(f, origins), n)
+        assert torch.allclose(centre_downsampled(f, origins, n), expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    # The shift matters: without it the images differ.
+    assert not torch.allclose(fourier_crop(f, 24), centre_downsampled(f, origins, 24), atol=1e-3)
 
 
 def test_consensus_subtraction_leaves_only_the_difference():
