@@ -304,7 +304,7 @@ class _InversionGrid:
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
 
 
-def _padded_radius2(p: int, device: torch.device, xs: slice = slice(None)) -> torch.Tensor:
+def _padded_radius2(p: int, device: torch.device, xs: slice) -> torch.Tensor:
     """Squared radius (int64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3
     volume; only the x planes `xs` of it."""
     kz = _signed_frequencies(p, device)
@@ -409,16 +409,16 @@ def _invert(
     return vol.div_(g.sinc2).to(torch.float32)
 
 
-def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype, xs: slice = slice(None)) -> torch.Tensor:
+def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype, xs: slice) -> torch.Tensor:
     """The frequencies within `radius` of a centred half grid (2c + 1, 2c + 1, c + 1), c > radius,
     placed on the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume as `dtype`, zero elsewhere;
-    only the x planes `xs` of it.
+    only the x planes `xs` (start and stop given) of it.
 
     Along z and y, FFT index k holds frequency k for k <= p // 2 and k - p above (RELION's choice:
     +p // 2 at p // 2); four block copies, which convert as they go.
     """
     c = grid.shape[0] // 2
-    x0, x1, _ = xs.indices(p // 2 + 1)
+    x0, x1 = xs.start, xs.stop
     out = torch.empty((p, p, x1 - x0), dtype=dtype, device=grid.device)
     positive, negative = min(radius, p // 2), min(radius, (p - 1) // 2)
     rows = [(slice(0, positive + 1), slice(c, c + positive + 1)), (slice(p - negative, p), slice(c - negative, c))]

@@ -37,6 +37,8 @@ from relion_graphsplit.simulate import Conditions, ceiling_accuracy, write_simul
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT.parent / "shared" / "data" / "structures"
+BOX_1BD2, APIX_1BD2 = 80, 2.4
+"""Box and pixel size (A) of the 1bd2 scenarios unless --box / --apix say otherwise."""
 CONDITIONS = Conditions(pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0)
 """Pose errors and shifts of every simulated scenario (CTF: the simulator's defaults)."""
 
@@ -58,13 +60,14 @@ def scenarios() -> list[Scenario]:
     return out
 
 
-def class_maps(structure: str, cache: Path, box: int = 80, apix: float = 2.4) -> tuple[list[np.ndarray], float]:
-    """The two states' maps: adk open/closed (bundled, box 64), or 1BD2 with and without chain B (box
-    80 at 2.4 A unless given)."""
+def class_maps(
+    structure: str, cache: Path, box: int = BOX_1BD2, apix: float = APIX_1BD2
+) -> tuple[list[np.ndarray], float]:
+    """The two states' maps: adk open/closed (bundled, box 64), or 1BD2 with and without chain B."""
     if structure == "adk":
         volumes = [read_mrc(ROOT / "test_data" / f"adk_{state}.mrc") for state in ("open", "closed")]
         return [v for v, _ in volumes], volumes[0][1]
-    tag = "" if (box, apix) == (80, 2.4) else f"_box{box}_{apix:g}A"
+    tag = "" if (box, apix) == (BOX_1BD2, APIX_1BD2) else f"_box{box}_{apix:g}A"
     paths = [cache / f"1bd2_full{tag}.mrc", cache / f"1bd2_noB{tag}.mrc"]
     if not all(p.exists() for p in paths):
         full = maps.read_model(STRUCTURES / "1BD2.pdb.gz")
@@ -113,12 +116,12 @@ def main(
     skip_relion: bool = typer.Option(False, help="Only the graph split and the ceiling."),
     reuse_relion: bool = typer.Option(False, help="Reuse RELION runs (and their times) from an earlier run of this script."),
     noise_excess: float = typer.Option(0.0, help="Coloured noise (simulate.Conditions.noise_excess); 0: white."),
-    box: int = typer.Option(80, help="Box of the 1bd2 scenarios (pixels)."),
-    apix: float = typer.Option(2.4, help="Pixel size of the 1bd2 scenarios (A)."),
+    box: int = typer.Option(BOX_1BD2, help="Box of the 1bd2 scenarios (pixels)."),
+    apix: float = typer.Option(APIX_1BD2, help="Pixel size of the 1bd2 scenarios (A)."),
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in scenarios() if not only or s.name in only.split(",")]
-    resized = (box, apix) != (80, 2.4)
+    resized = (box, apix) != (BOX_1BD2, APIX_1BD2)
     if resized and any(s.structure == "adk" for s in chosen):
         raise typer.BadParameter("applies to the 1bd2 scenarios only (the adk maps are bundled at box 64)", param_hint="--box")
     conditions = dataclasses.replace(CONDITIONS, noise_excess=noise_excess)
