@@ -94,9 +94,9 @@ def reconstruct_classes(
     premultiplied = star_io.ctf_premultiplied(ps)
     accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
     # Batches in file order (one read per run of consecutive images), split among the accumulators;
-    # about one scatter's worth of images for each, so that a batch's images, CTFs and temporaries
+    # about one insertion's worth of images for each, so that a batch's images, CTFs and temporaries
     # stay small at any box size.
-    size = min(batch_size, len(accumulators) * accumulators[0].images_per_scatter)
+    size = min(batch_size, len(accumulators) * accumulators[0].images_per_insert)
     batches = [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
     for index in track(batches, description="Reconstructing class maps", total=len(batches)):
         images = stacks.read(index)

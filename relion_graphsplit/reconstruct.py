@@ -12,10 +12,13 @@ the corners beyond radius box/2 are softly set to their mean, and the map is div
 transform of the trilinear kernel). That division is RELION 4/5's default and `--skip_gridding` in
 RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps differ in the last shells).
 
-The insertion is a scatter-add over flattened voxel indices, batch by batch, so it runs on whatever
-device the accumulator lives on. On the CPU torch scatters on one thread, so the three channels (real
-and imaginary data, weight) are scattered in parallel threads, each in the order it would be alone,
-while the caller prepares the next batch; reading `sums` waits for them.
+On the CPU the insertion is a compiled loop (numba) over images, pixels and their 8 neighbours, split
+among threads by z plane, so that every voxel gets its additions in the same order whatever the thread
+count; the threads run on while the caller prepares the next batch, and reading `sums` waits for them.
+With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
+to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
+(`scripts/bench_insertion.py`; docs/benchmarks.md, "Box size"). On other devices the insertion is
+torch's scatter_add_ over flattened voxel indices.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import torch
 
 from relion_graphsplit.symmetry import symmetry_matrices
@@ -34,11 +38,11 @@ from relion_graphsplit.symmetry import symmetry_matrices
 # Offsets of the 8 trilinear neighbours in (z, y, x), in the order (dz, dy, dx).
 _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 
-# Image pixels inserted per scatter. It keeps each temporary (the largest, 8 int64 indices per pixel,
-# 16 MiB) below glibc's largest mmap threshold (32 MiB), so that its memory is reused instead of
-# mapped and faulted in afresh for every batch: at box 256 insertion takes a third less time than 64
-# images at a time (docs/benchmarks.md, "Box size"). Each channel's sums are added in the same order
-# whatever the chunk.
+# Image pixels inserted at a time. It keeps each temporary (the largest, on devices other than the
+# CPU, the scatter's 8 int64 indices per pixel, 16 MiB) below glibc's largest mmap threshold (32 MiB),
+# so that its memory is reused instead of mapped and faulted in afresh for every batch: at box 256 the
+# scatter took a third less time than with 64 images at a time (docs/benchmarks.md, "Box size"). The
+# sums are added in the same order whatever the chunk.
 _INSERT_PIXELS = 1 << 18
 
 
@@ -82,7 +86,7 @@ class FourierAccumulator:
         self.c = pad * self.r_max + 1
         d = 2 * self.c + 1
         self._sums = torch.zeros((3, d, d, self.c + 1), dtype=dtype, device=self.device)
-        self._pending: list[Future] = []  # scatters still running into _sums (see insert_rfft)
+        self._pending: list[Future] = []  # splats still running into _sums (see _splat)
 
         # The 2D frequencies that are inserted: x >= 0 (rfft), radius <= r_max, and on the x = 0
         # column only y >= 0 (the negative-y half is the Friedel mate of the positive one).
@@ -111,8 +115,8 @@ class FourierAccumulator:
         self._sums = value
 
     @property
-    def images_per_scatter(self) -> int:
-        """Images inserted by one scatter (`_INSERT_PIXELS` pixels): a batch size that keeps the
+    def images_per_insert(self) -> int:
+        """Images inserted at a time (`_INSERT_PIXELS` pixels): a batch size that keeps the
         temporaries of `insert` small."""
         return max(1, _INSERT_PIXELS // len(self._pixels))
 
@@ -130,9 +134,9 @@ class FourierAccumulator:
         origins: torch.Tensor | None = None,
         ctf_premultiplied: bool = False,
     ) -> None:
-        """Insert real images (B, N, N) centred at N // 2, `images_per_scatter` at a time; see
+        """Insert real images (B, N, N) centred at N // 2, `images_per_insert` at a time; see
         `insert_rfft` for the other arguments."""
-        chunk = self.images_per_scatter
+        chunk = self.images_per_insert
         for start in range(0, images.shape[0], chunk):
             sl = slice(start, start + chunk)
             f = centred_rfft2(images[sl].to(self.device, self.dtype))
@@ -176,9 +180,30 @@ class FourierAccumulator:
             weights = c * c
         re, im = re.masked_fill(self._dc, 0), im.masked_fill(self._dc, 0)
 
+        rotations = rotations.to(self.device, self.dtype)
+        if self.device.type == "cpu":
+            self._splat(re, im, weights, rotations)
+        else:
+            self._scatter(re, im, weights, rotations)
+
+    def _splat(self, re: torch.Tensor, im: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
+        """Add the values (B, P) to the grids with the compiled `_splat_kernel`, split among
+        torch.get_num_threads() threads by z plane (each plane's sums in the same order whatever the
+        split); the threads run on while the caller prepares its next batch."""
+        values = [t.contiguous().numpy() for t in (re, im, weights)]
+        args = (*values, self._kx.numpy(), self._ky.numpy(), rotations.contiguous().numpy(), self.pad, self.c)
+        flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
+        workers = torch.get_num_threads()
+        if workers < 2:
+            _splat_kernel(flat, *args, 1, 0)
+            return
+        self._pending = [_thread_pool(workers).submit(_splat_kernel, flat, *args, workers, t) for t in range(workers)]
+
+    def _scatter(self, re: torch.Tensor, im: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
+        """Add the values (B, P) to the grids with torch's scatter_add_, on any device (the GPU's way)."""
         # Slice coordinates in the padded 3D frame: pad * A^T (kx, ky, 0), as (x, y, z); a point with
         # x < 0 is stored as the complex conjugate at -(x, y, z).
-        A = rotations.to(self.device, self.dtype)
+        A = rotations
         xyz = self.pad * (self._kx[:, None] * A[:, None, 0, :] + self._ky[:, None] * A[:, None, 1, :])
         sign = 1.0 - 2.0 * (xyz[..., 0] < 0).to(self.dtype)
         xyz = xyz * sign[..., None]
@@ -191,12 +216,9 @@ class FourierAccumulator:
         base = (lo[..., 2] + self.c) * sz + (lo[..., 1] + self.c) * sy + lo[..., 0]
         index = (base[None] + self._offsets[:, None, None]).reshape(-1)
         corner_w = _corner_weights(frac)
-        flat = self.sums.view(3, -1)  # waits for this accumulator's previous scatters
-
-        def add(channel: int, values: torch.Tensor) -> None:
+        flat = self.sums.view(3, -1)
+        for channel, values in enumerate([re, im, weights]):
             flat[channel].scatter_add_(0, index, (corner_w * values).reshape(-1))
-
-        self._pending = _each_in_parallel(add, [re, im, weights], self.device)
 
     def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
@@ -214,25 +236,52 @@ class FourierAccumulator:
 
 @functools.lru_cache(maxsize=4)
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-scatter")
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-splat")
 
 
-def _each_in_parallel(
-    add: Callable[[int, torch.Tensor], None], channels: list[torch.Tensor], device: torch.device
-) -> list[Future]:
-    """add(i, channels[i]) for every channel, in up to torch.get_num_threads() threads on the CPU;
-    returns the jobs still running (none when done in this thread).
+def _compiled(function: Callable) -> Callable:
+    """numba.njit(nogil=True), with its machine code cached on disk where numba finds a writable place
+    (beside the module, or the user's cache folder); elsewhere it is compiled anew in each run."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
 
-    torch's scatter_add_ runs on one thread on the CPU; the channels go to separate grids, so they can
-    be added at once, each in the same order as alone (the sums do not depend on the thread count),
-    while the caller prepares its next batch.
-    """
-    workers = min(len(channels), torch.get_num_threads())
-    if workers < 2 or device.type != "cpu":
-        for i, values in enumerate(channels):
-            add(i, values)
-        return []
-    return [_thread_pool(workers).submit(add, i, values) for i, values in enumerate(channels)]
+
+@_compiled
+def _splat_kernel(flat, re, im, weight, kx, ky, rotations, pad, c, parts, part):  # noqa: ANN001, ANN202
+    """Trilinear insertion of the values (B, P) of pixels (kx, ky) (P,) of images with RELION matrices
+    `rotations` (B, 3, 3) into `flat` (3, (2c + 1)^2 (c + 1)): the point pad * A^T (kx, ky, 0) spreads
+    over its 8 neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on
+    z planes with index % parts == part are written, so that threads can share the grids; each voxel
+    gets its additions in image, pixel order whatever the split."""
+    sy = c + 1
+    sz = (2 * c + 1) * sy
+    for b in range(re.shape[0]):
+        a0, a1 = rotations[b, 0], rotations[b, 1]
+        for p in range(re.shape[1]):
+            x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
+            y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
+            z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
+            vr, vi, vw = re[b, p], im[b, p], weight[b, p]
+            if x < 0:
+                x, y, z, vi = -x, -y, -z, -vi
+            x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
+            fx, fy, fz = x - x0, y - y0, z - z0
+            iz = int(z0) + c
+            base = iz * sz + (int(y0) + c) * sy + int(x0)
+            for dz in range(2):
+                if (iz + dz) % parts != part:
+                    continue
+                wz = fz if dz else 1 - fz
+                for dy in range(2):
+                    wzy = wz * (fy if dy else 1 - fy)
+                    for dx in range(2):
+                        w = wzy * (fx if dx else 1 - fx)
+                        i = base + dz * sz + dy * sy + dx
+                        flat[0, i] += w * vr
+                        flat[1, i] += w * vi
+                        flat[2, i] += w * vw
 
 
 def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

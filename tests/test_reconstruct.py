@@ -183,14 +183,14 @@ def test_ctf_premultiplied_images(blobs):
 
 
 def test_streaming_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
-    """Batches from a stream, and the images inserted per scatter, change the map only by rounding (the
+    """Batches from a stream, and the images inserted at a time, change the map only by rounding (the
     FFT of a batch can depend on the batch's size in the last bit)."""
     gen = torch.Generator().manual_seed(7)
     A = random_poses(gen, 300)
     ctf = random_ctf(gen, 300, BOX)
     origins = torch.rand(300, 2, generator=gen, dtype=torch.float64) * 2 - 1
     images = apply_ctf(blob_images(blobs, A, BOX, origins), ctf)
-    whole = reconstruct(images, A, origins, ctf, BOX)  # one scatter per channel
+    whole = reconstruct(images, A, origins, ctf, BOX)  # one insertion
     assert reconstruct_module._INSERT_PIXELS // (BOX * BOX // 2) > 300
     monkeypatch.setattr(reconstruct_module, "_INSERT_PIXELS", 32 * BOX * BOX // 2)  # about 40 images at a time
     chunks = ((images[i : i + 70], A[i : i + 70], origins[i : i + 70], ctf[i : i + 70]) for i in range(0, 300, 70))
@@ -218,6 +218,41 @@ def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
         torch.set_num_threads(threads)
     assert sums[1].abs().max() > 0
     assert torch.equal(sums[1], sums[3])
+
+
+@pytest.mark.parametrize(("box", "r_max", "premultiplied"), [(BOX, None, False), (BOX + 1, None, True), (BOX, 9, False)])
+def test_compiled_splat_adds_what_torch_scatter_adds(blobs, box, r_max, premultiplied):
+    """The CPU's compiled insertion and torch's scatter_add_ (the insertion on other devices) give the
+    same sums, to float32 rounding (they add in different orders), with origins, CTF and r_max."""
+    gen = torch.Generator().manual_seed(13)
+    A = random_poses(gen, 150)
+    ctf = random_ctf(gen, 150, box)
+    origins = torch.rand(150, 2, generator=gen, dtype=torch.float64) * 2 - 1
+    images = apply_ctf(blob_images(blobs, A, box, origins), ctf)
+    compiled, scattered = FourierAccumulator(box, r_max=r_max), FourierAccumulator(box, r_max=r_max)
+    scattered._splat = scattered._scatter
+    for acc in (compiled, scattered):
+        acc.insert(images, A, ctf=ctf, origins=origins, ctf_premultiplied=premultiplied)
+    expected = scattered.sums
+    assert expected[2].max() > 0 and expected[0].abs().max() > 0
+    for channel in range(3):
+        tolerance = 1e-5 * float(expected[channel].abs().max())
+        assert torch.allclose(compiled.sums[channel], expected[channel], rtol=0, atol=tolerance)
+
+
+def test_the_kernel_compiles_where_numba_cannot_cache(monkeypatch):
+    """With nowhere to write its cache (read-only install and home), the insertion is compiled anew."""
+    import numba.core.caching
+
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(_one_more)
+    kernel = reconstruct_module._compiled(_one_more)
+    assert kernel(np.arange(3.0)).tolist() == [1.0, 2.0, 3.0]
+
+
+def _one_more(x):
+    return x + 1
 
 
 def test_maxres_limits_the_radius(blobs):
