@@ -55,9 +55,9 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     u, v, cos, sin = p["defocus_u"], p["defocus_v"], torch.cos(alpha), torch.sin(alpha)
     q0 = p["amplitude_contrast"]
     # gamma = -pi lam defocus k^2 + pi/2 Cs lam^3 k^4 - phase shift - atan(Q0 / sqrt(1 - Q0^2)), with
-    # defocus = u cos^2(theta - alpha) + v sin^2(theta - alpha) at the angle theta of k: defocus k^2 is
-    # the quadratic form Axx kx^2 + 2 Axy kx ky + Ayy ky^2 (RELION's astigmatism matrix), with no
-    # trigonometry per pixel. The per-image, per-pixel terms are computed in place (large boxes: fewer
+    # defocus = u cos^2(theta - alpha) + v sin^2(theta - alpha) at the angle theta of k. Written out,
+    # defocus k^2 is the quadratic form Axx kx^2 + 2 Axy kx ky + Ayy ky^2 (the same function, with no
+    # trigonometry per pixel). The per-image, per-pixel terms are computed in place (large boxes: fewer
     # temporaries).
     axx, ayy, axy = u * cos * cos + v * sin * sin, u * sin * sin + v * cos * cos, (u - v) * cos * sin
     gamma = (axx * kx * kx).add_((2 * axy) * (kx * ky)).add_(ayy * (ky * ky))

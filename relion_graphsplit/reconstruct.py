@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
+import numpy as np
 import torch
 
 from relion_graphsplit.symmetry import symmetry_matrices
@@ -249,7 +250,10 @@ def _compiled(function: Callable) -> Callable:
 
 
 @_compiled
-def _splat_kernel(flat, re, im, weight, kx, ky, rotations, pad, c, parts, part):  # noqa: ANN001, ANN202
+def _splat_kernel(
+    flat: np.ndarray, re: np.ndarray, im: np.ndarray, weight: np.ndarray, kx: np.ndarray, ky: np.ndarray,
+    rotations: np.ndarray, pad: int, c: int, parts: int, part: int,
+) -> None:
     """Trilinear insertion of the values (B, P) of pixels (kx, ky) (P,) of images with RELION matrices
     `rotations` (B, 3, 3) into `flat` (3, (2c + 1)^2 (c + 1)): the point pad * A^T (kx, ky, 0) spreads
     over its 8 neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on
