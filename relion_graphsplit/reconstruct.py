@@ -351,7 +351,6 @@ class _InversionGrid:
     shell: list[torch.Tensor]  # per slab (p, p, planes) int32: floor(r / pad) below radius pad * r_max, else r_max
     outside: list[torch.Tensor]  # per slab (p, p, planes) bool: radius > pad * r_max, where no data are kept
     counts: torch.Tensor  # (r_max,) float64: voxels per shell below radius pad * r_max
-    inner: torch.Tensor  # (box, box, box) float64: 1 - edge
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
     edge_sum: torch.Tensor  # () float64: the sum of edge
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
@@ -395,7 +394,6 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
         shell=shell,
         outside=outside,
         counts=counts[:r_max].clamp(min=1),
-        inner=1 - edge,
         edge=edge,
         edge_sum=edge.sum(),
         sinc2=sinc * sinc,
@@ -458,7 +456,7 @@ def _invert(
 
     # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
     background = (g.edge * vol).sum() / g.edge_sum
-    vol.mul_(g.inner).add_(g.edge * background)
+    vol.lerp_(background, g.edge)  # (1 - edge) vol + edge background, in place
     return vol.div_(g.sinc2).to(torch.float32)
 
 
