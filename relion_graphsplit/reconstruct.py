@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 
+from relion_graphsplit.compiled import compiled, thread_pool
 from relion_graphsplit.symmetry import symmetry_matrices
 
 # Offsets of the 8 trilinear neighbours in (z, y, x), in the order (dz, dy, dx).
@@ -198,7 +198,7 @@ class FourierAccumulator:
         if workers < 2:
             _splat_kernel(flat, *args, 1, 0)
             return
-        self._pending = [_thread_pool(workers).submit(_splat_kernel, flat, *args, workers, t) for t in range(workers)]
+        self._pending = [thread_pool(workers).submit(_splat_kernel, flat, *args, workers, t) for t in range(workers)]
 
     def _scatter(self, re: torch.Tensor, im: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
         """Add the values (B, P) to the grids with torch's scatter_add_, on any device (the GPU's way)."""
@@ -235,21 +235,7 @@ class FourierAccumulator:
         return _invert(data, weight, self.box, self.pad, self.r_max, regularisation)
 
 
-@functools.lru_cache(maxsize=4)
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-splat")
-
-
-def _compiled(function: Callable) -> Callable:
-    """numba.njit(nogil=True), with its machine code cached on disk where numba finds a writable place
-    (beside the module, or the user's cache folder); elsewhere it is compiled anew in each run."""
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(function)
-
-
-@_compiled
+@compiled
 def _splat_kernel(
     flat: np.ndarray, re: np.ndarray, im: np.ndarray, weight: np.ndarray, kx: np.ndarray, ky: np.ndarray,
     rotations: np.ndarray, pad: int, c: int, parts: int, part: int,

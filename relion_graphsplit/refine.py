@@ -20,8 +20,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from relion_graphsplit.compiled import compiled, run_in_runs
 from relion_graphsplit.fsc import fsc, shell_index
-from relion_graphsplit.projection import prepare_volume, project_rfft, rfft_weights
+from relion_graphsplit.projection import (
+    centre_phase,
+    prepare_volume,
+    rfft_frequencies,
+    rfft_weights,
+    slice_values,
+)
 from relion_graphsplit.reconstruct import FourierAccumulator
 from relion_graphsplit.scratch import ScratchArray
 
@@ -31,11 +38,6 @@ def _half_plane_weights(n: int) -> torch.Tensor:
     weights = rfft_weights(n)
     weights[0, 0] = 0.0
     return weights
-
-
-def _power(z: torch.Tensor) -> torch.Tensor:
-    """|z|^2 of a complex tensor, without the square root of abs()."""
-    return z.real**2 + z.imag**2
 
 
 def _weighted_halves(
@@ -135,29 +137,63 @@ def class_log_odds(
     variance of each image is estimated from what its better-fitting class leaves unexplained,
     min_k |s - a CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF): the residual alone would
     count the class difference as noise, shrink the data term against the prior, and pull particles
-    into the larger class. The terms are float32 (a third faster than float64), their sums float64.
+    into the larger class. The sums over each image's pixels are taken by `_likelihood_kernel` on
+    torch.get_num_threads() threads, each on its own run of images, in float64.
     """
     n = scratch.shape[-1]
-    weights = _half_plane_weights(n).to(torch.float32)
     prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
+    kx, ky, inside = rfft_frequencies(n)
+    common = (
+        _half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy(),
+        centre_phase(n, torch.complex128).numpy(), prepared.data.numpy(), prepared.pad, prepared.padded_box // 2 + 1,
+    )  # fmt: skip
+    # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
+    # image's difference is a' = a / mean(a) times their projection.
+    relative = (scale / scale.mean()).to(torch.float64).numpy()
     out = np.zeros(scratch.shape[0])
     for index in batches:
-        s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])))
-        ctf2 = torch.from_numpy(np.asarray(filters[index])) ** 2
-        w_ctf2 = weights * ctf2
-        # The maps were reconstructed from residuals that carry each image's scale a: relative to them
-        # an image's difference is a / mean(a) times their projection.
-        a = (scale[index] / scale.mean()).to(torch.float32)[:, None, None]
-        log_likelihood, unexplained = [], []
-        for q in a * project_rfft(prepared, rotations[index]):
-            overlap = s.real * q.real + s.imag * q.imag  # Re(conj(s) q)
-            log_likelihood.append(2 * _sum(weights * overlap) - _sum(w_ctf2 * _power(q)))
-            unexplained.append(_sum(weights * _power(s - ctf2 * q)))
-        sigma2 = torch.minimum(*unexplained) / _sum(w_ctf2).clamp(min=1e-30)
-        out[index] = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
+        s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index]))).numpy()
+        terms = np.zeros((len(index), 5))  # per image: L_1, L_2, U_1, U_2, sum w CTF^2
+        args = (terms, s, np.asarray(filters[index]), relative[index], rotations[index].to(torch.float64).numpy(), *common)
+        run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
+        sigma2 = np.minimum(terms[:, 2], terms[:, 3]) / np.maximum(terms[:, 4], 1e-30)
+        out[index] = (terms[:, 0] - terms[:, 1]) / (2 * sigma2) + prior
     return out
 
 
-def _sum(x: torch.Tensor) -> torch.Tensor:
-    """Per-image sums (B,) of float32 terms (B, N, M), accumulated in float64."""
-    return x.sum((1, 2), dtype=torch.float64)
+@compiled
+def _likelihood_kernel(
+    terms: np.ndarray, s: np.ndarray, ctf: np.ndarray, relative: np.ndarray, rotations: np.ndarray,
+    weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, inside: np.ndarray, phase: np.ndarray,
+    data: np.ndarray, pad: int, c: int, start: int, stop: int,
+) -> None:
+    """For images b from start to stop, with q_k = a'_b times the projection of map k (`slice_values`,
+    times the centring `phase`) and the weights w of the rfft grid, into terms[b]:
+    L_k = sum w (2 Re(conj(s) q_k) - CTF^2 |q_k|^2), U_k = sum w |s - CTF^2 q_k|^2 (k = 1, 2) and
+    sum w CTF^2, over every pixel (q = 0 beyond the Nyquist circle), in float64."""
+    values = np.empty(2, dtype=np.complex128)
+    for b in range(start, stop):
+        a0, a1 = rotations[b, 0], rotations[b, 1]
+        l1 = l2 = u1 = u2 = wc = 0.0
+        for i in range(s.shape[1]):
+            for j in range(s.shape[2]):
+                w = weights[i, j]
+                c2 = ctf[b, i, j] * ctf[b, i, j]
+                v = s[b, i, j]
+                sr, si = v.real, v.imag
+                wc += w * c2
+                if inside[i, j]:
+                    x = pad * (kx[j] * a0[0] + ky[i] * a1[0])
+                    y = pad * (kx[j] * a0[1] + ky[i] * a1[1])
+                    z = pad * (kx[j] * a0[2] + ky[i] * a1[2])
+                    slice_values(data, x, y, z, c, values)
+                    q1 = relative[b] * values[0] * phase[i, j]
+                    q2 = relative[b] * values[1] * phase[i, j]
+                    l1 += w * (2 * (sr * q1.real + si * q1.imag) - c2 * (q1.real**2 + q1.imag**2))
+                    l2 += w * (2 * (sr * q2.real + si * q2.imag) - c2 * (q2.real**2 + q2.imag**2))
+                    u1 += w * ((sr - c2 * q1.real) ** 2 + (si - c2 * q1.imag) ** 2)
+                    u2 += w * ((sr - c2 * q2.real) ** 2 + (si - c2 * q2.imag) ** 2)
+                else:
+                    u1 += w * (sr * sr + si * si)
+                    u2 += w * (sr * sr + si * si)
+        terms[b, 0], terms[b, 1], terms[b, 2], terms[b, 3], terms[b, 4] = l1, l2, u1, u2, wc

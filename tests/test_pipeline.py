@@ -44,8 +44,9 @@ def run(args: list[str]) -> None:
 
 
 def run_console(args: list[str]) -> subprocess.CompletedProcess:
-    """The program as the console command runs it: a process of its own, left through cli.main."""
-    command = [sys.executable, "-c", "from relion_graphsplit.cli import main; main()", *args]
+    """The program as the console command runs it: a process of its own, started by launch and left
+    through cli.main."""
+    command = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()", *args]
     return subprocess.run(command, capture_output=True, text=True)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from relion_graphsplit.ctf import CTFParams, ctf_2d
 from relion_graphsplit.geometry import euler_to_matrix
+import relion_graphsplit.projection as projection_module
 from relion_graphsplit.projection import gridding_correction, prepare_volume, project, project_rfft, shift_images
 from relion_graphsplit.star_io import make_particle_set, write_particles
 
@@ -204,3 +205,20 @@ def test_matches_relion_project_with_ctf(tmp_path):
     ours = _ours(particles, ctf=True)
     assert correlations(ours, theirs).min() > 0.99
     np.testing.assert_allclose(ours, theirs, atol=1e-3 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize(("box", "dtype"), [(BOX, torch.float32), (BOX - 1, torch.float64)])
+def test_compiled_gather_samples_what_grid_sample_samples(monkeypatch, box, dtype):
+    """The CPU's compiled sampling and grid_sample (the sampling on other devices) give the same
+    slices of a stack of maps, to the float32 rounding of grid_sample's coordinates."""
+    maps = torch.stack([blob_map(box), blob_map(box).flip(0)]).to(dtype)
+    prepared = prepare_volume(maps)
+    A = euler_to_matrix(*(torch.from_numpy(a) for a in random_angles(60, seed=5)))
+    compiled = project_rfft(prepared, A)
+    monkeypatch.setattr(projection_module, "_gather", projection_module._grid_sample)
+    sampled = project_rfft(prepared, A)
+    assert compiled.shape == sampled.shape == (2, 60, box, box // 2 + 1)
+    scale = float(sampled.abs().max())
+    assert scale > 0 and not torch.allclose(compiled[0], compiled[1], atol=1e-2 * scale)
+    tolerance = (1e-5 if dtype == torch.float32 else 1e-12) * scale
+    assert torch.allclose(compiled, sampled, rtol=0, atol=tolerance)

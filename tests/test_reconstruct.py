@@ -240,21 +240,6 @@ def test_compiled_splat_adds_what_torch_scatter_adds(blobs, box, r_max, premulti
         assert torch.allclose(compiled.sums[channel], expected[channel], rtol=0, atol=tolerance)
 
 
-def test_the_kernel_compiles_where_numba_cannot_cache(monkeypatch):
-    """With nowhere to write its cache (read-only install and home), the insertion is compiled anew."""
-    import numba.core.caching
-
-    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
-    with pytest.raises(RuntimeError, match="no locator"):
-        numba.njit(cache=True)(_one_more)
-    kernel = reconstruct_module._compiled(_one_more)
-    assert kernel(np.arange(3.0)).tolist() == [1.0, 2.0, 3.0]
-
-
-def _one_more(x):
-    return x + 1
-
-
 def test_maxres_limits_the_radius(blobs):
     gen = torch.Generator().manual_seed(8)
     A = random_poses(gen, 400)

@@ -1,0 +1,47 @@
+"""Compiled loops on the CPU: numba's njit, cached on disk where it can be, and the threads that run them.
+
+The insertion into Fourier grids (reconstruct.py) and the sampling of central slices (projection.py)
+are loops over images, pixels and their 8 trilinear neighbours. Compiled with nogil, several copies
+run at once on plain Python threads, each on its own share of the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+
+def compiled(function: Callable) -> Callable:
+    """numba.njit(nogil=True), with its machine code cached on disk where numba finds a writable place
+    (beside the module, or the user's cache folder); elsewhere it is compiled anew in each run."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
+
+
+@functools.lru_cache(maxsize=4)
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads for the compiled loops, made once per size."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-compiled")
+
+
+def run_in_runs(kernel: Callable, args: tuple, count: int, workers: int, least: int = 16) -> None:
+    """kernel(*args, start, stop) over `count` items cut into contiguous runs, one per thread, on up to
+    `workers` threads with at least `least` items each; returns when all are done, raising the
+    first error. Right for kernels whose items are independent (their results do not depend on the
+    split)."""
+    workers = max(1, min(workers, count // least))
+    bounds = [count * t // workers for t in range(workers + 1)]
+    if workers == 1:
+        kernel(*args, 0, count)
+        return
+    jobs = [thread_pool(workers).submit(kernel, *args, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    futures.wait(jobs)
+    for job in jobs:
+        job.result()
