@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from relion_graphsplit.projection import project
-from relion_graphsplit.refine import _half_plane_weights, class_log_odds, class_sums, difference_maps, residual_sums
+from relion_graphsplit.refine import (
+    _half_plane_weights,
+    class_log_odds,
+    class_sums,
+    difference_maps,
+    residual_sums,
+)
 from relion_graphsplit.simulate import uniform_rotations
 
 
