@@ -8,7 +8,7 @@ gold-standard FSC (unmasked, as in RELION's model.star) and gives the resolution
 
 from __future__ import annotations
 
-import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from relion_graphsplit import star_io
+from relion_graphsplit.compiled import compiled, run_in_runs
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.fsc import fsc, resolution_at
 from relion_graphsplit.mrc_io import write_mrc
@@ -133,21 +134,29 @@ def reconstruct_classes(
 
 def _completeness(acc: FourierAccumulator) -> torch.Tensor:
     """Per shell of the box (0..N // 2), the fraction of the padded half grid's voxels with weight > 0."""
-    shell, total = _completeness_shells(acc.c, acc.pad, acc.box, acc.device)
-    filled = torch.bincount(shell[acc.sums[2].reshape(-1) > 0], minlength=len(total) + 1)[: len(total)]
-    return (filled.to(torch.float64) / total.clamp(min=1)).cpu()
+    weight = acc.sums[2].cpu().numpy()
+    shells = acc.box // 2 + 1
+    filled, total = (np.zeros((len(weight), shells), dtype=np.int64) for _ in range(2))
+    run_in_runs(_completeness_kernel, (filled, total, weight, acc.pad), len(weight), torch.get_num_threads(), least=1)
+    return torch.from_numpy(filled.sum(0) / np.maximum(total.sum(0), 1))
 
 
-@functools.lru_cache(maxsize=1)
-def _completeness_shells(c: int, pad: int, box: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For an accumulator's centred half grid (2c + 1, 2c + 1, c + 1), flat: each voxel's shell of the
-    box, round(r / pad), with N // 2 + 1 for those beyond N // 2; and the voxels per shell (N // 2 + 1,)."""
-    k = torch.arange(-c, c + 1, device=device, dtype=torch.float64)
-    x = torch.arange(c + 1, device=device, dtype=torch.float64)
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + x[None, None, :] ** 2)
-    shell = torch.round(r / pad).clamp_(max=box // 2 + 1).to(torch.int32).reshape(-1)
-    total = torch.bincount(shell, minlength=box // 2 + 2)[: box // 2 + 1].to(torch.float64)
-    return shell, total
+@compiled
+def _completeness_kernel(
+    filled: np.ndarray, total: np.ndarray, weight: np.ndarray, pad: int, start: int, stop: int
+) -> None:
+    """For the rows z in [start, stop) of a centred half grid (2c + 1, 2c + 1, c + 1): the voxels in
+    each shell round(r / pad) of the box below `total.shape[1]`, and those of them with weight > 0."""
+    c = weight.shape[0] // 2
+    for zi in range(start, stop):
+        for yi in range(weight.shape[1]):
+            for x in range(weight.shape[2]):
+                r2 = (zi - c) ** 2 + (yi - c) ** 2 + x * x
+                shell = int(np.rint(math.sqrt(r2) / pad))
+                if shell < total.shape[1]:
+                    total[zi, shell] += 1
+                    if weight[zi, yi, x] > 0:
+                        filled[zi, shell] += 1
 
 
 def write_class_maps(out: Path, maps: ClassMaps) -> list[tuple[Path, str]]:

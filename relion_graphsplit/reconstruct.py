@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from relion_graphsplit.compiled import compiled, thread_pool
+from relion_graphsplit.compiled import compiled, run_in_runs, thread_pool
 from relion_graphsplit.symmetry import symmetry_matrices
 
 # Offsets of the 8 trilinear neighbours in (z, y, x), in the order (dz, dy, dx).
@@ -228,11 +228,13 @@ class FourierAccumulator:
         term (length >= r_max + 1, shells of the unpadded box) added to the weight before division,
         a Wiener-style 1 / SSNR prior in weight units (RELION adds 1 / (pad^3 tau2_fudge tau2)).
         """
-        data, weight = _sum_friedel_plane(torch.complex(self.sums[0], self.sums[1]), self.sums[2])
+        fields, plane = self.sums, _friedel_plane(self.sums)
         if sym.strip().upper() != "C1":
-            ops = symmetry_matrices(sym).to(self.device)
-            data, weight = _symmetrise(data, weight, ops, self.pad * self.r_max)
-        return _invert(data, weight, self.box, self.pad, self.r_max, regularisation)
+            fields = fields.clone()
+            fields[..., 0] = plane
+            fields = _symmetrise(fields, symmetry_matrices(sym).to(self.device), self.pad * self.r_max)
+            plane = fields[..., 0].contiguous()
+        return _invert(fields, plane, self.box, self.pad, self.r_max, regularisation)
 
 
 @compiled
@@ -274,18 +276,15 @@ def _splat_kernel(
                         flat[2, i] += w * vw
 
 
-def _sum_friedel_plane(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum each x = 0 point with its Friedel mate (-z, -y, 0) (BackProjector::enforceHermitianSymmetry).
-
-    `data` is changed in place; `weight` is copied (it is the accumulator's own)."""
-    weight = weight.clone()
-    plane, wplane = data[:, :, 0], weight[:, :, 0]
-    c = plane.shape[0] // 2
-    new_plane = plane + plane.flip(0, 1).conj()
-    new_w = wplane + wplane.flip(0, 1)
-    new_plane[c, c], new_w[c, c] = plane[c, c], wplane[c, c]
-    data[:, :, 0], weight[:, :, 0] = new_plane, new_w
-    return data, weight
+def _friedel_plane(sums: torch.Tensor) -> torch.Tensor:
+    """The x = 0 plane (3, 2c + 1, 2c + 1) of grids (3, 2c + 1, 2c + 1, c + 1) with each point summed
+    with its Friedel mate (-z, -y, 0), the data conjugated (BackProjector::enforceHermitianSymmetry)."""
+    plane = sums[..., 0]
+    mate = plane.flip(1, 2)
+    c = plane.shape[1] // 2
+    new = torch.stack([plane[0] + mate[0], plane[1] - mate[1], plane[2] + mate[2]])
+    new[:, c, c] = plane[:, c, c]
+    return new
 
 
 def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
@@ -295,26 +294,24 @@ def _corner_weights(frac: torch.Tensor) -> torch.Tensor:
     return (wzy[:, :, None] * torch.stack([1 - fx, fx])[None, None]).reshape(8, *fx.shape)
 
 
-def _symmetrise(
-    data: torch.Tensor, weight: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int = 1 << 20
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add to each point v the data and weight sampled at R v for every operator R but the identity
-    (BackProjector::applyPointGroupSymmetry); points within `radius` of the origin only.
+def _symmetrise(fields: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """Add to each point v of the grids (3, 2c + 1, 2c + 1, c + 1) (data, real and imaginary, and
+    weight) the values sampled at R v for every operator R but the identity
+    (BackProjector::applyPointGroupSymmetry); points within `radius` of the origin only. In place.
 
     Samples are trilinear (grid_sample); a point R v with x < 0 is read at -R v and conjugated.
     """
-    shape = weight.shape
+    shape = fields.shape[1:]
     c = shape[0] // 2
-    k = torch.arange(shape[0], device=weight.device) - c
-    z, y, x = torch.meshgrid(k, k, torch.arange(shape[2], device=weight.device), indexing="ij")
+    k = torch.arange(shape[0], device=fields.device) - c
+    z, y, x = torch.meshgrid(k, k, torch.arange(shape[2], device=fields.device), indexing="ij")
     inside = torch.nonzero((x * x + y * y + z * z <= radius * radius).reshape(-1)).squeeze(1)
-    xyz = torch.stack([x, y, z], -1).reshape(-1, 3)[inside].to(weight.dtype)
-    fields = torch.stack([data.real, data.imag, weight])
+    xyz = torch.stack([x, y, z], -1).reshape(-1, 3)[inside].to(fields.dtype)
     # grid_sample's normalised coordinates (align_corners=True): -1 and 1 are the first and last index.
-    to_unit = torch.tensor([2.0 / (shape[2] - 1), 1.0 / c, 1.0 / c], dtype=weight.dtype, device=weight.device)
-    shift = torch.tensor([-1.0, 0.0, 0.0], dtype=weight.dtype, device=weight.device)
+    to_unit = torch.tensor([2.0 / (shape[2] - 1), 1.0 / c, 1.0 / c], dtype=fields.dtype, device=fields.device)
+    shift = torch.tensor([-1.0, 0.0, 0.0], dtype=fields.dtype, device=fields.device)
     total = fields.reshape(3, -1)[:, inside]
-    for R in ops[1:].to(weight.dtype):
+    for R in ops[1:].to(fields.dtype):
         for start in range(0, len(inside), chunk):
             p = xyz[start : start + chunk] @ (R.T * to_unit)
             sign = 1.0 - 2.0 * (p[:, 0] < 0).to(p.dtype)
@@ -323,31 +320,18 @@ def _symmetrise(
             samples = samples.reshape(3, -1)
             samples[1] *= sign
             total[:, start : start + chunk] += samples
-    out = fields.reshape(3, -1).clone()
-    out[:, inside] = total
-    out = out.reshape(3, *shape)
-    return torch.complex(out[0], out[1]), out[2]
+    fields.view(3, -1)[:, inside] = total
+    return fields
 
 
 @dataclass(frozen=True)
 class _InversionGrid:
-    """Index tensors of `_invert` for one (box, pad, r_max, device); the same for every map finalised."""
+    """What `_invert` needs for one (box, pad, device); the same for every map finalised."""
 
     slabs: list[slice]  # the x planes of the padded half transform (p, p, p // 2 + 1) in `_invert`'s slabs
-    shell: list[torch.Tensor]  # per slab (p, p, planes) int32: floor(r / pad) below radius pad * r_max, else r_max
-    outside: list[torch.Tensor]  # per slab (p, p, planes) bool: radius > pad * r_max, where no data are kept
-    counts: torch.Tensor  # (r_max,) float64: voxels per shell below radius pad * r_max
     edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
     edge_sum: torch.Tensor  # () float64: the sum of edge
     sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
-
-
-def _padded_radius2(p: int, device: torch.device, xs: slice) -> torch.Tensor:
-    """Squared radius (int64) of each point of the FFT-order half grid (p, p, p // 2 + 1) of a p^3
-    volume; only the x planes `xs` of it."""
-    kz = _signed_frequencies(p, device)
-    kx = torch.arange(p // 2 + 1, device=device)[xs]
-    return (kz * kz)[:, None, None] + (kz * kz)[None, :, None] + (kx * kx)[None, None, :]
 
 
 # Bytes of complex128 in one slab of x planes of `_invert`: the whole transform up to box 63, 4 planes
@@ -356,19 +340,9 @@ _SLAB_BYTES = 1 << 24
 
 
 @functools.lru_cache(maxsize=2)  # the working size and the particles' box
-def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _InversionGrid:
+def _inversion_grid(box: int, pad: int, device: torch.device) -> _InversionGrid:
     p, h = pad * box, pad * box // 2 + 1
-    rp2 = (pad * r_max) ** 2
     planes = max(1, _SLAB_BYTES // (16 * p * p))
-    slabs = [slice(x, min(x + planes, h)) for x in range(0, h, planes)]
-    shell, outside = [], []
-    counts = torch.zeros(r_max + 1, dtype=torch.float64, device=device)
-    for xs in slabs:
-        r2 = _padded_radius2(p, device, xs)
-        below = r2 < rp2
-        shell.append(r2.to(torch.float64).sqrt_().div_(pad).floor_().to(torch.int32).masked_fill_(~below, r_max))
-        outside.append(r2 > rp2)
-        counts += torch.bincount(shell[-1].view(-1), minlength=r_max + 1)
     r = _radius_grid(box, device)
     mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
     ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
@@ -376,10 +350,7 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
     rval = r / p
     sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
     return _InversionGrid(
-        slabs=slabs,
-        shell=shell,
-        outside=outside,
-        counts=counts[:r_max].clamp(min=1),
+        slabs=[slice(x, min(x + planes, h)) for x in range(0, h, planes)],
         edge=edge,
         edge_sum=edge.sum(),
         sinc2=sinc * sinc,
@@ -387,8 +358,8 @@ def _inversion_grid(box: int, pad: int, r_max: int, device: torch.device) -> _In
 
 
 def _invert(
-    data: torch.Tensor,
-    weight: torch.Tensor,
+    fields: torch.Tensor,
+    plane: torch.Tensor,
     box: int,
     pad: int,
     r_max: int,
@@ -396,45 +367,41 @@ def _invert(
 ) -> torch.Tensor:
     """Divide, inverse transform, crop, soft-mask the corners, gridding-correct (BackProjector::reconstruct).
 
-    The padded transform (p = pad * box) is never built whole. Slab by slab of x planes, the
-    frequencies are placed on the FFT grid in float64, divided by the floored weight and inverse
-    transformed along z and y, of which only the central box^2 is kept (cropping in real space
-    commutes with the other axis' transform); then the kept lines are transformed along x and cropped.
-    This is irfftn of the padded grid, cropped, to rounding: at box 256 the float64 grids take 0.4 GB
-    instead of 2.7 GB, and the transforms along y and x run on a half and a quarter of the lines.
+    fields: the centred grids (3, 2c + 1, 2c + 1, c + 1) (data, real and imaginary, and weight), whose
+    x = 0 plane is taken from `plane` (3, 2c + 1, 2c + 1) instead. The weight is floored at 1/1000 of
+    its radial mean (shells of the unpadded box, floor(r / pad), below radius pad * r_max; the last
+    shell's floor on that radius), with `regularisation` added below it, and divides the data.
+
+    The padded transform (p = pad * box) is never built whole. Slab by slab of x planes, the compiled
+    `_divide_kernel` places the divided frequencies on the FFT grid in float64 (on the CPU, whatever
+    the grids' device), which is inverse transformed along z and y, of which only the central box^2
+    is kept (cropping in real space commutes with the other axis' transform); then the kept lines are
+    transformed along x and cropped. This is irfftn of the padded grid, cropped, to rounding: at box
+    256 the float64 grids take 0.4 GB instead of 2.7 GB, and the transform along x runs on a quarter
+    of the lines.
     """
-    g = _inversion_grid(box, pad, r_max, weight.device)
+    device = fields.device
+    g = _inversion_grid(box, pad, device)
     p, rp = pad * box, pad * r_max
+    workers = torch.get_num_threads()
+    grids, plane = fields.cpu().numpy(), plane.cpu().numpy()
+    prior = np.zeros(0) if regularisation is None else regularisation.cpu().to(torch.float64).numpy()
 
-    def weight_slab(xs: slice) -> torch.Tensor:
-        w = _decentred(weight, p, rp, torch.float64, xs)
-        if regularisation is not None:
-            radius = _padded_radius2(p, weight.device, xs).to(torch.float64).sqrt_()
-            shells = torch.round(radius / pad).long().clamp(max=len(regularisation) - 1)
-            term = regularisation.to(weight.device, torch.float64)[shells]
-            w = torch.where(radius < rp, w + term, w)
-        return w
+    rows = plane.shape[1]
+    sums = np.zeros((rows, r_max), dtype=np.float64)  # per z row of the grids, then summed in order
+    counts = np.zeros((rows, r_max), dtype=np.int64)
+    run_in_runs(_shell_sums_kernel, (sums, counts, grids, plane, prior, pad, rp), rows, workers, least=1)
+    floor = sums.sum(0) / (1000.0 * np.maximum(counts.sum(0), 1))
+    floor = np.append(floor, floor[-1])
 
-    # Floor the weight at 1/1000 of its radial mean (shells of the unpadded box, floor(r / pad), below
-    # radius pad * r_max); the voxels beyond, in bin r_max, get the last shell's floor. Each weight slab
-    # is made twice, for these sums and then to divide.
-    sums = torch.zeros(r_max + 1, dtype=torch.float64, device=weight.device)
-    for xs, shell in zip(g.slabs, g.shell):
-        sums += torch.bincount(shell.view(-1), weights=weight_slab(xs).view(-1), minlength=r_max + 1)
-    floor = sums[:r_max] / (1000.0 * g.counts)
-    floor = torch.cat([floor, floor[-1:]])
-
-    kept = torch.empty((box, box, p // 2 + 1), dtype=torch.complex128, device=weight.device)
-    for xs, shell, outside in zip(g.slabs, g.shell, g.outside):
-        w = weight_slab(xs)
-        torch.maximum(w, floor[shell], out=w)
-        # Divide where the weight is > 0 (a real reciprocal times both parts is what complex division
-        # by (w + 0i) computes, bit for bit); beyond radius pad * r_max, keep nothing.
-        scale = w.masked_fill_(w <= 0, 1.0).reciprocal_().masked_fill_(outside, 0.0)
-        f = _decentred(data, p, rp, torch.complex128, xs)
-        torch.view_as_real(f).mul_(scale[..., None])
-        kept[:, :, xs] = _centred_box(torch.fft.ifft2(f, dim=(0, 1)), box, dims=(0, 1))
-    vol = torch.empty((box, box, box), dtype=torch.float64, device=weight.device)
+    kept = torch.empty((box, box, p // 2 + 1), dtype=torch.complex128, device=device)
+    buffer = torch.empty(p * p * (g.slabs[0].stop - g.slabs[0].start), dtype=torch.complex128)
+    for xs in g.slabs:
+        f = buffer[: p * p * (xs.stop - xs.start)].view(p, p, -1)
+        args = (torch.view_as_real(f).numpy(), grids, plane, floor, prior, pad, rp, xs.start)
+        run_in_runs(_divide_kernel, args, p, workers, least=1)
+        kept[:, :, xs] = _centred_box(torch.fft.ifft2(f.to(device), dim=(0, 1)), box, dims=(0, 1))
+    vol = torch.empty((box, box, box), dtype=torch.float64, device=device)
     planes = max(1, _SLAB_BYTES // (8 * box * p))
     for z in range(0, box, planes):
         vol[z : z + planes] = _centred_box(torch.fft.irfft(kept[z : z + planes], n=p, dim=2), box, dims=(2,))
@@ -446,28 +413,71 @@ def _invert(
     return vol.div_(g.sinc2).to(torch.float32)
 
 
-def _decentred(grid: torch.Tensor, p: int, radius: int, dtype: torch.dtype, xs: slice) -> torch.Tensor:
-    """The frequencies within `radius` of a centred half grid (2c + 1, 2c + 1, c + 1), c > radius,
-    placed on the FFT-order half grid (p, p, p // 2 + 1) of a p^3 volume as `dtype`, zero elsewhere;
-    only the x planes `xs` (start and stop given) of it.
+@compiled
+def _shell_sums_kernel(
+    sums: np.ndarray, counts: np.ndarray, grids: np.ndarray, plane: np.ndarray, prior: np.ndarray,
+    pad: int, rp: int, start: int, stop: int,
+) -> None:
+    """For the rows z in [start, stop) of the centred grids (see `_invert`): the weight (plus
+    prior[round(r / pad)], if any) and the number of points in each shell floor(r / pad) (r_max,)
+    below radius rp = pad * r_max, into sums[z] and counts[z]."""
+    c = grids.shape[1] // 2
+    for zi in range(start, stop):
+        fz = zi - c
+        for yi in range(grids.shape[2]):
+            fy = yi - c
+            for x in range(grids.shape[3]):
+                r2 = fz * fz + fy * fy + x * x
+                if r2 >= rp * rp:
+                    break
+                w = np.float64(plane[2, zi, yi] if x == 0 else grids[2, zi, yi, x])
+                r = math.sqrt(r2)
+                if prior.shape[0]:
+                    w += prior[min(int(np.rint(r / pad)), prior.shape[0] - 1)]
+                shell = int(math.floor(r / pad))
+                sums[zi, shell] += w
+                counts[zi, shell] += 1
 
-    Along z and y, FFT index k holds frequency k for k <= p // 2 and k - p above (RELION's choice:
-    +p // 2 at p // 2); four block copies, which convert as they go.
-    """
-    c = grid.shape[0] // 2
-    x0, x1 = xs.start, xs.stop
-    out = torch.empty((p, p, x1 - x0), dtype=dtype, device=grid.device)
-    positive, negative = min(radius, p // 2), min(radius, (p - 1) // 2)
-    rows = [(slice(0, positive + 1), slice(c, c + positive + 1)), (slice(p - negative, p), slice(c - negative, c))]
-    x = max(x0, min(x1, positive + 1))
-    for out_z, in_z in rows:
-        for out_y, in_y in rows:
-            out[out_z, out_y, : x - x0] = grid[in_z, in_y, x0:x]
-    gap = slice(positive + 1, p - negative)  # frequencies beyond the radius along z and y, and x
-    out[gap] = 0
-    out[:, gap] = 0
-    out[:, :, x - x0 :] = 0
-    return out
+
+@compiled
+def _divide_kernel(
+    out: np.ndarray, grids: np.ndarray, plane: np.ndarray, floor: np.ndarray, prior: np.ndarray,
+    pad: int, rp: int, x0: int, start: int, stop: int,
+) -> None:
+    """Rows [start, stop) of the x planes x0.. of the FFT-order half grid (p, p, planes, 2) (real and
+    imaginary parts) of a p^3 transform: data / max(weight (+ prior), floor[shell]) within radius rp
+    of the centred grids (see `_invert`), zero beyond. Along z and y, index k holds frequency k for
+    k <= p // 2 and k - p above (RELION's choice: +p // 2 at p // 2)."""
+    p = out.shape[0]
+    c = grids.shape[1] // 2
+    last = floor.shape[0] - 1
+    for kz in range(start, stop):
+        fz = kz if kz <= p // 2 else kz - p
+        for ky in range(p):
+            fy = ky if ky <= p // 2 else ky - p
+            for j in range(out.shape[2]):
+                x = x0 + j
+                r2 = fz * fz + fy * fy + x * x
+                if r2 > rp * rp:
+                    out[kz, ky, j, 0] = 0.0
+                    out[kz, ky, j, 1] = 0.0
+                    continue
+                zi, yi = fz + c, fy + c
+                if x == 0:
+                    re, im, w = np.float64(plane[0, zi, yi]), np.float64(plane[1, zi, yi]), np.float64(plane[2, zi, yi])
+                else:
+                    re, im, w = np.float64(grids[0, zi, yi, x]), np.float64(grids[1, zi, yi, x]), np.float64(grids[2, zi, yi, x])
+                r = math.sqrt(r2)
+                shell = last
+                if r2 < rp * rp:
+                    shell = int(math.floor(r / pad))
+                    if prior.shape[0]:
+                        w += prior[min(int(np.rint(r / pad)), prior.shape[0] - 1)]
+                w = max(w, floor[shell])
+                # A real reciprocal times both parts is what complex division by (w + 0i) computes.
+                scale = 1.0 / w if w > 0 else 1.0
+                out[kz, ky, j, 0] = re * scale
+                out[kz, ky, j, 1] = im * scale
 
 
 def _centred_box(volume: torch.Tensor, box: int, dims: tuple[int, ...]) -> torch.Tensor:

@@ -12,13 +12,14 @@ import starfile
 import torch
 
 from relion_graphsplit import star_io
-from relion_graphsplit.classmaps import half_sets, reconstruct_classes, write_class_maps
+from relion_graphsplit.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.fsc import fsc
+from relion_graphsplit.geometry import euler_to_matrix
 from relion_graphsplit.model_star import MODEL_NAME, ini_high, next_command, ssnr_from_fsc, write_model_star
 from relion_graphsplit.mrc_io import read_mrc
 from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.reconstruct import reconstruct
+from relion_graphsplit.reconstruct import FourierAccumulator, reconstruct
 from relion_graphsplit.simulate import Conditions, write_simulation
 from relion_graphsplit.stack import ImageStacks
 
@@ -105,6 +106,27 @@ def test_fsc_and_resolution_of_the_halves(class_maps):
     assert class_maps.completeness.shape == (2, BOX // 2 + 1)
     assert ((class_maps.completeness >= 0) & (class_maps.completeness <= 1)).all()
     assert (class_maps.completeness[:, 1:8] == 1).all()  # 600 random views fill the low shells
+
+
+@pytest.mark.parametrize("r_max", [None, 6])
+def test_completeness_counts_the_filled_voxels_of_each_shell(r_max):
+    """The compiled count against a direct one: voxels of the padded half grid in each shell
+    round(r / pad) of the box, and the share of them with weight > 0 (a few views, so many are empty)."""
+    gen = torch.Generator().manual_seed(3)
+    acc = FourierAccumulator(BOX + 1, r_max=r_max)
+    rotations = euler_to_matrix(*(torch.rand(3, 5, generator=gen, dtype=torch.float64) * 360))
+    acc.insert(torch.randn(5, BOX + 1, BOX + 1, generator=gen), rotations)
+    weight = acc.sums[2]
+    k = torch.arange(weight.shape[0], dtype=torch.float64) - weight.shape[0] // 2
+    x = torch.arange(weight.shape[2], dtype=torch.float64)
+    shell = torch.round(torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + x**2) / acc.pad).long()
+    inside = shell <= (BOX + 1) // 2
+    total = torch.bincount(shell[inside], minlength=(BOX + 1) // 2 + 1)
+    filled = torch.bincount(shell[inside & (weight > 0)], minlength=(BOX + 1) // 2 + 1)
+    expected = filled.double() / total.clamp(min=1).double()
+    measured = _completeness(acc)
+    assert int(((expected > 0) & (expected < 1)).sum()) >= 5  # partly filled shells: the count matters
+    assert torch.allclose(measured, expected, rtol=0, atol=1e-12)
 
 
 def test_half_sets_are_drawn_balanced_and_seeded_when_the_file_has_none(simulated):
