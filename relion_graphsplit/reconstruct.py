@@ -23,14 +23,13 @@ torch's scatter_add_ over flattened voxel indices.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 import torch
 
 from relion_graphsplit.compiled import compiled, run_in_runs, thread_pool
@@ -324,37 +323,13 @@ def _symmetrise(fields: torch.Tensor, ops: torch.Tensor, radius: int, chunk: int
     return fields
 
 
-@dataclass(frozen=True)
-class _InversionGrid:
-    """What `_invert` needs for one (box, pad, device); the same for every map finalised."""
-
-    slabs: list[slice]  # the x planes of the padded half transform (p, p, p // 2 + 1) in `_invert`'s slabs
-    edge: torch.Tensor  # (box, box, box) float64: softMaskOutsideMap's blend to the background
-    edge_sum: torch.Tensor  # () float64: the sum of edge
-    sinc2: torch.Tensor  # (box, box, box) float64: the trilinear kernel's transform, squared
-
-
 # Bytes of complex128 in one slab of x planes of `_invert`: the whole transform up to box 63, 4 planes
 # at box 256; below glibc's mmap threshold, so that the slabs' memory is reused.
 _SLAB_BYTES = 1 << 24
 
-
-@functools.lru_cache(maxsize=2)  # the working size and the particles' box
-def _inversion_grid(box: int, pad: int, device: torch.device) -> _InversionGrid:
-    p, h = pad * box, pad * box // 2 + 1
-    planes = max(1, _SLAB_BYTES // (16 * p * p))
-    r = _radius_grid(box, device)
-    mask_radius, width = box / 2.0, 3.0  # softMaskOutsideMap's, as relion_reconstruct calls it
-    ramp = 0.5 + 0.5 * torch.cos(math.pi * (mask_radius + width - r) / width)
-    edge = torch.where(r > mask_radius + width, 1.0, torch.where(r < mask_radius, 0.0, ramp))
-    rval = r / p
-    sinc = torch.where(r > 0, torch.sin(math.pi * rval) / (math.pi * rval).clamp(min=1e-12), 1.0)
-    return _InversionGrid(
-        slabs=[slice(x, min(x + planes, h)) for x in range(0, h, planes)],
-        edge=edge,
-        edge_sum=edge.sum(),
-        sinc2=sinc * sinc,
-    )
+# RELION's softMaskOutsideMap as relion_reconstruct calls it: beyond radius box / 2, over 3 voxels, the
+# map is blended to its mean there.
+_EDGE_WIDTH = 3.0
 
 
 def _invert(
@@ -372,17 +347,16 @@ def _invert(
     its radial mean (shells of the unpadded box, floor(r / pad), below radius pad * r_max; the last
     shell's floor on that radius), with `regularisation` added below it, and divides the data.
 
-    The padded transform (p = pad * box) is never built whole. Slab by slab of x planes, the compiled
-    `_divide_kernel` places the divided frequencies on the FFT grid in float64 (on the CPU, whatever
-    the grids' device), which is inverse transformed along z and y, of which only the central box^2
-    is kept (cropping in real space commutes with the other axis' transform); then the kept lines are
-    transformed along x and cropped. This is irfftn of the padded grid, cropped, to rounding: at box
-    256 the float64 grids take 0.4 GB instead of 2.7 GB, and the transform along x runs on a quarter
-    of the lines.
+    The padded transform (p = pad * box) is never built whole, and all of it is computed on the CPU in
+    float64, as RELION's CPU code does, whatever the grids' device. Slab by slab of x planes, the
+    compiled `_divide_kernel` places the divided frequencies on the FFT grid; they are inverse
+    transformed along z, the central box of z rows is kept (cropping in real space commutes with the
+    other axes' transforms), and only those rows are transformed along y and cropped; then the kept
+    lines are transformed along x and cropped. This is irfftn of the padded grid, cropped, to
+    rounding, with the transforms along y and x on a half and a quarter of the lines; the transforms
+    are scipy's, on `torch.get_num_threads()` threads (each line transformed alike whatever the count).
     """
-    device = fields.device
-    g = _inversion_grid(box, pad, device)
-    p, rp = pad * box, pad * r_max
+    p, rp, h = pad * box, pad * r_max, pad * box // 2 + 1
     workers = torch.get_num_threads()
     grids, plane = fields.cpu().numpy(), plane.cpu().numpy()
     prior = np.zeros(0) if regularisation is None else regularisation.cpu().to(torch.float64).numpy()
@@ -394,23 +368,77 @@ def _invert(
     floor = sums.sum(0) / (1000.0 * np.maximum(counts.sum(0), 1))
     floor = np.append(floor, floor[-1])
 
-    kept = torch.empty((box, box, p // 2 + 1), dtype=torch.complex128, device=device)
-    buffer = torch.empty(p * p * (g.slabs[0].stop - g.slabs[0].start), dtype=torch.complex128)
-    for xs in g.slabs:
-        f = buffer[: p * p * (xs.stop - xs.start)].view(p, p, -1)
-        args = (torch.view_as_real(f).numpy(), grids, plane, floor, prior, pad, rp, xs.start)
+    planes = max(1, _SLAB_BYTES // (16 * p * p))
+    kept = np.empty((box, box, h), dtype=np.complex128)
+    buffer = np.empty(p * p * min(planes, h), dtype=np.complex128)
+    for x0 in range(0, h, planes):
+        x1 = min(x0 + planes, h)
+        f = buffer[: p * p * (x1 - x0)].reshape(p, p, x1 - x0)
+        args = (f.view(np.float64).reshape(p, p, x1 - x0, 2), grids, plane, floor, prior, pad, rp, x0)
         run_in_runs(_divide_kernel, args, p, workers, least=1)
-        kept[:, :, xs] = _centred_box(torch.fft.ifft2(f.to(device), dim=(0, 1)), box, dims=(0, 1))
-    vol = torch.empty((box, box, box), dtype=torch.float64, device=device)
+        f = scipy.fft.ifft(f, axis=0, overwrite_x=True, workers=workers)
+        f = scipy.fft.ifft(_centred_box(f, box, 0), axis=1, overwrite_x=True, workers=workers)
+        kept[:, :, x0:x1] = _centred_box(f, box, 1)
+    vol = np.empty((box, box, box), dtype=np.float64)
     planes = max(1, _SLAB_BYTES // (8 * box * p))
     for z in range(0, box, planes):
-        vol[z : z + planes] = _centred_box(torch.fft.irfft(kept[z : z + planes], n=p, dim=2), box, dims=(2,))
+        lines = scipy.fft.irfft(kept[z : z + planes], n=p, axis=2, workers=workers)
+        vol[z : z + planes] = _centred_box(lines, box, 2)
     del kept
 
-    # RELION's softMaskOutsideMap: beyond radius box / 2 blend to the (edge-weighted) mean outside.
-    background = (g.edge * vol).sum() / g.edge_sum
-    vol.lerp_(background, g.edge)  # (1 - edge) vol + edge background, in place
-    return vol.div_(g.sinc2).to(torch.float32)
+    edge = np.zeros((box, 2), dtype=np.float64)  # per z plane: sums of edge * map and of edge
+    run_in_runs(_edge_sums_kernel, (edge, vol), box, workers, least=1)
+    background = edge[:, 0].sum() / edge[:, 1].sum()
+    out = np.empty((box, box, box), dtype=np.float32)
+    run_in_runs(_soft_mask_gridding_kernel, (out, vol, background, p), box, workers, least=1)
+    return torch.from_numpy(out).to(fields.device)
+
+
+@compiled
+def _edge(r: float, box: int) -> float:
+    """softMaskOutsideMap's blend to the background at radius r: 0 inside box / 2, 1 beyond the edge."""
+    radius = box / 2.0
+    if r < radius:
+        return 0.0
+    if r > radius + _EDGE_WIDTH:
+        return 1.0
+    return 0.5 + 0.5 * math.cos(math.pi * (radius + _EDGE_WIDTH - r) / _EDGE_WIDTH)
+
+
+@compiled
+def _edge_sums_kernel(sums: np.ndarray, vol: np.ndarray, start: int, stop: int) -> None:
+    """For the z planes [start, stop) of a map (box, box, box): sum of edge * map and of edge."""
+    box = vol.shape[0]
+    c = box // 2
+    for z in range(start, stop):
+        for y in range(box):
+            for x in range(box):
+                e = _edge(math.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2), box)
+                if e > 0:
+                    sums[z, 0] += e * vol[z, y, x]
+                    sums[z, 1] += e
+
+
+@compiled
+def _soft_mask_gridding_kernel(
+    out: np.ndarray, vol: np.ndarray, background: float, p: int, start: int, stop: int
+) -> None:
+    """z planes [start, stop) of the finished map: the map blended to `background` by the edge (as
+    torch.lerp), then divided by sinc^2(r / p), the transform of the trilinear kernel squared."""
+    box = vol.shape[0]
+    c = box // 2
+    for z in range(start, stop):
+        for y in range(box):
+            for x in range(box):
+                r = math.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2)
+                e = _edge(r, box)
+                v = vol[z, y, x]
+                v = v + e * (background - v) if e < 0.5 else background - (background - v) * (1.0 - e)
+                sinc = 1.0
+                if r > 0:
+                    a = math.pi * r / p
+                    sinc = math.sin(a) / a
+                out[z, y, x] = v / (sinc * sinc)
 
 
 @compiled
@@ -480,20 +508,12 @@ def _divide_kernel(
                 out[kz, ky, j, 1] = im * scale
 
 
-def _centred_box(volume: torch.Tensor, box: int, dims: tuple[int, ...]) -> torch.Tensor:
-    """The central `box` points along `dims` of an FFT-order array (p along each of them), the origin
-    moved to index box // 2: fftshift, then crop, as block copies."""
-    half = box // 2
-    for dim in dims:
-        p = volume.shape[dim]
-        volume = torch.cat([volume.narrow(dim, p - half, half), volume.narrow(dim, 0, box - half)], dim=dim)
-    return volume
-
-
-def _radius_grid(box: int, device: torch.device) -> torch.Tensor:
-    """Distance (float64) of each voxel of a box^3 volume from the centre voxel box // 2."""
-    k = torch.arange(box, device=device, dtype=torch.float64) - box // 2
-    return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+def _centred_box(volume: np.ndarray, box: int, axis: int) -> np.ndarray:
+    """The central `box` points along `axis` of an FFT-order array, the origin moved to index
+    box // 2: fftshift, then crop, as block copies."""
+    half, p = box // 2, volume.shape[axis]
+    lead = (slice(None),) * axis
+    return np.concatenate([volume[(*lead, slice(p - half, p))], volume[(*lead, slice(0, box - half))]], axis)
 
 
 def reconstruct_stream(
