@@ -27,7 +27,7 @@ from relion_graphsplit.mrc_io import read_mrc, write_mrc
 from relion_graphsplit.outputs import classified_particles, noise_spectrum, write_diagnostics, write_particles
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import CtfCorrection
-from relion_graphsplit.report import noise_description, report_warnings, write_report
+from relion_graphsplit.report import noise_description, write_report
 from relion_graphsplit.stack import ImageStacks
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
@@ -177,10 +177,10 @@ def run(
         }
         write_diagnostics(o, result, summary)
         t = time.perf_counter()
-        write_report(o)
+        warnings = write_report(o)
         result.timings["report"] = time.perf_counter() - t
         _print_summary(result, len(ps.particles), time.perf_counter() - start)
-        for warning in report_warnings(o):
+        for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"Report: {o / 'report.html'}")
         if command:

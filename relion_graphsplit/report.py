@@ -526,7 +526,8 @@ def sphere_png(run: Run, path: Path) -> Path:
     cones = run.cones
     axes = _axes(cones)
     lon, lat = np.arctan2(axes[:, 1], axes[:, 0]), np.arcsin(np.clip(axes[:, 2], -1, 1))
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    fig = Figure(figsize=(12, 3.8))
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08, top=0.9, wspace=0.1)
     balance = LinearSegmentedColormap.from_list("balance", [c for _, c in BALANCE_SCALE])
     fraction = cones["class1_fraction"].to_numpy(np.float64)
     for i, (values, title, cmap, norm) in enumerate((
@@ -551,7 +552,8 @@ def sphere_png(run: Run, path: Path) -> Path:
 
 def confidence_png(run: Run, path: Path) -> Path:
     """Histograms of the particles' posterior and score, by class."""
-    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    fig = Figure(figsize=(10, 3.5))
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.1, top=0.91, wspace=0.2)
     for i, (title, hist) in enumerate(_confidence_histograms(run)):
         ax = fig.add_subplot(1, 2, i + 1)
         base = 0
@@ -567,8 +569,9 @@ def confidence_png(run: Run, path: Path) -> Path:
 def maps_png(run: Run, path: Path) -> Path:
     """FSC curves of the class maps and central sections of both maps and their difference."""
     first = 1 if run.fsc else 0
-    fig = Figure(figsize=(5.5 * first + 7.5, 7.5), layout="constrained")
-    grid = fig.add_gridspec(3, 3 + first, width_ratios=[1.6] * first + [1, 1, 1])
+    fig = Figure(figsize=(5.5 * first + 7.5, 7.5))
+    grid = fig.add_gridspec(3, 3 + first, width_ratios=[1.6] * first + [1, 1, 1], left=0.06, right=0.99,
+                            bottom=0.07, top=0.96, wspace=0.15, hspace=0.2)
     if run.fsc:
         ax = fig.add_subplot(grid[:, 0])
         for k, curve in run.fsc.items():
@@ -876,11 +879,11 @@ def render_html(run: Run) -> str:
     return "\n".join(parts)
 
 
-def write_report(out_dir: Path) -> Path:
-    """Write OUT/report.html and the PNG figures from a finished run in `out_dir`; return the page's path."""
+def write_report(out_dir: Path) -> list[str]:
+    """Write OUT/report.html and the PNG figures from a finished run in `out_dir`; return the
+    warnings the page shows (`report_warnings`), read from the same files."""
     run = read_run(out_dir)
     write_figures(run)
-    path = run.out / "report.html"
-    with atomic_path(path) as tmp:
+    with atomic_path(run.out / "report.html") as tmp:
         tmp.write_text(render_html(run), encoding="utf-8")
-    return path
+    return _warnings(run)

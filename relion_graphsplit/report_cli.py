@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from relion_graphsplit.report import report_warnings, write_report
+from relion_graphsplit.report import write_report
 
 console = Console(highlight=False)
 app = typer.Typer(add_completion=False)
@@ -20,9 +20,9 @@ def report(
     if not (out_dir / "run_summary.json").is_file():
         console.print(f"[bold red]error:[/] {out_dir} holds no run_summary.json: not a finished run")
         raise typer.Exit(1)
-    path = write_report(out_dir)
-    console.print(f"report: {path}")
-    for warning in report_warnings(out_dir):
+    warnings = write_report(out_dir)
+    console.print(f"report: {out_dir / 'report.html'}")
+    for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
 

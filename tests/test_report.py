@@ -136,6 +136,12 @@ def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated:
     return out
 
 
+def _page(out: Path) -> str:
+    """The report of the run in `out`, written anew."""
+    write_report(out)
+    return (out / "report.html").read_text()
+
+
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory) -> Path:
     out = make_run(tmp_path_factory.mktemp("healthy") / "run")
@@ -209,6 +215,7 @@ def test_healthy_run_has_no_warnings(healthy):
 
 def test_troubled_run_warnings(troubled):
     warnings = report_warnings(troubled)
+    assert write_report(troubled) == warnings  # what the programs print after writing the page
     for phrase in ("fewer than 30", "holes in the angular coverage", "disconnected", "separated populations"):
         assert sum(phrase in w for w in warnings) == 1, phrase
     assert sum("unbalanced" in w for w in warnings) == 1  # the run's own warning, not repeated
@@ -283,9 +290,9 @@ def test_summary_says_how_the_noise_was_treated(tmp_path):
         ({"noise_contrast": None, "whitened": False}, "not estimated (not whitened)"),
     ):
         summary_path.write_text(json.dumps({**summary, **fields}))
-        assert f"<th>noise</th><td>{expected}</td>" in write_report(out).read_text()
+        assert f"<th>noise</th><td>{expected}</td>" in _page(out)
     summary_path.write_text(json.dumps(summary))
-    assert "<th>noise</th>" not in write_report(out).read_text()
+    assert "<th>noise</th>" not in _page(out)
 
 
 def test_noise_spectrum_is_plotted_when_estimated(tmp_path):
@@ -296,7 +303,7 @@ def test_noise_spectrum_is_plotted_when_estimated(tmp_path):
     summary = json.loads(summary_path.read_text())
     spectrum = {"resolution": [80.0, 40.0, 26.7, 20.0], "relative_power": [2.5, 0.9, 0.35, 0.25]}
     summary_path.write_text(json.dumps({**summary, "noise_spectrum": spectrum}))
-    page = write_report(out).read_text()
+    page = _page(out)
     assert 'id="noise-figure"' in page
     figure = report.noise_figure(spectrum)
     assert np.allclose(figure.data[0].x, [1 / 80, 1 / 40, 1 / 26.7, 1 / 20])
@@ -304,4 +311,4 @@ def test_noise_spectrum_is_plotted_when_estimated(tmp_path):
     assert "noise_spectrum" not in summary  # as written by earlier versions
     for unestimated in ({**summary, "noise_spectrum": None}, summary):
         summary_path.write_text(json.dumps(unestimated))
-        assert 'id="noise-figure"' not in write_report(out).read_text()
+        assert 'id="noise-figure"' not in _page(out)
