@@ -16,9 +16,7 @@ equals the objective, the signs are optimal.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,15 +85,6 @@ def local_search(W: sp.spmatrix | np.ndarray, signs: np.ndarray) -> np.ndarray:
             S[rows, active] *= -1.0
     S = S.astype(np.int8)
     return S[:, 0] if single else S
-
-
-def load_solver() -> threading.Thread:
-    """Import cvxpy (about a second: its modules, and Clarabel's) on a thread of its own, so that a
-    program can have it loaded while it reads and classifies the images, whose loops run outside the
-    interpreter's lock; `_sdp` imports it as usual, waiting for this import if it is still under way."""
-    thread = threading.Thread(target=importlib.import_module, args=("cvxpy",), name="load-cvxpy", daemon=True)
-    thread.start()
-    return thread
 
 
 def synchronise(

@@ -28,7 +28,7 @@ from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
 from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
-from relion_graphsplit.maxcut import load_solver, synchronise
+from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import (
@@ -317,7 +317,6 @@ def split(
     warnings: list[str] = []
     n = len(ps.particles)
     box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
-    load_solver()  # the max-cut's SDP solver, loaded while the images are read and classified
 
     # 1. Cones of projection direction.
     start = time.perf_counter()
