@@ -112,7 +112,7 @@ def reconstruct_classes(
             )  # fmt: skip
 
     maps, halves, curves, completeness = [], [], [], []
-    for k in range(n_classes):
+    for k in track(range(n_classes), description="Inverting class maps (classes)", total=n_classes):
         first, second = accumulators[2 * k], accumulators[2 * k + 1]
         halves.append(torch.stack([first.finalise(sym=sym).cpu(), second.finalise(sym=sym).cpu()]))
         first.sums += second.sums  # the class's full set

@@ -65,6 +65,21 @@ def test_each_image_is_read_once(simulated):
     assert sorted(stacks.rows) == list(range(len(simulated["classes"])))
 
 
+def test_both_stages_report_progress(simulated):
+    """The insertion (batches) and the inversion (classes, three maps each) each advance a bar: at
+    large boxes the inversion takes seconds per map."""
+    seen: dict[str, int] = {}
+
+    def track(iterable, description="", total=None):
+        for item in iterable:
+            seen[description] = seen.get(description, 0) + 1
+            yield item
+
+    with ImageStacks(simulated["ps"]) as stacks:
+        reconstruct_classes(simulated["ps"], stacks, simulated["classes"], batch_size=200, track=track)
+    assert seen == {"Reconstructing class maps": 3, "Inverting class maps (classes)": 2}
+
+
 @pytest.mark.parametrize("sym", ["C1", "C2"])
 def test_maps_are_the_reconstructions_of_each_class_and_half(simulated, sym):
     ps, classes = simulated["ps"], simulated["classes"]
