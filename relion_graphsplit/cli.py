@@ -173,7 +173,7 @@ def run(
             "next_command": command,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
-            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_mb": _peak_memory_mb(),
         }
         write_diagnostics(o, result, summary)
         t = time.perf_counter()
@@ -199,6 +199,20 @@ def run(
     except BaseException:
         job.fail()
         raise
+
+
+def _peak_memory_mb() -> float:
+    """This process's peak resident memory (MiB): VmHWM where Linux gives it. getrusage's ru_maxrss
+    is not used there: a process started by fork and exec inherits the parent's peak in it, so a run
+    started from a large process (a benchmark, a notebook) reported that process's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _print_summary(result, n: int, total: float) -> None:

@@ -7,6 +7,11 @@ by FSC. (The workflow, graph split followed by a seeded Class3D, against Class3D
 is measured by scripts/benchmark.py, in the same run as the rest.)
 
     python scripts/bench_classmaps.py --out bench_classmaps [--n 6000] [--j 2]
+    python scripts/bench_classmaps.py --out bench_classmaps --box 256 --apix 1.0 --n 2000 --no-relion
+
+With --no-relion only ours is timed (at large boxes relion_reconstruct takes minutes per map); with
+an older checkout of the package first on PYTHONPATH (run from outside the repository), the same
+data time that version.
 """
 
 from __future__ import annotations
@@ -48,18 +53,22 @@ def _best_and_median(times: list[float]) -> str:
 def reconstruct(
     out: Path = typer.Option(Path("bench_classmaps"), help="Working folder."),
     structure: str = typer.Option("1bd2", help="adk (64^2, 2 A) or 1bd2 (80^2, 2.4 A), as in benchmark.py."),
+    box: int = typer.Option(benchmark.BOX_1BD2, help="Box of the 1bd2 maps (pixels)."),
+    apix: float = typer.Option(benchmark.APIX_1BD2, help="Pixel size of the 1bd2 maps (A)."),
     n: int = typer.Option(6000, help="Particles."),
     snr: float = typer.Option(0.05, help="Signal-to-noise ratio of the simulated images."),
     j: int = typer.Option(2, help="relion_reconstruct --j and torch threads."),
     repeats: int = typer.Option(3, help="Runs of each program (in rounds)."),
     seed: int = typer.Option(1, help="Simulation seed."),
+    relion: bool = typer.Option(True, help="Time relion_reconstruct too, and compare the maps."),
 ) -> None:
     """Time the class-map step: ours against relion_reconstruct --ctf."""
     torch.set_num_threads(j)
     out.mkdir(parents=True, exist_ok=True)
-    volumes, apix = benchmark.class_maps(structure, out)
+    resized = structure == "1bd2" and (box, apix) != (benchmark.BOX_1BD2, benchmark.APIX_1BD2)
+    work = out / (f"reconstruct-{structure}-box{box}-{apix:g}A-{n}" if resized else f"reconstruct-{structure}-{n}")
+    volumes, apix = benchmark.class_maps(structure, out, box, apix)
     box = volumes[0].shape[-1]
-    work = out / f"reconstruct-{structure}-{n}"
     if not (work / "split.star").exists():
         write_simulation(
             work, volumes, apix, n, snr, [0.5, 0.5], seed=seed, conditions=benchmark.CONDITIONS
@@ -74,7 +83,7 @@ def reconstruct(
             maps = reconstruct_classes(ps, stacks, ps.particles["rlnClassNumber"].to_numpy(), batch_size=256)
         write_class_maps(work / "ours", maps)
 
-    def relion(selections: list[list[str]]) -> None:
+    def relion_reconstruct(selections: list[list[str]]) -> None:
         for extra in selections:
             name = "relion_" + "_".join(extra[1::2])
             cmd = ["relion_reconstruct", "--i", "split.star", "--o", f"{name}.mrc", "--ctf", "--j", str(j), *extra]
@@ -84,9 +93,11 @@ def reconstruct(
     every = full + [["--class", str(k), "--subset", str(h)] for k in (1, 2) for h in (1, 2)]
     programs = {
         "ours: 2 classes x (2 half maps + full map), FSC, files": ours,
-        f"relion_reconstruct --ctf --j {j}: 2 class maps": lambda: relion(full),
-        f"relion_reconstruct --ctf --j {j}: 2 class maps + 4 half maps": lambda: relion(every),
+        f"relion_reconstruct --ctf --j {j}: 2 class maps": lambda: relion_reconstruct(full),
+        f"relion_reconstruct --ctf --j {j}: 2 class maps + 4 half maps": lambda: relion_reconstruct(every),
     }
+    if not relion:
+        programs = dict(list(programs.items())[:1])
     times: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(repeats):
         for name, program in programs.items():
@@ -94,16 +105,18 @@ def reconstruct(
             program()
             times[name].append(time.perf_counter() - start)
 
-    cut = int(0.8 * (box // 2))
-    agreement = []
-    for k in (1, 2):
-        a = torch.from_numpy(read_mrc(work / "ours" / f"run_class{k:03d}.mrc")[0])
-        b = torch.from_numpy(read_mrc(work / f"relion_{k}.mrc")[0])
-        agreement.append(float(fsc(a, b)[1 : cut + 1].min()))
     print(f"{n} particles of {box}^2 ({structure}, SNR {snr:g}), {_machine(j)}, {time.strftime('%Y-%m-%d')}")
+    print(f"package: {Path(reconstruct_classes.__code__.co_filename).parent}")
     for name, t in times.items():
         print(f"{name:62s} {_best_and_median(t)}")
-    print(f"lowest FSC(ours, relion_reconstruct) up to 0.8 Nyquist: class 1 {agreement[0]:.4f}, class 2 {agreement[1]:.4f}")
+    if relion:
+        cut = int(0.8 * (box // 2))
+        agreement = []
+        for k in (1, 2):
+            a = torch.from_numpy(read_mrc(work / "ours" / f"run_class{k:03d}.mrc")[0])
+            b = torch.from_numpy(read_mrc(work / f"relion_{k}.mrc")[0])
+            agreement.append(float(fsc(a, b)[1 : cut + 1].min()))
+        print(f"lowest FSC(ours, relion_reconstruct) up to 0.8 Nyquist: class 1 {agreement[0]:.4f}, class 2 {agreement[1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,11 @@ def test_ctf_is_relions_formula(box, bfactor):
     expected = _written_out(params, box, 1.3)
     assert expected.abs().max() > 0.5
     assert torch.allclose(ctf_2d(params, box, 1.3).to(torch.float64), expected, rtol=0, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # the images split among threads: each CTF as one thread makes it
+        split = ctf_2d(params, box, 1.3)
+        torch.set_num_threads(1)
+        assert torch.equal(split, ctf_2d(params, box, 1.3))
+    finally:
+        torch.set_num_threads(threads)

@@ -258,3 +258,16 @@ def test_no_whiten_leaves_the_noise_unestimated(simulated: Path, tmp_path: Path)
     run(["--i", str(simulated / "particles.star"), "--o", str(default), "--refine_iter", "1"])
     classes = [star_io.read_particles(d / "run_data.star").particles["rlnClassNumber"].to_numpy() for d in (plain, default)]
     assert np.array_equal(*classes)
+
+
+def test_peak_memory_is_the_programs_own():
+    """A run started from a large process (a benchmark, a notebook) reports its own peak memory, not
+    the parent's: getrusage's ru_maxrss inherits the parent's across fork and exec, VmHWM does not."""
+    held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process while the child runs
+    code = "from relion_graphsplit.cli import _peak_memory_mb; import resource; " \
+           "print(_peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own, inherited = (float(v) for v in done.stdout.split())
+    assert held.sum() > 0
+    assert inherited > 1400  # what the summary reported before
+    assert 50 < own < 1000  # the child's libraries (torch, pandas, ...), not the parent's array

@@ -220,6 +220,27 @@ def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
     assert torch.equal(sums[1], sums[3])
 
 
+@pytest.mark.parametrize(("box", "sym", "regularised"), [(BOX, "C1", False), (BOX + 1, "D2", True)])
+def test_maps_do_not_depend_on_the_thread_count(blobs, box, sym, regularised):
+    """The inversion's compiled passes (weight floor, division, soft mask, gridding correction) and
+    its transforms run on --j threads; the map must be what one thread makes, bit for bit."""
+    gen = torch.Generator().manual_seed(13)
+    A = random_poses(gen, 150)
+    acc = FourierAccumulator(box)
+    acc.insert(blob_images(blobs, A, box) + 0.1 * torch.randn(150, box, box, generator=gen), A)
+    prior = torch.linspace(0, 1, box // 2 + 1) ** 2 * float(acc.sums[2].max()) if regularised else None
+    maps = {}
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            maps[count] = acc.finalise(sym=sym, regularisation=prior)
+    finally:
+        torch.set_num_threads(threads)
+    assert maps[1].abs().max() > 0
+    assert torch.equal(maps[1], maps[3])
+
+
 @pytest.mark.parametrize(("box", "r_max", "premultiplied"), [(BOX, None, False), (BOX + 1, None, True), (BOX, 9, False)])
 def test_compiled_splat_adds_what_torch_scatter_adds(blobs, box, r_max, premultiplied):
     """The CPU's compiled insertion and torch's scatter_add_ (the insertion on other devices) give the
