@@ -18,7 +18,10 @@ count; the threads run on while the caller prepares the next batch, and reading 
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/benchmarks.md, "Box size"). On other devices the insertion is
-torch's scatter_add_ over flattened voxel indices.
+torch's scatter_add_ over flattened voxel indices. The finished map is computed on the CPU in float64
+whatever the device, as RELION's CPU code does: compiled loops floor the weight, divide and place the
+frequencies, scipy transforms them on the threads, and one compiled pass soft-masks and
+gridding-corrects (`_invert`).
 """
 
 from __future__ import annotations
