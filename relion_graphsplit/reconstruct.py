@@ -465,7 +465,7 @@ def _shell_sums_kernel(
                 r = math.sqrt(r2)
                 if prior.shape[0]:
                     w += prior[min(int(np.rint(r / pad)), prior.shape[0] - 1)]
-                shell = int(math.floor(r / pad))
+                shell = math.floor(r / pad)
                 sums[zi, shell] += w
                 counts[zi, shell] += 1
 
@@ -501,7 +501,7 @@ def _divide_kernel(
                 r = math.sqrt(r2)
                 shell = last
                 if r2 < rp * rp:
-                    shell = int(math.floor(r / pad))
+                    shell = math.floor(r / pad)
                     if prior.shape[0]:
                         w += prior[min(int(np.rint(r / pad)), prior.shape[0] - 1)]
                 w = max(w, floor[shell])
