@@ -513,6 +513,7 @@ def cones_png(run: Run, path: Path) -> Path:
         ax.plot(x, n2, color=CLASS_COLOURS[k2], label=f"→ class {k2}")
         ax.set_title(f"cone {int(row['cone'])}: n={int(row['particles'])}, sep {row['separation']:.1f}", fontsize=9)
         ax.tick_params(labelsize=7)
+        ax.set_yticks([])  # a density: its scale says nothing the curves do not (and each tick costs a draw)
         ax.set_xlabel("rho", fontsize=8)
     for ax in axes[len(shown):]:
         ax.set_axis_off()
