@@ -482,6 +482,8 @@ def _divide_kernel(
     p = out.shape[0]
     c = grids.shape[1] // 2
     last = floor.shape[0] - 1
+    # The grid reads and the prior are written out here and in `_shell_sums_kernel` rather than shared
+    # through compiled helpers: with helpers this loop took 1.5-2.2 s instead of 0.7 s per map at box 256.
     for kz in range(start, stop):
         fz = kz if kz <= p // 2 else kz - p
         for ky in range(p):
