@@ -99,7 +99,7 @@ def run(
     seed: int = typer.Option(0, "--random_seed", "--seed", help="Seed of the max-cut rounding (results are deterministic for a seed)."),
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy)."),
     batch_size: int = typer.Option(256, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
-    scratch_dir: Optional[Path] = typer.Option(None, "--scratch_dir", help="Existing folder for the temporary working-size images and CTFs (about 6 bytes per particle and working pixel, removed at the end); default: inside --o. On a cluster, a node's local disk (e.g. $TMPDIR) spares the shared file system."),
+    scratch_dir: Optional[Path] = typer.Option(None, "--scratch_dir", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); default: inside --o. On a cluster, a node's local disk (e.g. $TMPDIR) spares the shared file system."),
     pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Accepted for RELION and ignored."),
 ) -> None:
     job = ExternalJob(o, active=True if pipeline_control else None)

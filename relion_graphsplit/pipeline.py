@@ -43,7 +43,7 @@ from relion_graphsplit.preprocess import (
 )
 from relion_graphsplit.projection import PreparedVolume, prepare_volume, project_rfft
 from relion_graphsplit.reconstruct import reconstruct_stream
-from relion_graphsplit.refine import class_log_odds, class_sums, difference_maps, residual_sums
+from relion_graphsplit.refine import class_log_odds, class_sums, difference_maps, image_spectra, residual_sums
 from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.stack import ImageStacks
 from relion_graphsplit.symmetry import symmetry_matrices
@@ -198,18 +198,6 @@ def _residual(
     return subtract_consensus(f, model)[0]
 
 
-def whiten_for_refinement(
-    scratch: ScratchArray, filters: ScratchArray, whitening: torch.Tensor, batches: list[np.ndarray]
-) -> None:
-    """Turn the corrected images CTF (W r) into CTF' (W r) and their filters CTF into CTF' = W CTF: the
-    white-noise likelihood of the refinement then weighs each frequency by the inverse noise power."""
-    w = scratch.shape[-1]
-    for index in batches:
-        f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        scratch[index] = torch.fft.irfft2(whitening * f, s=(w, w)).numpy().astype(np.float32)
-        filters[index] = (whitening * torch.from_numpy(np.asarray(filters[index]))).numpy()
-
-
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:
     """Group non-empty cones of similar size so that a padded batch holds at most `max_elements` images."""
     order = [c for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
@@ -345,6 +333,7 @@ def split(
         tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp,
         ScratchArray(Path(tmp) / "images.f32", (n, w, w)) as scratch,
         ScratchArray(Path(tmp) / "filters.f32", (n, w, w // 2 + 1)) as filters,
+        ScratchArray(Path(tmp) / "spectra.f32", (n, w, w // 2 + 1, 2)) as spectra,
     ):
         scale, small_consensus, whitening, prep_times = prepare_images(
             ps, stacks, scratch, filters, options, small_consensus, track
@@ -383,9 +372,9 @@ def split(
         changed: list[int] = []
         probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
 
-        if refine and whitening.applied:
-            whiten_for_refinement(scratch, filters, whitening.filter, batches)
-        totals = residual_sums(scratch, rotations, filters, batches) if refine else []
+        if refine:
+            image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None)
+        totals = residual_sums(spectra, rotations, filters, batches) if refine else []
 
         def rounds():  # until fewer than refine_tolerance of the particles change class
             for _ in range(refine):
@@ -394,7 +383,7 @@ def split(
                 yield
 
         def sums():  # the classes' sums for the current probabilities
-            return class_sums(scratch, probability, totals, rotations, filters, batches)
+            return class_sums(spectra, probability, totals, rotations, filters, batches)
 
         halves = None  # class_sums of the current probabilities, once computed
         refine_mask = mask_volume
@@ -410,7 +399,7 @@ def split(
             differences = difference_maps(halves if halves is not None else sums(), options.symmetry, refine_mask)
             share = float(np.mean(probability))
             prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-            score = class_log_odds(scratch, differences, refine_mask, rotations, scale, filters, prior, batches)
+            score = class_log_odds(spectra, differences, refine_mask, rotations, scale, filters, prior, batches)
             # Over-relaxed EM: the next maps are made from probabilities moved beyond this round's
             # (the classes are this round's own); the slow drift of noisy sets takes fewer rounds.
             relaxation = options.refine_relaxation if changed else 1.0

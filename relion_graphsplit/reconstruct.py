@@ -12,9 +12,10 @@ the corners beyond radius box/2 are softly set to their mean, and the map is div
 transform of the trilinear kernel). That division is RELION 4/5's default and `--skip_gridding` in
 RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps differ in the last shells).
 
-On the CPU the insertion is a compiled loop (numba) over images, pixels and their 8 neighbours, split
-among threads by z plane, so that every voxel gets its additions in the same order whatever the thread
-count; the threads run on while the caller prepares the next batch, and reading `sums` waits for them.
+On the CPU the insertion is a compiled loop (numba) over images, pixels and their 8 neighbours, which
+also picks the inserted pixels and applies the CTF and any per-image weight, split among threads by z
+plane, so that every voxel gets its additions in the same order whatever the thread count; the threads
+run on while the caller prepares the next batch, and reading `sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/benchmarks.md, "Box size"). On other devices the insertion is
@@ -71,6 +72,12 @@ class FourierAccumulator:
     The grid holds frequencies z, y in [-c, c] and x in [0, c], c = pad * r_max + 1, in RELION's
     centred layout; `sums[0]`, `sums[1]`, `sums[2]` are the real and imaginary parts of the data and
     the weight, shape (2c + 1, 2c + 1, c + 1) each.
+
+    On the CPU its insertions run on up to `threads` of torch.get_num_threads() threads (default: all
+    of them), split by z plane. A caller that fills several accumulators at once gives each one
+    thread: the accumulators then fill side by side, without every thread working out every
+    pixel's coordinates (at box 256 a 2-way split by z plane inserts 1.4-1.7 times as fast as one
+    thread, two accumulators on one thread each nearly twice as fast).
     """
 
     def __init__(
@@ -80,8 +87,10 @@ class FourierAccumulator:
         r_max: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        threads: int | None = None,
     ) -> None:
         self.box = box
+        self.threads = threads
         self.pad = pad
         self.r_max = box // 2 if r_max is None else min(r_max, box // 2)
         self.device = torch.device(device)
@@ -98,6 +107,7 @@ class FourierAccumulator:
         kx = torch.arange(h, device=self.device)[None, :].expand(box, h)
         keep = (kx * kx + ky * ky <= self.r_max**2) & ~((kx == 0) & (ky < 0))
         self._pixels = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        self._kx_axis, self._ky_axis = kx[0].to(dtype), ky[:, :1].to(dtype)  # (h,) and (box, 1)
         self._kx = kx.reshape(-1)[self._pixels].to(dtype)
         self._ky = ky.reshape(-1)[self._pixels].to(dtype)
         self._dc = (self._kx == 0) & (self._ky == 0)
@@ -158,6 +168,7 @@ class FourierAccumulator:
         ctf: torch.Tensor | None = None,
         origins: torch.Tensor | None = None,
         ctf_premultiplied: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Insert centred image transforms (B, N, N // 2 + 1) (see `centred_rfft2`).
 
@@ -165,45 +176,69 @@ class FourierAccumulator:
         (no CTF correction); origins: (B, 2) rlnOriginX/Y in pixels (x, y) or None. Images are shifted
         by +origin (a phase ramp) before insertion, which centres the particle as RELION does.
         ctf_premultiplied: the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied), so
-        only the weight gets CTF^2.
+        only the weight gets CTF^2. weights: (B,) factors on each image's data and weight (soft
+        assignments) or None; images of weight 0 add nothing.
         """
-        b = images_rfft.shape[0]
-        vals = images_rfft.to(self.device).reshape(b, -1)[:, self._pixels]
+        f = images_rfft.to(self.device)
         if origins is not None:
             o = origins.to(self.device, self.dtype)
-            phase = (-2.0 * math.pi / self.box) * (o[:, :1] * self._kx + o[:, 1:] * self._ky)
-            vals = vals * torch.polar(torch.ones_like(phase), phase)
-        re, im = vals.real, vals.imag
-        if ctf is None:
-            weights = torch.ones(re.shape, dtype=self.dtype, device=self.device)
-        else:
-            c = ctf.to(self.device, self.dtype).reshape(b, -1)[:, self._pixels]
-            if not ctf_premultiplied:
-                re, im = re * c, im * c
-            weights = c * c
-        re, im = re.masked_fill(self._dc, 0), im.masked_fill(self._dc, 0)
-
+            phase = (-2.0 * math.pi / self.box) * (o[:, 0, None, None] * self._kx_axis + o[:, 1, None, None] * self._ky_axis)
+            f = f * torch.polar(torch.ones_like(phase), phase)
         rotations = rotations.to(self.device, self.dtype)
-        if self.device.type == "cpu":
-            self._splat(re, im, weights, rotations)
-        else:
-            self._scatter(re, im, weights, rotations)
+        insert = self._splat if self.device.type == "cpu" else self._scatter
+        insert(f, ctf, weights, rotations, ctf_premultiplied)
 
-    def _splat(self, re: torch.Tensor, im: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
-        """Add the values (B, P) to the grids with the compiled `_splat_kernel`, split among
-        torch.get_num_threads() threads by z plane (each plane's sums in the same order whatever the
-        split); the threads run on while the caller prepares its next batch."""
-        values = [t.contiguous().numpy() for t in (re, im, weights)]
-        args = (*values, self._kx.numpy(), self._ky.numpy(), rotations.contiguous().numpy(), self.pad, self.c)
+    def _splat(
+        self,
+        f: torch.Tensor,
+        ctf: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        rotations: torch.Tensor,
+        ctf_premultiplied: bool,
+    ) -> None:
+        """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, which picks
+        the inserted pixels and applies the CTF and the weights itself, split among up to `threads`
+        threads by z plane (each plane's sums in the same order whatever the split); the threads run
+        on while the caller prepares its next batch."""
+        b = f.shape[0]
+        f = f.to(torch.complex64).reshape(b, -1).contiguous().numpy()
+        c = np.zeros((0, 0), np.float32) if ctf is None else ctf.to(torch.float32).reshape(b, -1).contiguous().numpy()
+        w = np.ones(b, np.float32) if weights is None else weights.to(torch.float32).contiguous().numpy()
+        args = (
+            f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), self._kx.numpy(), self._ky.numpy(),
+            rotations.to(torch.float32).contiguous().numpy(), self.pad, self.c,
+        )  # fmt: skip
         flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         workers = torch.get_num_threads()
         if workers < 2:
             _splat_kernel(flat, *args, 1, 0)
             return
-        self._pending = [thread_pool(workers).submit(_splat_kernel, flat, *args, workers, t) for t in range(workers)]
+        parts = min(self.threads or workers, workers)
+        self._pending = [thread_pool(workers).submit(_splat_kernel, flat, *args, parts, t) for t in range(parts)]
 
-    def _scatter(self, re: torch.Tensor, im: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor) -> None:
-        """Add the values (B, P) to the grids with torch's scatter_add_, on any device (the GPU's way)."""
+    def _scatter(
+        self,
+        f: torch.Tensor,
+        ctf: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        rotations: torch.Tensor,
+        ctf_premultiplied: bool,
+    ) -> None:
+        """What `_splat` does, with torch's scatter_add_ on any device (the GPU's way)."""
+        b = f.shape[0]
+        vals = f.reshape(b, -1)[:, self._pixels]
+        re, im = vals.real, vals.imag
+        if ctf is None:
+            values_weight = torch.ones(re.shape, dtype=self.dtype, device=self.device)
+        else:
+            c = ctf.to(self.device, self.dtype).reshape(b, -1)[:, self._pixels]
+            if not ctf_premultiplied:
+                re, im = re * c, im * c
+            values_weight = c * c
+        if weights is not None:
+            w = weights.to(self.device, self.dtype)[:, None]
+            re, im, values_weight = re * w, im * w, values_weight * w
+        re, im = re.masked_fill(self._dc, 0), im.masked_fill(self._dc, 0)
         # Slice coordinates in the padded 3D frame: pad * A^T (kx, ky, 0), as (x, y, z); a point with
         # x < 0 is stored as the complex conjugate at -(x, y, z).
         A = rotations
@@ -220,7 +255,7 @@ class FourierAccumulator:
         index = (base[None] + self._offsets[:, None, None]).reshape(-1)
         corner_w = _corner_weights(frac)
         flat = self.sums.view(3, -1)
-        for channel, values in enumerate([re, im, weights]):
+        for channel, values in enumerate([re, im, values_weight]):
             flat[channel].scatter_add_(0, index, (corner_w * values).reshape(-1))
 
     def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,23 +276,38 @@ class FourierAccumulator:
 
 @compiled
 def _splat_kernel(
-    flat: np.ndarray, re: np.ndarray, im: np.ndarray, weight: np.ndarray, kx: np.ndarray, ky: np.ndarray,
-    rotations: np.ndarray, pad: int, c: int, parts: int, part: int,
+    flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
+    pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int, parts: int, part: int,
 ) -> None:
-    """Trilinear insertion of the values (B, P) of pixels (kx, ky) (P,) of images with RELION matrices
-    `rotations` (B, 3, 3) into `flat` (3, (2c + 1)^2 (c + 1)): the point pad * A^T (kx, ky, 0) spreads
-    over its 8 neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on
-    z planes with index % parts == part are written, so that threads can share the grids; each voxel
-    gets its additions in image, pixel order whatever the split."""
+    """Trilinear insertion of the pixels `pixels` (P,) of flattened transforms f (B, M), of frequencies
+    (kx, ky) (P,), from images with RELION matrices `rotations` (B, 3, 3) into `flat`
+    (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where `premultiplied`, or without a CTF) and weight
+    CTF^2 w (w), for the CTF `ctf` (B, M) and the image weights w (B,); images of weight 0 are left
+    out, and the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
+    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on z planes
+    with index % parts == part are written, so that threads can share the grids; each voxel gets its
+    additions in image, pixel order whatever the split."""
     sy = c + 1
     sz = (2 * c + 1) * sy
-    for b in range(re.shape[0]):
+    for b in range(f.shape[0]):
+        scale = weights[b]
+        if scale == 0:
+            continue
         a0, a1 = rotations[b, 0], rotations[b, 1]
-        for p in range(re.shape[1]):
+        for p in range(pixels.shape[0]):
+            q = pixels[p]
+            v = f[b, q]
+            vr, vi, vw = v.real, v.imag, np.float32(1.0)
+            if with_ctf:
+                vw = ctf[b, q] * ctf[b, q]
+                if not premultiplied:
+                    vr, vi = vr * ctf[b, q], vi * ctf[b, q]
+            vr, vi, vw = vr * scale, vi * scale, vw * scale
+            if kx[p] == 0 and ky[p] == 0:
+                vr = vi = np.float32(0.0)
             x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
             y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
             z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
-            vr, vi, vw = re[b, p], im[b, p], weight[b, p]
             if x < 0:
                 x, y, z, vi = -x, -y, -z, -vi
             x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)

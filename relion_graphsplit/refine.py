@@ -7,8 +7,8 @@ the true maps. Rounds of this (expectation-maximisation with fixed poses and sof
 from the graph split rather than from a random partition) take the split much of the remaining way to
 that ceiling; docs/benchmarks.md has the measurements.
 
-Everything happens at the working size on the scratch images, which hold the residual to the consensus
-projection times the CTF, s = CTF (I - a CTF P): the maps reconstructed from them are the classes'
+Everything happens at the working size on the transforms of the scratch images (`image_spectra`,
+computed once), which hold the residual to the consensus projection times the CTF, s = CTF (I - a CTF P): the maps reconstructed from them are the classes'
 differences to the consensus, D_k, and with Q_k the projection of D_k,
     log p(I | k) = -|I - a CTF P - a' CTF Q_k|^2 / (2 sigma^2) + const
                  = [2 a' <s, Q_k> - a'^2 <CTF^2 Q_k, Q_k>] / (2 sigma^2) + const,
@@ -23,13 +23,12 @@ import torch
 from relion_graphsplit.compiled import compiled, run_in_runs
 from relion_graphsplit.fsc import fsc, shell_index
 from relion_graphsplit.projection import (
-    centre_phase,
     prepare_volume,
     rfft_frequencies,
     rfft_weights,
     slice_values,
 )
-from relion_graphsplit.reconstruct import FourierAccumulator
+from relion_graphsplit.reconstruct import FourierAccumulator, centred_rfft2
 from relion_graphsplit.scratch import ScratchArray
 
 
@@ -40,8 +39,34 @@ def _half_plane_weights(n: int) -> torch.Tensor:
     return weights
 
 
-def _weighted_halves(
+def image_spectra(
     scratch: ScratchArray,
+    filters: ScratchArray,
+    batches: list[np.ndarray],
+    spectra: ScratchArray,
+    whitening: torch.Tensor | None = None,
+) -> None:
+    """Write the centred transform (`centred_rfft2`) of every scratch image into `spectra`
+    (n, N, N // 2 + 1, 2: real and imaginary parts): every round reads them instead of transforming
+    the images anew. With `whitening` (N, N // 2 + 1), the transforms and, in place, the CTF `filters`
+    are multiplied by it: CTF (W r) and CTF' = W CTF, so that the white-noise likelihood weighs each
+    frequency by the inverse noise power."""
+    for index in batches:
+        f = centred_rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        if whitening is not None:
+            f = whitening * f
+            filters[index] = (whitening * torch.from_numpy(np.asarray(filters[index]))).numpy()
+        spectra[index] = torch.view_as_real(f.to(torch.complex64)).numpy()
+
+
+def _complex(spectra: ScratchArray, index: np.ndarray) -> np.ndarray:
+    """Rows `index` of `spectra` (`image_spectra`) as complex64 (B, N, N // 2 + 1)."""
+    rows = np.asarray(spectra[index])
+    return rows.view(np.complex64).reshape(rows.shape[:-1])
+
+
+def _weighted_halves(
+    spectra: ScratchArray,
     weights: np.ndarray,
     rotations: torch.Tensor,
     filters: ScratchArray,
@@ -49,34 +74,30 @@ def _weighted_halves(
 ) -> list[FourierAccumulator]:
     """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
     for per-particle weights w (n,); particles of weight <= 1e-6 are left out."""
-    halves = [FourierAccumulator(scratch.shape[-1]) for _ in range(2)]
+    halves = [FourierAccumulator(spectra.shape[1], threads=1) for _ in range(2)]  # side by side
     for index in batches:
-        images = torch.from_numpy(np.asarray(scratch[index]))
+        f = torch.from_numpy(_complex(spectra, index))
         ctf = torch.from_numpy(np.asarray(filters[index]))
-        p = torch.from_numpy(weights[index]).to(torch.float32)
+        p = np.where(weights[index] > 1e-6, weights[index], 0.0)
         for half in range(2):
-            member = torch.from_numpy(index % 2 == half) & (p > 1e-6)
-            if member.any():
-                w = p[member][:, None, None]
-                halves[half].insert(
-                    images[member] * w, rotations[index][member], ctf=ctf[member] * w.sqrt(), ctf_premultiplied=True
-                )
+            w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
+            halves[half].insert_rfft(f, rotations[index], ctf=ctf, ctf_premultiplied=True, weights=w)
     return halves
 
 
 def residual_sums(
-    scratch: ScratchArray, rotations: torch.Tensor, filters: ScratchArray, batches: list[np.ndarray]
+    spectra: ScratchArray, rotations: torch.Tensor, filters: ScratchArray, batches: list[np.ndarray]
 ) -> list[FourierAccumulator]:
     """Sums of all particles' residuals and CTF^2 in the two halves (even and odd particle numbers).
 
     With fixed poses they are the same in every round, and the second class's sums are these minus
     the first class's: one insertion per particle and round instead of two.
     """
-    return _weighted_halves(scratch, np.ones(scratch.shape[0]), rotations, filters, batches)
+    return _weighted_halves(spectra, np.ones(spectra.shape[0]), rotations, filters, batches)
 
 
 def class_sums(
-    scratch: ScratchArray,
+    spectra: ScratchArray,
     probability: np.ndarray,
     totals: list[FourierAccumulator],
     rotations: torch.Tensor,
@@ -89,8 +110,8 @@ def class_sums(
     classes in proportion (soft assignment, as in expectation-maximisation). `totals` are the halves'
     sums over all particles (`residual_sums`); class 2's sums are their difference to class 1's.
     """
-    n = scratch.shape[-1]
-    first_class = _weighted_halves(scratch, probability, rotations, filters, batches)
+    n = spectra.shape[1]
+    first_class = _weighted_halves(spectra, probability, rotations, filters, batches)
     second_class = [FourierAccumulator(n), FourierAccumulator(n)]
     for total, first, second in zip(totals, first_class, second_class):
         second.sums = total.sums - first.sums
@@ -122,7 +143,7 @@ def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask:
 
 
 def class_log_odds(
-    scratch: ScratchArray,
+    spectra: ScratchArray,
     maps: list[torch.Tensor],
     mask: torch.Tensor,
     rotations: torch.Tensor,
@@ -140,19 +161,19 @@ def class_log_odds(
     into the larger class. The sums over each image's pixels are taken by `_likelihood_kernel` on
     torch.get_num_threads() threads, each on its own run of images, in float64.
     """
-    n = scratch.shape[-1]
+    n = spectra.shape[1]
     prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
     kx, ky, inside = rfft_frequencies(n)
     common = (
         _half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy(),
-        centre_phase(n, torch.complex128).numpy(), prepared.data.numpy(), prepared.pad, prepared.padded_box // 2 + 1,
+        prepared.data.numpy(), prepared.pad, prepared.padded_box // 2 + 1,
     )  # fmt: skip
     # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
     # image's difference is a' = a / mean(a) times their projection.
     relative = (scale / scale.mean()).to(torch.float64).numpy()
-    out = np.zeros(scratch.shape[0])
+    out = np.zeros(spectra.shape[0])
     for index in batches:
-        s = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index]))).numpy()
+        s = _complex(spectra, index)
         terms = np.zeros((len(index), 5))  # per image: L_1, L_2, U_1, U_2, sum w CTF^2
         args = (terms, s, np.asarray(filters[index]), relative[index], rotations[index].to(torch.float64).numpy(), *common)
         run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
@@ -164,11 +185,11 @@ def class_log_odds(
 @compiled
 def _likelihood_kernel(
     terms: np.ndarray, s: np.ndarray, ctf: np.ndarray, relative: np.ndarray, rotations: np.ndarray,
-    weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, inside: np.ndarray, phase: np.ndarray,
+    weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, inside: np.ndarray,
     data: np.ndarray, pad: int, c: int, start: int, stop: int,
 ) -> None:
-    """For images b from start to stop, with q_k = a'_b times the projection of map k (`slice_values`,
-    times the centring `phase`) and the weights w of the rfft grid, into terms[b]:
+    """For images b from start to stop, with q_k = a'_b times the centred projection of map k
+    (`slice_values`; s is centred too) and the weights w of the rfft grid, into terms[b]:
     L_k = sum w (2 Re(conj(s) q_k) - CTF^2 |q_k|^2), U_k = sum w |s - CTF^2 q_k|^2 (k = 1, 2) and
     sum w CTF^2, over every pixel (q = 0 beyond the Nyquist circle), in float64."""
     values = np.empty(2, dtype=np.complex128)
@@ -187,8 +208,8 @@ def _likelihood_kernel(
                     y = pad * (kx[j] * a0[1] + ky[i] * a1[1])
                     z = pad * (kx[j] * a0[2] + ky[i] * a1[2])
                     slice_values(data, x, y, z, c, values)
-                    q1 = relative[b] * values[0] * phase[i, j]
-                    q2 = relative[b] * values[1] * phase[i, j]
+                    q1 = relative[b] * values[0]
+                    q2 = relative[b] * values[1]
                     l1 += w * (2 * (sr * q1.real + si * q1.imag) - c2 * (q1.real**2 + q1.imag**2))
                     l2 += w * (2 * (sr * q2.real + si * q2.imag) - c2 * (q2.real**2 + q2.imag**2))
                     u1 += w * ((sr - c2 * q1.real) ** 2 + (si - c2 * q1.imag) ** 2)

@@ -8,6 +8,7 @@ from relion_graphsplit.refine import (
     class_log_odds,
     class_sums,
     difference_maps,
+    image_spectra,
     residual_sums,
 )
 from relion_graphsplit.simulate import uniform_rotations
@@ -21,6 +22,32 @@ def _smooth_map(rng: np.random.Generator, box: int) -> torch.Tensor:
     for centre in rng.uniform(-box / 5, box / 5, (4, 3)):
         out += torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) / 4.0)
     return out
+
+
+def _spectra(images: np.ndarray, filters: np.ndarray, batches: list[np.ndarray], whitening=None) -> np.ndarray:
+    spectra = np.zeros((*images.shape[:2], images.shape[-1] // 2 + 1, 2), dtype=np.float32)
+    image_spectra(images, filters, batches, spectra, whitening)
+    return spectra
+
+
+def test_image_spectra_are_the_centred_whitened_transforms():
+    """`image_spectra` holds W times the transform of each image about its centre N // 2, and the
+    filters become W CTF; without whitening the filters are left as they were."""
+    rng = np.random.default_rng(2)
+    n, box = 10, 15
+    images = rng.standard_normal((n, box, box)).astype(np.float32)
+    filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
+    whitening = torch.from_numpy(rng.uniform(0.5, 2.0, (box, box // 2 + 1)))
+    batches = [np.arange(0, 4), np.arange(4, n)]
+    plain_filters = filters.copy()
+    plain = _spectra(images, plain_filters, batches)
+    assert np.array_equal(plain_filters, filters)
+    whitened_filters = filters.copy()
+    whitened = _spectra(images, whitened_filters, batches, whitening)
+    centred = np.fft.rfft2(np.roll(images, (-(box // 2), -(box // 2)), axis=(1, 2)))
+    np.testing.assert_allclose(plain[..., 0] + 1j * plain[..., 1], centred, atol=1e-4)
+    np.testing.assert_allclose(whitened[..., 0] + 1j * whitened[..., 1], whitening.numpy() * centred, atol=1e-4)
+    np.testing.assert_allclose(whitened_filters, whitening.numpy() * filters, rtol=1e-6)
 
 
 @pytest.mark.parametrize("box", [16, 15])
@@ -41,9 +68,10 @@ def test_class_log_odds_classify_and_match_the_float64_likelihood(box):
     images = torch.fft.irfft2(clean, s=(box, box)) + 0.02 * torch.from_numpy(rng.standard_normal((n, box, box)))
     prior = 0.3
     batches = [np.arange(0, 120), np.arange(120, n)]
+    filters = ctf.numpy().astype(np.float32)
+    spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
     arguments = (
-        images.numpy().astype(np.float32), [m.to(torch.float32) for m in maps], torch.ones(box, box, box),
-        rotations, scale, ctf.numpy().astype(np.float32), prior, batches,
+        spectra, [m.to(torch.float32) for m in maps], torch.ones(box, box, box), rotations, scale, filters, prior, batches
     )  # fmt: skip
     threads = torch.get_num_threads()
     try:
@@ -76,12 +104,13 @@ def test_class_two_from_the_totals_equals_its_own_insertion():
     filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
     rotations = torch.from_numpy(uniform_rotations(n, rng))
     batches = [np.arange(0, 40), np.arange(40, n)]
+    spectra = _spectra(images, filters, batches)
     probability = rng.uniform(0.0, 1.0, n)
     probability[:5], probability[5:10] = 0.0, 1.0  # hard members of either class
     mask = torch.ones(box, box, box)
-    totals = residual_sums(images, rotations, filters, batches)
-    maps = difference_maps(class_sums(images, probability, totals, rotations, filters, batches), "C1", mask)
-    swapped = difference_maps(class_sums(images, 1.0 - probability, totals, rotations, filters, batches), "C1", mask)
+    totals = residual_sums(spectra, rotations, filters, batches)
+    maps = difference_maps(class_sums(spectra, probability, totals, rotations, filters, batches), "C1", mask)
+    swapped = difference_maps(class_sums(spectra, 1.0 - probability, totals, rotations, filters, batches), "C1", mask)
     scale = float(maps[0].abs().max())
     assert scale > 0
     for a, b in zip(maps, swapped[::-1]):
