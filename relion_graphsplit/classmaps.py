@@ -93,7 +93,7 @@ def reconstruct_classes(
     rotations, origins = star_io.poses(ps)
     params = star_io.ctf_params(ps)
     premultiplied = star_io.ctf_premultiplied(ps)
-    accumulators = [FourierAccumulator(box, device=device, threads=1) for _ in range(2 * n_classes)]  # side by side
+    accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
     # Batches in file order (one read per run of consecutive images), split among the accumulators;
     # about one insertion's worth of images for each, so that a batch's images, CTFs and temporaries
     # stay small at any box size.

@@ -72,12 +72,6 @@ class FourierAccumulator:
     The grid holds frequencies z, y in [-c, c] and x in [0, c], c = pad * r_max + 1, in RELION's
     centred layout; `sums[0]`, `sums[1]`, `sums[2]` are the real and imaginary parts of the data and
     the weight, shape (2c + 1, 2c + 1, c + 1) each.
-
-    On the CPU its insertions run on up to `threads` of torch.get_num_threads() threads (default: all
-    of them), split by z plane. A caller that fills several accumulators at once gives each one
-    thread: the accumulators then fill side by side, without every thread working out every
-    pixel's coordinates (at box 256 a 2-way split by z plane inserts 1.4-1.7 times as fast as one
-    thread, two accumulators on one thread each nearly twice as fast).
     """
 
     def __init__(
@@ -87,10 +81,8 @@ class FourierAccumulator:
         r_max: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        threads: int | None = None,
     ) -> None:
         self.box = box
-        self.threads = threads
         self.pad = pad
         self.r_max = box // 2 if r_max is None else min(r_max, box // 2)
         self.device = torch.device(device)
@@ -182,7 +174,8 @@ class FourierAccumulator:
         f = images_rfft.to(self.device)
         if origins is not None:
             o = origins.to(self.device, self.dtype)
-            phase = (-2.0 * math.pi / self.box) * (o[:, 0, None, None] * self._kx_axis + o[:, 1, None, None] * self._ky_axis)
+            shift = o[:, 0, None, None] * self._kx_axis + o[:, 1, None, None] * self._ky_axis
+            phase = (-2.0 * math.pi / self.box) * shift
             f = f * torch.polar(torch.ones_like(phase), phase)
         rotations = rotations.to(self.device, self.dtype)
         insert = self._splat if self.device.type == "cpu" else self._scatter
@@ -197,9 +190,9 @@ class FourierAccumulator:
         ctf_premultiplied: bool,
     ) -> None:
         """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, which picks
-        the inserted pixels and applies the CTF and the weights itself, split among up to `threads`
-        threads by z plane (each plane's sums in the same order whatever the split); the threads run
-        on while the caller prepares its next batch."""
+        the inserted pixels and applies the CTF and the weights itself, split among
+        torch.get_num_threads() threads by z plane (each plane's sums in the same order whatever the
+        split); the threads run on while the caller prepares its next batch."""
         b = f.shape[0]
         f = f.to(torch.complex64).reshape(b, -1).contiguous().numpy()
         c = np.zeros((0, 0), np.float32) if ctf is None else ctf.to(torch.float32).reshape(b, -1).contiguous().numpy()
@@ -213,8 +206,7 @@ class FourierAccumulator:
         if workers < 2:
             _splat_kernel(flat, *args, 1, 0)
             return
-        parts = min(self.threads or workers, workers)
-        self._pending = [thread_pool(workers).submit(_splat_kernel, flat, *args, parts, t) for t in range(parts)]
+        self._pending = [thread_pool(workers).submit(_splat_kernel, flat, *args, workers, t) for t in range(workers)]
 
     def _scatter(
         self,

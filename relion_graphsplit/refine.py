@@ -8,8 +8,9 @@ from the graph split rather than from a random partition) take the split much of
 that ceiling; docs/benchmarks.md has the measurements.
 
 Everything happens at the working size on the transforms of the scratch images (`image_spectra`,
-computed once), which hold the residual to the consensus projection times the CTF, s = CTF (I - a CTF P): the maps reconstructed from them are the classes'
-differences to the consensus, D_k, and with Q_k the projection of D_k,
+computed once), which hold the residual to the consensus projection times the CTF,
+s = CTF (I - a CTF P): the maps reconstructed from them are the classes' differences to the
+consensus, D_k, and with Q_k the projection of D_k,
     log p(I | k) = -|I - a CTF P - a' CTF Q_k|^2 / (2 sigma^2) + const
                  = [2 a' <s, Q_k> - a'^2 <CTF^2 Q_k, Q_k>] / (2 sigma^2) + const,
 with a' = a / mean(a), since the maps reconstructed from the residuals already carry the mean scale.
@@ -74,7 +75,7 @@ def _weighted_halves(
 ) -> list[FourierAccumulator]:
     """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
     for per-particle weights w (n,); particles of weight <= 1e-6 are left out."""
-    halves = [FourierAccumulator(spectra.shape[1], threads=1) for _ in range(2)]  # side by side
+    halves = [FourierAccumulator(spectra.shape[1]) for _ in range(2)]
     for index in batches:
         f = torch.from_numpy(_complex(spectra, index))
         ctf = torch.from_numpy(np.asarray(filters[index]))

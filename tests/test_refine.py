@@ -70,9 +70,8 @@ def test_class_log_odds_classify_and_match_the_float64_likelihood(box):
     batches = [np.arange(0, 120), np.arange(120, n)]
     filters = ctf.numpy().astype(np.float32)
     spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
-    arguments = (
-        spectra, [m.to(torch.float32) for m in maps], torch.ones(box, box, box), rotations, scale, filters, prior, batches
-    )  # fmt: skip
+    maps32 = [m.to(torch.float32) for m in maps]
+    arguments = (spectra, maps32, torch.ones(box, box, box), rotations, scale, filters, prior, batches)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
