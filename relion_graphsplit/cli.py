@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -16,18 +15,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from threadpoolctl import threadpool_limits
 
-from relion_graphsplit import __version__, star_io
+from relion_graphsplit import __version__, helper, star_io
 from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
 from relion_graphsplit.external import ExternalJob
 from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.masks import resample_volume
 from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.outputs import classified_particles, noise_spectrum, write_diagnostics, write_particles
+from relion_graphsplit.outputs import (
+    classified_particles, noise_description, noise_spectrum, write_diagnostics, write_particles, write_summary,
+)
 from relion_graphsplit.pipeline import SplitOptions, split
 from relion_graphsplit.preprocess import CtfCorrection
-from relion_graphsplit.report import noise_description, write_report
 from relion_graphsplit.stack import ImageStacks
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
@@ -114,7 +113,7 @@ def run(
         if scratch_dir is not None and not scratch_dir.is_dir():
             raise typer.BadParameter(f"{scratch_dir} is not an existing directory", param_hint="--scratch_dir")
         torch.set_num_threads(j)
-        threadpool_limits(j)  # numpy's and scipy's BLAS too
+        helper.limit_threads(j)  # numpy's and scipy's BLAS, here and in the helper process
         ps = star_io.read_particles(i)
         box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
         mask_volume = _read_mask(mask, box, apix) if mask else None
@@ -156,6 +155,7 @@ def run(
             diameter = particle_diameter or 0.8 * box * apix
             command = next_command(o, o / "run_data.star", diameter, j, class_maps.resolution, sym=sym)
         write_particles(o, ps, table)
+        write_diagnostics(o, result)
         result.timings["write"] = time.perf_counter() - t
         summary = {
             "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -167,17 +167,19 @@ def run(
             "sync_gap": result.sync_gap,
             "noise_contrast": result.noise_contrast,
             "whitened": result.whitened,
+            "noise": noise_description(result.noise_contrast, result.whitened),
             "noise_spectrum": noise_spectrum(result),
             "refine_changes": result.refine_changes,
             "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
             "next_command": command,
             "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
             "options": vars(options), "timings": result.timings, "warnings": result.warnings,
-            "peak_memory_mb": _peak_memory_mb(),
+            "peak_memory_mb": helper.peak_memory_mb(),
+            "helper_peak_memory_mb": helper.call("relion_graphsplit.helper:peak_memory_mb") if helper.running() else None,
         }
-        write_diagnostics(o, result, summary)
+        write_summary(o, summary)
         t = time.perf_counter()
-        warnings = write_report(o)
+        warnings = helper.call("relion_graphsplit.report:write_report", o)  # matplotlib and plotly loaded there
         result.timings["report"] = time.perf_counter() - t
         _print_summary(result, len(ps.particles), time.perf_counter() - start)
         for warning in warnings:
@@ -199,20 +201,6 @@ def run(
     except BaseException:
         job.fail()
         raise
-
-
-def _peak_memory_mb() -> float:
-    """This process's peak resident memory (MiB): VmHWM where Linux gives it. getrusage's ru_maxrss
-    is not used there: a process started by fork and exec inherits the parent's peak in it, so a run
-    started from a large process (a benchmark, a notebook) reported that process's memory."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _print_summary(result, n: int, total: float) -> None:

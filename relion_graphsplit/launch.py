@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import importlib
 
+from relion_graphsplit import helper
+
 
 def _run(module: str) -> None:
     gc.disable()
@@ -23,7 +25,8 @@ def _run(module: str) -> None:
 
 
 def graphsplit() -> None:
-    """relion_graphsplit (relion_graphsplit.cli)."""
+    """relion_graphsplit (relion_graphsplit.cli), with a helper process for the SDP and the report."""
+    helper.start()
     _run("relion_graphsplit.cli")
 
 

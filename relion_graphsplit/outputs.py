@@ -39,6 +39,14 @@ def noise_spectrum(result: SplitResult) -> dict | None:
     }
 
 
+def noise_description(contrast: float | None, whitened: bool) -> str:
+    """How coloured the noise was found (power of the noisiest ring over the least noisy, None when
+    not estimated), and whether the images were whitened (method.md item 8)."""
+    if contrast is None:
+        return "not estimated (not whitened)"
+    return f"{'coloured' if whitened else 'white'} ({contrast:.1f}-fold): {'whitened' if whitened else 'not whitened'}"
+
+
 def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> None:
     """run_data.star and one run_classNNN_data.star per class."""
     star_io.write_particles(out / "run_data.star", ps, table)
@@ -47,8 +55,8 @@ def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> 
         star_io.write_particles(path, ps, table[table["rlnClassNumber"] == k].reset_index(drop=True))
 
 
-def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> None:
-    """Per-cone table and graph (run_cones.star), memberships, cone images and the run summary.
+def write_diagnostics(out: Path, result: SplitResult) -> None:
+    """Per-cone table and graph (run_cones.star), memberships and cone images.
 
     run_cone_images.mrcs holds 4 images per cone c: 4c mean, 4c+1 eigen-image, 4c+2 and 4c+3 the
     averages of the cone's class-1 and class-2 members.
@@ -66,6 +74,10 @@ def write_diagnostics(out: Path, result: SplitResult, summary: dict) -> None:
             mrc.set_data(stack.astype(np.float32))
             mrc.set_image_stack()
             mrc.voxel_size = result.working_pixel_size
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """run_summary.json: the run's parameters, versions, sizes, timings and warnings."""
     summary_path = out / "run_summary.json"
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))

@@ -22,13 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit import star_io
+from relion_graphsplit import helper, star_io
 from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
 from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
-from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import (
@@ -354,7 +353,7 @@ def split(
         start = time.perf_counter()
         ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
         weights = cone_weights(ratios)
-        sync = synchronise(weights, seed=options.seed)
+        sync = helper.call("relion_graphsplit.maxcut:synchronise", weights, seed=options.seed)  # cvxpy loaded there
         signs = np.asarray(sync.signs, dtype=np.int64)
         timings["graph"] = time.perf_counter() - start
 

@@ -31,7 +31,6 @@ from PIL import Image
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from relion_graphsplit import star_io
 from relion_graphsplit.files import atomic_path
 
 CLASS_COLOURS = {1: "#d6604d", 2: "#4393c3"}
@@ -79,7 +78,7 @@ def read_run(out_dir: Path) -> Run:
     memberships = starfile.read(out / "run_memberships.star", always_dict=True)["memberships"]
     notes: list[str] = []
     data = out / "run_data.star"
-    particles = star_io.read_particles(data, require_poses=False).particles if data.is_file() else None
+    particles = starfile.read(data, always_dict=True).get("particles") if data.is_file() else None
     if particles is not None and not set(CONFIDENCE_COLUMNS) <= set(particles.columns):
         notes.append(f"{data.name} lacks {', '.join(CONFIDENCE_COLUMNS)}: no particle confidence")
         particles = None
@@ -628,14 +627,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f'<table class="facts">{body}</table>'
 
 
-def noise_description(contrast: float | None, whitened: bool) -> str:
-    """How coloured the noise was found (power of the noisiest ring over the least noisy, None when
-    not estimated), and whether the images were whitened (method.md item 8)."""
-    if contrast is None:
-        return "not estimated (not whitened)"
-    return f"{'coloured' if whitened else 'white'} ({contrast:.1f}-fold): {'whitened' if whitened else 'not whitened'}"
-
-
 def _summary_html(run: Run) -> str:
     s = run.summary
     sizes = _class_sizes(run)
@@ -652,8 +643,8 @@ def _summary_html(run: Run) -> str:
                   f"{float(s.get('cone_angle', math.nan)):.1f}° cones; median {int(np.median(counts))} particles)"),
         ("graph parts", f"{s.get('graph_components', run.cones['component'].nunique())}"),
     ]
-    if "whitened" in s:  # runs of earlier versions did not record it
-        rows.append(("noise", noise_description(s.get("noise_contrast"), bool(s["whitened"]))))
+    if "noise" in s:  # runs of earlier versions did not record it
+        rows.append(("noise", str(s["noise"])))
     rows += [(f"class {k}", f"{sizes[k]} ({100 * sizes[k] / total:.1f}%)") for k in (1, 2)]
     timings = {str(k): float(v) for k, v in s.get("timings", {}).items()}
     longest = max(timings.values(), default=1.0) or 1.0

@@ -197,6 +197,18 @@ def test_threads_do_not_change_classes(split_runs):
     np.testing.assert_allclose(a["rlnGraphSplitScore"].to_numpy(), b["rlnGraphSplitScore"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_console_run_has_a_helper_process(split_runs):
+    """The console command solves the SDP and draws the report in its helper process (whose peak
+    memory the summary records); the run in this process does both itself. Their classes are the
+    same (above), and both wrote the report."""
+    here, console = (json.loads((out / "run_summary.json").read_text()) for out in split_runs)
+    assert here["helper_peak_memory_mb"] is None
+    assert 50 < console["helper_peak_memory_mb"] < 1000
+    assert here["sync_method"] == console["sync_method"] == "sdp"
+    for out in split_runs:
+        assert (out / "report.html").stat().st_size > 100_000 and (out / "report_cones.png").is_file()
+
+
 def test_bad_input_gives_one_clear_line(tmp_path: Path):
     result = CliRunner().invoke(app, ["--i", str(TEST_DATA / "star-samples" / "empiar_10076_7.star"), "--o", str(tmp_path / "o")])
     assert result.exit_code == 1
@@ -264,8 +276,8 @@ def test_peak_memory_is_the_programs_own():
     """A run started from a large process (a benchmark, a notebook) reports its own peak memory, not
     the parent's: getrusage's ru_maxrss inherits the parent's across fork and exec, VmHWM does not."""
     held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process while the child runs
-    code = "from relion_graphsplit.cli import _peak_memory_mb; import resource; " \
-           "print(_peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = "import relion_graphsplit.cli; from relion_graphsplit.helper import peak_memory_mb; import resource; " \
+           "print(peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     own, inherited = (float(v) for v in done.stdout.split())
     assert held.sum() > 0

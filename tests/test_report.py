@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from relion_graphsplit.geometry import fibonacci_sphere
 from relion_graphsplit import report
+from relion_graphsplit.outputs import noise_description
 from relion_graphsplit.report import SIGN_COLOURS, cone_panels, read_run, render_html, report_warnings, write_report
 from relion_graphsplit.report_cli import app
 
@@ -278,19 +279,19 @@ def test_page_renders_in_headless_chromium(healthy):
     assert errors == []
 
 
-def test_summary_says_how_the_noise_was_treated(tmp_path):
-    """The summary names the noise's contrast and whether the images were whitened; runs of earlier
-    versions, which did not record it, get no such row."""
+@pytest.mark.parametrize(("contrast", "whitened", "expected"), [
+    (8.56, True, "coloured (8.6-fold): whitened"),
+    (1.12, False, "white (1.1-fold): not whitened"),
+    (None, False, "not estimated (not whitened)"),
+])
+def test_summary_says_how_the_noise_was_treated(tmp_path, contrast, whitened, expected):
+    """The summary names the noise's contrast and whether the images were whitened (the run's
+    description of it); runs of earlier versions, which did not record it, get no such row."""
     out = make_run(tmp_path / "run", n_cones=12, n_particles=200, maps=False)
     summary_path = out / "run_summary.json"
     summary = json.loads(summary_path.read_text())
-    for fields, expected in (
-        ({"noise_contrast": 8.56, "whitened": True}, "coloured (8.6-fold): whitened"),
-        ({"noise_contrast": 1.12, "whitened": False}, "white (1.1-fold): not whitened"),
-        ({"noise_contrast": None, "whitened": False}, "not estimated (not whitened)"),
-    ):
-        summary_path.write_text(json.dumps({**summary, **fields}))
-        assert f"<th>noise</th><td>{expected}</td>" in _page(out)
+    summary_path.write_text(json.dumps({**summary, "noise": noise_description(contrast, whitened)}))
+    assert f"<th>noise</th><td>{expected}</td>" in _page(out)
     summary_path.write_text(json.dumps(summary))
     assert "<th>noise</th>" not in _page(out)
 
