@@ -12,5 +12,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # 2^4 cycles is the shortest wait OpenBLAS allows. Like the line above, it counts only when set
 # before numpy is first imported.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# Clarabel, the SDP solver under cvxpy, runs a thread pool (rayon) with one thread per core it may
+# use, and its solution changes in the last bits with the pool's size: one graph gave three different
+# solutions with 1, 2 and 4 threads. One thread gives every machine the same max-cut; the SDPs here
+# are small (at most 80 cones: larger graphs go to Burer-Monteiro) and took as long on one thread.
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -224,3 +227,26 @@ def test_rejects_bad_input():
         synchronise(np.array([[0.0, np.nan], [np.nan, 0.0]]))
     with pytest.raises(ValueError, match="method"):
         synchronise(np.zeros((2, 2)), method="annealing")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_sdp_is_the_same_whatever_the_cores():
+    """Clarabel's thread pool (rayon) takes one thread per core the process may use, and the SDP's
+    solution changes in its last bits with that number. The package pins the pool to one thread, so
+    that a graph gets the same solution on any machine: here, in a process allowed one core and in
+    one allowed two (without the pin, two different solutions)."""
+    code = (
+        "import os, sys, hashlib; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+        "import numpy as np, scipy.sparse as sp; from relion_graphsplit import maxcut; "
+        "rng = np.random.default_rng(0); W = rng.standard_normal((41, 41)); "
+        "W = (W + W.T) * (rng.random((41, 41)) < 0.3); W = (W + W.T) / 2; np.fill_diagonal(W, 0); "
+        "V, y = maxcut._sdp(sp.csr_matrix(W)); print(hashlib.sha1(V.tobytes() + y.tobytes()).hexdigest())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    cores = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
+    digests = [
+        subprocess.run([sys.executable, "-c", code, ",".join(cores[:k])], env=env, capture_output=True, text=True,
+                       check=True).stdout
+        for k in (1, 2)
+    ]
+    assert digests[0] == digests[1] != ""
