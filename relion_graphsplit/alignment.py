@@ -7,8 +7,12 @@ orientation relative to the cone's reference orientation, after a y-mirror for m
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
+from relion_graphsplit.compiled import compiled, run_in_runs
 from relion_graphsplit.geometry import direction_to_matrix, inplane_angle
 
 
@@ -37,13 +41,70 @@ def align_to_reference(
 
 
 def _sample(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """out[u] = images[matrix @ u] with u in pixels from the centre N // 2 (bicubic, zero outside)."""
+    """out[u] = images[matrix @ u] with u in pixels from the centre N // 2 (bicubic, zero outside): on
+    the CPU by the compiled `_rotate_kernel` on torch.get_num_threads() threads, each on its own run of
+    images, elsewhere by grid_sample."""
+    if images.device.type != "cpu":
+        return _grid_sample(images, matrix)
+    out = torch.empty_like(images)
+    args = (images.contiguous().numpy(), matrix.to(torch.float64).contiguous().numpy(), out.numpy())
+    run_in_runs(_rotate_kernel, args, len(images), torch.get_num_threads())
+    return out
+
+
+@compiled
+def _rotate_kernel(images: np.ndarray, matrix: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """out[b, u] = images[b] at matrix[b] @ u for images b from start to stop: grid_sample's bicubic
+    (Keys' cubic convolution, a = -0.75; taps outside the image count as 0), coordinates, weights and
+    sums in float64."""
+    n = images.shape[1]
+    centre = n // 2
+    wx = np.empty(4)
+    wy = np.empty(4)
+    for b in range(start, stop):
+        m00, m01, m10, m11 = matrix[b, 0, 0], matrix[b, 0, 1], matrix[b, 1, 0], matrix[b, 1, 1]
+        for py in range(n):
+            uy = py - centre
+            for px in range(n):
+                ux = px - centre
+                x = m00 * ux + m01 * uy + centre
+                y = m10 * ux + m11 * uy + centre
+                x0, y0 = math.floor(x), math.floor(y)
+                _cubic_weights(x - x0, wx)
+                _cubic_weights(y - y0, wy)
+                ix, iy = int(x0) - 1, int(y0) - 1
+                total = 0.0
+                for j in range(4):
+                    row = iy + j
+                    if row < 0 or row >= n:
+                        continue
+                    line = 0.0
+                    for i in range(4):
+                        col = ix + i
+                        if 0 <= col < n:
+                            line += wx[i] * images[b, row, col]
+                    total += wy[j] * line
+                out[b, py, px] = total
+
+
+@compiled
+def _cubic_weights(t: float, w: np.ndarray) -> None:
+    """Weights of the taps at -1, 0, 1, 2 for the fraction t in [0, 1) (grid_sample's, a = -0.75)."""
+    a = -0.75
+    w[0] = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w[1] = ((a + 2) * t - (a + 3)) * t * t + 1
+    w[2] = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    w[3] = ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a
+
+
+def _grid_sample(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """As `_sample`, by torch's grid_sample, on any device."""
     b, n, _ = images.shape
     centre = n // 2
-    coords = torch.arange(n, dtype=torch.float64) - centre
+    coords = torch.arange(n, dtype=torch.float64, device=images.device) - centre
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     u = torch.stack([xx, yy], dim=-1).reshape(1, n * n, 2)  # (x, y)
-    src = u @ matrix.transpose(-1, -2)  # (B, n*n, 2)
+    src = u @ matrix.to(images.device).transpose(-1, -2)  # (B, n*n, 2)
     grid = (2.0 * (src + centre) + 1.0) / n - 1.0
     grid = grid.reshape(b, n, n, 2).to(images.dtype)
     out = torch.nn.functional.grid_sample(

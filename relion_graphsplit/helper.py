@@ -1,10 +1,11 @@
 """A helper process for the steps that need large libraries and little data: the max-cut SDP (cvxpy)
 and the report (matplotlib, plotly).
 
-Loading those libraries takes about 1.4 s of a core and drawing the report 1.5 s more, while the main
-process leaves a core idle for much of its run. `start` forks the helper as the program starts; it
-loads the libraries while the main process reads and classifies the images, then runs what `call`
-sends it. Arguments and results travel pickled through a pipe; functions are named
+Loading those libraries takes 1.1-1.4 s of a core here, while the main process, which loads torch
+and reads the images meanwhile, leaves the second core idle for much of its run. `start` forks the
+helper as the program starts; the helper loads the libraries, then runs what `call` sends it while
+the main process waits (drawing the report while the class maps were made slowed them as much as it
+saved: docs/benchmarks.md). Arguments and results travel pickled through a pipe; functions are named
 ("module:function"), so the main process never loads their libraries.
 
 The fork is made only on Linux, and only while the process has a single thread: a fork copies no
@@ -25,6 +26,8 @@ import signal
 import sys
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
+
+from threadpoolctl import threadpool_limits
 
 PRELOAD = ("relion_graphsplit.maxcut", "cvxpy", "relion_graphsplit.report")
 """Modules the helper loads as it starts: the max-cut (with cvxpy, which it loads only when solving)
@@ -86,8 +89,6 @@ def limit_threads(threads: int) -> None:
 
 
 def _limit_blas(threads: int) -> None:
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(threads)
 
 

@@ -1,5 +1,9 @@
+import math
+
+import pytest
 import torch
 
+from relion_graphsplit import alignment
 from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.geometry import MIRROR, euler_to_matrix
 from relion_graphsplit.grouping import assign_to_cones
@@ -68,3 +72,26 @@ def test_mirrored_member_aligns_onto_the_cone_view():
     inner = slice(8, 40)
     corr = torch.corrcoef(torch.stack([aligned[0, inner, inner].flatten(), target[inner, inner].flatten()]))[0, 1]
     assert corr > 0.97
+
+
+@pytest.mark.parametrize("n", [38, 39])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_rotation_samples_what_grid_sample_samples(n, dtype):
+    """The CPU's compiled rotation and grid_sample (the alignment on other devices) give the same
+    images, mirrored or not, with taps outside the image counted as zero, to the float32 rounding of
+    grid_sample's coordinates; no rotation gives the images back."""
+    g = torch.Generator().manual_seed(1)
+    b = 24
+    images = torch.randn(b, n, n, generator=g, dtype=torch.float64).to(dtype)
+    phi = torch.rand(b, generator=g, dtype=torch.float64) * 2 * math.pi
+    flip = torch.where(torch.arange(b) % 2 == 0, 1.0, -1.0).to(torch.float64)
+    c, s = torch.cos(phi), torch.sin(phi)
+    matrix = torch.stack([torch.stack([c, -s], dim=-1), torch.stack([flip * s, flip * c], dim=-1)], dim=-2)
+    compiled = alignment._sample(images, matrix)
+    reference = alignment._grid_sample(images, matrix)
+    assert compiled.dtype == dtype and compiled.shape == images.shape
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    assert float((compiled - reference).abs().max()) < tolerance
+    assert float(reference.abs().max()) > 1.0  # images, not zeros
+    identity = torch.eye(2, dtype=torch.float64).expand(b, 2, 2)
+    torch.testing.assert_close(alignment._sample(images, identity), images, rtol=0, atol=1e-6)
