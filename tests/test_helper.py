@@ -3,9 +3,12 @@ is gone or unsafe to fork leaves the work to the calling process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -78,3 +81,36 @@ def test_no_fork_in_a_process_with_threads():
     finally:
         release.set()
         worker.join()
+
+
+def test_the_helper_dies_with_the_main_process():
+    """A main process killed outright (SIGKILL: no cleanup runs) while its helper works leaves no
+    helper behind: the helper, busy, does not read the pipe's end, but gets its parent's death signal."""
+    code = """
+from relion_graphsplit import helper
+assert helper.start(("json",))
+print(helper.call("os:getpid"), flush=True)
+helper.call("time:sleep", 60)
+"""
+    main = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(main.stdout.readline())
+        os.kill(child, 0)  # alive
+        main.send_signal(signal.SIGKILL)
+        main.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        main.kill()
+        main.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
