@@ -64,7 +64,7 @@ class SplitOptions:
     cone_angle: float | None = None  # cone half-aperture in degrees; None: the sampling
     particles_per_cone: int = 600  # target of the automatic sampling
     min_cone_particles: int = 10  # cones with fewer members are dropped
-    maxres: float | None = 10.0  # A; images are downsampled to this Nyquist
+    maxres: float | None = 10.0  # A; images are downsampled to this Nyquist (at least MIN_WORKING_BOX pixels)
     resize: int | None = None  # explicit working box (overrides maxres)
     ctf_correction: CtfCorrection = CtfCorrection.subtract_multiply
     whiten: bool = True  # whiten images and CTFs by the residuals' noise spectrum (subtracting corrections)

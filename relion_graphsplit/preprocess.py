@@ -34,12 +34,19 @@ class CtfCorrection(str, enum.Enum):
         return self in (CtfCorrection.subtract_multiply, CtfCorrection.subtract_flip)
 
 
+MIN_WORKING_BOX = 32
+"""Fewest pixels `maxres` downsamples to. The accuracy fell with the working box below about 32 pixels
+and not above it, on two structures at every SNR benchmarked (docs/benchmarks.md, "The working box"):
+a small particle in a small box, where 10 A leaves some 26 pixels, is analysed at a finer resolution."""
+
+
 def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
-    """Even box to work at: `resize` if given, else the box whose Nyquist is `maxres` (never above box)."""
+    """Even box to work at: `resize` if given, else the box whose Nyquist is `maxres` but at least
+    MIN_WORKING_BOX pixels; never above the box."""
     if resize is not None:
         n = resize
     elif maxres is not None:
-        n = int(round(box * 2.0 * pixel_size / maxres))
+        n = max(MIN_WORKING_BOX, int(round(box * 2.0 * pixel_size / maxres)))
     else:
         n = box
     n = max(8, min(box, n))

@@ -33,6 +33,10 @@ def test_working_box():
     assert working_box(96, 1.5, None, 40) == 40
     assert working_box(64, 2.0, 2.0, None) == 64  # never above the box
     assert working_box(65, 2.0, None, None) == 64
+    # maxres keeps at least 32 pixels (26 here at 10 A); an explicit box is taken as it is
+    assert working_box(64, 2.0, 10.0, None) == 32
+    assert working_box(64, 2.0, 10.0, 26) == 26
+    assert working_box(24, 2.0, 10.0, None) == 24  # never above the box
 
 
 def test_fourier_crop_keeps_low_frequencies_and_grey_levels():
