@@ -35,9 +35,10 @@ class CtfCorrection(str, enum.Enum):
 
 
 MIN_WORKING_BOX = 32
-"""Fewest pixels `maxres` downsamples to. The accuracy fell with the working box below about 32 pixels
-and not above it, on two structures at every SNR benchmarked (docs/benchmarks.md, "The working box"):
-a small particle in a small box, where 10 A leaves some 26 pixels, is analysed at a finer resolution."""
+"""Fewest pixels `maxres` downsamples to. On two structures at every SNR benchmarked the accuracy fell
+with the working box below about 32 pixels, and moved by a few particles either way above it
+(docs/benchmarks.md, "The working box"): a small particle in a small box, where 10 A leaves some 26
+pixels, is analysed at a finer resolution."""
 
 
 def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
