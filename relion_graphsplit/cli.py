@@ -26,7 +26,7 @@ from relion_graphsplit.outputs import (
     classified_particles, noise_description, noise_spectrum, write_diagnostics, write_particles, write_summary,
 )
 from relion_graphsplit.pipeline import SplitOptions, split
-from relion_graphsplit.preprocess import CtfCorrection
+from relion_graphsplit.preprocess import MIN_WORKING_BOX, CtfCorrection
 from relion_graphsplit.stack import ImageStacks
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
@@ -89,7 +89,7 @@ def run(
     angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", min=0.5, max=90.0, help="Degrees between cone axes; default: chosen from the particle count to put about --particles_per_cone particles in each cone."),
     cone_angle: Optional[float] = typer.Option(None, "--cone_angle", min=0.5, max=90.0, help="Cone half-aperture in degrees; default: the sampling (neighbouring cones overlap)."),
     particles_per_cone: int = typer.Option(600, "--particles_per_cone", min=10, help="Target particles per cone for the automatic sampling."),
-    maxres: float = typer.Option(10.0, "--maxres", min=0.1, help="Resolution (A) the images are downsampled to for the analysis, keeping at least 32 pixels (small boxes are analysed at a finer resolution: docs/benchmarks.md)."),
+    maxres: float = typer.Option(10.0, "--maxres", min=0.1, help=f"Resolution (A) the images are downsampled to for the analysis, keeping at least {MIN_WORKING_BOX} pixels (small boxes are analysed at a finer resolution: docs/benchmarks.md)."),
     resize: Optional[int] = typer.Option(None, "--resize", min=8, help="Working box in pixels, any size (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(CtfCorrection.subtract_multiply, "--ctf_correction", help="CTF correction before the principal component (see docs/method.md)."),
     whiten: bool = typer.Option(True, "--whiten/--no_whiten", help="Whiten images and CTFs by the noise spectrum of their residuals to the consensus before the analysis (real images carry more noise at low frequencies; see docs/method.md). Used with the subtracting CTF corrections."),
