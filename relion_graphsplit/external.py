@@ -17,6 +17,8 @@ from relion_graphsplit.files import atomic_path
 # RELION 3.1 reads integer node types, 4.0/5.0 the string labels (relion-conventions.md).
 NODE_TYPES = {"particles": 3, "map": 6, "mask": 7, "halfmap": 10}
 NODE_LABELS = {"map": "DensityMap.mrc", "mask": "Mask3D.mrc", "halfmap": "DensityMap.mrc.halfmap"}
+EXIT_MARKERS = ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED")
+ABORT_NOW = "RELION_JOB_ABORT_NOW"
 
 
 def project_version(project_dir: Path = Path(".")) -> int:
@@ -41,15 +43,28 @@ class ExternalJob:
         self.active = Path("default_pipeline.star").exists() if active is None else active
 
     def abort_requested(self) -> bool:
-        return self.active and (self.out / "RELION_JOB_ABORT_NOW").exists()
+        return self.active and (self.out / ABORT_NOW).exists()
+
+    def started(self) -> None:
+        """A run is under way: the exit marker of an earlier run in the folder no longer holds."""
+        if self.active:
+            for name in EXIT_MARKERS:
+                (self.out / name).unlink(missing_ok=True)
 
     def _mark(self, name: str) -> None:
+        """Leave exactly one exit marker, `name`."""
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
+            for other in EXIT_MARKERS:
+                if other != name:
+                    (self.out / other).unlink(missing_ok=True)
             (self.out / name).touch()
 
     def succeed(self) -> None:
+        """Mark success; an abort asked for once the outputs were in place came too late to act on."""
         self._mark("RELION_JOB_EXIT_SUCCESS")
+        if self.active:
+            (self.out / ABORT_NOW).unlink(missing_ok=True)
 
     # On the way out of a failed or aborted run a marker that cannot be written (an output directory
     # that cannot be made) must not hide the run's own error.
@@ -62,10 +77,11 @@ class ExternalJob:
         with contextlib.suppress(OSError):
             self._mark("RELION_JOB_EXIT_ABORTED")
             if self.active:
-                (self.out / "RELION_JOB_ABORT_NOW").unlink(missing_ok=True)
+                (self.out / ABORT_NOW).unlink(missing_ok=True)
 
-    def outputs(self, nodes: list[tuple[Path, str]]) -> None:
-        """Declare (path, kind) output nodes in RELION_OUTPUT_NODES.star, kind a key of NODE_TYPES."""
+    def outputs(self, nodes: list[tuple[Path, str]], folder: Path | None = None) -> None:
+        """Declare (path, kind) output nodes, kind a key of NODE_TYPES, in RELION_OUTPUT_NODES.star,
+        written into `folder` (default the job's folder; the run's staging folder before its commit)."""
         if not self.active:
             return
         labels = {**NODE_LABELS, "particles": particle_label(project_version())}
@@ -76,5 +92,5 @@ class ExternalJob:
                 "rlnPipeLineNodeTypeLabel": [labels[kind] for _, kind in nodes],
             }
         )
-        with atomic_path(self.out / "RELION_OUTPUT_NODES.star") as tmp:
+        with atomic_path(Path(folder or self.out) / "RELION_OUTPUT_NODES.star") as tmp:
             starfile.write({"output_nodes": table}, tmp, overwrite=True)

@@ -11,13 +11,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from relion_graphsplit.geometry import MIRROR, fibonacci_sphere, projection_direction
 
 # A generic direction (on no symmetry axis or mirror plane) whose Voronoi cell among its symmetry
 # copies defines the asymmetric unit; it lies close to +z so that C1 keeps the upper hemisphere.
 _ASU_ANCHOR = torch.nn.functional.normalize(torch.tensor([0.0123, 0.0317, 1.0], dtype=torch.float64), dim=0)
+
+MAX_ELEMENTS = 1 << 22
+"""Largest temporary of the cone geometry, in float64 values (32 MiB): (direction, equivalent
+direction, axis) cosines are taken in chunks of at most this many."""
+
+_ROUNDING = 1e-9
+"""Radians: more than the rounding of an angle from the arccosine of a cosine (about 1e-14 rad at
+the finest sampling), so that the k-d tree's pre-selection misses no direction that the exact
+distance would keep."""
 
 
 @dataclass
@@ -55,18 +66,61 @@ def equivalent_operators(symmetry: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return left, torch.cat([symmetry, symmetry])
 
 
-def _in_unit(directions: torch.Tensor, symmetry: torch.Tensor) -> torch.Tensor:
-    """Whether each direction lies in the asymmetric unit: no copy of it is closer to the anchor."""
+def _row_chunks(n_rows: int, row_elements: int, max_elements: int) -> list[slice]:
+    """Slices of `n_rows` rows of `row_elements` values each, at most `max_elements` values a slice
+    (but at least one row)."""
+    size = max(1, max_elements // max(row_elements, 1))
+    return [slice(start, start + size) for start in range(0, n_rows, size)]
+
+
+def _in_unit(directions: torch.Tensor, symmetry: torch.Tensor, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Whether each direction (n, 3) lies in the asymmetric unit: no copy of it is closer to the anchor.
+
+    `symmetry` (G, 3, 3) are the group's matrices. Returns (n,) bool. Directions are taken in chunks
+    whose einsum intermediate, (2G, 3, n), holds at most `max_elements` values.
+    """
     copies = torch.cat([symmetry, -symmetry]).transpose(-1, -2)  # S^T d and -S^T d
-    scores = torch.einsum("gij,nj,i->ng", copies, directions, _ASU_ANCHOR)
-    return directions @ _ASU_ANCHOR >= scores.max(dim=1).values - 1e-12
+    inside = torch.empty(len(directions), dtype=torch.bool)
+    for rows in _row_chunks(len(directions), 3 * len(copies), max_elements):
+        d = directions[rows]
+        scores = torch.einsum("gij,nj,i->ng", copies, d, _ASU_ANCHOR)
+        inside[rows] = d @ _ASU_ANCHOR >= scores.max(dim=1).values - 1e-12
+    return inside
 
 
-def _distance_to_axes(directions: torch.Tensor, axes: torch.Tensor, symmetry: torch.Tensor) -> torch.Tensor:
-    """Angle (radians) from each direction to the nearest axis, over all its equivalent directions."""
-    copies = torch.einsum("gji,nj->ngi", symmetry, directions)
-    cosines = torch.einsum("ngi,mi->ngm", torch.cat([copies, -copies], dim=1), axes)
-    return torch.acos(cosines.amax(dim=(1, 2)).clamp(-1.0, 1.0))
+def _distance_to_axes(
+    directions: torch.Tensor, axes: torch.Tensor, symmetry: torch.Tensor, max_elements: int = MAX_ELEMENTS
+) -> torch.Tensor:
+    """Angle (radians) from each direction (n, 3) to the nearest axis (m, 3), over all its equivalent
+    directions; shape (n,). The (n, 2G, m) cosines are taken in chunks of at most `max_elements`."""
+    distance = torch.empty(len(directions), dtype=torch.float64)
+    for rows in _row_chunks(len(directions), 2 * len(symmetry) * len(axes), max_elements):
+        copies = torch.einsum("gji,nj->ngi", symmetry, directions[rows])
+        cosines = torch.einsum("ngi,mi->ngm", torch.cat([copies, -copies], dim=1), axes)
+        distance[rows] = torch.acos(cosines.amax(dim=(1, 2)).clamp(-1.0, 1.0))
+    return distance
+
+
+def _beyond(
+    directions: torch.Tensor, axes: torch.Tensor, symmetry: torch.Tensor, angle: float, max_elements: int = MAX_ELEMENTS
+) -> torch.Tensor:
+    """Whether each direction (n, 3) may lie farther than `angle` (radians) from every axis (m, 3),
+    over all its equivalent directions; shape (n,) bool.
+
+    A k-d tree of the axes looks only near each equivalent direction, so that time and memory follow
+    the number of directions rather than directions x axes. The tree measures chords, not the
+    arccosine of `_distance_to_axes`: directions within `_ROUNDING` of `angle` count as beyond.
+    Directions are taken in chunks of at most `max_elements` equivalent-direction coordinates.
+    """
+    tree = cKDTree(axes.numpy())
+    chord = 2.0 * math.sin(max(angle - _ROUNDING, 0.0) / 2.0)
+    copies = torch.cat([symmetry, -symmetry])  # d -> S^T d and -S^T d
+    beyond = torch.empty(len(directions), dtype=torch.bool)
+    for rows in _row_chunks(len(directions), 3 * len(copies), max_elements):
+        equivalent = torch.einsum("gji,nj->ngi", copies, directions[rows])  # (n, 2G, 3)
+        nearest, _ = tree.query(equivalent.reshape(-1, 3).numpy(), distance_upper_bound=chord)
+        beyond[rows] = torch.from_numpy(np.isinf(nearest).reshape(len(equivalent), -1).all(axis=1))
+    return beyond
 
 
 def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> torch.Tensor:
@@ -77,6 +131,8 @@ def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> t
     boundary the sphere's points and their symmetry copies do not interleave, which can leave gaps;
     directions are added where a finer sample of the cell lies farther than 0.65 of the sampling from
     every axis (the interior's covering radius), so that cones as wide as the sampling cover it all.
+    Only the few probes that a k-d tree finds in such gaps get exact distances to every axis, so
+    memory stays bounded (MAX_ELEMENTS) down to the finest sampling.
     """
     if not 0.0 < sampling_deg <= 90.0:
         raise ValueError(f"the angular sampling must be in (0, 90] degrees, got {sampling_deg}")
@@ -86,6 +142,8 @@ def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> t
     axes = directions[_in_unit(directions, symmetry)]
     probe = fibonacci_sphere(16 * n_sphere)
     probe = probe[_in_unit(probe, symmetry)]
+    # Probes nearer than 0.65 spacing to an axis stay so as axes are added: only the others matter.
+    probe = probe[_beyond(probe, axes, symmetry, 0.65 * spacing)]
     distance = _distance_to_axes(probe, axes, symmetry)
     while len(probe) and distance.max() > 0.65 * spacing:
         farthest = probe[distance.argmax()]
@@ -99,7 +157,7 @@ def assign_to_cones(
     axes: torch.Tensor,
     cone_angle_deg: float,
     symmetry: torch.Tensor,
-    max_elements: int = 1 << 22,
+    max_elements: int = MAX_ELEMENTS,
 ) -> Cones:
     """Put each particle (RELION matrices (n, 3, 3)) into every cone within `cone_angle_deg`.
 

@@ -17,6 +17,7 @@ equals the objective, the signs are optimal.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,7 +226,14 @@ def _sdp(W: sp.csr_matrix) -> tuple[np.ndarray | None, np.ndarray | None]:
     takes 7-14 iterations whatever the graph, where SCS at eps 1e-3 to 1e-4 took from 2 s to 100 s
     on the same 300-node graphs. X is the dual variable of the PSD constraint. Never hand Clarabel
     the primal form: it asks for tens of GB at a few hundred nodes and aborts the process.
+
+    Clarabel's thread pool (rayon) takes one thread per core, and its solution changes in the last
+    bits with the pool's size: one graph gave three different solutions with 1, 2 and 4 threads. The
+    pool reads RAYON_NUM_THREADS when it first starts, so it is set to 1 here, before the first solve,
+    unless the environment says otherwise: every machine then finds the same max-cut. The SDPs are
+    small (components above 80 cones go to Burer-Monteiro) and took as long on one thread.
     """
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     import cvxpy as cp
 
     y = cp.Variable(W.shape[0])

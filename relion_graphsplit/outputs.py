@@ -13,18 +13,40 @@ import starfile
 from relion_graphsplit import star_io
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.pipeline import SplitResult
+from relion_graphsplit.stack import resolve_stack
 
 SCORE_LABEL = "rlnGraphSplitScore"
 """Column with each particle's mean synchronised log-likelihood ratio (positive: class 1)."""
 
 
 def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.DataFrame:
-    """The input particle table, every column kept, with the class, its probability and the score."""
+    """The input particle table, every column kept, with the class, its probability and the score;
+    image names valid from the working directory (`image_names_from_workdir`)."""
     table = ps.particles.copy()
+    table["rlnImageName"] = image_names_from_workdir(ps)
     table["rlnClassNumber"] = result.classes.astype(np.int64)
     table["rlnMaxValueProbDistribution"] = result.probability
     table[SCORE_LABEL] = result.score
     return table
+
+
+def image_names_from_workdir(ps: star_io.ParticleSet) -> pd.Series:
+    """rlnImageName with each stack named as it is found from the working directory.
+
+    RELION opens stacks relative to the directory it runs in (a RELION project's). A stack that was
+    found only relative to the input STAR file's folder is named through that folder, so that the
+    written STAR file and the `relion_refine` command printed with it work from where the program ran.
+    """
+    names = ps.particles["rlnImageName"].astype(str)
+    number, at, stack = (part for _, part in names.str.partition("@").items())
+    stack = stack.where(at == "@", number)
+    renamed = {}
+    for name in stack.unique():
+        found = resolve_stack(name, ps.path.parent)
+        beside_star = found is not None and not (Path.cwd() / name).is_file() and not Path(name).is_absolute()
+        renamed[name] = str(ps.path.parent / name) if beside_star else name
+    stack = stack.map(renamed)
+    return (number + "@" + stack).where(at == "@", stack)
 
 
 def noise_spectrum(result: SplitResult) -> dict | None:

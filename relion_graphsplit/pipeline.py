@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,12 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit import helper, star_io
+from relion_graphsplit import star_io
 from relion_graphsplit.alignment import align_to_reference, cone_reference
 from relion_graphsplit.ctf import ctf_2d
 from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 from relion_graphsplit.grouping import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
 from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
+from relion_graphsplit.maxcut import synchronise
 from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.pca import first_component
 from relion_graphsplit.preprocess import (
@@ -284,6 +286,73 @@ def classify_cones(
     return rho, llr, table, images_out
 
 
+IMAGE_BYTES_PER_PIXEL = 37
+"""Bytes per cone and working pixel of the per-cone images: the projected masks (bool, then float32),
+the cone images (4 float32) and their reordered copy for the swapped cones (4 float32 more)."""
+
+MAXCUT_BYTES_PER_CONE = 8 * 8 * 201
+"""maxcut.synchronise holds about 8 float64 arrays of its 201 sign candidates (n_rounds + 1) per node
+of a component (7.3 measured with tracemalloc on 2000 to 10000 nodes)."""
+
+GRAPH_BYTES_PER_PAIR = 100
+"""The graph's sparse matrices per pair of cones sharing a particle: weights and shared counts with
+their products' work space (12 bytes a value), the max-cut's copies and the edge table."""
+
+MEMBERSHIP_BYTES = 100
+"""Per membership: the ratio matrix, rho and lambda, and the membership table."""
+
+
+def cone_memory(cones: Cones, w: int) -> int:
+    """Bytes that the per-cone steps (3-5 of `split`) hold at their peak, for `cones` at working box w.
+
+    The per-cone images and the max-cut grow with the cones, the graph with the pairs of cones that
+    share a particle (the sum over particles of their cone count squared) and the rest with the
+    memberships. Work space that does not grow with these (a batch of images) is left out.
+    """
+    per_particle = torch.bincount(cones.particle).to(torch.float64)
+    pairs = int((per_particle * per_particle).sum())
+    per_cone = IMAGE_BYTES_PER_PIXEL * w * w + MAXCUT_BYTES_PER_CONE
+    return cones.n_cones * per_cone + GRAPH_BYTES_PER_PAIR * pairs + MEMBERSHIP_BYTES * len(cones.cone)
+
+
+def available_memory() -> int:
+    """Bytes of memory available: MemAvailable of /proc/meminfo where it exists, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.0f} GB" if size >= 1e10 else f"{size / 1e9:.1f} GB"
+
+
+def check_cone_memory(
+    cones: Cones, w: int, sampling: float, explicit: bool, available: int | None = None
+) -> None:
+    """Refuse, before any image is read, cones whose per-cone steps need more than the memory available.
+
+    `sampling` (degrees) is the cones' angular sampling, `explicit` whether the user chose it, and
+    `available` (bytes) defaults to `available_memory()`. Raises ValueError with one line that holds
+    the estimate (`cone_memory`).
+    """
+    need = cone_memory(cones, w)
+    available = available_memory() if available is None else available
+    if need > available:
+        if explicit:
+            what, advice = f"--angular_sampling {sampling:g}", "(the default chooses it from the particle count)"
+        else:
+            what, advice = f"the default sampling ({sampling:.1f} deg)", "or a smaller working box (--maxres, --resize)"
+        raise ValueError(
+            f"{what} gives {cones.n_cones} cones: about {_gigabytes(need)} for the per-cone images and the graph "
+            f"at a {w}-pixel working box, {_gigabytes(available)} available; use a coarser sampling {advice}"
+        )
+
+
 def split(
     ps: star_io.ParticleSet,
     stacks: ImageStacks,
@@ -313,19 +382,30 @@ def split(
     rotations, _ = star_io.poses(ps)
     axes = asymmetric_unit_directions(sampling, symmetry)
     cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
-    empty = int((cones.counts() == 0).sum())
-    if empty:
-        warnings.append(f"{empty} of {len(axes)} cone directions hold no particle: holes in the angular coverage")
-    sparse = cones.counts() < options.min_cone_particles
-    if sparse.any() and not sparse.all():
-        # Too few members for a principal component: drop those cones and let their particles join
-        # the nearest remaining ones.
-        axes = axes[~sparse]
+    counts = cones.counts()
+    # Too few members for a principal component: drop those cones and let their particles join the
+    # nearest remaining ones.
+    keep = counts >= options.min_cone_particles
+    if keep.any():
+        empty = int((counts == 0).sum())
+        if empty:
+            warnings.append(f"{empty} of {len(axes)} cone directions hold no particle: holes in the angular coverage")
+    else:
+        # A sampling too fine for the particle count: keep the cones that hold any (the others would
+        # only take memory) and say that the split stands on too few particles per cone.
+        keep = counts > 0
+        warnings.append(
+            f"every cone holds fewer than {options.min_cone_particles} particles (at most {int(counts.max())}): "
+            "too few for their principal components; use a coarser --angular_sampling"
+        )
+    if not keep.all():
+        axes = axes[keep]
         cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
     timings["cones"] = time.perf_counter() - start
+    w = working_box(box, apix, options.maxres, options.resize)
+    check_cone_memory(cones, w, sampling, explicit=options.angular_sampling is not None)
 
     # 2. Centred, downsampled, CTF-corrected images in a scratch file.
-    w = working_box(box, apix, options.maxres, options.resize)
     work_apix = apix * box / w
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
     with (
@@ -353,7 +433,7 @@ def split(
         start = time.perf_counter()
         ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
         weights = cone_weights(ratios)
-        sync = helper.call("relion_graphsplit.maxcut:synchronise", weights, seed=options.seed)  # cvxpy loaded there
+        sync = synchronise(weights, seed=options.seed)
         signs = np.asarray(sync.signs, dtype=np.int64)
         timings["graph"] = time.perf_counter() - start
 

@@ -10,7 +10,7 @@ caller, so matching relion_project would need shifting, cropping and masking aro
 RELION's own layout (real and imaginary parts apart, several maps at once) matches relion_project to
 float precision. On the CPU it is a compiled loop (numba) over images and pixels, split among threads
 by image, with coordinates and weights in float64: 3 to 4.6 times as fast as torch's grid_sample at
-boxes 26 to 64 (`scripts/bench_projection.py`, docs/benchmarks.md), which samples on other devices. The same loop's
+boxes 26 to 64 (`scripts/bench_projection.py`; docs/notes/speed-history.md), which samples on other devices. The same loop's
 `slice_values` serves the refinement's likelihood (refine.py), which sums over a slice as it samples.
 
 Real-space projections are P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), with

@@ -18,7 +18,7 @@ plane, so that every voxel gets its additions in the same order whatever the thr
 run on while the caller prepares the next batch, and reading `sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
-(`scripts/bench_insertion.py`; docs/benchmarks.md, "Box size"). On other devices the insertion is
+(`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
 torch's scatter_add_ over flattened voxel indices. The finished map is computed on the CPU in float64
 whatever the device, as RELION's CPU code does: compiled loops floor the weight, divide and place the
 frequencies, scipy transforms them on the threads, and one compiled pass soft-masks and
@@ -45,7 +45,7 @@ _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 # Image pixels inserted at a time. It keeps each temporary (the largest, on devices other than the
 # CPU, the scatter's 8 int64 indices per pixel, 16 MiB) below glibc's largest mmap threshold (32 MiB),
 # so that its memory is reused instead of mapped and faulted in afresh for every batch: at box 256 the
-# scatter took a third less time than with 64 images at a time (docs/benchmarks.md, "Box size"). The
+# scatter took a third less time than with 64 images at a time (docs/notes/speed-history.md, "Class maps at large boxes"). The
 # sums are added in the same order whatever the chunk.
 _INSERT_PIXELS = 1 << 18
 

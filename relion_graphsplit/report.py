@@ -819,16 +819,18 @@ PAGE_SCRIPT = """
 """
 
 
-def render_html(run: Run) -> str:
-    """The whole report page as one self-contained HTML document."""
+def render_html(run: Run, shown_as: Path | None = None) -> str:
+    """The whole report page as one self-contained HTML document, titled with the run's folder
+    (`shown_as`, default the folder it was read from)."""
+    folder = Path(shown_as) if shown_as is not None else run.out
     warnings = _warnings(run)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Graph split report: {html.escape(run.out.name)}</title>",
+        f"<title>Graph split report: {html.escape(folder.resolve().name)}</title>",
         f"<style>{PAGE_STYLE}</style>",
         f'<script type="text/javascript">{get_plotlyjs()}</script>',
         "</head><body>",
-        f"<h1>Graph split report</h1><p class='caption'>{html.escape(str(run.out.resolve()))}</p>",
+        f"<h1>Graph split report</h1><p class='caption'>{html.escape(str(folder.resolve()))}</p>",
         _warnings_html(warnings, run.notes),
         "<h2>Summary</h2>", _summary_html(run),
     ]
@@ -871,11 +873,12 @@ def render_html(run: Run) -> str:
     return "\n".join(parts)
 
 
-def write_report(out_dir: Path) -> list[str]:
+def write_report(out_dir: Path, shown_as: Path | None = None) -> list[str]:
     """Write OUT/report.html and the PNG figures from a finished run in `out_dir`; return the
-    warnings the page shows (`report_warnings`), read from the same files."""
+    warnings the page shows (`report_warnings`), read from the same files. `shown_as`: the folder
+    the page names (the run's output folder, when `out_dir` is its staging folder)."""
     run = read_run(out_dir)
     write_figures(run)
     with atomic_path(run.out / "report.html") as tmp:
-        tmp.write_text(render_html(run), encoding="utf-8")
+        tmp.write_text(render_html(run, shown_as), encoding="utf-8")
     return _warnings(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import mrcfile
@@ -11,12 +12,25 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import maps as atomic_maps
 from .mrc_io import read_mrc
 from .simulate import Conditions, ceiling_accuracy, write_simulation
 
 console = Console(highlight=False)
 app = typer.Typer(add_completion=False)
+
+MODELS_NEED_GEMMI = "reading atomic models needs gemmi: pip install 'relion-graphsplit[models]'"
+
+
+def _atomic_maps() -> ModuleType:
+    """relion_graphsplit.maps, imported only when a model is read: gemmi, which it needs, is the
+    optional [models] extra. Without it, BadParameter with the one line that says how to get it."""
+    try:
+        import gemmi  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter(MODELS_NEED_GEMMI) from None
+    from . import maps
+
+    return maps
 
 
 def _ranges(text: str) -> list[tuple[int, int]]:
@@ -32,8 +46,34 @@ def _chains(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
+def _read_map(path: Path, option: str) -> tuple[np.ndarray, float]:
+    """The map given with `option` and its pixel size (A); BadParameter naming the file when it is not
+    an MRC map or holds a voxel that is not a finite number (it would spread NaN over every image)."""
+    try:
+        volume, pixel_size = read_mrc(path)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint=option) from None
+    bad = np.flatnonzero(~np.isfinite(volume))
+    if bad.size:
+        first = tuple(int(i) for i in np.unravel_index(bad[0], volume.shape))
+        raise typer.BadParameter(
+            f"{path}: {bad.size} voxel(s) are not finite numbers (NaN or Inf), the first at (z, y, x) = {first}",
+            param_hint=option,
+        )
+    return volume, pixel_size
+
+
+def _read_model(path: Path, chains: Optional[str], option: str):
+    """The atomic model given with `option`; BadParameter naming the file when gemmi cannot read it."""
+    atomic_maps = _atomic_maps()
+    try:
+        return atomic_maps.read_model(path, _chains(chains))
+    except RuntimeError as error:  # gemmi: "Unknown format of ...", a malformed line
+        raise typer.BadParameter(f"{path}: not a readable atomic model ({error})", param_hint=option) from None
+
+
 def _maps_from_files(map1: Path, map2: Path, box: Optional[int], angpix: Optional[float]):
-    (v1, p1), (v2, p2) = read_mrc(map1), read_mrc(map2)
+    (v1, p1), (v2, p2) = _read_map(map1, "--map1"), _read_map(map2, "--map2")
     if v1.shape != v2.shape or v1.shape[0] != v1.shape[1] or v1.shape[1] != v1.shape[2]:
         raise typer.BadParameter(f"the maps must be cubic and of one size, got {v1.shape} and {v2.shape}")
     if abs(p1 - p2) > 1e-3 * p1:
@@ -55,10 +95,11 @@ def _maps_from_models(
     angpix: Optional[float],
     bfactor: float,
 ):
+    atomic_maps = _atomic_maps()
     if box is None or angpix is None:
         raise typer.BadParameter("--box and --angpix are needed to make maps from atomic models")
-    model1 = atomic_maps.read_model(pdb1, _chains(chains1))
-    model2 = atomic_maps.read_model(pdb2, _chains(chains2))
+    model1 = _read_model(pdb1, chains1, "--pdb1")
+    model2 = _read_model(pdb2, chains2, "--pdb2")
     if superpose_core:
         rmsd = atomic_maps.superpose(model1, model2, _ranges(core_residues))
         console.print(f"Superposed model 1 onto model 2 on {core_residues}: CA RMSD {rmsd:.2f} A")
@@ -77,11 +118,15 @@ def _maps_from_models(
 )
 def main_command(
     o: Path = typer.Option(..., "--o", help="Output directory (created if needed)."),
-    map1: Optional[Path] = typer.Option(None, "--map1", help="Map (MRC) of class 1."),
-    map2: Optional[Path] = typer.Option(None, "--map2", help="Map (MRC) of class 2, same box and pixel size."),
-    pdb1: Optional[Path] = typer.Option(None, "--pdb1", help="Atomic model (PDB/mmCIF, may be gzipped) of class 1."),
+    map1: Optional[Path] = typer.Option(None, "--map1", exists=True, dir_okay=False, help="Map (MRC) of class 1."),
+    map2: Optional[Path] = typer.Option(
+        None, "--map2", exists=True, dir_okay=False, help="Map (MRC) of class 2, same box and pixel size."
+    ),
+    pdb1: Optional[Path] = typer.Option(
+        None, "--pdb1", exists=True, dir_okay=False, help="Atomic model (PDB/mmCIF, may be gzipped) of class 1."
+    ),
     pdb2: Optional[Path] = typer.Option(
-        None, "--pdb2", help="Atomic model of class 2 (may be the same file as --pdb1)."
+        None, "--pdb2", exists=True, dir_okay=False, help="Atomic model of class 2 (may be the same file as --pdb1)."
     ),
     chains1: Optional[str] = typer.Option(
         None, "--chains1", help="Chains of --pdb1 to keep, comma-separated (default all), e.g. 'A,B,C,D,E'."

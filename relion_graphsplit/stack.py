@@ -9,12 +9,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 from mrcfile.utils import data_dtype_from_header
 
+from .mrc_io import NotMrcError, open_mrc
 from .scratch import read_rows
 from .star_io import ParticleSet, image_size
 
@@ -76,15 +76,21 @@ class StackLayout:
 
 
 def stack_layout(path: Path) -> StackLayout:
-    """The layout of an MRC file's images; a 2D image is a stack of one."""
-    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-        header = mrc.header
-        try:
-            dtype = data_dtype_from_header(header)
-        except ValueError:
-            dtype = None
-        offset = header.nbytes + int(header.nsymbt)
-        return StackLayout(int(header.nz), int(header.ny), int(header.nx), offset, int(header.mode), dtype)
+    """The layout of an MRC file's images; a 2D image is a stack of one.
+
+    Raises StackError naming the file when it has no MRC header (empty, or another format).
+    """
+    try:
+        with open_mrc(path, header_only=True) as mrc:
+            header = mrc.header
+            try:
+                dtype = data_dtype_from_header(header)
+            except ValueError:
+                dtype = None
+            offset = header.nbytes + int(header.nsymbt)
+            return StackLayout(int(header.nz), int(header.ny), int(header.nx), offset, int(header.mode), dtype)
+    except NotMrcError as err:
+        raise StackError(f"{path}: not a readable MRC stack ({err})") from None
 
 
 def stack_shape(path: Path) -> tuple[int, int, int]:
@@ -177,11 +183,16 @@ class ImageStacks:
         """Image size N in pixels."""
         return self._box
 
+    @property
+    def paths(self) -> list[Path]:
+        """The stacks the particles use, as found on disk, each once."""
+        return list(self._paths)
+
     def read(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Images of the given particle rows, (B, N, N) float32, in the order asked.
 
         Reads stack by stack, each image once however often it is asked for, in one read per run of
-        consecutive images.
+        consecutive images. Raises StackError naming the stack and image when an image holds NaN or Inf.
         """
         rows = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         rows = rows.astype(np.int64).reshape(-1)
@@ -193,7 +204,22 @@ class ImageStacks:
         for part in np.split(order, np.flatnonzero(np.diff(stack[order])) + 1):
             if part.size:
                 out[part] = self._images(stack[part[0]], image[part])
+        self._refuse_non_finite(out, stack, image)
         return torch.from_numpy(out)
+
+    def _refuse_non_finite(self, images: np.ndarray, stack: np.ndarray, image: np.ndarray) -> None:
+        """Raise naming the first image that holds NaN or Inf, so it fails here and not deep in a solver.
+
+        A float64 sum is finite exactly when every float32 pixel is (it cannot overflow), and costs
+        one pass without a mask as large as the batch.
+        """
+        bad = np.flatnonzero(~np.isfinite(images.sum(axis=(1, 2), dtype=np.float64)))
+        if bad.size:
+            first = bad[0]
+            raise StackError(
+                f"{self._paths[stack[first]]}: image {image[first] + 1} holds pixels that are not finite "
+                "numbers (NaN or Inf)"
+            )
 
     def _images(self, stack: int, images: np.ndarray) -> np.ndarray:
         """Images of one stack (0-based, any order, repeats allowed) as stored, (k, N, N)."""

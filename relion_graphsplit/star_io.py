@@ -48,6 +48,7 @@ STRING_COLUMNS = (
     "rlnGroupName",
 )
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
 REQUIRED_CTF_COLUMNS = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 
 # CTFParams field -> (column, default); None: no default (DefocusV falls back to DefocusU).
@@ -88,6 +89,34 @@ _LEGACY_PIXEL_COLUMNS = {
 
 _VERSION_TAG = re.compile(r"^#\s*version\s+(\d+)")
 
+# check_values: column, unit, the values accepted besides being finite (None: any finite number), and
+# why others make no sense. Cs may be 0 or slightly negative (corrected microscopes), as RELION takes.
+_REFUSED_VALUES = (
+    ("rlnImagePixelSize", "A", lambda v: v > 0, "a pixel size is a positive length"),
+    ("rlnVoltage", "kV", lambda v: v > 0, "the acceleration voltage is a positive number of kV"),
+    (
+        "rlnAmplitudeContrast", "", lambda v: (v >= 0) & (v < 1),
+        "the amplitude contrast is a fraction in [0, 1) (the CTF's atan(Q0 / sqrt(1 - Q0^2)) has no value at 1)",
+    ),
+    ("rlnSphericalAberration", "mm", None, "the CTF needs a number"),
+    ("rlnDefocusU", "A", None, "the CTF needs a number"),
+    ("rlnDefocusV", "A", None, "the CTF needs a number"),
+    ("rlnDefocusAngle", "deg", None, "the CTF needs a number"),
+    ("rlnPhaseShift", "deg", None, "the CTF needs a number"),
+    ("rlnCtfBfactor", "A^2", None, "the CTF needs a number"),
+    (
+        "rlnCtfScalefactor", "", lambda v: v > 0,
+        "the CTF scale factor is positive (0 erases the signal of the images, a negative one inverts it)",
+    ),
+    ("rlnImageDimensionality", "", lambda v: v == 2, "this program classifies 2D particle images"),
+)  # fmt: skip
+USUAL_VOLTAGE_KV = (60.0, 400.0)
+"""Acceleration voltages of cryo-electron microscopes; others are taken, with a warning."""
+USUAL_MAX_DEFOCUS_A = 100_000.0
+"""10 um: larger defoci are taken, with a warning (often a value in nm or um read as A)."""
+MAX_ROWS_PER_IMAGE = 60
+"""Order of the icosahedral group, the largest symmetry expansion: more rows naming one image is an error."""
+
 
 def read_particles(path: str | os.PathLike, require_poses: bool = True) -> ParticleSet:
     """Read a RELION particle STAR file (3.0 to 5.0) into 3.1 layout.
@@ -102,11 +131,7 @@ def read_particles(path: str | os.PathLike, require_poses: bool = True) -> Parti
         raise StarFileError(f"{path}: a folder, not a STAR file")
     if not path.is_file():
         raise StarFileError(f"{path}: no such file")
-    try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_COLUMNS))
-    except Exception as err:  # starfile raises whatever pandas raises on malformed text
-        raise StarFileError(f"{path}: not a readable STAR file ({err})") from err
-    tables = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
+    tables = _read_tables(path)
     if "optics" in tables:
         if "particles" not in tables:
             raise StarFileError(f"{path}: has data_optics but no data_particles block (not a particle file)")
@@ -205,16 +230,244 @@ def ctf_params(ps: ParticleSet) -> CTFParams:
     return CTFParams(**{field: torch.tensor(value, dtype=torch.float64) for field, value in values.items()})
 
 
+def check_values(ps: ParticleSet) -> list[str]:
+    """Refuse values that make no sense for a particle set; return warnings for odd but usable data.
+
+    Meant for a set read with `read_particles(path)` (require_poses), which has already refused
+    missing columns and angles, origins and defocus of data_particles that are not finite numbers.
+    Values are judged per particle as they are used (the particle's own, else its optics group's;
+    see `_per_particle`), so an optics group that no particle uses does not count, and messages name
+    the block the first bad value came from.
+
+    Returns
+    -------
+    list of str
+        Warnings, one line each starting with the file name, for data that are odd but usable: no
+        origin columns (every particle is taken as centred, which costs accuracy where the refinement
+        did shift them); images named by several rows with different poses (a symmetry-expanded set:
+        each row is classified on its own); a voltage outside 60..400 kV (USUAL_VOLTAGE_KV); a
+        defocus above 100000 A (USUAL_MAX_DEFOCUS_A); defocus <= 0 A on particles with a nonzero
+        rlnPhaseShift (phase-plate data are recorded near focus).
+
+    Raises
+    ------
+    StarFileError
+        In one line naming the file, the column, the first bad row (1-based) and how many are bad,
+        for values that no imaging gives or that would make the model of the images meaningless:
+        CTF and optics values that are not finite numbers; rlnImagePixelSize or rlnVoltage <= 0;
+        rlnAmplitudeContrast outside [0, 1); rlnCtfScalefactor <= 0; rlnImageDimensionality not 2;
+        rlnDefocusU or rlnDefocusV <= 0 (RELION's defocus is positive for underfocus) without a
+        phase shift; an origin (rlnOriginXAngst, rlnOriginYAngst) more than half the box from the
+        centre (the particle's centre lies outside its image); rows that repeat an earlier row's
+        image, Euler angles and origins (the same particle twice, which would weigh it double); one
+        image named by more than MAX_ROWS_PER_IMAGE rows (more than any symmetry expansion gives).
+    """
+    warnings: list[str] = []
+    _check_ctf_values(ps, warnings)
+    _check_defocus(ps, warnings)
+    _check_origins(ps, warnings)
+    _check_repeated_images(ps, warnings)
+    return warnings
+
+
+def _check_ctf_values(ps: ParticleSet, warnings: list[str]) -> None:
+    """Refuse the CTF and optics values in _REFUSED_VALUES; warn of a voltage outside USUAL_VOLTAGE_KV."""
+    for column, unit, accepted, why in _REFUSED_VALUES:
+        values = _per_particle(ps, column)
+        if values is not None:
+            ok = np.isfinite(values) if accepted is None else np.isfinite(values) & accepted(values)
+            _refuse(ps, column, values, ~ok, unit, why)
+    voltage = _per_particle(ps, "rlnVoltage")
+    if voltage is not None:
+        low, high = USUAL_VOLTAGE_KV
+        odd = (voltage < low) | (voltage > high)
+        _warn(warnings, ps, "rlnVoltage", voltage, odd, "kV", f"unusual (microscopes run at {low:g} to {high:g} kV)")
+
+
+def _check_defocus(ps: ParticleSet, warnings: list[str]) -> None:
+    """Refuse defocus at or past focus (<= 0 A) unless the particle has a phase shift; warn of it
+    then, and of defocus above USUAL_MAX_DEFOCUS_A."""
+    phase_shift = _per_particle(ps, "rlnPhaseShift")
+    phase_plate = np.zeros(len(ps.particles), bool) if phase_shift is None else phase_shift != 0
+    for column in ("rlnDefocusU", "rlnDefocusV"):
+        values = _per_particle(ps, column)
+        if values is None:
+            continue  # DefocusV falls back to DefocusU
+        at_focus = values <= 0
+        _refuse(
+            ps, column, values, at_focus & ~phase_plate, "A",
+            "RELION's defocus is positive for underfocus; at or past focus only phase-plate data "
+            "(a nonzero rlnPhaseShift) make sense",
+        )  # fmt: skip
+        why = "at or past focus, taken as phase-plate data (nonzero rlnPhaseShift)"
+        _warn(warnings, ps, column, values, at_focus, "A", why)
+        far = values > USUAL_MAX_DEFOCUS_A
+        _warn(warnings, ps, column, values, far, "A", f"unusual (above {USUAL_MAX_DEFOCUS_A:g} A, 10 um)")
+
+
+def _check_origins(ps: ParticleSet, warnings: list[str]) -> None:
+    """Warn of missing origin columns; refuse origins that put the particle's centre outside its image.
+
+    The centre of a particle lies at the box centre minus its origin (see `poses`), so it leaves the
+    image when |origin| exceeds half the box along x or y.
+    """
+    origins = {column: _per_particle(ps, column) for column in ORIGIN_COLUMNS}
+    missing = [column for column, values in origins.items() if values is None]
+    if missing:
+        where = "in its image" if len(missing) == 2 else f"along {'x' if 'X' in missing[0] else 'y'}"
+        listed = ", ".join(missing)
+        warnings.append(f"{ps.path}: has no origins ({listed}): every particle is taken as centred {where}")
+    if "rlnImageSize" not in ps.optics:
+        return  # a pre-3.1 set whose stacks were not found; the box is checked when they are read
+    box, apix = image_size(ps), pixel_size(ps)
+    half = box * apix / 2
+    for column, values in origins.items():
+        if values is not None:
+            why = (
+                f"more than half the box ({box} px * {apix:g} A / 2 = {half:g} A): the particle's centre lies "
+                "outside its image"
+            )
+            _refuse(ps, column, values, np.abs(values) > half, "A", why)
+
+
+def _check_repeated_images(ps: ParticleSet, warnings: list[str]) -> None:
+    """Refuse rows that repeat an earlier row's image and pose, and images named by more than
+    MAX_ROWS_PER_IMAGE rows; warn of images named by several rows (a symmetry-expanded set)."""
+    image = _image_numbers(ps)
+    pose = [column for column in (*ANGLE_COLUMNS, *ORIGIN_COLUMNS) if column in ps.particles]
+    key = ps.particles[pose].assign(image=image)
+    repeated = key.duplicated().to_numpy()
+    if repeated.any():
+        later = np.flatnonzero(repeated)[0]
+        earlier = np.flatnonzero((key == key.iloc[later]).all(axis=1).to_numpy())[0]
+        raise StarFileError(
+            f"{ps.path}: rows {earlier + 1} and {later + 1} are the same particle (same image in rlnImageName, "
+            f"Euler angles and origins), and {repeated.sum()} row(s) repeat an earlier one: remove the duplicated "
+            "rows"
+        )
+    rows_per_image = np.bincount(image)[image]
+    names = ps.particles["rlnImageName"]
+    crowded = np.flatnonzero(rows_per_image > MAX_ROWS_PER_IMAGE)
+    if crowded.size:
+        first = crowded[0]
+        images = len(np.unique(image[crowded]))
+        raise StarFileError(
+            f"{ps.path}: rlnImageName {names.iloc[first]} is named by {rows_per_image[first]} rows, the first "
+            f"row {first + 1} ({images} image(s) named by more than {MAX_ROWS_PER_IMAGE} rows, {crowded.size} rows "
+            f"in all): more than a symmetry expansion gives ({MAX_ROWS_PER_IMAGE}, the order of the icosahedral "
+            "group)"
+        )
+    shared = np.flatnonzero(rows_per_image > 1)
+    if shared.size:
+        images = len(np.unique(image[shared]))
+        warnings.append(
+            f"{ps.path}: {images} images are named by several rows of rlnImageName with different poses "
+            f"({shared.size} rows, up to {rows_per_image.max()} per image, the first in row {shared[0] + 1}), "
+            "as in a symmetry-expanded set: each row is classified on its own"
+        )
+
+
+def _image_numbers(ps: ParticleSet) -> np.ndarray:
+    """One integer per row naming its image, the same however the name is zero-padded
+    ('1@a.mrcs', '000001@a.mrcs')."""
+    from .stack import split_image_names  # stack.py builds on this module
+
+    try:
+        index, stacks = split_image_names(ps.particles["rlnImageName"])
+    except ValueError as err:
+        raise StarFileError(f"{ps.path}: rlnImageName: {err}") from None
+    images = pd.DataFrame({"stack": stacks, "index": index})
+    return images.groupby(["stack", "index"], sort=False).ngroup().to_numpy()
+
+
+def _refuse(ps: ParticleSet, column: str, values: np.ndarray, bad: np.ndarray, unit: str, why: str) -> None:
+    """Raise StarFileError naming where `column` is bad (see `_where`) and why, if any value is."""
+    if bad.any():
+        raise StarFileError(f"{ps.path}: {_where(ps, column, values, bad, unit)}: {why}")
+
+
+def _warn(
+    warnings: list[str], ps: ParticleSet, column: str, values: np.ndarray, odd: np.ndarray, unit: str, why: str
+) -> None:
+    """Append a warning naming where `column` is odd (see `_where`) and why, if any value is."""
+    if odd.any():
+        warnings.append(f"{ps.path}: {_where(ps, column, values, odd, unit)}: {why}")
+
+
+def _where(ps: ParticleSet, column: str, values: np.ndarray, bad: np.ndarray, unit: str) -> str:
+    """'COLUMN is VALUE for N particle(s), the first in row R of data_particles' for the particles whose
+    own value is bad, else the same for the optics groups whose value the bad particles take."""
+    own = np.flatnonzero(bad & _own_values(ps, column))
+    if own.size:
+        first = own[0]
+        value = _value_text(values[first], unit)
+        return f"{column} is {value} for {own.size} particle(s), the first in row {first + 1} of data_particles"
+    groups = ps.particles["rlnOpticsGroup"].to_numpy()[bad]
+    rows = np.flatnonzero(ps.optics["rlnOpticsGroup"].isin(groups).to_numpy())
+    value = _value_text(pd.to_numeric(ps.optics[column], errors="coerce").iloc[rows[0]], unit)
+    return f"{column} is {value} for {rows.size} optics group(s), the first in row {rows[0] + 1} of data_optics"
+
+
+def _own_values(ps: ParticleSet, column: str) -> np.ndarray:
+    """Whether each particle's value of `column` is its own, not its optics group's (see `_per_particle`)."""
+    if column not in ps.particles:
+        return np.zeros(len(ps.particles), bool)
+    if column not in ps.optics:
+        return np.ones(len(ps.particles), bool)
+    return pd.to_numeric(ps.particles[column], errors="coerce").notna().to_numpy()
+
+
+def _value_text(value: float, unit: str) -> str:
+    """'300 kV'; 'nan', 'inf' without a unit."""
+    return f"{value:g} {unit}" if unit and np.isfinite(value) else f"{value:g}"
+
+
 def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
-    """A column for every particle: its own value where given, else its optics group's; None if neither."""
+    """A column for every particle: its own value where given, else its optics group's; None if neither.
+
+    Text that is not a number counts as not given (NaN), as starfile reads it in a column of numbers.
+    """
     value = None
     if column in ps.optics:
-        by_group = ps.optics.set_index("rlnOpticsGroup")[column].astype(np.float64)
+        by_group = pd.to_numeric(ps.optics.set_index("rlnOpticsGroup")[column], errors="coerce").astype(float)
         value = by_group.reindex(ps.particles["rlnOpticsGroup"]).to_numpy()
     if column in ps.particles:
-        own = ps.particles[column].to_numpy(np.float64)
+        own = pd.to_numeric(ps.particles[column], errors="coerce").to_numpy(np.float64)
         value = own if value is None else np.where(np.isnan(own), value, own)
     return value
+
+
+def _read_tables(path: Path) -> dict[str, pd.DataFrame]:
+    """The loop tables of a STAR file by block name, in file order; StarFileError for malformed text.
+
+    starfile reads a loop with pandas, which takes the number of values from the first row: a table
+    whose first row is cut short fails with "Length mismatch" (no later rows) or a tokenizing error
+    (later rows longer), and a later row cut short is padded with NaN. A file truncated in a copy
+    ends inside its last row, without a newline; a "nan" that RELION wrote there ends with one.
+    """
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_COLUMNS))
+    except Exception as err:  # starfile raises whatever pandas raises on malformed text
+        text = str(err)
+        if "Length mismatch" in text or isinstance(err, pd.errors.ParserError):
+            text = "a row of a table holds fewer or more values than the table has columns: is the file cut short?"
+        raise StarFileError(f"{path}: not a readable STAR file ({text})") from err
+    tables = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
+    if tables:
+        name, last = list(tables.items())[-1]
+        if len(last) and pd.isna(last.iloc[-1, -1]) and not _ends_with_newline(path):
+            raise StarFileError(
+                f"{path}: not a readable STAR file (the last row of data_{name}, row {len(last)}, has no value "
+                f"for {last.columns[-1]}: the file ends inside a row; is it cut short?)"
+            )
+    return tables
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether a non-empty file's last byte ends a line."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) in (b"\n", b"\r")
 
 
 def _version_tag(path: Path) -> int | None:
@@ -329,7 +582,7 @@ def _checked(particles: pd.DataFrame, optics: pd.DataFrame, version: int, path: 
     ):
         if column in used:
             values = np.unique(used[column].to_numpy(np.float64))
-            if values.max() - values.min() > 1e-6 * max(abs(values.max()), 1.0):
+            if len(values) > 1 and values.max() - values.min() > 1e-6 * max(abs(values.max()), 1.0):
                 listed = ", ".join(f"{v:g}" for v in values)
                 unit = " A" if column == "rlnImagePixelSize" else ""
                 raise StarFileError(f"{path}: optics groups have different {what} ({listed}{unit}): {advice}")

@@ -16,9 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from unittest import mock
+
+from relion_graphsplit.launch import THREAD_WAITING
+
+# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# times are those of the program. A setting of your own wins.
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
 import numpy as np
 import torch

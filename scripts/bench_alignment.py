@@ -11,16 +11,21 @@ to their maximum.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
 
-import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
+from relion_graphsplit.launch import THREAD_WAITING
 
-import torch  # noqa: E402
-import typer  # noqa: E402
+# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# times are those of the program. A setting of your own wins.
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
-from relion_graphsplit import alignment  # noqa: E402
+import torch
+import typer
+
+from relion_graphsplit import alignment
 
 
 def _times(sample: Callable, box: int, matrix: torch.Tensor, repeats: int, gen: torch.Generator) -> list[float]:

@@ -23,20 +23,27 @@ import sys
 import time
 from pathlib import Path
 
-import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
+try:
+    from relion_graphsplit.launch import THREAD_WAITING
+except ImportError:  # an older checkout first on PYTHONPATH: importing its package set them
+    THREAD_WAITING = {}
 
-import torch  # noqa: E402
-import typer  # noqa: E402
+# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# times are those of the program. A setting of your own wins.
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
+
+import torch
+import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402  (scripts/benchmark.py: scenarios, simulated maps, helpers)
+import benchmark  # scripts/benchmark.py: scenarios, simulated maps, utilities
 
-from relion_graphsplit import star_io  # noqa: E402
-from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps  # noqa: E402
-from relion_graphsplit.fsc import fsc  # noqa: E402
-from relion_graphsplit.mrc_io import read_mrc  # noqa: E402
-from relion_graphsplit.simulate import write_simulation  # noqa: E402
-from relion_graphsplit.stack import ImageStacks  # noqa: E402
+from relion_graphsplit import star_io
+from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.fsc import fsc
+from relion_graphsplit.mrc_io import read_mrc
+from relion_graphsplit.simulate import write_simulation
+from relion_graphsplit.stack import ImageStacks
 
 app = typer.Typer(add_completion=False)
 

@@ -9,15 +9,20 @@ per image, with the largest difference of the two ways' slices relative to their
 
 from __future__ import annotations
 
+import os
 import time
 
-import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
+from relion_graphsplit.launch import THREAD_WAITING
 
-import torch  # noqa: E402
-import typer  # noqa: E402
+# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# times are those of the program. A setting of your own wins.
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
-from relion_graphsplit import projection  # noqa: E402
-from relion_graphsplit.geometry import euler_to_matrix  # noqa: E402
+import torch
+import typer
+
+from relion_graphsplit import projection
+from relion_graphsplit.geometry import euler_to_matrix
 
 GATHER = projection._gather
 

@@ -24,18 +24,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import relion_graphsplit  # noqa: F401  (first: it sets passive OpenMP waiting before torch loads)
+from relion_graphsplit.launch import THREAD_WAITING
 
-import mrcfile  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import starfile  # noqa: E402
-import torch  # noqa: E402
+# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# times are those of the program. A setting of your own wins.
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
-from relion_graphsplit.ctf import CTFParams, ctf_2d  # noqa: E402
-from relion_graphsplit.fsc import fsc  # noqa: E402
-from relion_graphsplit.geometry import euler_to_matrix  # noqa: E402
-from relion_graphsplit.reconstruct import FourierAccumulator  # noqa: E402
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+from relion_graphsplit.ctf import CTFParams, ctf_2d
+from relion_graphsplit.fsc import fsc
+from relion_graphsplit.geometry import euler_to_matrix
+from relion_graphsplit.reconstruct import FourierAccumulator
 
 
 def blob_map(box: int, rng: np.random.Generator, n_blobs: int = 12) -> np.ndarray:

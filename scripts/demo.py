@@ -16,6 +16,7 @@ import typer
 
 from relion_graphsplit import star_io
 from relion_graphsplit.metrics import accuracy, adjusted_rand_index
+from relion_graphsplit.outputs import image_names_from_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,9 @@ def main(
         check=True,
     )  # fmt: skip
     subprocess.run(["relion_graphsplit", "--i", str(sim / "particles.star"), "--o", str(split), "--j", str(j)], check=True)
-    truth = star_io.read_particles(sim / "truth.star").particles.set_index("rlnImageName")["rlnClassNumber"]
+    # run_data.star names the stacks as found from here (through sim/): name the truth's the same way.
+    truth_set = star_io.read_particles(sim / "truth.star")
+    truth = truth_set.particles.set_index(image_names_from_workdir(truth_set))["rlnClassNumber"]
     found = star_io.read_particles(split / "run_data.star").particles.set_index("rlnImageName")["rlnClassNumber"]
     true_classes = truth.loc[found.index].to_numpy()
     print(

@@ -1,49 +1,20 @@
-"""The console entry points: imports with the garbage collector paused, then frozen, then the program."""
+"""The console entry points: thread waiting set before the libraries load, signals, no import-time
+side effects of the package itself."""
 
 from __future__ import annotations
 
-import gc
 import os
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 
-import pytest
-
-from relion_graphsplit import launch
-
-PROGRAM = '''
-import gc
-seen = {"import": gc.isenabled()}
-
-def main():
-    seen["main"] = gc.isenabled()
-'''
+ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "RAYON_NUM_THREADS")}
 
 
-@pytest.fixture
-def collector():
-    """Leaves the collector as it found it: on, nothing frozen."""
-    yield
-    gc.unfreeze()
-    gc.enable()
-
-
-def test_a_program_is_imported_with_the_collector_paused_and_run_with_it_on(tmp_path, monkeypatch, collector):
-    (tmp_path / "graphsplit_probe.py").write_text(PROGRAM)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "graphsplit_probe", raising=False)
-    gc.unfreeze()
-    launch._run("graphsplit_probe")
-    seen = sys.modules["graphsplit_probe"].seen
-    assert seen == {"import": False, "main": True}
-    assert gc.get_freeze_count() > 0  # what the import made is out of the collector's reach
-
-
-def test_a_failed_import_leaves_the_collector_on(collector):
-    with pytest.raises(ModuleNotFoundError):
-        launch._run("relion_graphsplit.no_such_module")
-    assert gc.isenabled()
+def _python(code: str, env: dict[str, str]) -> str:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_every_console_command_starts_through_launch():
@@ -53,18 +24,37 @@ def test_every_console_command_starts_through_launch():
         assert script.module == "relion_graphsplit.launch" and callable(script.load())
 
 
-def test_the_package_sets_thread_waiting_before_numpy_and_torch_load():
-    """Importing the package (as every console command first does) sets passive OpenMP waiting and
-    OpenBLAS's shortest spin before numpy or torch is loaded; a user's own settings are kept."""
+def test_importing_the_package_changes_no_environment_variable():
+    """The package's own modules set nothing (threadpoolctl, a dependency, sets KMP_DUPLICATE_LIB_OK
+    as it loads: it is loaded first)."""
     code = (
-        "import os, sys, relion_graphsplit.launch; "
-        "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'], "
-        "'numpy' in sys.modules, 'torch' in sys.modules)"
+        "import os, threadpoolctl, torch, numpy; before = dict(os.environ); "
+        "import relion_graphsplit, relion_graphsplit.pipeline, relion_graphsplit.cli; "
+        "print(dict(os.environ) == before)"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
-    assert _python(code, env) == "PASSIVE 4 False False"
-    assert _python(code, {**env, "OPENBLAS_THREAD_TIMEOUT": "10"}) == "PASSIVE 10 False False"
+    assert _python(code, ENV) == "True"
 
 
-def _python(code: str, env: dict[str, str]) -> str:
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+def test_a_console_command_sets_thread_waiting_before_numpy_and_torch_load():
+    """The console command sets passive OpenMP waiting and OpenBLAS's shortest spin before numpy or
+    torch is loaded; a user's own settings are kept."""
+    code = (
+        "import os, sys; from relion_graphsplit import launch; "
+        "sys.modules['probe'] = type(sys)('probe'); "
+        "sys.modules['probe'].main = lambda: print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'], "
+        "'numpy' in sys.modules, 'torch' in sys.modules); "
+        "launch._run('probe')"
+    )
+    assert _python(code, ENV) == "PASSIVE 4 False False"
+    assert _python(code, {**ENV, "OPENBLAS_THREAD_TIMEOUT": "10"}) == "PASSIVE 10 False False"
+
+
+def test_sigterm_while_loading_is_one_line_and_exit_130():
+    command = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()", "--help"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(0.3)  # torch and the rest load for about two seconds
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    if process.returncode != 0:  # it did not finish first
+        assert process.returncode == 130
+        assert err.strip() == "interrupted"

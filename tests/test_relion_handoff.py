@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,21 @@ def test_relion_reconstruct_reads_our_particles_and_agrees_with_our_maps(project
     ours = torch.from_numpy(read_mrc(project / OUT / f"run_class{k:03d}.mrc")[0])
     curve = fsc(ours, theirs)
     assert float(curve[1 : int(0.8 * BOX // 2) + 1].min()) >= 0.95
+
+
+def test_printed_command_runs_verbatim_where_the_program_ran(small_set: Path, tmp_path: Path):
+    """The README's example: particles in a folder of their own (stacks named relative to it), the
+    program run from another directory. The relion_refine command it prints runs there as printed."""
+    shutil.copytree(small_set, tmp_path / "sim")
+    program = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()"]
+    done = subprocess.run(
+        [*program, "--i", "sim/particles.star", "--o", "split/", "--refine_iter", "2", "--j", "2"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = done.stdout.rstrip().splitlines()[-1]
+    assert printed.startswith("mkdir -p split/Class3D && relion_refine ")
+    subprocess.run(["bash", "-c", printed.replace("--iter 25", "--iter 1")], cwd=tmp_path, check=True, capture_output=True)
+    after = star_io.read_particles(tmp_path / "split" / "Class3D" / "run_it001_data.star").particles
+    assert len(after) == 600
+    assert set(after["rlnClassNumber"]) <= {1, 2}

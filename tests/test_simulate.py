@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import gemmi
@@ -363,3 +364,76 @@ def test_cli_option_values_out_of_range_are_usage_errors(tmp_path, option):
     assert result.exit_code == 2
     assert "defocus" in result.output if "--defocus_min" in option else option[0] in result.output
     assert not (tmp_path / "sim").exists()
+
+
+def test_read_mrc_names_a_file_that_is_not_a_map(tmp_path):
+    (tmp_path / "empty.mrc").write_bytes(b"")
+    (tmp_path / "particles.star").write_text("data_particles\n\nloop_\n_rlnImageName #1\n" + "1@a.mrcs\n" * 200)
+    for name, why in (("empty.mrc", "an empty file"), ("particles.star", "no MRC header")):
+        with pytest.raises(ValueError) as info:
+            read_mrc(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: not an MRC map ({why})"
+    write_mrc(tmp_path / "cut.mrc", np.zeros((8, 8, 8), np.float32), 2.0)
+    with open(tmp_path / "cut.mrc", "r+b") as f:
+        f.truncate(1024 + 100)
+    with pytest.raises(ValueError, match=r"cut.mrc: not an MRC map \(the file is shorter than its header announces"):
+        read_mrc(tmp_path / "cut.mrc")
+
+
+def cli_refusal(args: list[str]) -> str:
+    """The error of a command line that must be refused as a usage error, without a traceback, with the
+    lines that the 80-column error panel wraps it into joined again."""
+    result = CliRunner().invoke(app, [*args, "--n", "4", "--no_ceiling", "--o", "sim"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_cli_names_missing_and_unreadable_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative names: the error panel does not wrap them
+    closed = str(REPO / "test_data/adk_closed.mrc")
+    output = cli_refusal(["--map1", "missing.mrc", "--map2", closed])
+    assert "'--map1'" in output and "missing.mrc" in output and "does not exist" in output
+    output = cli_refusal(["--pdb1", "gone.pdb", "--pdb2", "gone.pdb", "--box", "32", "--angpix", "2"])
+    assert "'--pdb1'" in output and "gone.pdb" in output and "does not exist" in output
+    Path("text.mrc").write_text("data_\n" * 300)
+    output = cli_refusal(["--map1", closed, "--map2", "text.mrc"])
+    assert "--map2" in output and "text.mrc: not an MRC map (no MRC header)" in output
+    output = cli_refusal(["--pdb1", "text.mrc", "--pdb2", "text.mrc", "--box", "32", "--angpix", "2"])
+    assert "--pdb1" in output and "text.mrc: not a readable atomic model" in output
+    assert not Path("sim").exists()
+
+
+def test_cli_refuses_a_map_with_nan_or_inf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_mrc("bad.mrc", np.zeros((8, 8, 8), np.float32), 2.0)
+    with mrcfile.open("bad.mrc", "r+") as mrc:
+        mrc.data[1, 2, 3], mrc.data[5, 5, 5] = np.nan, np.inf
+    output = cli_refusal(["--map1", "bad.mrc", "--map2", str(REPO / "test_data/adk_closed.mrc")])
+    assert "--map1" in output
+    assert "bad.mrc: 2 voxel(s) are not finite numbers (NaN or Inf), the first at (z, y, x) = (1, 2, 3)" in output
+
+
+def test_cli_without_gemmi_says_how_to_get_it(tmp_path, monkeypatch):
+    """gemmi is the optional [models] extra: without it, models are refused with one line that says how
+    to install it (before any other complaint about the model options), and maps still work."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "gemmi", None)  # `import gemmi` now raises ImportError
+    Path("a.pdb").write_text("END\n")
+    needs = "reading atomic models needs gemmi: pip install 'relion-graphsplit[models]'"
+    assert needs in cli_refusal(["--pdb1", "a.pdb", "--pdb2", "a.pdb", "--box", "32", "--angpix", "2"])
+    assert needs in cli_refusal(["--pdb1", "a.pdb", "--pdb2", "a.pdb"])
+    adk = [str(REPO / f"test_data/adk_{state}.mrc") for state in ("open", "closed")]
+    result = CliRunner().invoke(app, ["--map1", adk[0], "--map2", adk[1], "--n", "4", "--no_ceiling", "--o", "sim"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sim" / "particles.star").exists()
+
+
+def test_the_programs_load_without_gemmi():
+    """Only reading a model needs gemmi: every console command's module loads without it."""
+    code = (
+        "import sys; sys.modules['gemmi'] = None\n"
+        "import relion_graphsplit.cli, relion_graphsplit.report_cli, relion_graphsplit.simulate_cli\n"
+        "assert 'relion_graphsplit.maps' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

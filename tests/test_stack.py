@@ -215,3 +215,34 @@ def test_short_stack_and_wrong_box_are_refused(tmp_path):
         ImageStacks(particle_set(["1@a.mrcs", "3@a.mrcs"], star), workdir=tmp_path)
     with pytest.raises(StackError, match="rlnImageSize is 32"):
         ImageStacks(particle_set(["1@a.mrcs"], star, box=32), workdir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [(b"", "an empty file"), (b"data_particles\n" * 100, "no MRC header"), (b"MAP ", "shorter than an MRC header")],
+)
+def test_a_stack_that_is_not_mrc_is_named(tmp_path, content, why):
+    (tmp_path / "a.mrcs").write_bytes(content)
+    with pytest.raises(StackError) as info:
+        ImageStacks(particle_set(["1@a.mrcs"], tmp_path / "particles.star"), workdir=tmp_path)
+    assert str(info.value) == f"{tmp_path / 'a.mrcs'}: not a readable MRC stack ({why})"
+
+
+def test_images_with_nan_or_inf_are_named_when_read(tmp_path):
+    images = make_stack(tmp_path / "Particles/a.mrcs", 20, seed=12)
+    images[16, 3, 4], images[18, 0, 0] = np.nan, -np.inf
+    with mrcfile.open(tmp_path / "Particles/a.mrcs", "r+") as mrc:
+        mrc.data[:] = images
+    names = [f"{i + 1:06d}@Particles/a.mrcs" for i in range(20)]
+    with ImageStacks(particle_set(names, tmp_path / "particles.star"), workdir=tmp_path) as stacks:
+        np.testing.assert_array_equal(stacks.read(np.arange(16)).numpy(), images[:16])
+        with pytest.raises(StackError) as info:
+            stacks.read(np.array([19, 2, 18, 16]))
+    message = str(info.value)
+    assert message == f"{tmp_path / 'Particles/a.mrcs'}: image 19 holds pixels that are not finite numbers (NaN or Inf)"
+
+
+def test_paths_are_the_stacks_found(project):
+    star, _ = project
+    with ImageStacks(read_particles(star)) as stacks:
+        assert sorted(stacks.paths) == [star.parents[1] / "Extract/a.mrcs", star.parents[1] / "Extract/b.mrcs"]

@@ -17,6 +17,7 @@ from relion_graphsplit.geometry import euler_to_matrix
 from relion_graphsplit.star_io import (
     ANGLE_COLUMNS,
     StarFileError,
+    check_values,
     ctf_params,
     ctf_premultiplied,
     image_size,
@@ -391,6 +392,187 @@ def test_premultiplied_flag_is_kept(tmp_path):
     write_particles(tmp_path / "p.star", ps)
     assert ctf_premultiplied(read_particles(tmp_path / "p.star"))
     assert not ctf_premultiplied(make_particle_set(particle_table(3), optics_table()))
+
+
+def test_a_file_cut_inside_its_first_row_is_named(tmp_path):
+    path = tmp_path / "p.star"
+    write_particles(path, make_particle_set(particle_table(1), optics_table()))
+    text = path.read_text()
+    path.write_text(text[: text.index("000001@Extract") + 30])
+    message = refusal(path)
+    assert "not a readable STAR file" in message and "cut short" in message and "Length mismatch" not in message
+
+
+def test_a_first_row_shorter_than_the_next_is_named(tmp_path):
+    path = tmp_path / "p.star"
+    write_particles(path, make_particle_set(particle_table(2), optics_table()))
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("000001@"))
+    lines[first] = lines[first].rsplit(" ", 1)[0]
+    path.write_text("\n".join(lines) + "\n")
+    message = refusal(path)
+    assert "not a readable STAR file (a row of a table holds fewer or more values" in message
+
+
+def test_a_file_cut_inside_its_last_row_is_named(tmp_path):
+    path = tmp_path / "p.star"
+    write_particles(path, make_particle_set(particle_table(3), optics_table()))
+    text = path.read_text().rstrip()
+    path.write_text(text[: text.rindex(" ")])  # the last row loses its rlnOpticsGroup
+    message = refusal(path)
+    assert message.endswith(
+        "not a readable STAR file (the last row of data_particles, row 3, has no value for rlnOpticsGroup: "
+        "the file ends inside a row; is it cut short?)"
+    )
+    scores = particle_table(3).assign(rlnLogLikeliContribution=[1.0, 2.0, np.nan])  # a "nan" RELION wrote
+    write_particles(path, make_particle_set(scores, optics_table()))
+    assert read_particles(path).particles["rlnLogLikeliContribution"].isna().tolist() == [False, False, True]
+
+
+# --- values: check_values ---------------------------------------------------------------------
+
+STAR = "Select/job005/particles.star"
+
+
+def value_refusal(particles: pd.DataFrame, optics: pd.DataFrame) -> str:
+    """The message of the StarFileError that check_values raises; one line, naming the file."""
+    with pytest.raises(StarFileError) as info:
+        check_values(make_particle_set(particles, optics, path=STAR))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{STAR}: ")
+    return message[len(STAR) + 2 :]
+
+
+def value_warnings(particles: pd.DataFrame, optics: pd.DataFrame) -> list[str]:
+    warnings = check_values(make_particle_set(particles, optics, path=STAR))
+    assert all("\n" not in w and w.startswith(f"{STAR}: ") for w in warnings)
+    return [w[len(STAR) + 2 :] for w in warnings]
+
+
+def test_a_refined_set_passes_without_warnings():
+    assert value_warnings(particle_table(50), optics_table()) == []
+
+
+@pytest.mark.parametrize(
+    "column, value, expected",
+    [
+        ("rlnImagePixelSize", 0.0, "rlnImagePixelSize is 0 A for 1 optics group(s), the first in row 1 of data_optics: a pixel size is a positive length"),
+        ("rlnImagePixelSize", np.inf, "rlnImagePixelSize is inf for 1 optics group(s), the first in row 1 of data_optics"),
+        ("rlnVoltage", -300.0, "rlnVoltage is -300 kV for 1 optics group(s), the first in row 1 of data_optics: the acceleration"),
+        ("rlnVoltage", np.nan, "rlnVoltage is nan for 1 optics group(s), the first in row 1 of data_optics"),
+        ("rlnAmplitudeContrast", 1.0, "rlnAmplitudeContrast is 1 for 1 optics group(s), the first in row 1 of data_optics: the amplitude contrast is a fraction in [0, 1)"),
+        ("rlnAmplitudeContrast", -0.07, "rlnAmplitudeContrast is -0.07 for 1 optics group(s)"),
+        ("rlnSphericalAberration", np.nan, "rlnSphericalAberration is nan for 1 optics group(s), the first in row 1 of data_optics: the CTF needs a number"),
+        ("rlnCtfScalefactor", 0.0, "rlnCtfScalefactor is 0 for 1 optics group(s), the first in row 1 of data_optics: the CTF scale factor is positive"),
+        ("rlnImageDimensionality", 3, "rlnImageDimensionality is 3 for 1 optics group(s), the first in row 1 of data_optics: this program classifies 2D particle images"),
+    ],
+)  # fmt: skip
+def test_nonsense_optics_values_are_refused(column, value, expected):
+    assert value_refusal(particle_table(4), optics_table(**{column: [value]})).startswith(expected)
+
+
+def test_the_block_and_count_of_bad_values_are_named():
+    particles = particle_table(6, groups=(1, 2, 3))
+    optics = optics_table(groups=(1, 2, 3, 4), rlnAmplitudeContrast=[0.1, 1.2, 1.5, 2.0])
+    assert value_refusal(particles, optics).startswith(
+        "rlnAmplitudeContrast is 1.2 for 2 optics group(s), the first in row 2 of data_optics"
+    )  # group 4 is used by no particle
+    particles = particle_table(6).assign(rlnCtfScalefactor=[1.0, 1.0, -1.0, 1.0, 0.0, 1.0])
+    assert value_refusal(particles, optics_table()).startswith(
+        "rlnCtfScalefactor is -1 for 2 particle(s), the first in row 3 of data_particles"
+    )
+    # a particle's own value overrides its group's, so a bad group value it does not use is no error
+    particles = particle_table(4).assign(rlnVoltage=300.0)
+    assert value_warnings(particles, optics_table(rlnVoltage=[0.0])) == []
+
+
+@pytest.mark.parametrize("column", ["rlnDefocusU", "rlnDefocusV"])
+def test_defocus_at_or_past_focus_is_refused(column):
+    particles = particle_table(5)
+    particles.loc[[1, 3], column] = [-2000.0, 0.0]
+    assert value_refusal(particles, optics_table()) == (
+        f"{column} is -2000 A for 2 particle(s), the first in row 2 of data_particles: RELION's defocus is "
+        "positive for underfocus; at or past focus only phase-plate data (a nonzero rlnPhaseShift) make sense"
+    )
+    particles["rlnPhaseShift"] = [90.0, 0.0, 90.0, 90.0, 90.0]  # row 2 has no phase shift
+    assert "first in row 2 of data_particles" in value_refusal(particles, optics_table())
+
+
+def test_defocus_near_focus_with_a_phase_shift_is_a_warning():
+    particles = particle_table(5).assign(rlnPhaseShift=60.0)
+    particles.loc[3, "rlnDefocusU"] = -500.0
+    assert value_warnings(particles, optics_table()) == [
+        "rlnDefocusU is -500 A for 1 particle(s), the first in row 4 of data_particles: at or past focus, taken "
+        "as phase-plate data (nonzero rlnPhaseShift)"
+    ]
+
+
+def test_unusual_voltage_and_defocus_are_warnings():
+    particles = particle_table(5)
+    particles.loc[[2, 4], "rlnDefocusV"] = 150000.0
+    warnings = value_warnings(particles, optics_table(rlnVoltage=[30.0]))
+    assert warnings == [
+        "rlnVoltage is 30 kV for 1 optics group(s), the first in row 1 of data_optics: unusual (microscopes run at "
+        "60 to 400 kV)",
+        "rlnDefocusV is 150000 A for 2 particle(s), the first in row 3 of data_particles: unusual (above 100000 A, "
+        "10 um)",
+    ]
+
+
+def test_origins_outside_the_image_are_refused():
+    particles = particle_table(6)
+    particles.loc[2, "rlnOriginYAngst"] = 48.0  # half of 64 px * 1.5 A: on the edge, still inside
+    assert value_warnings(particles, optics_table()) == []
+    particles.loc[[4, 5], "rlnOriginYAngst"] = [-48.5, 300.0]
+    assert value_refusal(particles, optics_table()) == (
+        "rlnOriginYAngst is -48.5 A for 2 particle(s), the first in row 5 of data_particles: more than half the box "
+        "(64 px * 1.5 A / 2 = 48 A): the particle's centre lies outside its image"
+    )
+
+
+def test_missing_origins_are_a_warning():
+    particles = particle_table(4)
+    assert value_warnings(particles.drop(columns=["rlnOriginXAngst", "rlnOriginYAngst"]), optics_table()) == [
+        "has no origins (rlnOriginXAngst, rlnOriginYAngst): every particle is taken as centred in its image"
+    ]
+    assert value_warnings(particles.drop(columns=["rlnOriginYAngst"]), optics_table()) == [
+        "has no origins (rlnOriginYAngst): every particle is taken as centred along y"
+    ]
+
+
+def test_duplicated_rows_are_refused():
+    particles = particle_table(6)
+    twice = pd.concat([particles, particles.iloc[[1, 3]]], ignore_index=True)
+    twice.loc[6, "rlnImageName"] = "2@Extract/stack.mrcs"  # the same image as 000002@, padded otherwise
+    assert value_refusal(twice, optics_table()) == (
+        "rows 2 and 7 are the same particle (same image in rlnImageName, Euler angles and origins), and 2 row(s) "
+        "repeat an earlier one: remove the duplicated rows"
+    )
+
+
+def test_symmetry_expanded_set_is_a_warning_and_too_many_copies_are_refused():
+    particles = particle_table(6)
+    particles["rlnImageName"] = ["1@a.mrcs", "2@a.mrcs", "1@a.mrcs", "3@a.mrcs", "2@a.mrcs", "000001@a.mrcs"]
+    assert value_warnings(particles, optics_table()) == [
+        "2 images are named by several rows of rlnImageName with different poses (5 rows, up to 3 per image, the "
+        "first in row 1), as in a symmetry-expanded set: each row is classified on its own"
+    ]
+    icosahedral = particle_table(62).assign(rlnImageName=["7@a.mrcs"] + ["1@a.mrcs"] * 61)
+    assert value_refusal(icosahedral, optics_table()) == (
+        "rlnImageName 1@a.mrcs is named by 61 rows, the first row 2 (1 image(s) named by more than 60 rows, 61 rows "
+        "in all): more than a symmetry expansion gives (60, the order of the icosahedral group)"
+    )
+    assert len(value_warnings(icosahedral.iloc[:61], optics_table())) == 1  # 60 copies: a warning
+
+
+def test_check_values_after_reading_a_file(tmp_path):
+    """As the command line uses it: values given in data_optics of a written file are judged too."""
+    path = tmp_path / "p.star"
+    write_particles(path, make_particle_set(particle_table(3), optics_table(rlnImagePixelSize=[-1.5])))
+    with pytest.raises(StarFileError) as info:
+        check_values(read_particles(path))
+    assert str(info.value).startswith(f"{path}: rlnImagePixelSize is -1.5 A for 1 optics group(s), the first in row 1")
 
 
 # --- writing ----------------------------------------------------------------------------------
