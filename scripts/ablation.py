@@ -3,7 +3,7 @@
     python scripts/ablation.py --out bench_out --scenario adk-snr0.01-50 --n 6000 \
         --variant "ctf_correction=flip,refine_iterations=0" --variant "particles_per_cone=300" ...
 
-Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/pipeline.py),
+Each --variant is a comma-separated list of SplitOptions fields (see relion_graphsplit/method/options.py),
 or `mask=sphere` for a soft sphere of 80% of the box instead of the default mask around the consensus,
 or `noise=true` to whiten by the simulated noise spectrum instead of the estimated one.
 `--fraction` replaces the scenario's class-1 fraction, `--noise-excess` makes the noise coloured (each a
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from relion_graphsplit.launch import THREAD_WAITING
+from relion_graphsplit.cli.launch import THREAD_WAITING
 
-# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# The console commands' thread waiting (relion_graphsplit/cli/launch.py), before numpy and torch load: the
 # times are those of the program. A setting of your own wins.
 os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
@@ -32,11 +32,14 @@ import torch
 import typer
 from threadpoolctl import threadpool_limits
 
-from relion_graphsplit import pipeline, star_io
-from relion_graphsplit.metrics import accuracy
-from relion_graphsplit.preprocess import CtfCorrection, Whitening
-from relion_graphsplit.simulate import Conditions, write_simulation
-from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.method import pipeline
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.simulate.metrics import accuracy
+from relion_graphsplit.method.options import CtfCorrection, SplitOptions
+from relion_graphsplit.method.preprocess import Whitening
+from relion_graphsplit.simulate.particles import Conditions, write_simulation
+from relion_graphsplit.relion.stacks import ImageStacks
 
 from benchmark import CONDITIONS, cached, class_maps, scenario_ceiling, scenarios  # scripts/ is on sys.path when run as a script
 
@@ -71,7 +74,7 @@ def parse(variant: str) -> dict:
         if key in ("mask", "noise"):
             options[key] = value
             continue
-        field = pipeline.SplitOptions.__dataclass_fields__[key]
+        field = SplitOptions.__dataclass_fields__[key]
         kind = {"int": int, "float": float, "int | None": int, "float | None": float,
                 "bool": lambda v: v.lower() not in ("0", "false", "no")}.get(str(field.type), str)
         options[key] = CtfCorrection(value) if key == "ctf_correction" else kind(value)
@@ -111,7 +114,7 @@ def main(
             mock.patch.object(pipeline, "whitening_filter", true_whitening(conditions, box, star_io.pixel_size(ps)))
             if overrides.pop("noise", None) == "true" else contextlib.nullcontext()
         )  # fmt: skip
-        options = pipeline.SplitOptions(**overrides)
+        options = SplitOptions(**overrides)
         start = time.perf_counter()
         with ImageStacks(ps) as stacks, noise:
             result = pipeline.split(ps, stacks, options, mask=mask)

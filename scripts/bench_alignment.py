@@ -16,16 +16,16 @@ import statistics
 import time
 from collections.abc import Callable
 
-from relion_graphsplit.launch import THREAD_WAITING
+from relion_graphsplit.cli.launch import THREAD_WAITING
 
-# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# The console commands' thread waiting (relion_graphsplit/cli/launch.py), before numpy and torch load: the
 # times are those of the program. A setting of your own wins.
 os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
 import torch
 import typer
 
-from relion_graphsplit import alignment
+from relion_graphsplit.method import alignment
 
 
 def _times(sample: Callable, box: int, matrix: torch.Tensor, repeats: int, gen: torch.Generator) -> list[float]:

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 try:
-    from relion_graphsplit.launch import THREAD_WAITING
+    from relion_graphsplit.cli.launch import THREAD_WAITING
 except ImportError:  # an older checkout first on PYTHONPATH: importing its package set them
     THREAD_WAITING = {}
 
-# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# The console commands' thread waiting (relion_graphsplit/cli/launch.py), before numpy and torch load: the
 # times are those of the program. A setting of your own wins.
 os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
@@ -38,12 +38,12 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # scripts/benchmark.py: scenarios, simulated maps, utilities
 
-from relion_graphsplit import star_io
-from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.mrc_io import read_mrc
-from relion_graphsplit.simulate import write_simulation
-from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.relion.mrc import read_mrc
+from relion_graphsplit.simulate.particles import write_simulation
+from relion_graphsplit.relion.stacks import ImageStacks
 
 app = typer.Typer(add_completion=False)
 

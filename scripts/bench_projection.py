@@ -12,17 +12,17 @@ from __future__ import annotations
 import os
 import time
 
-from relion_graphsplit.launch import THREAD_WAITING
+from relion_graphsplit.cli.launch import THREAD_WAITING
 
-# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# The console commands' thread waiting (relion_graphsplit/cli/launch.py), before numpy and torch load: the
 # times are those of the program. A setting of your own wins.
 os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
 import torch
 import typer
 
-from relion_graphsplit import projection
-from relion_graphsplit.geometry import euler_to_matrix
+from relion_graphsplit.fourier import projection
+from relion_graphsplit.fourier.geometry import euler_to_matrix
 
 GATHER = projection._gather
 

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relion_graphsplit.launch import THREAD_WAITING
+from relion_graphsplit.cli.launch import THREAD_WAITING
 
-# The console commands' thread waiting (relion_graphsplit/launch.py), before numpy and torch load: the
+# The console commands' thread waiting (relion_graphsplit/cli/launch.py), before numpy and torch load: the
 # times are those of the program. A setting of your own wins.
 os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
@@ -36,10 +36,10 @@ import pandas as pd
 import starfile
 import torch
 
-from relion_graphsplit.ctf import CTFParams, ctf_2d
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.reconstruct import FourierAccumulator
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
+from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator
 
 
 def blob_map(box: int, rng: np.random.Generator, n_blobs: int = 12) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Accuracy and speed of the graph split against RELION's Class3D on simulated data with ground truth.
 
-For each scenario: simulate particles (relion_graphsplit.simulate), reconstruct the consensus map with
+For each scenario: simulate particles (relion_graphsplit.simulate.particles), reconstruct the consensus map with
 relion_reconstruct (the input both methods get), then in the same run
 - the graph split (`relion_graphsplit --ref consensus.mrc`), timed;
 - RELION Class3D with fixed poses (`relion_refine --K 2 --skip_align --iter 25`, fixed --random_seed), timed;
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import typer
 
-from relion_graphsplit import star_io
-from relion_graphsplit.metrics import accuracy, adjusted_rand_index
-from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.simulate import Conditions, ceiling_accuracy, write_simulation
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.simulate.particles import Conditions, ceiling_accuracy, write_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
-STRUCTURES = ROOT.parent / "shared" / "data" / "structures"
+STRUCTURES = ROOT / "test_data" / "structures"
 BOX_1BD2, APIX_1BD2 = 80, 2.4
 """Box and pixel size (A) of the 1bd2 scenarios unless --box / --apix say otherwise."""
 CONDITIONS = Conditions(pose_error_deg=1.0, shift_error_A=0.5, max_shift_A=4.0)
@@ -70,7 +70,7 @@ def class_maps(
     tag = "" if (box, apix) == (BOX_1BD2, APIX_1BD2) else f"_box{box}_{apix:g}A"
     paths = [cache / f"1bd2_full{tag}.mrc", cache / f"1bd2_noB{tag}.mrc"]
     if not all(p.exists() for p in paths):
-        from relion_graphsplit import maps  # gemmi, the [models] extra: only to make these maps once
+        from relion_graphsplit.simulate import models as maps  # gemmi, the [models] extra: only to make these maps once
 
         full = maps.read_model(STRUCTURES / "1BD2.pdb.gz")
         centre = maps.center_of_mass(full)

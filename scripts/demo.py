@@ -14,9 +14,9 @@ from pathlib import Path
 
 import typer
 
-from relion_graphsplit import star_io
-from relion_graphsplit.metrics import accuracy, adjusted_rand_index
-from relion_graphsplit.outputs import image_names_from_workdir
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
+from relion_graphsplit.run_files.write import image_names_from_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 

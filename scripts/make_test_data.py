@@ -4,7 +4,7 @@ The open model (4AKE) is superposed onto the closed one (1AKE) on the core's CA 
 share one centre, so they differ only where the LID and NMP domains close over the core. Prints how
 much of the difference lies near those domains.
 
-    PYTHONPATH=. python scripts/make_test_data.py [--out test_data] [--structures DIR]
+    python scripts/make_test_data.py [--out test_data] [--structures DIR]
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from relion_graphsplit import maps
-from relion_graphsplit.mrc_io import write_mrc
+from relion_graphsplit.relion.mrc import write_mrc
+from relion_graphsplit.simulate import models as maps
 
-STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = Path(__file__).resolve().parents[1] / "test_data" / "structures"
 BOX = 64
 PIXEL_SIZE = 2.0
 BFACTOR = 100.0

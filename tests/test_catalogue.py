@@ -25,9 +25,9 @@ import pandas as pd
 import pytest
 import starfile
 
-from relion_graphsplit import star_io
-from relion_graphsplit.cli import run_command
-from relion_graphsplit.run_folder import LOCK_NAME, STAGING_NAME, RunFolder
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.cli.graphsplit import run_command
+from relion_graphsplit.run_files.folder import LOCK_NAME, STAGING_NAME, RunFolder
 
 OUTPUTS = {
     "run_data.star", "run_class001_data.star", "run_class002_data.star", "run_class001.mrc", "run_class002.mrc",
@@ -298,7 +298,7 @@ def test_read_only_output_folder(data: Path, tmp_path: Path, capsys):
 def console(args: list[str], cwd: Path) -> subprocess.Popen:
     """The console command in a process of its own, as a user starts it from a terminal (Ctrl-C
     acts: a process started in the background of a shell would inherit SIGINT ignored)."""
-    command = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()", *args]
+    command = [sys.executable, "-c", "from relion_graphsplit.cli.launch import graphsplit; graphsplit()", *args]
     return subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -386,7 +386,7 @@ def test_abort_before_the_commit_leaves_the_earlier_run(project, capsys, monkeyp
     root, _ = project
     monkeypatch.chdir(root)
     outputs = checksums(root / "split")
-    from relion_graphsplit import outputs as outputs_module
+    from relion_graphsplit.run_files import write as outputs_module
 
     write_summary = outputs_module.write_summary
 
@@ -394,7 +394,7 @@ def test_abort_before_the_commit_leaves_the_earlier_run(project, capsys, monkeyp
         (root / "split" / "RELION_JOB_ABORT_NOW").touch()
         write_summary(*args, **kwargs)
 
-    monkeypatch.setattr("relion_graphsplit.cli.write_summary", abort_while_writing)
+    monkeypatch.setattr("relion_graphsplit.cli.job.write_summary", abort_while_writing)
     code = run_command(["--i", "data/particles.star", "--o", "split", "--pipeline_control", "split/", *FAST])
     assert code == 1
     assert "abort" in capsys.readouterr().err
@@ -531,6 +531,6 @@ def test_interrupt_during_the_commit_finishes_it(tmp_path: Path, monkeypatch):
         with RunFolder(out) as folder:
             for name in ("run_data.star", "run_model.star", "run_summary.json"):
                 (folder.staging / name).write_text("new")
-            monkeypatch.setattr("relion_graphsplit.run_folder.os.replace", replace_then_interrupt)
+            monkeypatch.setattr("relion_graphsplit.run_files.folder.os.replace", replace_then_interrupt)
             folder.commit()
     assert {p.name: p.read_text() for p in out.iterdir()} == {name: "new" for name in ("run_data.star", "run_model.star", "run_summary.json")}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -11,34 +10,27 @@ import pytest
 import starfile
 import torch
 
-from relion_graphsplit import star_io
-from relion_graphsplit.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
-from relion_graphsplit.ctf import ctf_2d
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.model_star import MODEL_NAME, ini_high, next_command, ssnr_from_fsc, write_model_star
-from relion_graphsplit.mrc_io import read_mrc
-from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.reconstruct import FourierAccumulator, reconstruct
-from relion_graphsplit.simulate import Conditions, write_simulation
-from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.method.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
+from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.relion.model_star import MODEL_NAME, ini_high, next_command, ssnr_from_fsc, write_model_star
+from relion_graphsplit.relion.mrc import read_mrc
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator, reconstruct
+from relion_graphsplit.relion.stacks import ImageStacks
 
-TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 BOX, APIX = 32, 4.0
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory) -> dict:
+def simulated(simulated_set) -> dict:
     """600 particles of the two adenylate kinase states (box 32, 4 A), SNR 0.3, 60/40, no pose errors."""
-    out = tmp_path_factory.mktemp("sim")
-    maps = [
-        fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / f"adk_{state}.mrc")[0]), BOX).numpy()
-        for state in ("open", "closed")
-    ]
-    write_simulation(out, maps, APIX, 600, 0.3, [0.6, 0.4], seed=5, conditions=Conditions(max_shift_A=6.0))
+    out = simulated_set(600, 0.3, [0.6, 0.4], seed=5, max_shift_A=6.0)
     ps = star_io.read_particles(out / "particles.star")
     classes = star_io.read_particles(out / "truth.star").particles["rlnClassNumber"].to_numpy()
-    return {"dir": out, "ps": ps, "classes": classes, "truth": [torch.from_numpy(m) for m in maps]}
+    truth = [torch.from_numpy(read_mrc(out / f"class{k}.mrc")[0]) for k in (1, 2)]
+    return {"dir": out, "ps": ps, "classes": classes, "truth": truth}
 
 
 @pytest.fixture(scope="module")

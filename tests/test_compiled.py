@@ -7,7 +7,7 @@ import numba.core.caching
 import numpy as np
 import pytest
 
-from relion_graphsplit.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 
 
 def test_the_kernel_compiles_where_numba_cannot_cache(monkeypatch):

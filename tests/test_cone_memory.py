@@ -1,14 +1,17 @@
-"""The up-front estimate of the per-cone steps' memory, and the refusal of cones that cannot fit."""
+"""The up-front refusals of `split`: cones that cannot fit in memory, and cones all too sparse to split."""
 
 import os
 
 import pytest
 import torch
 
-from relion_graphsplit import pipeline, star_io
-from relion_graphsplit.grouping import assign_to_cones, asymmetric_unit_directions
-from relion_graphsplit.pipeline import SplitOptions, available_memory, check_cone_memory, cone_memory
-from relion_graphsplit.symmetry import symmetry_matrices
+from relion_graphsplit.method import pipeline
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.method.cones import assign_to_cones, asymmetric_unit_directions
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.pipeline import available_memory, check_cone_counts, check_cone_memory, cone_memory
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
 
 
 def cones_at(sampling: float, n: int = 500):
@@ -21,7 +24,7 @@ def test_estimate_grows_with_cones_and_working_box():
     coarse, fine = cones_at(10.0), cones_at(2.0)
     assert fine.n_cones > 20 * coarse.n_cones
     assert cone_memory(fine, 32) > 20 * cone_memory(coarse, 32)
-    # Masks and cone images: 37 bytes per cone and pixel, so four times the pixels cost about 37 * 3 w^2 more.
+    # Masks and cone images: IMAGE_BYTES_PER_PIXEL per cone and working pixel.
     grown = cone_memory(fine, 64) - cone_memory(fine, 32)
     assert grown == pipeline.IMAGE_BYTES_PER_PIXEL * fine.n_cones * (64**2 - 32**2)
 
@@ -34,8 +37,8 @@ def test_refusal_is_one_line_with_the_estimate():
         check_cone_memory(cones, 26, 2.0, explicit=True, available=need // 2)
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith(f"--angular_sampling 2 gives {cones.n_cones} cones: about {need / 1e9:.1f} GB")
-    assert f"{need / 2e9:.1f} GB available" in message and "coarser sampling" in message
+    assert message.startswith(f"--angular_sampling 2 gives {cones.n_cones} cones: about {need / 1e6:.0f} MB")
+    assert f"{need / 2e6:.0f} MB available" in message and "coarser sampling" in message
     with pytest.raises(ValueError, match=r"the default sampling \(5\.0 deg\) .* smaller working box"):
         check_cone_memory(cones, 26, 5.0, explicit=False, available=1)
 
@@ -52,8 +55,25 @@ class NoImages:
         raise AssertionError("an image was read")
 
 
-def test_split_refuses_before_reading_an_image(small_set, monkeypatch):
+def test_split_refuses_cones_that_cannot_fit_before_reading_an_image(small_set, monkeypatch):
     ps = star_io.read_particles(small_set / "particles.star")
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 10**6)
-    with pytest.raises(ValueError, match=r"^--angular_sampling 3 gives \d+ cones: about .* GB .* 0\.0 GB available"):
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 10**5)
+    expected = r"^the default sampling \(25\.0 deg\) gives 41 cones: about \d+ MB .* 0 MB available"
+    with pytest.raises(ValueError, match=expected):
+        pipeline.split(ps, NoImages(), SplitOptions())
+
+
+def test_split_refuses_a_sampling_that_leaves_every_cone_sparse(small_set):
+    ps = star_io.read_particles(small_set / "particles.star")  # 600 particles: at 3 degrees, about 1 a cone
+    with pytest.raises(ValueError, match=r"^--angular_sampling 3 leaves every cone with fewer than 10 particles"):
         pipeline.split(ps, NoImages(), SplitOptions(angular_sampling=3.0))
+
+
+def test_sparse_refusal_names_the_fullest_cone():
+    check_cone_counts(torch.tensor([0, 3, 10]), 10, 5.0, explicit=True)  # one cone is enough
+    with pytest.raises(ValueError) as refused:
+        check_cone_counts(torch.tensor([0, 3, 9]), 10, 25.0, explicit=False)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("the default sampling (25.0 deg) leaves every cone with fewer than 10 particles")
+    assert "(at most 9)" in message

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from relion_graphsplit.ctf import CTFParams, ctf_2d, wavelength
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d, wavelength
 
 
 def _written_out(p: CTFParams, box: int, pixel_size: float) -> torch.Tensor:

@@ -9,14 +9,10 @@ from pathlib import Path
 
 import pytest
 import starfile
-import torch
 from typer.testing import CliRunner
 
-from relion_graphsplit.cli import app
-from relion_graphsplit.external import ExternalJob
-from relion_graphsplit.mrc_io import read_mrc
-from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import Conditions, write_simulation
+from relion_graphsplit.cli.graphsplit import app
+from relion_graphsplit.relion.external import ExternalJob
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 JOB = "External/job005/"
@@ -75,18 +71,12 @@ PIPELINE_50 = "\n# version 50001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCoun
 
 
 @pytest.fixture(scope="module")
-def refine3d(tmp_path_factory) -> Path:
+def refine3d(simulated_set, tmp_path_factory) -> Path:
     """400 simulated particles laid out as Refine3D/job004 of a project (image names from the project)."""
     root = tmp_path_factory.mktemp("refined")
     job = root / "Refine3D" / "job004"
-    maps = [
-        fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / f"adk_{state}.mrc")[0]), 32).numpy()
-        for state in ("open", "closed")
-    ]
-    write_simulation(
-        job, maps, 4.0, 400, 0.3, [0.6, 0.4], seed=3, conditions=Conditions(max_shift_A=6.0),
-        stack_name="Refine3D/job004/particles.mrcs",
-    )
+    simulated = simulated_set(400, 0.3, [0.6, 0.4], seed=3, max_shift_A=6.0, stack_name="Refine3D/job004/particles.mrcs")
+    shutil.copytree(simulated, job)
     (job / "particles.star").rename(job / "run_data.star")
     return root / "Refine3D"
 
@@ -184,8 +174,8 @@ def test_progress_bar_of_a_converged_loop_ends_full(tmp_path):
     """A loop that stops before its announced total (the refinement converging) ends with a full bar."""
     from rich.progress import Progress
 
-    from relion_graphsplit.cli import _progress_tracker
-    from relion_graphsplit.external import ExternalJob
+    from relion_graphsplit.cli.job import _progress_tracker
+    from relion_graphsplit.relion.external import ExternalJob
 
     progress = Progress(disable=True)
     track = _progress_tracker(progress, ExternalJob(tmp_path, active=False))

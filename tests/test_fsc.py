@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relion_graphsplit.fsc import fsc, resolution_at, shell_index
+from relion_graphsplit.fourier.fsc import fsc, resolution_at, shell_index
 
 BOX = 32
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from relion_graphsplit.geometry import (
+from relion_graphsplit.fourier.geometry import (
     MIRROR,
     direction_to_matrix,
     euler_to_matrix,

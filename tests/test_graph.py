@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from relion_graphsplit.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
+from relion_graphsplit.method.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
 
 
 def test_weights_and_scores_on_tiny_graph():

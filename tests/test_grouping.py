@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from relion_graphsplit import grouping
-from relion_graphsplit.geometry import MIRROR, angular_distance, euler_to_matrix, fibonacci_sphere, projection_direction
-from relion_graphsplit.symmetry import symmetry_matrices
-from relion_graphsplit.grouping import assign_to_cones, asymmetric_unit_directions, default_sampling
+from relion_graphsplit.method import cones as grouping
+from relion_graphsplit.fourier.geometry import MIRROR, angular_distance, euler_to_matrix, fibonacci_sphere, projection_direction
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.method.cones import assign_to_cones, asymmetric_unit_directions, default_sampling
 
 
 def random_rotations(n: int, seed: int = 0) -> torch.Tensor:
@@ -100,7 +100,9 @@ def dense_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> torch.
     return axes
 
 
-@pytest.mark.parametrize(("name", "sampling"), [("C1", 9.0), ("C4", 5.0), ("D7", 7.3), ("T", 11.0), ("O", 6.5), ("I", 5.0)])
+@pytest.mark.parametrize(
+    ("name", "sampling"), [("C1", 9.0), ("C4", 5.0), ("D7", 7.3), ("T", 11.0), ("O", 6.5), ("I", 5.0)]
+)
 def test_kd_tree_preselection_keeps_the_axes_of_the_dense_search(name, sampling):
     sym = symmetry_matrices(name)
     assert torch.equal(asymmetric_unit_directions(sampling, sym), dense_unit_directions(sampling, sym))
@@ -121,15 +123,16 @@ def test_chunks_do_not_change_the_geometry():
 
 FINE_GEOMETRY = """
 import resource, time, torch
-from relion_graphsplit.grouping import asymmetric_unit_directions, assign_to_cones
-from relion_graphsplit.symmetry import symmetry_matrices
+from relion_graphsplit.method.cones import asymmetric_unit_directions, assign_to_cones
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
 sym = symmetry_matrices("C1")
 start = time.perf_counter()
 axes = asymmetric_unit_directions(0.5, sym)
 q = torch.linalg.qr(torch.randn(300, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
 cones = assign_to_cones(q * torch.det(q)[:, None, None], axes, 0.5, sym)
 per_particle = torch.bincount(cones.particle, minlength=300)
-print(len(axes), int(per_particle.min()), time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(axes), int(per_particle.min()), time.perf_counter() - start, peak_kb)
 """
 
 

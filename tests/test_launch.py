@@ -21,7 +21,7 @@ def test_every_console_command_starts_through_launch():
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("relion_graphsplit")}
     assert set(scripts) == {"relion_graphsplit", "relion_graphsplit_simulate", "relion_graphsplit_report"}
     for script in scripts.values():
-        assert script.module == "relion_graphsplit.launch" and callable(script.load())
+        assert script.module == "relion_graphsplit.cli.launch" and callable(script.load())
 
 
 def test_importing_the_package_changes_no_environment_variable():
@@ -29,7 +29,7 @@ def test_importing_the_package_changes_no_environment_variable():
     as it loads: it is loaded first)."""
     code = (
         "import os, threadpoolctl, torch, numpy; before = dict(os.environ); "
-        "import relion_graphsplit, relion_graphsplit.pipeline, relion_graphsplit.cli; "
+        "import relion_graphsplit, relion_graphsplit.method.pipeline, relion_graphsplit.cli.graphsplit; "
         "print(dict(os.environ) == before)"
     )
     assert _python(code, ENV) == "True"
@@ -39,7 +39,7 @@ def test_a_console_command_sets_thread_waiting_before_numpy_and_torch_load():
     """The console command sets passive OpenMP waiting and OpenBLAS's shortest spin before numpy or
     torch is loaded; a user's own settings are kept."""
     code = (
-        "import os, sys; from relion_graphsplit import launch; "
+        "import os, sys; from relion_graphsplit.cli import launch; "
         "sys.modules['probe'] = type(sys)('probe'); "
         "sys.modules['probe'].main = lambda: print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'], "
         "'numpy' in sys.modules, 'torch' in sys.modules); "
@@ -50,7 +50,7 @@ def test_a_console_command_sets_thread_waiting_before_numpy_and_torch_load():
 
 
 def test_sigterm_while_loading_is_one_line_and_exit_130():
-    command = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()", "--help"]
+    command = [sys.executable, "-c", "from relion_graphsplit.cli.launch import graphsplit; graphsplit()", "--help"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     time.sleep(0.3)  # torch and the rest load for about two seconds
     process.send_signal(signal.SIGTERM)

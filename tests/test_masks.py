@@ -1,7 +1,7 @@
 import torch
 
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.method.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
 
 BOX = 32
 

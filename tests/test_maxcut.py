@@ -9,8 +9,8 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
-from relion_graphsplit.geometry import fibonacci_sphere
-from relion_graphsplit.maxcut import local_search, sign_objective, synchronise
+from relion_graphsplit.fourier.geometry import fibonacci_sphere
+from relion_graphsplit.method.maxcut import local_search, sign_objective, synchronise
 
 GW_RATIO = 0.878
 
@@ -237,7 +237,7 @@ def test_sdp_is_the_same_whatever_the_cores():
     one allowed two (without the pin, two different solutions)."""
     code = (
         "import os, sys, hashlib; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
-        "import numpy as np, scipy.sparse as sp; from relion_graphsplit import maxcut; "
+        "import numpy as np, scipy.sparse as sp; from relion_graphsplit.method import maxcut; "
         "rng = np.random.default_rng(0); W = rng.standard_normal((41, 41)); "
         "W = (W + W.T) * (rng.random((41, 41)) < 0.3); W = (W + W.T) / 2; np.fill_diagonal(W, 0); "
         "V, y = maxcut._sdp(sp.csr_matrix(W)); print(hashlib.sha1(V.tobytes() + y.tobytes()).hexdigest())"

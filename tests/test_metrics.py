@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from relion_graphsplit.metrics import accuracy, adjusted_rand_index, contingency
+from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index, contingency
 
 
 def test_accuracy_is_invariant_to_label_swap():

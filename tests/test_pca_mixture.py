@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from relion_graphsplit.mixture import fit_mixture, log_likelihood_ratio
-from relion_graphsplit.pca import first_component
+from relion_graphsplit.method.mixture import fit_mixture, log_likelihood_ratio
+from relion_graphsplit.method.pca import first_component
 
 
 def planted_cones(seed=0, n=300, d=200, separation=6.0):

@@ -7,35 +7,27 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
 from typer.testing import CliRunner
 
-from relion_graphsplit import pipeline, star_io
-from relion_graphsplit.cli import app
-from relion_graphsplit.metrics import accuracy
-from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.outputs import image_names_from_workdir
-from relion_graphsplit.pipeline import SplitOptions, split
-from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import Conditions, write_simulation
-from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.method import pipeline
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.cli.graphsplit import app
+from relion_graphsplit.simulate.metrics import accuracy
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.run_files.write import image_names_from_workdir
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.pipeline import split
+from relion_graphsplit.relion.stacks import ImageStacks
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory) -> Path:
+def simulated(simulated_set) -> Path:
     """1500 particles of the bundled adenylate kinase states, box 32 at 4 A, SNR 0.3, 60/40."""
-
-    out = tmp_path_factory.mktemp("sim")
-    maps = []
-    for name in ("adk_open.mrc", "adk_closed.mrc"):
-        volume, _ = read_mrc(TEST_DATA / name)
-        maps.append(fourier_crop_volume(torch.from_numpy(volume), 32).numpy())
-    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0)
-    write_simulation(out, maps, 4.0, 1500, 0.3, [0.6, 0.4], seed=3, conditions=conditions)
-    return out
+    return simulated_set(1500, 0.3, [0.6, 0.4], seed=3, pose_error_deg=1.0, max_shift_A=6.0)
 
 
 def run(args: list[str]) -> None:
@@ -47,7 +39,7 @@ def run(args: list[str]) -> None:
 def run_console(args: list[str]) -> subprocess.CompletedProcess:
     """The program as the console command runs it: a process of its own, started by launch and left
     through cli.main."""
-    command = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()", *args]
+    command = [sys.executable, "-c", "from relion_graphsplit.cli.launch import graphsplit; graphsplit()", *args]
     return subprocess.run(command, capture_output=True, text=True)
 
 
@@ -181,8 +173,7 @@ def test_default_mask_is_drawn_around_the_particle(simulated: Path, split_runs):
     assert mask.shape == (32, 32, 32) and apix == pytest.approx(4.0)
     assert mask[16, 16, 16] > 0.99 and mask[0, 0, 0] == 0 and mask[-1, -1, -1] == 0
     assert 0.02 < mask.mean() < 0.2
-    truth, _ = read_mrc(TEST_DATA / "adk_open.mrc")
-    small = fourier_crop_volume(torch.from_numpy(truth), 32).numpy()
+    small, _ = read_mrc(simulated / "class1.mrc")  # the open state, as simulated
     assert mask[small > 0.5 * small.max()].min() > 0.95  # the dense core is inside (trilinear resampling softens the edge)
 
 
@@ -218,16 +209,16 @@ def test_mask_of_wrong_size_is_refused(simulated: Path, tmp_path: Path):
 
 
 def test_a_collapsed_split_still_writes_the_particles(simulated: Path, tmp_path: Path, monkeypatch):
-    import relion_graphsplit.cli as cli
+    from relion_graphsplit.cli import job
 
-    real_split = cli.split
+    real_split = job.split
 
     def one_class(*args, **kwargs):
         result = real_split(*args, **kwargs)
         result.classes[:] = 1
         return result
 
-    monkeypatch.setattr(cli, "split", one_class)
+    monkeypatch.setattr(job, "split", one_class)
     out = tmp_path / "o"
     result = run(["--i", str(simulated / "particles.star"), "--o", str(out), "--refine_iter", "0"])
     assert "no class maps" in result.output
@@ -235,15 +226,14 @@ def test_a_collapsed_split_still_writes_the_particles(simulated: Path, tmp_path:
     assert not (out / "run_class001.mrc").exists() and not (out / "run_model.star").exists()
 
 
-def test_whitening_helps_on_coloured_noise(tmp_path: Path):
+def test_whitening_helps_on_coloured_noise(simulated_set):
     """Noise with the low-frequency excess of real images (simulate.Conditions.noise_excess): whitening
     images and CTFs by the residuals' noise spectrum (the default) classifies better than without."""
-    maps = [fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / name)[0]), 32).numpy()
-            for name in ("adk_open.mrc", "adk_closed.mrc")]
-    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0, noise_excess=8.0, noise_bfactor=1000.0)
-    write_simulation(tmp_path, maps, 4.0, 1500, 0.1, [0.5, 0.5], seed=3, conditions=conditions)
-    ps = star_io.read_particles(tmp_path / "particles.star")
-    truth = star_io.read_particles(tmp_path / "truth.star").particles["rlnClassNumber"].to_numpy()
+    coloured = simulated_set(
+        1500, 0.1, [0.5, 0.5], seed=3, pose_error_deg=1.0, max_shift_A=6.0, noise_excess=8.0, noise_bfactor=1000.0
+    )
+    ps = star_io.read_particles(coloured / "particles.star")
+    truth = star_io.read_particles(coloured / "truth.star").particles["rlnClassNumber"].to_numpy()
     accuracies = {}
     for whiten in (True, False):
         with ImageStacks(ps) as stacks:
@@ -269,7 +259,7 @@ def test_peak_memory_is_the_programs_own():
     """A run started from a large process (a benchmark, a notebook) reports its own peak memory, not
     the parent's: getrusage's ru_maxrss inherits the parent's across fork and exec, VmHWM does not."""
     held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this process while the child runs
-    code = "from relion_graphsplit.cli import peak_memory_mb; import resource; " \
+    code = "from relion_graphsplit.cli.job import peak_memory_mb; import resource; " \
            "print(peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     own, inherited = (float(v) for v in done.stdout.split())

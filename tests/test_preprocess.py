@@ -1,9 +1,9 @@
 import torch
 
-from relion_graphsplit.ctf import CTFParams, ctf_2d
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.preprocess import (
-    CtfCorrection,
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.method.options import CtfCorrection
+from relion_graphsplit.method.preprocess import (
     centre_downsampled,
     correct,
     fourier_crop,
@@ -11,8 +11,8 @@ from relion_graphsplit.preprocess import (
     whitening_filter,
     working_box,
 )
-from relion_graphsplit.projection import prepare_volume, project_rfft, shift_images
-from relion_graphsplit.simulate import Conditions
+from relion_graphsplit.fourier.projection import prepare_volume, project_rfft, shift_images
+from relion_graphsplit.simulate.particles import Conditions
 from tests.test_alignment import blob_volume
 
 

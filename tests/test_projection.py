@@ -12,17 +12,17 @@ import pandas as pd
 import pytest
 import torch
 
-import relion_graphsplit.projection as projection_module
-from relion_graphsplit.ctf import CTFParams, ctf_2d
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.projection import (
+import relion_graphsplit.fourier.projection as projection_module
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.fourier.projection import (
     gridding_correction,
     prepare_volume,
     project,
     project_rfft,
     shift_images,
 )
-from relion_graphsplit.star_io import make_particle_set, write_particles
+from relion_graphsplit.relion.star import make_particle_set, write_particles
 
 BOX = 48
 PIXEL_SIZE = 2.0

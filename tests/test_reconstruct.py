@@ -18,18 +18,18 @@ import pytest
 import starfile
 import torch
 
-import relion_graphsplit.reconstruct as reconstruct_module
-from relion_graphsplit.ctf import CTFParams, ctf_2d
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.reconstruct import (
+import relion_graphsplit.fourier.reconstruct as reconstruct_module
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
+from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.fourier.reconstruct import (
     FourierAccumulator,
     centred_rfft2,
     radius_for_resolution,
     reconstruct,
     reconstruct_stream,
 )
-from relion_graphsplit.symmetry import symmetry_matrices
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
 
 BOX = 32
 APIX = 2.0

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from relion_graphsplit.projection import project
-from relion_graphsplit.refine import (
+from relion_graphsplit.fourier.projection import project
+from relion_graphsplit.method.refine import (
     _half_plane_weights,
     class_log_odds,
     class_sums,
@@ -11,7 +11,7 @@ from relion_graphsplit.refine import (
     image_spectra,
     residual_sums,
 )
-from relion_graphsplit.simulate import uniform_rotations
+from relion_graphsplit.simulate.particles import uniform_rotations
 
 
 def _smooth_map(rng: np.random.Generator, box: int) -> torch.Tensor:

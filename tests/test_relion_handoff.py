@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from relion_graphsplit import star_io
-from relion_graphsplit.classmaps import reconstruct_classes, write_class_maps
-from relion_graphsplit.fsc import fsc
-from relion_graphsplit.model_star import MODEL_NAME, next_command, write_model_star
-from relion_graphsplit.mrc_io import read_mrc
-from relion_graphsplit.preprocess import fourier_crop_volume
-from relion_graphsplit.simulate import Conditions, write_simulation
-from relion_graphsplit.stack import ImageStacks
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.relion.model_star import MODEL_NAME, next_command, write_model_star
+from relion_graphsplit.relion.mrc import read_mrc
+from relion_graphsplit.relion.stacks import ImageStacks
 
 pytestmark = [
     pytest.mark.relion,
@@ -34,21 +32,16 @@ pytestmark = [
     ),
 ]
 
-TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 BOX, APIX, DIAMETER = 32, 4.0, 100
 OUT = Path("GraphSplit")  # the job directory, relative to the project directory
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(simulated_set, tmp_path_factory) -> Path:
     """A project directory holding 800 simulated particles and the outputs of a split into their true classes."""
     root = tmp_path_factory.mktemp("project")
-    maps = [
-        fourier_crop_volume(torch.from_numpy(read_mrc(TEST_DATA / f"adk_{state}.mrc")[0]), BOX).numpy()
-        for state in ("open", "closed")
-    ]
-    conditions = Conditions(pose_error_deg=1.0, max_shift_A=6.0)
-    write_simulation(root, maps, APIX, 800, 0.3, [0.6, 0.4], seed=3, conditions=conditions)
+    simulated = simulated_set(800, 0.3, [0.6, 0.4], seed=3, pose_error_deg=1.0, max_shift_A=6.0)
+    shutil.copytree(simulated, root, dirs_exist_ok=True)  # read only: the project is a copy
     ps = star_io.read_particles(root / "particles.star")
     classes = star_io.read_particles(root / "truth.star").particles["rlnClassNumber"].to_numpy()
     table = ps.particles.drop(columns="rlnRandomSubset").assign(rlnClassNumber=classes)
@@ -113,7 +106,7 @@ def test_printed_command_runs_verbatim_where_the_program_ran(small_set: Path, tm
     """The README's example: particles in a folder of their own (stacks named relative to it), the
     program run from another directory. The relion_refine command it prints runs there as printed."""
     shutil.copytree(small_set, tmp_path / "sim")
-    program = [sys.executable, "-c", "from relion_graphsplit.launch import graphsplit; graphsplit()"]
+    program = [sys.executable, "-c", "from relion_graphsplit.cli.launch import graphsplit; graphsplit()"]
     done = subprocess.run(
         [*program, "--i", "sim/particles.star", "--o", "split/", "--refine_iter", "2", "--j", "2"],
         cwd=tmp_path, capture_output=True, text=True,

@@ -14,14 +14,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from relion_graphsplit.geometry import fibonacci_sphere
-from relion_graphsplit import report
-from relion_graphsplit.outputs import noise_description
-from relion_graphsplit.report import SIGN_COLOURS, cone_panels, read_run, render_html, report_warnings, write_report
-from relion_graphsplit.report_cli import app
+from relion_graphsplit.cli.report import app
+from relion_graphsplit.fourier.fsc import resolution_at
+from relion_graphsplit.fourier.geometry import fibonacci_sphere
+from relion_graphsplit.relion.model_star import write_model_star
+from relion_graphsplit.report import page, panels, read_run, render_html, report_warnings, write_report
+from relion_graphsplit.report.colours import SIGN_COLOURS
+from relion_graphsplit.report.data import resolution_label
+from relion_graphsplit.report.figures import fsc_figure, noise_figure
+from relion_graphsplit.report.panels import cone_panels
+from relion_graphsplit.run_files.write import noise_description
 
 BOX = 24
 CHROMIUM = Path("/usr/bin/chromium")
@@ -181,6 +187,15 @@ def test_report_is_self_contained(healthy):
     assert len(page) < 8_000_000
 
 
+def test_page_holds_the_static_style_and_script(healthy):
+    """report.css and report.js, package data read at render time, are inlined whole."""
+    html = (healthy / "report.html").read_text()
+    css, js = page.static_text("report.css"), page.static_text("report.js")
+    assert "#cone-slider" in css and "Plotly.react('cone-histogram'" in js
+    assert f"<style>\n{css}</style>" in html
+    assert f"<script type='text/javascript'>\n{js}</script>" in html
+
+
 def test_selector_lists_every_cone(healthy):
     page = (healthy / "report.html").read_text()
     listed = [int(c) for c in re.findall(r'<option value="\d+">cone (\d+):', page)]
@@ -204,7 +219,7 @@ def test_figures_are_written(healthy, troubled):
 def test_images_shrink_for_many_cones(healthy, monkeypatch):
     run = read_run(healthy)
     full = Image.open(io.BytesIO(base64.b64decode(cone_panels(run)[0]["images"][1].split(",")[1])))
-    monkeypatch.setattr(report, "IMAGE_PIXEL_BUDGET", 6 * len(run.cones) * 16 * 16)
+    monkeypatch.setattr(panels, "IMAGE_PIXEL_BUDGET", 6 * len(run.cones) * 16 * 16)
     small = Image.open(io.BytesIO(base64.b64decode(cone_panels(run)[0]["images"][1].split(",")[1])))
     assert full.size == (BOX, BOX) and small.size == (16, 16)
 
@@ -306,10 +321,49 @@ def test_noise_spectrum_is_plotted_when_estimated(tmp_path):
     summary_path.write_text(json.dumps({**summary, "noise_spectrum": spectrum}))
     page = _page(out)
     assert 'id="noise-figure"' in page
-    figure = report.noise_figure(spectrum)
+    figure = noise_figure(spectrum)
     assert np.allclose(figure.data[0].x, [1 / 80, 1 / 40, 1 / 26.7, 1 / 20])
     assert list(figure.data[0].y) == spectrum["relative_power"]
     assert "noise_spectrum" not in summary  # as written by earlier versions
     for unestimated in ({**summary, "noise_spectrum": None}, summary):
         summary_path.write_text(json.dumps(unestimated))
         assert 'id="noise-figure"' not in _page(out)
+
+
+def test_fsc_resolution_is_resolution_at(tmp_path):
+    """The report reads the class maps' resolution with fourier.fsc.resolution_at, from run_model.star
+    as the run writes it: where the FSC drops below 0.143 and where it never does (then the
+    Nyquist resolution, labelled as a bound: "Nyquist 4.0 Å or better")."""
+    out = make_run(tmp_path / "run", n_cones=12, n_particles=200)
+    box, apix = 2 * BOX, 2.0
+    shells = np.arange(box // 2 + 1)
+    drops = 1 / (1 + np.exp((shells - 9.3) * 0.8))
+    never = np.clip(1 - shells / 40, 0.2, 1)
+    assert drops[-1] < 0.143 < never.min()
+    write_model_star(out / "run_model.star", ["run_class001.mrc", "run_class002.mrc"], [0.5, 0.5],
+                     [resolution_at(c, box, apix) for c in (drops, never)], np.stack([drops, never]),
+                     np.ones((2, len(shells))), box, apix)
+    run = read_run(out)
+    for k, curve in ((1, drops), (2, never)):
+        fsc = run.fsc[k]
+        assert (fsc.box, fsc.pixel_size) == (box, apix)
+        assert fsc.resolution() == resolution_at(fsc.fsc.to_numpy(), box, apix)  # the curve as written
+        assert fsc.resolution() == pytest.approx(resolution_at(torch.from_numpy(curve), box, apix), rel=1e-6)
+    crossing = run.fsc[1].resolution()
+    assert box * apix / 12 < crossing < box * apix / 11  # 0.143 at shell 9.3 + ln(1 / 0.143 - 1) / 0.8
+    assert run.fsc[2].resolution() == run.fsc[2].nyquist == pytest.approx(2 * apix)
+    assert [resolution_label(c) for c in run.fsc.values()] == [f"{crossing:.1f} Å", "Nyquist 4.0 Å or better"]
+    names = [trace.name for trace in fsc_figure(run).data]
+    assert names == [f"class 1 ({crossing:.1f} Å at 0.143)", "class 2 (Nyquist 4.0 Å or better at 0.143)"]
+    assert "Nyquist 4.0 " in _page(out) and (out / "report_maps.png").is_file()
+
+
+def test_fsc_sampling_from_the_frequencies(healthy):
+    """A model.star without rlnOriginalImageSize and rlnPixelSize (make_run's) gets the box and pixel
+    size from rlnResolution; the resolution is resolution_at's all the same."""
+    run = read_run(healthy)
+    assert set(run.fsc) == {1, 2}
+    for curve in run.fsc.values():
+        assert curve.box * curve.pixel_size == pytest.approx(BOX * 4.0)
+        assert curve.drops()
+        assert curve.resolution() == pytest.approx(resolution_at(curve.fsc.to_numpy(), BOX, 4.0), rel=1e-12)

@@ -16,12 +16,12 @@ import torch
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
-from relion_graphsplit import maps
-from relion_graphsplit.ctf import ctf_2d
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.mrc_io import read_mrc, write_mrc
-from relion_graphsplit.projection import prepare_volume
-from relion_graphsplit.simulate import (
+from relion_graphsplit.simulate import models as maps
+from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.fourier.projection import prepare_volume
+from relion_graphsplit.simulate.particles import (
     Conditions,
     ceiling_accuracy,
     draw_particles,
@@ -30,8 +30,8 @@ from relion_graphsplit.simulate import (
     simulate,
     write_simulation,
 )
-from relion_graphsplit.simulate_cli import app
-from relion_graphsplit.star_io import ctf_params, make_particle_set, poses, read_particles
+from relion_graphsplit.cli.simulate import app
+from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, read_particles
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = Path("/work/shared/data/structures")
@@ -433,7 +433,7 @@ def test_the_programs_load_without_gemmi():
     """Only reading a model needs gemmi: every console command's module loads without it."""
     code = (
         "import sys; sys.modules['gemmi'] = None\n"
-        "import relion_graphsplit.cli, relion_graphsplit.report_cli, relion_graphsplit.simulate_cli\n"
-        "assert 'relion_graphsplit.maps' not in sys.modules"
+        "import relion_graphsplit.cli.graphsplit, relion_graphsplit.cli.report, relion_graphsplit.cli.simulate\n"
+        "assert 'relion_graphsplit.simulate.models' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from relion_graphsplit.stack import ImageStacks, StackError, parse_image_name, split_image_names
-from relion_graphsplit.star_io import make_particle_set, read_particles, write_particles
+from relion_graphsplit.relion.stack_files import StackError, parse_image_name, split_image_names
+from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.relion.star import make_particle_set, read_particles, write_particles
 
 BOX = 16
 

@@ -13,8 +13,8 @@ import pytest
 import starfile
 import torch
 
-from relion_graphsplit.geometry import euler_to_matrix
-from relion_graphsplit.star_io import (
+from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.relion.star import (
     ANGLE_COLUMNS,
     StarFileError,
     check_values,

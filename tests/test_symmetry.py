@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from relion_graphsplit.symmetry import axis_rotation, symmetry_matrices
+from relion_graphsplit.fourier.symmetry import axis_rotation, symmetry_matrices
 
 ORDERS = {"C1": 1, "C2": 2, "C4": 4, "C11": 11, "D2": 4, "D3": 6, "D7": 14, "T": 12, "O": 24, "I": 60}
 

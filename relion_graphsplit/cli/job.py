@@ -1,0 +1,286 @@
+"""One run of relion_graphsplit: the inputs read and checked, the split and the class maps, every
+output written into the run folder's staging area and moved into place together (run_folder), the
+RELION markers; the command line itself is cli.py."""
+
+from __future__ import annotations
+
+import errno
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from threadpoolctl import threadpool_limits
+
+from relion_graphsplit import __version__
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.relion.external import ExternalJob
+from relion_graphsplit.method.masks import resample_volume
+from relion_graphsplit.relion.model_star import MODEL_NAME, next_command, write_model_star
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.run_files.write import (
+    classified_particles, noise_description, noise_spectrum, write_diagnostics, write_particles, write_summary,
+)
+from relion_graphsplit.method.pipeline import split
+from relion_graphsplit.run_files.folder import FolderBusy, RunFolder, check_inputs_outside
+from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
+
+MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
+console = Console(stderr=False, highlight=False)
+error_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+@dataclass
+class _Inputs:
+    """What a run reads before it writes anything: the particles, their warnings, the maps given."""
+
+    path: Path
+    ps: star_io.ParticleSet
+    warnings: list[str]
+    mask: torch.Tensor | None  # (N, N, N) at the particles' box and pixel size
+    consensus: torch.Tensor | None
+
+
+def run(
+    i: Path, o: Path, options: SplitOptions, mask: Path | None, ref: Path | None, particle_diameter: float | None,
+    j: int, scratch_dir: Path | None, pipeline_control: str | None,
+) -> None:
+    """Split the particles `i` into the folder `o` (cli.py has checked the options' ranges).
+
+    Raises typer.Exit(1) after one line on stderr for bad input or a failed write, typer.BadParameter
+    for an unusable map or point group; where the run is a RELION job, exactly one exit marker is left.
+    """
+    job = ExternalJob(o, active=True if pipeline_control else None)
+    start = time.perf_counter()
+    try:
+        inputs = _read_inputs(i, mask, ref, options.symmetry, j)
+        with ImageStacks(inputs.ps) as stacks:
+            check_inputs_outside(o, [path for path in (i, ref, mask) if path] + stacks.paths)
+            with RunFolder(o) as folder:
+                job.started()
+                result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job)
+                closing = _write_outputs(folder, job, inputs, result, class_maps, options, particle_diameter, j, start)
+        job.succeed()
+        _print_after(o, *closing)
+    except Aborted as err:
+        error_console.print(f"{err}")
+        job.aborted()
+        raise typer.Exit(1)
+    except (star_io.StarFileError, ValueError, OSError, FolderBusy) as err:  # bad input, a file that cannot be read or written
+        full = " (the disk holding --o or --scratch_dir is full)" if getattr(err, "errno", None) == errno.ENOSPC else ""
+        error_console.print(f"error: {one_line(err)}{full}")
+        job.fail()
+        raise typer.Exit(1)
+    except BaseException:  # KeyboardInterrupt (Ctrl-C, SIGTERM) included: cli.graphsplit says so
+        job.fail()
+        raise
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error's message on one line (an OSError's names its file)."""
+    return " ".join(str(err).split())
+
+
+def _read_inputs(i: Path, mask: Path | None, ref: Path | None, symmetry: str, j: int) -> _Inputs:
+    """Read and check everything the run needs before it writes anything."""
+    try:
+        symmetry_matrices(symmetry)
+    except ValueError as err:
+        raise typer.BadParameter(one_line(err), param_hint="--sym") from None
+    torch.set_num_threads(j)
+    threadpool_limits(j)  # the BLAS under numpy and scipy
+    ps = star_io.read_particles(i)
+    warnings = star_io.check_values(ps)
+    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    mask_volume = _read_mask(mask, box, apix) if mask else None
+    consensus = _read_consensus(ref, box, apix) if ref else None
+    return _Inputs(i, ps, warnings, mask_volume, consensus)
+
+
+def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir, job):
+    """The split (pipeline.split) and the class maps, with progress bars; the working files go to the
+    staging folder or, in a folder of their own, under `scratch_dir`."""
+    ps = inputs.ps
+    scratch = folder.staging
+    if scratch_dir is not None:
+        scratch = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir))
+        folder.use_scratch(scratch)
+    console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {star_io.pixel_size(ps):.3f} A/px")
+    for warning in inputs.warnings:
+        console.print(f"warning: {warning}", soft_wrap=True)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        track = _progress_tracker(progress, job)
+        result = split(ps, stacks, options, mask=inputs.mask, consensus=inputs.consensus, scratch_dir=scratch, track=track)
+        result.warnings[:0] = inputs.warnings
+        start = time.perf_counter()
+        class_maps = None
+        if np.bincount(result.classes, minlength=3)[1:].min() >= 2:
+            class_maps = reconstruct_classes(
+                ps, stacks, result.classes, sym=options.symmetry, seed=options.seed, batch_size=options.batch_size, track=track
+            )
+        else:
+            result.warnings.append("a class holds fewer than 2 particles: no class maps were made")
+        result.timings["class maps"] = time.perf_counter() - start
+    return result, class_maps
+
+
+def _write_outputs(folder: RunFolder, job, inputs: _Inputs, result, class_maps, options: SplitOptions, particle_diameter, j: int, start: float):
+    """Every output into the staging folder, named by its final path where one file names another;
+    then the commit. Returns the report's warnings and the RELION command to print."""
+    o, staging, ps = folder.out, folder.staging, inputs.ps
+    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    t = time.perf_counter()
+    table = classified_particles(ps, result)
+    used_mask = inputs.mask if inputs.mask is not None else resample_volume(result.mask, box)
+    write_mrc(staging / MASK_NAME, used_mask.numpy(), apix)
+    nodes = [(o / "run_data.star", "particles"), (o / MASK_NAME, "mask")]
+    command = None
+    if class_maps is not None:
+        table["rlnRandomSubset"] = class_maps.subsets
+        nodes += [(o / path.name, kind) for path, kind in write_class_maps(staging, class_maps)]
+        write_model_star(
+            staging / MODEL_NAME, [path for path, kind in nodes if kind == "map"], class_maps.distribution,
+            class_maps.resolution, class_maps.fsc, class_maps.completeness, box, apix,
+            average_pmax=float(np.mean(result.probability)),
+        )  # fmt: skip
+        diameter = particle_diameter or 0.8 * box * apix
+        command = next_command(o, o / "run_data.star", diameter, j, class_maps.resolution, sym=options.symmetry)
+    write_particles(staging, ps, table)
+    write_diagnostics(staging, result)
+    result.timings["write"] = time.perf_counter() - t
+    summary = {
+        "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "command": " ".join(sys.argv), "input": str(inputs.path), "particles": len(ps.particles),
+        "box": box, "pixel_size": apix, "working_box": result.working_box,
+        "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
+        "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
+        "graph_components": len(result.components), "sync_method": result.sync_method,
+        "sync_gap": result.sync_gap,
+        "noise_contrast": result.noise_contrast,
+        "whitened": result.whitened,
+        "noise": noise_description(result.noise_contrast, result.whitened),
+        "noise_spectrum": noise_spectrum(result),
+        "refine_changes": result.refine_changes,
+        "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
+        "next_command": command,
+        "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
+        "options": vars(options), "timings": result.timings, "warnings": result.warnings,
+        "peak_memory_mb": peak_memory_mb(),
+    }  # fmt: skip
+    write_summary(staging, summary)
+    t = time.perf_counter()
+    from relion_graphsplit.report import write_report  # matplotlib and plotly, loaded when needed
+
+    report_warnings = write_report(staging, shown_as=o)
+    result.timings["report"] = time.perf_counter() - t
+    job.outputs(nodes, staging)
+    if job.abort_requested():  # the last moment a run can stop with its folder as it was
+        raise Aborted("RELION asked the job to abort")
+    folder.commit()
+    _print_summary(result, len(ps.particles), time.perf_counter() - start)
+    return report_warnings, command
+
+
+def _print_after(o: Path, report_warnings: list[str], command: str | None) -> None:
+    for warning in report_warnings:
+        console.print(f"warning: {warning}", soft_wrap=True)
+    console.print(f"Report: {o / 'report.html'}")
+    if command:
+        console.print("Next, a fixed-pose Class3D in RELION seeded with the class maps:")
+        console.print(command, soft_wrap=True, markup=False, highlight=False)
+
+
+def _print_summary(result, n: int, total: float) -> None:
+    table = Table(title="Graph split", show_header=False)
+    table.add_row("particles", str(n))
+    table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
+    table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
+    table.add_row("graph components", str(len(result.components)))
+    table.add_row("noise", noise_description(result.noise_contrast, result.whitened))
+    for k in (1, 2):
+        count = int((result.classes == k).sum())
+        table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")
+    for step, seconds in result.timings.items():
+        table.add_row(f"time: {step}", f"{seconds:.1f} s")
+    table.add_row("time: total", f"{total:.1f} s")
+    console.print(table)
+
+
+class Aborted(RuntimeError):
+    """The run was asked to stop (RELION's RELION_JOB_ABORT_NOW)."""
+
+
+def _progress_tracker(progress: Progress, job: ExternalJob):
+    def track(iterable, description: str = "", total: int | None = None):
+        task = progress.add_task(description, total=total)
+        done = 0
+        for item in iterable:
+            if job.abort_requested():
+                raise Aborted("RELION asked the job to abort")
+            yield item
+            done += 1
+            progress.advance(task)
+        progress.update(task, total=done)  # an iterable that ends early (converged) ends its bar full
+
+    return track
+
+
+def _read_map(path: Path, box: int, pixel_size: float, what: str) -> torch.Tensor:
+    try:
+        volume, apix = read_mrc(path)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(f"{what}: {one_line(err)}") from None
+    if volume.shape != (box, box, box):
+        raise typer.BadParameter(f"{what} {path} is {volume.shape}, the particles are {box}^3")
+    if abs(apix - pixel_size) > 1e-3 * pixel_size and apix > 0:
+        raise typer.BadParameter(f"{what} {path} has pixel size {apix:.4f} A, the particles {pixel_size:.4f} A")
+    if not np.isfinite(volume).all():
+        raise typer.BadParameter(f"{what} {path} holds values that are not finite numbers")
+    return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+
+
+def _read_consensus(path: Path, box: int, pixel_size: float) -> torch.Tensor:
+    """A consensus map: not one value everywhere (an empty map gives no projection to work with)."""
+    volume = _read_map(path, box, pixel_size, "consensus map")
+    if volume.min() == volume.max():
+        raise typer.BadParameter(f"consensus map {path} holds the value {float(volume.min()):g} everywhere")
+    return volume
+
+
+def _read_mask(path: Path, box: int, pixel_size: float) -> torch.Tensor:
+    """A 3D mask as RELION takes it: values from 0 (ignored) to 1 (kept), some of them above 0."""
+    mask = _read_map(path, box, pixel_size, "mask")
+    low, high = float(mask.min()), float(mask.max())
+    if low < -1e-3 or high > 1.001:
+        raise typer.BadParameter(f"mask {path} has values from {low:.3g} to {high:.3g}: a mask runs from 0 to 1")
+    if high <= 0:
+        raise typer.BadParameter(f"mask {path} is empty (no value above 0)")
+    return mask.clamp(0.0, 1.0)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (MiB): VmHWM where Linux gives it. getrusage's ru_maxrss
+    is not used there: a process started by fork and exec inherits the parent's peak in it, so a run
+    started from a large process (a benchmark, a notebook) reported that process's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,91 @@
+"""RELION's contrast transfer function, evaluated on the rfft grid of an image.
+
+Written out rather than taken from torch-ctf so that the wavelength, the astigmatism convention
+(any order of DefocusU/V), the B-factor and the scale factor are exactly RELION's (ctf.h).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+
+
+def wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
+    """Relativistic electron wavelength in Angstrom."""
+    v = torch.as_tensor(voltage_kv, dtype=torch.float64) * 1e3
+    return 12.2643247 / torch.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+@dataclass
+class CTFParams:
+    """Per-image CTF parameters, each a float64 tensor of shape (B,) (RELION's units)."""
+
+    defocus_u: torch.Tensor  # A, positive = underfocus
+    defocus_v: torch.Tensor  # A
+    defocus_angle: torch.Tensor  # degrees
+    voltage: torch.Tensor  # kV
+    cs: torch.Tensor  # mm
+    amplitude_contrast: torch.Tensor  # fraction Q0
+    phase_shift: torch.Tensor  # degrees
+    bfactor: torch.Tensor  # A^2
+    scale: torch.Tensor  # unitless
+
+    def __getitem__(self, index) -> "CTFParams":
+        return CTFParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.defocus_u)
+
+
+def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
+    """CTF = scale * -sin(gamma) * exp(-B k^2 / 4) on the rfft grid, shape (B, box, box // 2 + 1), float32.
+
+    gamma = -pi lam defocus k^2 + pi/2 Cs lam^3 k^4 - phase shift - atan(Q0 / sqrt(1 - Q0^2)), with
+    defocus = u cos^2(theta - alpha) + v sin^2(theta - alpha) at the angle theta of k. Written out,
+    defocus k^2 is the quadratic form Axx kx^2 + 2 Axy kx ky + Ayy ky^2 (the same function, with no
+    trigonometry per pixel). The per-image terms are computed here, the per-pixel ones in float64 by
+    the compiled `_ctf_kernel`, images split among `torch.get_num_threads()` threads.
+    """
+    ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)  # 1/A, the rows of the rfft grid
+    kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64)
+    p = {f.name: getattr(params, f.name).to(torch.float64) for f in fields(params)}
+    lam = wavelength(p["voltage"])
+    alpha = torch.deg2rad(p["defocus_angle"])
+    u, v, cos, sin = p["defocus_u"], p["defocus_v"], torch.cos(alpha), torch.sin(alpha)
+    q0 = p["amplitude_contrast"]
+    terms = torch.stack([
+        u * cos * cos + v * sin * sin,  # Axx
+        2 * (u - v) * cos * sin,  # 2 Axy
+        u * sin * sin + v * cos * cos,  # Ayy
+        -torch.pi * lam,
+        0.5 * torch.pi * p["cs"] * 1e7 * lam**3,
+        torch.deg2rad(p["phase_shift"]) + torch.atan(q0 / torch.sqrt(1.0 - q0 * q0)),
+        p["scale"],
+        -p["bfactor"] / 4.0,
+    ], dim=1).contiguous().numpy()  # fmt: skip
+    out = np.empty((len(terms), box, box // 2 + 1), dtype=np.float32)
+    run_in_runs(_ctf_kernel, (out, terms, ky.numpy(), kx.numpy()), len(terms), torch.get_num_threads(), least=4)
+    return torch.from_numpy(out)
+
+
+@compiled
+def _ctf_kernel(out: np.ndarray, terms: np.ndarray, ky: np.ndarray, kx: np.ndarray, start: int, stop: int) -> None:
+    """Images [start, stop) of `ctf_2d`; terms (B, 8): Axx, 2 Axy, Ayy, -pi lam, pi/2 Cs lam^3, the
+    constant phase, the scale and -B / 4."""
+    for b in range(start, stop):
+        axx, axy2, ayy, focus, spherical, phase, scale, bfactor = terms[b]
+        for i in range(ky.shape[0]):
+            y = ky[i]
+            for j in range(kx.shape[0]):
+                x = kx[j]
+                k2 = x * x + y * y
+                gamma = focus * (axx * (x * x) + axy2 * (x * y) + ayy * (y * y)) + spherical * (k2 * k2) - phase
+                value = -math.sin(gamma) * scale
+                if bfactor != 0.0:
+                    value *= math.exp(bfactor * k2)
+                out[b, i, j] = value

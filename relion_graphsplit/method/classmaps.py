@@ -1,0 +1,175 @@
+"""Class maps and half maps of a split, reconstructed as relion_reconstruct --ctf does, in one pass.
+
+Every particle is read once and inserted into the accumulator of its class and half set
+(rlnRandomSubset); the full map of a class comes from the sum of its two half accumulators, so it is
+exactly the reconstruction from all of the class's particles. The FSC between the half maps is the
+gold-standard FSC (unmasked, as in RELION's model.star) and gives the resolution at 0.143.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.fourier.fsc import fsc, resolution_at
+from relion_graphsplit.relion.mrc import write_mrc
+from relion_graphsplit.method.pipeline import Track, no_progress
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator
+from relion_graphsplit.relion.stacks import ImageStacks
+
+
+@dataclass
+class ClassMaps:
+    """Reconstructions of K classes; class k (1-based) is index k - 1 everywhere."""
+
+    maps: torch.Tensor  # (K, N, N, N) float32, from all particles of the class
+    half_maps: torch.Tensor  # (K, 2, N, N, N) float32, half sets 1 and 2
+    fsc: torch.Tensor  # (K, N // 2 + 1) float64, between the half maps
+    resolution: list[float]  # Angstrom, where the FSC drops below 0.143
+    completeness: torch.Tensor  # (K, N // 2 + 1) fraction of each shell's Fourier voxels that got data
+    counts: np.ndarray  # (K,) particles per class
+    subsets: np.ndarray  # (n,) rlnRandomSubset (1 or 2) of every particle, as used
+    pixel_size: float
+
+    @property
+    def distribution(self) -> np.ndarray:
+        """Fraction of the particles in each class (rlnClassDistribution)."""
+        return self.counts / self.counts.sum()
+
+
+def half_sets(ps: star_io.ParticleSet, classes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """rlnRandomSubset (1 or 2) per particle: the file's column where it has one, else drawn at random
+    (seeded) so that the two halves of every class differ in size by at most one particle."""
+    if "rlnRandomSubset" in ps.particles:
+        subsets = ps.particles["rlnRandomSubset"].to_numpy()
+        if not np.isin(subsets, (1, 2)).all():
+            raise ValueError(f"{ps.path}: rlnRandomSubset must be 1 or 2 for every particle")
+        return subsets.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    subsets = np.empty(len(classes), dtype=np.int64)
+    for k in np.unique(classes):
+        members = rng.permutation(np.flatnonzero(classes == k))
+        subsets[members[0::2]], subsets[members[1::2]] = 1, 2
+    return subsets
+
+
+def reconstruct_classes(
+    ps: star_io.ParticleSet,
+    stacks: ImageStacks,
+    classes: np.ndarray,
+    sym: str = "C1",
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    track: Track = no_progress,
+) -> ClassMaps:
+    """Half maps, full maps and gold-standard FSC of each class (1..K) of a split, reading every image once.
+
+    classes: (n,) class of each particle row, 1..K with every class holding at least one particle in
+    each half set. Images are CTF-corrected (CTF at the full box, RELION's formula) and centred by
+    their origins; `sym` is applied to every map; the accumulators live on `device`. Half sets come
+    from `half_sets(ps, classes, seed)` and are returned, so that a written particle file can carry them.
+    """
+    classes = np.asarray(classes, dtype=np.int64)
+    n = len(ps.particles)
+    if classes.shape != (n,) or classes.min() < 1:
+        raise ValueError(f"need one class >= 1 per particle ({n}), got shape {classes.shape}")
+    n_classes = int(classes.max())
+    subsets = half_sets(ps, classes, seed)
+    accumulator = (classes - 1) * 2 + subsets - 1  # index of (class, half) in `accumulators`
+    sizes = np.bincount(accumulator, minlength=2 * n_classes).reshape(n_classes, 2)
+    if (sizes == 0).any():
+        k, h = np.argwhere(sizes == 0)[0]
+        raise ValueError(f"class {k + 1} has no particle in half set {h + 1}: cannot make its half maps")
+
+    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    rotations, origins = star_io.poses(ps)
+    params = star_io.ctf_params(ps)
+    premultiplied = star_io.ctf_premultiplied(ps)
+    accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
+    # Batches in file order (one read per run of consecutive images), split among the accumulators;
+    # about one insertion's worth of images for each, so that a batch's images, CTFs and temporaries
+    # stay small at any box size.
+    size = min(batch_size, len(accumulators) * accumulators[0].images_per_insert)
+    batches = [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
+    for index in track(batches, description="Reconstructing class maps", total=len(batches)):
+        images = stacks.read(index)
+        particles = torch.from_numpy(index)
+        ctf = ctf_2d(params[particles], box, apix)
+        which = accumulator[index]
+        for a in np.unique(which):
+            rows = torch.from_numpy(np.flatnonzero(which == a))
+            accumulators[a].insert(
+                images[rows], rotations[particles[rows]], ctf=ctf[rows], origins=origins[particles[rows]],
+                ctf_premultiplied=premultiplied,
+            )  # fmt: skip
+
+    maps, halves, curves, completeness = [], [], [], []
+    for k in track(range(n_classes), description="Inverting class maps (classes)", total=n_classes):
+        first, second = accumulators[2 * k], accumulators[2 * k + 1]
+        halves.append(torch.stack([first.finalise(sym=sym).cpu(), second.finalise(sym=sym).cpu()]))
+        first.sums += second.sums  # the class's full set
+        maps.append(first.finalise(sym=sym).cpu())
+        completeness.append(_completeness(first))
+        curves.append(fsc(halves[-1][0], halves[-1][1]))
+    curves = torch.stack(curves)
+    return ClassMaps(
+        maps=torch.stack(maps),
+        half_maps=torch.stack(halves),
+        fsc=curves,
+        resolution=[resolution_at(curve, box, apix) for curve in curves],
+        completeness=torch.stack(completeness),
+        counts=sizes.sum(1),
+        subsets=subsets,
+        pixel_size=apix,
+    )
+
+
+def _completeness(acc: FourierAccumulator) -> torch.Tensor:
+    """Per shell of the box (0..N // 2), the fraction of the padded half grid's voxels with weight > 0."""
+    weight = acc.sums[2].cpu().numpy()
+    shells = acc.box // 2 + 1
+    filled, total = (np.zeros((len(weight), shells), dtype=np.int64) for _ in range(2))
+    run_in_runs(_completeness_kernel, (filled, total, weight, acc.pad), len(weight), torch.get_num_threads(), least=1)
+    return torch.from_numpy(filled.sum(0) / np.maximum(total.sum(0), 1))
+
+
+@compiled
+def _completeness_kernel(
+    filled: np.ndarray, total: np.ndarray, weight: np.ndarray, pad: int, start: int, stop: int
+) -> None:
+    """For the rows z in [start, stop) of a centred half grid (2c + 1, 2c + 1, c + 1): the voxels in
+    each shell round(r / pad) of the box below `total.shape[1]`, and those of them with weight > 0."""
+    c = weight.shape[0] // 2
+    for zi in range(start, stop):
+        for yi in range(weight.shape[1]):
+            for x in range(weight.shape[2]):
+                r2 = (zi - c) ** 2 + (yi - c) ** 2 + x * x
+                shell = int(np.rint(math.sqrt(r2) / pad))
+                if shell < total.shape[1]:
+                    total[zi, shell] += 1
+                    if weight[zi, yi, x] > 0:
+                        filled[zi, shell] += 1
+
+
+def write_class_maps(out: Path, maps: ClassMaps) -> list[tuple[Path, str]]:
+    """run_classNNN.mrc and run_half{1,2}_classNNN_unfil.mrc for every class, with RELION's MRC header.
+
+    Returns the output nodes as (path, kind) for ExternalJob.outputs: each class map ("map") and each
+    half-1 map ("halfmap"; RELION declares half 1 only and finds half 2 by its name).
+    """
+    nodes = []
+    for k in range(len(maps.maps)):
+        name = f"class{k + 1:03d}"
+        write_mrc(out / f"run_{name}.mrc", maps.maps[k].numpy(), maps.pixel_size)
+        for h in (0, 1):
+            write_mrc(out / f"run_half{h + 1}_{name}_unfil.mrc", maps.half_maps[k, h].numpy(), maps.pixel_size)
+        nodes += [(out / f"run_{name}.mrc", "map"), (out / f"run_half1_{name}_unfil.mrc", "halfmap")]
+    return nodes

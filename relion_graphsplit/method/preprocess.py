@@ -1,0 +1,171 @@
+"""Image preparation before the per-cone analysis: centring, downsampling and CTF correction.
+
+The thesis assumed CTF-corrected images. With a real defocus spread the first principal component then
+follows the CTF and the signal shared by both classes rather than the heterogeneity. The default here
+removes from every image its CTF-modulated projection of the consensus map (scaled per image by least
+squares), so what is left is the difference between the particle's state and the average plus noise,
+and then multiplies by the CTF once more: under white noise the correlation of an image with the
+CTF-modulated difference is the likelihood-ratio statistic, so the residual times the CTF is the space
+in which the first component is a matched filter. docs/benchmarks.md has the measurements behind this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection
+from relion_graphsplit.fourier.projection import rfft_weights, shift_images
+
+
+def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
+    """Even box to work at: `resize` if given, else the box whose Nyquist is `maxres` but at least
+    MIN_WORKING_BOX pixels; never above the box."""
+    if resize is not None:
+        n = resize
+    elif maxres is not None:
+        n = max(MIN_WORKING_BOX, int(round(box * 2.0 * pixel_size / maxres)))
+    else:
+        n = box
+    n = max(8, min(box, n))
+    return n - n % 2
+
+
+def fourier_crop(images_rfft: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop an unshifted rfft (..., N, N // 2 + 1) to (..., n, n // 2 + 1): downsampling to n pixels.
+
+    Values are rescaled so that the real-space images keep their grey levels.
+    """
+    big = images_rfft.shape[-2]
+    if n == big:
+        return images_rfft
+    rows = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
+    return images_rfft[..., rows, : n // 2 + 1] * (n / big) ** 2
+
+
+def centre_downsampled(images_rfft: torch.Tensor, origins_px: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop unshifted rffts (B, N, N // 2 + 1) to n pixels (`fourier_crop`) and translate each image by
+    +origin (B, 2), in pixels of the N box, as RELION centres particles.
+
+    Shifting after the crop gives the kept frequencies the same phases as shifting the whole transform
+    would, and computes only theirs (at box 256 to 50, a 25th).
+    """
+    return shift_images(fourier_crop(images_rfft, n), origins_px * (n / images_rfft.shape[-2]))
+
+
+def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:
+    """Downsample a cubic volume [z, y, x] to n^3 by cropping its Fourier transform."""
+    big = volume.shape[-1]
+    if n == big:
+        return volume.to(torch.float32)
+    f = torch.fft.rfftn(volume.to(torch.float64), dim=(-3, -2, -1))
+    keep = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
+    f = f[keep][:, keep][:, :, : n // 2 + 1] * (n / big) ** 3
+    return torch.fft.irfftn(f, s=(n, n, n), dim=(-3, -2, -1)).to(torch.float32)
+
+
+def subtract_consensus(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images less their model (the CTF-modulated consensus projection) scaled by least squares, and
+    the scales (B,)."""
+    scale = least_squares_scale(images_rfft, model_rfft)
+    return images_rfft - scale[:, None, None] * model_rfft, scale
+
+
+def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> torch.Tensor:
+    """Per-image a minimising |image - a model|^2 over the half-plane (DC excluded), shape (B,)."""
+    weight = rfft_weights(images_rfft.shape[-2])
+    weight[0, 0] = 0.0
+    num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
+    den = (weight * model_rfft.abs() ** 2).sum(dim=(-2, -1)).clamp(min=1e-30)
+    return num / den
+
+
+COLOURED_NOISE = 2.0
+"""Noise whose power varies less than this many times across the rings counts as white (whitening_filter)."""
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), the noise
+    power of rings 1..n // 2 relative to their mean (`spectrum`, empty when not estimated), and the
+    noise's contrast: the power of the noisiest of those rings over the least noisy one's (None when
+    not estimated)."""
+
+    filter: torch.Tensor
+    contrast: float | None
+    applied: bool
+    spectrum: torch.Tensor
+
+    @classmethod
+    def none(cls, n: int) -> Whitening:
+        """No estimate, no whitening."""
+        return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), None, False, torch.zeros(0))
+
+
+def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = COLOURED_NOISE) -> Whitening:
+    """The Whitening of noise whose transforms are `residuals`.
+
+    The filter is 1 / sqrt of the mean power of the residual transforms `residuals` (batches
+    (B, n, n // 2 + 1), unshifted rfft) in each ring of integer radius, relative to their mean power.
+    The DC ring takes the first ring's value.
+
+    Real images carry more noise at low frequencies than at high ones (ice, the structured background);
+    the principal component and the refinement's likelihood assume white noise, so images and their
+    CTFs are multiplied by this filter before the CTF correction. Residuals to the consensus projection
+    are noise, plus the difference between the classes and what pose errors leave: on white noise
+    these make the rings' power vary by up to 1.4-fold (docs/benchmarks.md), and whitening by them
+    would damp the very frequencies the classes differ at. So unless the power of the rings within
+    Nyquist varies by at least `min_contrast`, the noise counts as white and the filter is ones.
+    """
+    power = sum((r.abs() ** 2).sum(0) for r in residuals)  # one batch at a time
+    n = power.shape[-2]
+    ky = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)
+    kx = torch.arange(n // 2 + 1, dtype=torch.float64)
+    ring = torch.round(torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)).long()
+    weight = rfft_weights(n)
+    rings = int(ring.max()) + 1
+    ring_power = torch.bincount(ring.reshape(-1), (weight * power).reshape(-1), minlength=rings)
+    ring_count = torch.bincount(ring.reshape(-1), weight.reshape(-1), minlength=rings)
+    mean = ring_power / ring_count
+    mean[0] = mean[1]
+    mean = mean.clamp(min=1e-12 * float(mean.max()))
+    within = mean[1 : n // 2 + 1]
+    contrast = float(within.max() / within.min())
+    spectrum = within / within.mean()
+    if contrast < min_contrast:
+        return Whitening(Whitening.none(n).filter, contrast, False, spectrum)
+    overall = (ring_power[1:].sum() + mean[0]) / ring_count.sum()
+    return Whitening(torch.sqrt(overall / mean[ring]), contrast, True, spectrum)
+
+
+def correct(
+    images_rfft: torch.Tensor,
+    ctf: torch.Tensor,
+    mode: CtfCorrection,
+    consensus_rfft: torch.Tensor | None = None,
+    wiener_constant: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the CTF correction `mode` to centred images (B, n, n // 2 + 1, unshifted rfft).
+
+    `ctf` is the filter the data carry (the CTF, or its square for CTF-premultiplied data);
+    `consensus_rfft` the consensus map's projections for the subtracting modes. Returns the corrected
+    transforms and each image's scale relative to the consensus projection (ones when not subtracting).
+    """
+    scale = torch.ones(images_rfft.shape[0], dtype=torch.float64)
+    if mode.subtracts:
+        if consensus_rfft is None:
+            raise ValueError(f"CTF correction {mode.value} needs the consensus projections")
+        images_rfft, scale = subtract_consensus(images_rfft, ctf * consensus_rfft)
+    if mode in (CtfCorrection.subtract_multiply,):
+        out = images_rfft * ctf
+    elif mode in (CtfCorrection.subtract_flip, CtfCorrection.flip):
+        out = images_rfft * torch.where(ctf < 0, -1.0, 1.0)
+    elif mode is CtfCorrection.wiener:
+        out = images_rfft * ctf / (ctf * ctf + wiener_constant)
+    else:
+        out = images_rfft
+    out = out.clone()
+    out[..., 0, 0] = 0
+    return out, scale

@@ -1,0 +1,115 @@
+"""Files a split leaves in its output directory (each written atomically)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.files import atomic_path
+from relion_graphsplit.method.pipeline import SplitResult
+from relion_graphsplit.relion.stack_files import resolve_stack
+
+SCORE_LABEL = "rlnGraphSplitScore"
+"""Column with each particle's mean synchronised log-likelihood ratio (positive: class 1)."""
+
+
+def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.DataFrame:
+    """The input particle table, every column kept, with the class, its probability and the score;
+    image names valid from the working directory (`image_names_from_workdir`)."""
+    table = ps.particles.copy()
+    table["rlnImageName"] = image_names_from_workdir(ps)
+    table["rlnClassNumber"] = result.classes.astype(np.int64)
+    table["rlnMaxValueProbDistribution"] = result.probability
+    table[SCORE_LABEL] = result.score
+    return table
+
+
+def image_names_from_workdir(ps: star_io.ParticleSet) -> pd.Series:
+    """rlnImageName with each stack named as it is found from the working directory.
+
+    RELION opens stacks relative to the directory it runs in (a RELION project's). A stack that was
+    found only relative to the input STAR file's folder is named through that folder, so that the
+    written STAR file and the `relion_refine` command printed with it work from where the program ran.
+    """
+    names = ps.particles["rlnImageName"].astype(str)
+    number, at, stack = (part for _, part in names.str.partition("@").items())
+    stack = stack.where(at == "@", number)
+    renamed = {}
+    for name in stack.unique():
+        found = resolve_stack(name, ps.path.parent)
+        beside_star = found is not None and not (Path.cwd() / name).is_file() and not Path(name).is_absolute()
+        renamed[name] = str(ps.path.parent / name) if beside_star else name
+    stack = stack.map(renamed)
+    return (number + "@" + stack).where(at == "@", stack)
+
+
+def noise_spectrum(result: SplitResult) -> dict | None:
+    """The estimated noise power per ring of the working box (rings 1..w // 2, relative to their mean)
+    with each ring's resolution in A, for run_summary.json; None when the noise was not estimated."""
+    if not len(result.noise_spectrum):
+        return None
+    rings = np.arange(1, len(result.noise_spectrum) + 1)
+    return {
+        "resolution": (result.working_box * result.working_pixel_size / rings).tolist(),
+        "relative_power": result.noise_spectrum.tolist(),
+    }
+
+
+def noise_description(contrast: float | None, whitened: bool) -> str:
+    """How coloured the noise was found (power of the noisiest ring over the least noisy, None when
+    not estimated), and whether the images were whitened (method.md item 8)."""
+    if contrast is None:
+        return "not estimated (not whitened)"
+    return f"{'coloured' if whitened else 'white'} ({contrast:.1f}-fold): {'whitened' if whitened else 'not whitened'}"
+
+
+def write_particles(out: Path, ps: star_io.ParticleSet, table: pd.DataFrame) -> None:
+    """run_data.star and one run_classNNN_data.star per class."""
+    star_io.write_particles(out / "run_data.star", ps, table)
+    for k in sorted(table["rlnClassNumber"].unique()):
+        path = out / f"run_class{int(k):03d}_data.star"
+        star_io.write_particles(path, ps, table[table["rlnClassNumber"] == k].reset_index(drop=True))
+
+
+def write_diagnostics(out: Path, result: SplitResult) -> None:
+    """Per-cone table and graph (run_cones.star), memberships and cone images.
+
+    run_cone_images.mrcs holds 4 images per cone c: 4c mean, 4c+1 eigen-image, 4c+2 and 4c+3 the
+    averages of the cone's class-1 and class-2 members.
+    """
+    cones = out / "run_cones.star"
+    with atomic_path(cones) as tmp:
+        starfile.write({"cones": result.cone_table, "edges": result.edges}, tmp, overwrite=True)
+    members = out / "run_memberships.star"
+    with atomic_path(members) as tmp:
+        starfile.write({"memberships": result.membership}, tmp, overwrite=True)
+    images = out / "run_cone_images.mrcs"
+    stack = result.cone_images.reshape(-1, *result.cone_images.shape[2:])  # 4 images per cone
+    with atomic_path(images) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(stack.astype(np.float32))
+            mrc.set_image_stack()
+            mrc.voxel_size = result.working_pixel_size
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """run_summary.json: the run's parameters, versions, sizes, timings and warnings."""
+    summary_path = out / "run_summary.json"
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

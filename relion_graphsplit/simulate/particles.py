@@ -1,0 +1,335 @@
+"""Simulated particle sets with known classes, written as a RELION 3.1 project would hold them.
+
+Each particle is the projection of one of several maps in a uniformly random orientation, multiplied
+by RELION's CTF, shifted by its origin (image(x) = P(x + o)), with Gaussian noise added and the
+result normalised as RELION's extraction does. The noise is white, or coloured: real images carry
+extra noise at low frequencies (ice, the structured background), modelled by a noise power spectrum
+1 + E exp(-B s^2 / 2) (Conditions.noise_excess E, noise_bfactor B). The particle STAR file carries
+the poses perturbed by known errors, as a consensus refinement would give them; the truth table
+carries the true ones.
+
+Signal-to-noise ratio: for each particle, the noise variance is the variance of its noiseless
+CTF-modulated image over the pixels inside the normalisation circle (diameter 0.75 box), divided by
+`snr`. Normalisation: the pixels outside that circle get mean 0 and standard deviation 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial.transform import Rotation
+
+from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.files import atomic_path
+from relion_graphsplit.fourier.geometry import euler_to_matrix, matrix_to_euler
+from relion_graphsplit.relion.mrc import write_mrc
+from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
+from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, write_particles
+
+NORMALISATION_DIAMETER = 0.75
+"""Diameter of the circle outside which the background is normalised, as a fraction of the box."""
+
+PARTICLES_PER_MICROGRAPH = 100
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How the particles were imaged, and how far off the poses a consensus refinement reports are."""
+
+    defocus_range: tuple[float, float] = (10000.0, 30000.0)  # A, mean defocus (underfocus)
+    astigmatism: float = 500.0  # A, DefocusU - DefocusV
+    voltage: float = 300.0  # kV
+    cs: float = 2.7  # mm
+    q0: float = 0.1  # amplitude contrast
+    bfactor: float = 0.0  # A^2, CTF envelope (rlnCtfBfactor)
+    max_shift_A: float = 0.0  # true origins uniform in [-max, max] per axis
+    pose_error_deg: float = 0.0  # RMS angle of the rotation between true and reported poses
+    shift_error_A: float = 0.0  # RMS length of the error of the reported origins
+    noise_excess: float = 0.0  # extra noise power at zero frequency, in units of the white part (0: white)
+    noise_bfactor: float = 1000.0  # A^2; the extra power falls as exp(-B s^2 / 2)
+
+    def noise_filter(self, box: int, pixel_size: float) -> torch.Tensor:
+        """Amplitude filter (box, box // 2 + 1) on the unshifted rfft grid that colours white noise as
+        1 + E exp(-B s^2 / 2) in power, keeping unit variance per pixel (ones for white noise)."""
+        k = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)
+        power = 1.0 + self.noise_excess * torch.exp(-self.noise_bfactor * (k[:, None] ** 2 + k[None, :] ** 2) / 2)
+        return (power / power.mean()).sqrt()[:, : box // 2 + 1]  # Parseval, over the full grid
+
+
+def model_images(
+    volume: PreparedVolume, rotations: torch.Tensor, origins_px: torch.Tensor, ctf: torch.Tensor
+) -> torch.Tensor:
+    """Noiseless particle images (B, N, N): projections times CTF (B, N, N // 2 + 1), shifted by -origin."""
+    n = volume.box
+    slices = project_rfft(volume, rotations) * ctf
+    return torch.fft.irfft2(shift_images(slices, -origins_px), s=(n, n))
+
+
+def normalisation_mask(box: int) -> torch.Tensor:
+    """True inside the circle of diameter NORMALISATION_DIAMETER * box centred at box // 2 (box, box)."""
+    c = torch.arange(box, dtype=torch.float64) - box // 2
+    return c[:, None] ** 2 + c[None, :] ** 2 <= (NORMALISATION_DIAMETER * box / 2) ** 2
+
+
+def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n rotation matrices (n, 3, 3) uniform on SO(3) (normalised Gaussian quaternions)."""
+    return Rotation.from_quat(rng.standard_normal((n, 4))).as_matrix()
+
+
+def draw_particles(
+    n_particles: int,
+    box: int,
+    pixel_size: float,
+    fractions: Sequence[float],
+    conditions: Conditions = Conditions(),
+    seed: int = 0,
+    stack_name: str = "particles.mrcs",
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-particle parameters: (particles, optics, truth) tables.
+
+    `particles` holds the poses a refinement would report: the true rotation turned by a random
+    rotation about a uniform axis with RMS angle `pose_error_deg`, and the true origin plus a 2D
+    Gaussian error of RMS length `shift_error_A`. `truth` holds the true poses and the true class
+    (rlnClassNumber, 1-based). Origins are uniform in [-max_shift_A, max_shift_A] per axis; the mean
+    defocus is uniform in `defocus_range` with DefocusU - DefocusV = `astigmatism` at a uniform angle
+    (all of them fields of `conditions`).
+    """
+    c = conditions
+    rng = np.random.default_rng(seed)
+    p = np.asarray(fractions, dtype=np.float64)
+    if p.ndim != 1 or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+    classes = rng.choice(len(p), size=n_particles, p=p / p.sum())
+    true_rot, true_tilt, true_psi = matrix_to_euler(torch.from_numpy(uniform_rotations(n_particles, rng)))
+    origins = rng.uniform(-c.max_shift_A, c.max_shift_A, size=(n_particles, 2))
+    defocus = rng.uniform(*c.defocus_range, size=n_particles)
+    defocus_angle = rng.uniform(0.0, 180.0, size=n_particles)
+    error_axes = rng.standard_normal((n_particles, 3)) * math.radians(c.pose_error_deg) / math.sqrt(3.0)
+    shift_errors = rng.standard_normal((n_particles, 2)) * c.shift_error_A / math.sqrt(2.0)
+    subsets = rng.integers(1, 3, size=n_particles)
+
+    A_true = euler_to_matrix(true_rot, true_tilt, true_psi)
+    A_seen = torch.from_numpy(Rotation.from_rotvec(error_axes).as_matrix()) @ A_true
+    rot, tilt, psi = matrix_to_euler(A_seen)
+    index = np.arange(n_particles)
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in index],
+            "rlnMicrographName": [f"Micrographs/sim_{i // PARTICLES_PER_MICROGRAPH + 1:05d}.mrc" for i in index],
+            "rlnOpticsGroup": np.ones(n_particles, dtype=np.int64),
+            "rlnAngleRot": rot.numpy(),
+            "rlnAngleTilt": tilt.numpy(),
+            "rlnAnglePsi": psi.numpy(),
+            "rlnOriginXAngst": origins[:, 0] + shift_errors[:, 0],
+            "rlnOriginYAngst": origins[:, 1] + shift_errors[:, 1],
+            "rlnDefocusU": defocus + c.astigmatism / 2.0,
+            "rlnDefocusV": defocus - c.astigmatism / 2.0,
+            "rlnDefocusAngle": defocus_angle,
+            "rlnCtfBfactor": np.full(n_particles, float(c.bfactor)),
+            "rlnRandomSubset": subsets,
+        }
+    )
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnAmplitudeContrast": [c.q0],
+            "rlnSphericalAberration": [c.cs],
+            "rlnVoltage": [c.voltage],
+            "rlnImagePixelSize": [pixel_size],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnCtfDataAreCtfPremultiplied": [0],
+        }
+    )
+    truth = particles.copy()
+    truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = (
+        true_rot.numpy(),
+        true_tilt.numpy(),
+        true_psi.numpy(),
+    )
+    truth["rlnOriginXAngst"], truth["rlnOriginYAngst"] = origins[:, 0], origins[:, 1]
+    truth["rlnClassNumber"] = classes + 1
+    return particles, optics, truth
+
+
+def _signal_images(
+    volumes: Sequence[PreparedVolume],
+    classes: np.ndarray,
+    rotations: torch.Tensor,
+    origins_px: torch.Tensor,
+    ctf: torch.Tensor,
+) -> torch.Tensor:
+    """Noiseless images of particles of the given 0-based classes."""
+    box = volumes[0].box
+    out = torch.zeros((len(classes), box, box), dtype=torch.float32)
+    for k, volume in enumerate(volumes):
+        rows = torch.from_numpy(np.flatnonzero(classes == k))
+        if len(rows):
+            out[rows] = model_images(volume, rotations[rows], origins_px[rows], ctf[rows])
+    return out
+
+
+def simulate(
+    maps: Sequence[np.ndarray],
+    pixel_size: float,
+    n_particles: int,
+    snr: float,
+    fractions: Sequence[float],
+    conditions: Conditions = Conditions(),
+    seed: int = 0,
+    stack_name: str = "particles.mrcs",
+    batch_size: int = 256,
+    out: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Simulate particles of `maps` (each box^3 [z, y, x]); returns (images, particles, optics, truth).
+
+    Images (n, box, box) float32 are made in batches of `batch_size` and written into `out` when given
+    (for example a memory-mapped stack), else into a new array. `fractions` gives each map's share.
+    The truth table also records, per particle, how its image was normalised: image =
+    NormScale * (signal + noise) + NormOffset, with the noise's standard deviation in image units in
+    NoiseStddev. `progress` is called with the number of particles done after each batch.
+    """
+    if snr <= 0:
+        raise ValueError(f"snr must be positive, got {snr}")
+    if len(fractions) != len(maps):
+        raise ValueError(f"{len(maps)} maps but {len(fractions)} fractions")
+    box = maps[0].shape[-1]
+    if any(m.shape != (box, box, box) for m in maps):
+        raise ValueError("maps must be cubic and all of the same size")
+    if box % 2:
+        raise ValueError(f"RELION particles have even boxes, got {box}")
+    particles, optics, truth = draw_particles(n_particles, box, pixel_size, fractions, conditions, seed, stack_name)
+    noise_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    volumes = [prepare_volume(torch.from_numpy(np.asarray(m, dtype=np.float32))) for m in maps]
+    truth_set = make_particle_set(truth, optics)
+    rotations, origins_px = poses(truth_set)
+    ctf = ctf_params(truth_set)
+    classes = truth["rlnClassNumber"].to_numpy() - 1
+    inside = normalisation_mask(box)
+    colour = conditions.noise_filter(box, pixel_size)
+    images = np.empty((n_particles, box, box), dtype=np.float32) if out is None else out
+    scale, offset, noise_sd = (np.empty(n_particles) for _ in range(3))
+
+    for start in range(0, n_particles, batch_size):
+        rows = slice(start, min(start + batch_size, n_particles))
+        signal = _signal_images(
+            volumes, classes[rows], rotations[rows], origins_px[rows], ctf_2d(ctf[rows], box, pixel_size)
+        ).to(torch.float64)
+        sigma = torch.sqrt(signal[:, inside].var(dim=1, correction=0) / snr)
+        noise = torch.from_numpy(noise_rng.standard_normal(signal.shape))
+        if conditions.noise_excess:
+            noise = torch.fft.irfft2(torch.fft.rfft2(noise) * colour, s=(box, box))
+        image = signal + sigma[:, None, None] * noise
+        background = image[:, ~inside]
+        mean, sd = background.mean(dim=1), background.std(dim=1, correction=0)
+        images[rows] = ((image - mean[:, None, None]) / sd[:, None, None]).to(torch.float32).numpy()
+        scale[rows], offset[rows] = (1.0 / sd).numpy(), (-mean / sd).numpy()
+        noise_sd[rows] = (sigma / sd).numpy()
+        if progress is not None:
+            progress(rows.stop)
+
+    truth["NormScale"], truth["NormOffset"], truth["NoiseStddev"] = scale, offset, noise_sd
+    return images, particles, optics, truth
+
+
+def write_simulation(
+    out_dir: str | os.PathLike,
+    maps: Sequence[np.ndarray],
+    pixel_size: float,
+    n_particles: int,
+    snr: float,
+    fractions: Sequence[float],
+    progress: Callable[[int], None] | None = None,
+    **options,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Simulate into `out_dir`: particles.mrcs, particles.star, truth.star and class1.mrc, class2.mrc...
+
+    `options` are simulate's keyword arguments. The stack is written batch by batch through a memory
+    map, so the images are never all in memory. Image names point to particles.mrcs beside the STAR
+    files. truth.star is a particle file too (true poses, true rlnClassNumber), usable for example
+    with `relion_reconstruct --class k`. Returns (particles, optics, truth).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    box = maps[0].shape[-1]
+    with atomic_path(out_dir / "particles.mrcs") as tmp:
+        with mrcfile.new_mmap(tmp, shape=(n_particles, box, box), mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = pixel_size
+            _, particles, optics, truth = simulate(
+                maps, pixel_size, n_particles, snr, fractions, out=mrc.data, progress=progress, **options
+            )
+            mrc.update_header_stats()
+    write_particles(out_dir / "particles.star", make_particle_set(particles, optics, out_dir / "particles.star"))
+    write_particles(out_dir / "truth.star", make_particle_set(truth, optics, out_dir / "truth.star"))
+    for k, volume in enumerate(maps, start=1):
+        write_mrc(out_dir / f"class{k}.mrc", volume, pixel_size)
+    return particles, optics, truth
+
+
+def class_log_likelihoods(
+    images: np.ndarray,
+    maps: Sequence[np.ndarray],
+    truth: pd.DataFrame,
+    optics: pd.DataFrame,
+    batch_size: int = 256,
+    conditions: Conditions = Conditions(),
+) -> np.ndarray:
+    """log p(image | class k) (n, K) under Gaussian noise, given the true pose, CTF and noise (its
+    level per particle, its colour from the `conditions` of the simulation).
+
+    Uses the truth table's poses and its normalisation columns (see simulate); constant terms dropped.
+    """
+    truth_set = make_particle_set(truth, optics)
+    rotations, origins_px = poses(truth_set)
+    ctf = ctf_params(truth_set)
+    box = maps[0].shape[-1]
+    pixel_size = float(optics["rlnImagePixelSize"].iloc[0])
+    volumes = [prepare_volume(torch.from_numpy(np.asarray(m, dtype=np.float32))) for m in maps]
+    scale, offset, noise_sd = (
+        torch.tensor(truth[column].to_numpy(np.float64)) for column in ("NormScale", "NormOffset", "NoiseStddev")
+    )
+    # Parseval on the rfft grid, each frequency divided by its noise power: sum_x r^2 for white noise.
+    weights = rfft_weights(box) / conditions.noise_filter(box, pixel_size) ** 2 / box**2
+    out = np.empty((len(truth), len(maps)))
+    for start in range(0, len(truth), batch_size):
+        rows = slice(start, min(start + batch_size, len(truth)))
+        y = torch.from_numpy(np.asarray(images[rows], dtype=np.float64))
+        c = ctf_2d(ctf[rows], box, pixel_size)
+        for k, volume in enumerate(volumes):
+            model = model_images(volume, rotations[rows], origins_px[rows], c).to(torch.float64)
+            model = scale[rows, None, None] * model + offset[rows, None, None]
+            residual = (weights * torch.fft.rfft2(y - model).abs().square()).sum(dim=(1, 2))
+            out[rows, k] = (-residual / (2.0 * noise_sd[rows] ** 2)).numpy()
+    return out
+
+
+def ceiling_accuracy(
+    images: np.ndarray,
+    maps: Sequence[np.ndarray],
+    truth: pd.DataFrame,
+    optics: pd.DataFrame,
+    batch_size: int = 256,
+    conditions: Conditions = Conditions(),
+) -> float:
+    """Accuracy of the Bayes classifier that knows the true maps, poses, CTF and noise (level and colour).
+
+    Each particle goes to the class of highest posterior (class_log_likelihoods plus the log of the
+    class frequencies in `truth`): no method that sees only the images can do better on average.
+    """
+    log_likelihoods = class_log_likelihoods(images, maps, truth, optics, batch_size, conditions)
+    true_classes = truth["rlnClassNumber"].to_numpy() - 1
+    counts = np.bincount(true_classes, minlength=len(maps))
+    log_prior = np.log(np.maximum(counts, 1) / counts.sum())
+    predicted = np.argmax(log_likelihoods + log_prior, axis=1)
+    return float(np.mean(predicted == true_classes))
