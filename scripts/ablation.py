@@ -30,18 +30,16 @@ os.environ.update({name: value for name, value in THREAD_WAITING.items() if name
 import numpy as np
 import torch
 import typer
+from benchmark import CONDITIONS, cached, class_maps, scenario_ceiling, scenarios  # scripts/ is on sys.path when run as a script
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit.method import pipeline
-
-from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.simulate.metrics import accuracy
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
 from relion_graphsplit.method.preprocess import Whitening
-from relion_graphsplit.simulate.particles import Conditions, write_simulation
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks
-
-from benchmark import CONDITIONS, cached, class_maps, scenario_ceiling, scenarios  # scripts/ is on sys.path when run as a script
+from relion_graphsplit.simulate.metrics import accuracy
+from relion_graphsplit.simulate.particles import Conditions, write_simulation
 
 
 def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:

@@ -38,12 +38,12 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # scripts/benchmark.py: scenarios, simulated maps, utilities
 
-from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
 from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.mrc import read_mrc
-from relion_graphsplit.simulate.particles import write_simulation
 from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.simulate.particles import write_simulation
 
 app = typer.Typer(add_completion=False)
 

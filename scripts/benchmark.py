@@ -31,8 +31,8 @@ import torch
 import typer
 
 from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
 from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
 from relion_graphsplit.simulate.particles import Conditions, ceiling_accuracy, write_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,12 +220,14 @@ def print_table(results: Path) -> None:
         print(f"| {r['scenario']} | {r['ceiling']:.3f} | {r['graphsplit_accuracy']:.3f} / {r['graphsplit_ari']:.3f} | "
               f"{r['graphsplit_share_of_gap']:.2f} | {r['graphsplit_time']:.1f} | {rel} |")
     print()
-    print("| scenario | split + seeded Class3D: acc it 1 / it 5 | time (s) | Class3D from consensus: acc it 5 / it 25 | time (s) |")
+    print("| scenario | split + seeded Class3D: acc it 1 / it 5 | time (s) "
+          "| Class3D from consensus: acc it 5 / it 25 | time (s) |")
     print("|---|---|---|---|---|")
     for r in rows:
         if "relion_accuracy" in r and "seeded_time" in r:
             print(f"| {r['scenario']} | {r['seeded_accuracy_it1']:.3f} / {r['seeded_accuracy_it5']:.3f} | "
-                  f"{r['workflow_time']:.0f} | {r['relion_accuracy_it5']:.3f} / {r['relion_accuracy']:.3f} | {r['relion_time']:.0f} |")
+                  f"{r['workflow_time']:.0f} | {r['relion_accuracy_it5']:.3f} / {r['relion_accuracy']:.3f} | "
+                  f"{r['relion_time']:.0f} |")
 
 
 if __name__ == "__main__":

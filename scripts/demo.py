@@ -15,8 +15,8 @@ from pathlib import Path
 import typer
 
 from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
 from relion_graphsplit.run_files.write import image_names_from_workdir
+from relion_graphsplit.simulate.metrics import accuracy, adjusted_rand_index
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,16 +1,21 @@
-"""Shared fixtures. The package is imported first: it sets OpenMP's passive waiting before torch loads."""
+"""Shared fixtures. The tests wait for threads as the console commands do (cli/launch.py), set here
+before numpy and torch load."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from relion_graphsplit.cli.launch import THREAD_WAITING
+
+os.environ.update({name: value for name, value in THREAD_WAITING.items() if name not in os.environ})
 
 import pytest
 import torch
 
-import relion_graphsplit  # noqa: F401
-from relion_graphsplit.relion.mrc import read_mrc
 from relion_graphsplit.method.preprocess import fourier_crop_volume
+from relion_graphsplit.relion.mrc import read_mrc
 from relion_graphsplit.simulate.particles import Conditions, write_simulation
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
+from relion_graphsplit.fourier.geometry import MIRROR, euler_to_matrix
+from relion_graphsplit.fourier.projection import project, shift_images
 from relion_graphsplit.method import alignment
 from relion_graphsplit.method.alignment import align_to_reference, cone_reference
-from relion_graphsplit.fourier.geometry import MIRROR, euler_to_matrix
 from relion_graphsplit.method.cones import assign_to_cones
 from relion_graphsplit.method.preprocess import centre_downsampled
-from relion_graphsplit.fourier.projection import project, shift_images
 
 
 def blob_volume(n: int = 48) -> torch.Tensor:

@@ -25,7 +25,6 @@ import pandas as pd
 import pytest
 import starfile
 
-from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.cli.graphsplit import run_command
 from relion_graphsplit.run_files.folder import LOCK_NAME, STAGING_NAME, RunFolder
 
@@ -533,4 +532,5 @@ def test_interrupt_during_the_commit_finishes_it(tmp_path: Path, monkeypatch):
                 (folder.staging / name).write_text("new")
             monkeypatch.setattr("relion_graphsplit.run_files.folder.os.replace", replace_then_interrupt)
             folder.commit()
-    assert {p.name: p.read_text() for p in out.iterdir()} == {name: "new" for name in ("run_data.star", "run_model.star", "run_summary.json")}
+    staged = ("run_data.star", "run_model.star", "run_summary.json")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {name: "new" for name in staged}

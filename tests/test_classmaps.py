@@ -10,27 +10,27 @@ import pytest
 import starfile
 import torch
 
-from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.method.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.fsc import fsc
 from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator, reconstruct
+from relion_graphsplit.method.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.model_star import MODEL_NAME, ini_high, next_command, ssnr_from_fsc, write_model_star
 from relion_graphsplit.relion.mrc import read_mrc
-from relion_graphsplit.fourier.reconstruct import FourierAccumulator, reconstruct
 from relion_graphsplit.relion.stacks import ImageStacks
 
 BOX, APIX = 32, 4.0
 
 
 @pytest.fixture(scope="module")
-def simulated(simulated_set) -> dict:
-    """600 particles of the two adenylate kinase states (box 32, 4 A), SNR 0.3, 60/40, no pose errors."""
-    out = simulated_set(600, 0.3, [0.6, 0.4], seed=5, max_shift_A=6.0)
-    ps = star_io.read_particles(out / "particles.star")
-    classes = star_io.read_particles(out / "truth.star").particles["rlnClassNumber"].to_numpy()
-    truth = [torch.from_numpy(read_mrc(out / f"class{k}.mrc")[0]) for k in (1, 2)]
-    return {"dir": out, "ps": ps, "classes": classes, "truth": truth}
+def simulated(small_set) -> dict:
+    """conftest's small set: 600 particles of the two adenylate kinase states (box 32, 4 A), SNR 0.3,
+    60/40, pose errors of 1 degree (the maps are reconstructed from the poses the file gives)."""
+    ps = star_io.read_particles(small_set / "particles.star")
+    classes = star_io.read_particles(small_set / "truth.star").particles["rlnClassNumber"].to_numpy()
+    truth = [torch.from_numpy(read_mrc(small_set / f"class{k}.mrc")[0]) for k in (1, 2)]
+    return {"dir": small_set, "ps": ps, "classes": classes, "truth": truth}
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from relion_graphsplit.method import pipeline
-
-from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.cli.graphsplit import app
-from relion_graphsplit.simulate.metrics import accuracy
-from relion_graphsplit.relion.mrc import read_mrc, write_mrc
-from relion_graphsplit.run_files.write import image_names_from_workdir
+from relion_graphsplit.method import pipeline
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.pipeline import split
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
 from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.run_files.write import image_names_from_workdir
+from relion_graphsplit.simulate.metrics import accuracy
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 

@@ -2,6 +2,7 @@ import torch
 
 from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
 from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.fourier.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.method.options import CtfCorrection
 from relion_graphsplit.method.preprocess import (
     centre_downsampled,
@@ -11,7 +12,6 @@ from relion_graphsplit.method.preprocess import (
     whitening_filter,
     working_box,
 )
-from relion_graphsplit.fourier.projection import prepare_volume, project_rfft, shift_images
 from relion_graphsplit.simulate.particles import Conditions
 from tests.test_alignment import blob_volume
 

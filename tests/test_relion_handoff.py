@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
 from relion_graphsplit.fourier.fsc import fsc
+from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.relion.mrc import read_mrc
 from relion_graphsplit.relion.stacks import ImageStacks

@@ -108,7 +108,7 @@ def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated:
     starfile.write({"optics": optics, "particles": particles}, out / "run_data.star")
 
     stack = []
-    for cone in range(n_cones):
+    for _ in range(n_cones):
         mean = _blob(BOX, (0, 0), 5) + 0.05 * rng.normal(size=(BOX, BOX))
         eigen = _blob(BOX, (0, 5), 2) - _blob(BOX, (0, -5), 2)
         eigen /= np.linalg.norm(eigen)

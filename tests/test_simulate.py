@@ -16,11 +16,13 @@ import torch
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
-from relion_graphsplit.simulate import models as maps
+from relion_graphsplit.cli.simulate import app
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.geometry import euler_to_matrix
-from relion_graphsplit.relion.mrc import read_mrc, write_mrc
 from relion_graphsplit.fourier.projection import prepare_volume
+from relion_graphsplit.relion.mrc import read_mrc, write_mrc
+from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, read_particles
+from relion_graphsplit.simulate import models as maps
 from relion_graphsplit.simulate.particles import (
     Conditions,
     ceiling_accuracy,
@@ -30,8 +32,6 @@ from relion_graphsplit.simulate.particles import (
     simulate,
     write_simulation,
 )
-from relion_graphsplit.cli.simulate import app
-from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, read_particles
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = Path("/work/shared/data/structures")

@@ -457,15 +457,45 @@ def test_a_refined_set_passes_without_warnings():
 @pytest.mark.parametrize(
     "column, value, expected",
     [
-        ("rlnImagePixelSize", 0.0, "rlnImagePixelSize is 0 A for 1 optics group(s), the first in row 1 of data_optics: a pixel size is a positive length"),
+        (
+            "rlnImagePixelSize",
+            0.0,
+            "rlnImagePixelSize is 0 A for 1 optics group(s), the first in row 1 of data_optics: a"
+            " pixel size is a positive length",
+        ),
         ("rlnImagePixelSize", np.inf, "rlnImagePixelSize is inf for 1 optics group(s), the first in row 1 of data_optics"),
-        ("rlnVoltage", -300.0, "rlnVoltage is -300 kV for 1 optics group(s), the first in row 1 of data_optics: the acceleration"),
+        (
+            "rlnVoltage",
+            -300.0,
+            "rlnVoltage is -300 kV for 1 optics group(s), the first in row 1 of data_optics: the"
+            " acceleration",
+        ),
         ("rlnVoltage", np.nan, "rlnVoltage is nan for 1 optics group(s), the first in row 1 of data_optics"),
-        ("rlnAmplitudeContrast", 1.0, "rlnAmplitudeContrast is 1 for 1 optics group(s), the first in row 1 of data_optics: the amplitude contrast is a fraction in [0, 1)"),
+        (
+            "rlnAmplitudeContrast",
+            1.0,
+            "rlnAmplitudeContrast is 1 for 1 optics group(s), the first in row 1 of data_optics: the"
+            " amplitude contrast is a fraction in [0, 1)",
+        ),
         ("rlnAmplitudeContrast", -0.07, "rlnAmplitudeContrast is -0.07 for 1 optics group(s)"),
-        ("rlnSphericalAberration", np.nan, "rlnSphericalAberration is nan for 1 optics group(s), the first in row 1 of data_optics: the CTF needs a number"),
-        ("rlnCtfScalefactor", 0.0, "rlnCtfScalefactor is 0 for 1 optics group(s), the first in row 1 of data_optics: the CTF scale factor is positive"),
-        ("rlnImageDimensionality", 3, "rlnImageDimensionality is 3 for 1 optics group(s), the first in row 1 of data_optics: this program classifies 2D particle images"),
+        (
+            "rlnSphericalAberration",
+            np.nan,
+            "rlnSphericalAberration is nan for 1 optics group(s), the first in row 1 of data_optics:"
+            " the CTF needs a number",
+        ),
+        (
+            "rlnCtfScalefactor",
+            0.0,
+            "rlnCtfScalefactor is 0 for 1 optics group(s), the first in row 1 of data_optics: the CTF"
+            " scale factor is positive",
+        ),
+        (
+            "rlnImageDimensionality",
+            3,
+            "rlnImageDimensionality is 3 for 1 optics group(s), the first in row 1 of data_optics:"
+            " this program classifies 2D particle images",
+        ),
     ],
 )  # fmt: skip
 def test_nonsense_optics_values_are_refused(column, value, expected):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,26 +29,26 @@ def graphsplit(
     ctx: typer.Context,
     i: Path = typer.Option(..., "--i", "--in_parts", help="Refined particle STAR file (RELION 3.0 to 5.0: angles, origins, CTF)."),
     o: str = typer.Option(..., "--o", help="Output folder; made if needed. Inputs are never written; the outputs of an earlier run in it are replaced as a whole when this run succeeds."),
-    mask: Optional[Path] = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC, values from 0 to 1) to focus on. Default: a soft mask drawn around the consensus map; the mask used is written to run_mask.mrc."),
-    ref: Optional[Path] = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC). Default: reconstructed from the particles."),
+    mask: Path | None = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC, values from 0 to 1) to focus on. Default: a soft mask drawn around the consensus map; the mask used is written to run_mask.mrc."),
+    ref: Path | None = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC). Default: reconstructed from the particles."),
     sym: str = typer.Option(DEFAULTS.symmetry, "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
-    angular_sampling: Optional[float] = typer.Option(None, "--angular_sampling", min=0.5, max=90.0, show_default="from the particle count", help="Degrees between cone axes; by default about --particles_per_cone particles per cone, 5 to 25 degrees."),
-    cone_angle: Optional[float] = typer.Option(None, "--cone_angle", min=0.5, max=90.0, show_default="the sampling", help="Cone half-aperture in degrees (neighbouring cones overlap)."),
+    angular_sampling: float | None = typer.Option(None, "--angular_sampling", min=0.5, max=90.0, show_default="from the particle count", help="Degrees between cone axes; by default about --particles_per_cone particles per cone, 5 to 25 degrees."),
+    cone_angle: float | None = typer.Option(None, "--cone_angle", min=0.5, max=90.0, show_default="the sampling", help="Cone half-aperture in degrees (neighbouring cones overlap)."),
     particles_per_cone: int = typer.Option(DEFAULTS.particles_per_cone, "--particles_per_cone", min=10, help="Target particles per cone of the default sampling."),
     maxres: float = typer.Option(DEFAULTS.maxres, "--maxres", min=0.1, help=f"Resolution (A) the images are downsampled to for the analysis, keeping at least {MIN_WORKING_BOX} pixels (docs/benchmarks.md, 'The working box')."),
-    resize: Optional[int] = typer.Option(None, "--resize", min=8, help="Working box in pixels, any size (overrides --maxres)."),
+    resize: int | None = typer.Option(None, "--resize", min=8, help="Working box in pixels, any size (overrides --maxres)."),
     ctf_correction: CtfCorrection = typer.Option(DEFAULTS.ctf_correction.value, "--ctf_correction", help="CTF correction before the principal component (docs/method.md)."),
     whiten: bool = typer.Option(DEFAULTS.whiten, "--whiten/--no_whiten", help="Whiten images and CTFs by the noise spectrum of their residuals to the consensus (real images carry more noise at low frequencies; used with the subtracting CTF corrections)."),
     mask_threshold: float = typer.Option(DEFAULTS.mask_threshold, "--mask_threshold", min=0.01, max=0.99, help="Default mask of the graph split: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
     refine_mask_threshold: float = typer.Option(DEFAULTS.refine_mask_threshold, "--refine_mask_threshold", min=0.0, max=0.99, help="Default mask of the refinement: the same, around the larger of the two first class maps at each voxel (0: the graph split's mask)."),
     mask_extend: float = typer.Option(DEFAULTS.mask_extend, "--mask_extend", min=0.0, help="Default masks: extension (A) beyond the threshold, before a 6 A soft edge."),
     refine_iter: int = typer.Option(DEFAULTS.refine_iterations, "--refine_iter", min=0, help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone)."),
-    particle_diameter: Optional[float] = typer.Option(None, "--particle_diameter", show_default="80% of the box", help="Particle diameter (A) for the printed RELION Class3D command."),
+    particle_diameter: float | None = typer.Option(None, "--particle_diameter", show_default="80% of the box", help="Particle diameter (A) for the printed RELION Class3D command."),
     seed: int = typer.Option(DEFAULTS.seed, "--random_seed", "--seed", help="Seed of the max-cut rounding and of the half sets drawn where rlnRandomSubset is absent; the result depends on it alone."),
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy); the result does not depend on them."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
-    scratch_dir: Optional[Path] = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system."),
-    pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Given by RELION to an External job: the run then leaves RELION's exit marker and output nodes in --o (as it does in any directory holding default_pipeline.star)."),
+    scratch_dir: Path | None = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system."),
+    pipeline_control: str | None = typer.Option(None, "--pipeline_control", help="Given by RELION to an External job: the run then leaves RELION's exit marker and output nodes in --o (as it does in any directory holding default_pipeline.star)."),
 ) -> None:
     if not o.strip():
         raise typer.BadParameter("is empty: name the output folder", param_hint="--o")

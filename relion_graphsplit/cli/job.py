@@ -22,21 +22,25 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__
-
-from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
-from relion_graphsplit.relion.external import ExternalJob
 from relion_graphsplit.method.masks import resample_volume
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.pipeline import split
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.relion.external import ExternalJob
 from relion_graphsplit.relion.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.relion.mrc import read_mrc, write_mrc
-from relion_graphsplit.method.options import SplitOptions
-from relion_graphsplit.run_files.write import (
-    classified_particles, noise_description, noise_spectrum, write_diagnostics, write_particles, write_summary,
-)
-from relion_graphsplit.method.pipeline import split
-from relion_graphsplit.run_files.folder import FolderBusy, RunFolder, check_inputs_outside
 from relion_graphsplit.relion.stacks import ImageStacks
-from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.run_files.folder import FolderBusy, RunFolder, check_inputs_outside
+from relion_graphsplit.run_files.write import (
+    classified_particles,
+    noise_description,
+    noise_spectrum,
+    write_diagnostics,
+    write_particles,
+    write_summary,
+)
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
 console = Console(stderr=False, highlight=False)
@@ -78,12 +82,12 @@ def run(
     except Aborted as err:
         error_console.print(f"{err}")
         job.aborted()
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except (star_io.StarFileError, ValueError, OSError, FolderBusy) as err:  # bad input, a file that cannot be read or written
         full = " (the disk holding --o or --scratch_dir is full)" if getattr(err, "errno", None) == errno.ENOSPC else ""
         error_console.print(f"error: {one_line(err)}{full}")
         job.fail()
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except BaseException:  # KeyboardInterrupt (Ctrl-C, SIGTERM) included: cli.graphsplit says so
         job.fail()
         raise
@@ -118,7 +122,8 @@ def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folde
     if scratch_dir is not None:
         scratch = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir))
         folder.use_scratch(scratch)
-    console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {star_io.pixel_size(ps):.3f} A/px")
+    apix = star_io.pixel_size(ps)
+    console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {apix:.3f} A/px")
     for warning in inputs.warnings:
         console.print(f"warning: {warning}", soft_wrap=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -138,7 +143,9 @@ def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folde
     return result, class_maps
 
 
-def _write_outputs(folder: RunFolder, job, inputs: _Inputs, result, class_maps, options: SplitOptions, particle_diameter, j: int, start: float):
+def _write_outputs(
+    folder: RunFolder, job, inputs: _Inputs, result, class_maps, options: SplitOptions, particle_diameter, j: int, start: float
+):
     """Every output into the staging folder, named by its final path where one file names another;
     then the commit. Returns the report's warnings and the RELION command to print."""
     o, staging, ps = folder.out, folder.staging, inputs.ps

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
 
 import mrcfile
 import numpy as np
@@ -49,7 +48,7 @@ def _ranges(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _chains(text: Optional[str]) -> Optional[list[str]]:
+def _chains(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
@@ -70,7 +69,7 @@ def _read_map(path: Path, option: str) -> tuple[np.ndarray, float]:
     return volume, pixel_size
 
 
-def _read_model(path: Path, chains: Optional[str], option: str):
+def _read_model(path: Path, chains: str | None, option: str):
     """The atomic model given with `option`; BadParameter naming the file when gemmi cannot read it."""
     atomic_maps = _atomic_maps()
     try:
@@ -79,7 +78,7 @@ def _read_model(path: Path, chains: Optional[str], option: str):
         raise typer.BadParameter(f"{path}: not a readable atomic model ({error})", param_hint=option) from None
 
 
-def _maps_from_files(map1: Path, map2: Path, box: Optional[int], angpix: Optional[float]):
+def _maps_from_files(map1: Path, map2: Path, box: int | None, angpix: float | None):
     (v1, p1), (v2, p2) = _read_map(map1, "--map1"), _read_map(map2, "--map2")
     if v1.shape != v2.shape or v1.shape[0] != v1.shape[1] or v1.shape[1] != v1.shape[2]:
         raise typer.BadParameter(f"the maps must be cubic and of one size, got {v1.shape} and {v2.shape}")
@@ -94,12 +93,12 @@ def _maps_from_files(map1: Path, map2: Path, box: Optional[int], angpix: Optiona
 def _maps_from_models(
     pdb1: Path,
     pdb2: Path,
-    chains1: Optional[str],
-    chains2: Optional[str],
+    chains1: str | None,
+    chains2: str | None,
     superpose_core: bool,
     core_residues: str,
-    box: Optional[int],
-    angpix: Optional[float],
+    box: int | None,
+    angpix: float | None,
     bfactor: float,
 ):
     atomic_maps = _atomic_maps()
@@ -125,20 +124,20 @@ def _maps_from_models(
 )
 def main_command(
     o: Path = typer.Option(..., "--o", help="Output directory (created if needed)."),
-    map1: Optional[Path] = typer.Option(None, "--map1", exists=True, dir_okay=False, help="Map (MRC) of class 1."),
-    map2: Optional[Path] = typer.Option(
+    map1: Path | None = typer.Option(None, "--map1", exists=True, dir_okay=False, help="Map (MRC) of class 1."),
+    map2: Path | None = typer.Option(
         None, "--map2", exists=True, dir_okay=False, help="Map (MRC) of class 2, same box and pixel size."
     ),
-    pdb1: Optional[Path] = typer.Option(
+    pdb1: Path | None = typer.Option(
         None, "--pdb1", exists=True, dir_okay=False, help="Atomic model (PDB/mmCIF, may be gzipped) of class 1."
     ),
-    pdb2: Optional[Path] = typer.Option(
+    pdb2: Path | None = typer.Option(
         None, "--pdb2", exists=True, dir_okay=False, help="Atomic model of class 2 (may be the same file as --pdb1)."
     ),
-    chains1: Optional[str] = typer.Option(
+    chains1: str | None = typer.Option(
         None, "--chains1", help="Chains of --pdb1 to keep, comma-separated (default all), e.g. 'A,B,C,D,E'."
     ),
-    chains2: Optional[str] = typer.Option(
+    chains2: str | None = typer.Option(
         None, "--chains2", help="Chains of --pdb2 to keep, e.g. 'A,C,D,E' to leave chain B out (compositional)."
     ),
     superpose_core: bool = typer.Option(
@@ -150,10 +149,10 @@ def main_command(
         help="Residue ranges for --superpose_core (default: adk's core)."
     ),
     bfactor: float = typer.Option(100.0, "--bfactor", help="B-factor (A^2) given to every atom of the models."),
-    box: Optional[int] = typer.Option(
+    box: int | None = typer.Option(
         None, "--box", min=8, help="Box size in pixels (needed with models; maps give it)."
     ),
-    angpix: Optional[float] = typer.Option(
+    angpix: float | None = typer.Option(
         None, "--angpix", min=0.01, help="Pixel size in A (needed with models; default for maps: their header)."
     ),
     n: int = typer.Option(1000, "--n", min=1, help="Number of particles."),

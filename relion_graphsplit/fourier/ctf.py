@@ -35,7 +35,7 @@ class CTFParams:
     bfactor: torch.Tensor  # A^2
     scale: torch.Tensor  # unitless
 
-    def __getitem__(self, index) -> "CTFParams":
+    def __getitem__(self, index) -> CTFParams:
         return CTFParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def __len__(self) -> int:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection
 from relion_graphsplit.fourier.projection import rfft_weights, shift_images
+from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection
 
 
 def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit.scratch import read_rows
 from relion_graphsplit.relion.stack_files import StackError, StackLayout, resolve_stack, split_image_names, stack_layout
 from relion_graphsplit.relion.star import ParticleSet, image_size
+from relion_graphsplit.scratch import read_rows
 
 
 def _unreadable(path: Path, layout: StackLayout) -> str | None:

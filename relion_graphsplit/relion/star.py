@@ -18,10 +18,10 @@ import pandas as pd
 import starfile
 import torch
 
-from relion_graphsplit.fourier.ctf import CTFParams
 from relion_graphsplit.files import atomic_path
-from relion_graphsplit.relion.stack_files import parse_image_name, resolve_stack, split_image_names, stack_shape
+from relion_graphsplit.fourier.ctf import CTFParams
 from relion_graphsplit.fourier.geometry import euler_to_matrix
+from relion_graphsplit.relion.stack_files import parse_image_name, resolve_stack, split_image_names, stack_shape
 
 
 class StarFileError(ValueError):

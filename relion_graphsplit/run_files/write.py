@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.method.pipeline import SplitResult
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stack_files import resolve_stack
 
 SCORE_LABEL = "rlnGraphSplitScore"

@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 from scipy.spatial.transform import Rotation
 
-from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.files import atomic_path
+from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.geometry import euler_to_matrix, matrix_to_euler
-from relion_graphsplit.relion.mrc import write_mrc
 from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
+from relion_graphsplit.relion.mrc import write_mrc
 from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, write_particles
 
 NORMALISATION_DIAMETER = 0.75
