@@ -13,6 +13,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write to; rename it onto `path` only on success.
 
     The temporary name keeps the final suffix (libraries such as mrcfile and starfile look at it).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write; its folder is made if missing.
+
+    Yields
+    ------
+    Path
+        The temporary file ".{stem}.partial{pid}{suffix}" beside `path`. When the block ends without
+        an exception it is renamed onto `path` (os.replace, so `path` never holds a half-written
+        file); in any case no temporary file is left behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The split passes over all particles several times, so it keeps the preprocessed 
 CTF filters in a temporary file. A memory map of such a file is the obvious choice, but every page it
 touches counts towards the process's resident memory, which then grows with the number of particles.
 Explicit reads and writes leave the file's pages in the kernel's cache, outside the process: the
-process holds one batch at a time. The same reading serves the particle stacks (stack.py).
+process holds one batch at a time. The same reading serves the particle stacks (relion/stacks.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,19 @@ import numpy as np
 
 
 def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Positions [start, stop) of the runs of consecutive numbers (step 1) in sorted distinct `rows`."""
+    """Positions [start, stop) of the runs of consecutive numbers (step 1) in sorted distinct `rows`.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        (k,) integers, sorted and distinct.
+
+    Returns
+    -------
+    list of (int, int)
+        Per run, the positions in `rows` (not the row numbers) of its first element and one past its
+        last: [3, 4, 5, 9] gives [(0, 3), (3, 4)]. Empty for empty `rows`.
+    """
     starts = np.flatnonzero(np.diff(rows, prepend=rows[:1] - 2) != 1)
     stops = np.append(starts[1:], len(rows))
     return list(zip(starts.tolist(), stops.tolist()))
@@ -35,7 +47,31 @@ def read_rows(
     file: io.RawIOBase, offset: int, rows: np.ndarray, row_shape: tuple[int, ...], dtype: np.dtype
 ) -> np.ndarray:
     """Rows `rows` (any order, repeats allowed) of an array of `row_shape` rows in `dtype` stored from
-    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows."""
+    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows.
+
+    Parameters
+    ----------
+    file : io.RawIOBase
+        An open binary file (unbuffered reads with readinto).
+    offset : int
+        Byte position of row 0 in the file.
+    rows : np.ndarray
+        (k,) row numbers (any shape, flattened), in any order, repeats allowed.
+    row_shape : tuple of int
+        The shape of one row.
+    dtype : np.dtype
+        The rows' dtype as stored (its byte order included).
+
+    Returns
+    -------
+    np.ndarray
+        (k, *row_shape) in `dtype`, row i being stored row rows[i].
+
+    Raises
+    ------
+    EOFError
+        If the file ends before a row asked for.
+    """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     distinct, inverse = np.unique(rows, return_inverse=True)
     out = np.empty((len(distinct), *row_shape), dtype=dtype)
@@ -52,7 +88,19 @@ def read_rows(
 
 def write_rows(file: io.RawIOBase, offset: int, rows: np.ndarray, values: np.ndarray) -> None:
     """Write `values` (k, ...) as the rows `rows` (sorted, distinct) of an array stored from byte
-    `offset` of `file`; one write per run of consecutive rows."""
+    `offset` of `file`; one write per run of consecutive rows.
+
+    Parameters
+    ----------
+    file : io.RawIOBase
+        An open binary file, writable.
+    offset : int
+        Byte position of row 0 in the file.
+    rows : np.ndarray
+        (k,) row numbers, sorted and distinct.
+    values : np.ndarray
+        (k, ...) C-contiguous rows, written as their bytes (in their own dtype).
+    """
     for position, buffer in _runs(offset, rows, values):
         file.seek(position)
         done = 0
@@ -66,6 +114,20 @@ class ScratchArray:
     `a[rows]` reads those rows into a new array, `a[rows] = values` writes them (for repeated rows the
     last value stays, as in numpy). Rows never written read as zeros. Use as a context manager or call
     close(); the file is left for its directory's owner to delete.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file, created (or emptied) and sized to the whole array (4 bytes per value, native order).
+    shape : tuple of int
+        (n, ...) the array's shape.
+
+    Raises
+    ------
+    IndexError
+        On reading or writing a row outside [0, n).
+    ValueError
+        On writing values not shaped (len(rows), ...) as the rows.
     """
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, ...]):

@@ -115,7 +115,7 @@ def main(
         options = SplitOptions(**overrides)
         start = time.perf_counter()
         with ImageStacks(ps) as stacks, noise:
-            result = pipeline.split(ps, stacks, options, mask=mask)
+            result = pipeline.split(star_io.particles(ps), stacks, options, mask=mask)
         row = {
             "scenario": sc.name, "n": n, "noise_excess": noise_excess, "variant": spec or "defaults",
             "graph_accuracy": accuracy(np.where(result.graph_score >= 0, 1, 2), truth),

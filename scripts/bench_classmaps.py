@@ -87,7 +87,7 @@ def reconstruct(
     def ours() -> None:
         ps = star_io.read_particles(work / "split.star")
         with ImageStacks(ps) as stacks:
-            maps = reconstruct_classes(ps, stacks, ps.particles["rlnClassNumber"].to_numpy(), batch_size=256)
+            maps = reconstruct_classes(star_io.particles(ps), stacks, ps.particles["rlnClassNumber"].to_numpy(), batch_size=256)
         write_class_maps(work / "ours", maps)
 
     def relion_reconstruct(selections: list[list[str]]) -> None:

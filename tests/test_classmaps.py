@@ -36,7 +36,7 @@ def simulated(small_set) -> dict:
 @pytest.fixture(scope="module")
 def class_maps(simulated):
     with ImageStacks(simulated["ps"]) as stacks:
-        return reconstruct_classes(simulated["ps"], stacks, simulated["classes"], seed=1)
+        return reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], seed=1)
 
 
 class CountingStacks(ImageStacks):
@@ -53,7 +53,7 @@ class CountingStacks(ImageStacks):
 
 def test_each_image_is_read_once(simulated):
     with CountingStacks(simulated["ps"]) as stacks:
-        reconstruct_classes(simulated["ps"], stacks, simulated["classes"], batch_size=100)
+        reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], batch_size=100)
     assert sorted(stacks.rows) == list(range(len(simulated["classes"])))
 
 
@@ -68,7 +68,7 @@ def test_both_stages_report_progress(simulated):
             yield item
 
     with ImageStacks(simulated["ps"]) as stacks:
-        reconstruct_classes(simulated["ps"], stacks, simulated["classes"], batch_size=200, track=track)
+        reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], batch_size=200, track=track)
     assert seen == {"Reconstructing class maps": 3, "Inverting class maps (classes)": 2}
 
 
@@ -76,7 +76,7 @@ def test_both_stages_report_progress(simulated):
 def test_maps_are_the_reconstructions_of_each_class_and_half(simulated, sym):
     ps, classes = simulated["ps"], simulated["classes"]
     with ImageStacks(ps) as stacks:
-        maps = reconstruct_classes(ps, stacks, classes, sym=sym, seed=2, batch_size=128)
+        maps = reconstruct_classes(star_io.particles(ps), stacks, classes, sym=sym, seed=2, batch_size=128)
         images = stacks.read(np.arange(len(classes)))
     rotations, origins = star_io.poses(ps)
     ctf = ctf_2d(star_io.ctf_params(ps), BOX, APIX)
@@ -139,20 +139,20 @@ def test_completeness_counts_the_filled_voxels_of_each_shell(r_max):
 def test_half_sets_are_drawn_balanced_and_seeded_when_the_file_has_none(simulated):
     ps, classes = simulated["ps"], simulated["classes"]
     assert "rlnRandomSubset" in ps.particles  # the simulator writes one
-    assert np.array_equal(half_sets(ps, classes), ps.particles["rlnRandomSubset"].to_numpy())
+    assert np.array_equal(half_sets(star_io.particles(ps), classes), ps.particles["rlnRandomSubset"].to_numpy())
 
     bare = star_io.make_particle_set(ps.particles.drop(columns="rlnRandomSubset"), ps.optics)
-    drawn = half_sets(bare, classes, seed=4)
+    drawn = half_sets(star_io.particles(bare), classes, seed=4)
     assert set(np.unique(drawn)) == {1, 2}
     for k in (1, 2):
         counts = np.bincount(drawn[classes == k], minlength=3)[1:]
         assert abs(counts[0] - counts[1]) <= 1
-    assert np.array_equal(drawn, half_sets(bare, classes, seed=4))
-    assert not np.array_equal(drawn, half_sets(bare, classes, seed=5))
+    assert np.array_equal(drawn, half_sets(star_io.particles(bare), classes, seed=4))
+    assert not np.array_equal(drawn, half_sets(star_io.particles(bare), classes, seed=5))
 
     bad = star_io.make_particle_set(ps.particles.assign(rlnRandomSubset=3), ps.optics)
     with pytest.raises(ValueError, match="rlnRandomSubset"):
-        half_sets(bad, classes)
+        half_sets(star_io.particles(bad), classes)
 
 
 def test_a_class_without_a_half_set_is_refused(simulated):
@@ -160,7 +160,7 @@ def test_a_class_without_a_half_set_is_refused(simulated):
     classes = np.ones(len(ps.particles), dtype=np.int64)
     classes[np.flatnonzero(ps.particles["rlnRandomSubset"].to_numpy() == 1)[0]] = 2
     with ImageStacks(ps) as stacks, pytest.raises(ValueError, match="class 2 has no particle in half set 2"):
-        reconstruct_classes(ps, stacks, classes)
+        reconstruct_classes(star_io.particles(ps), stacks, classes)
 
 
 def test_maps_are_written_with_relion_headers(tmp_path, class_maps):
@@ -240,7 +240,7 @@ def test_next_command_seeds_class3d_with_ctf_corrected_references():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_gives_the_cpu_maps(simulated, class_maps):
     with ImageStacks(simulated["ps"]) as stacks:
-        gpu = reconstruct_classes(simulated["ps"], stacks, simulated["classes"], seed=1, device="cuda")
+        gpu = reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], seed=1, device="cuda")
     scale = float(class_maps.maps.abs().max())
     assert torch.allclose(gpu.maps, class_maps.maps, atol=1e-4 * scale)
     assert torch.allclose(gpu.half_maps, class_maps.half_maps, atol=1e-4 * scale)

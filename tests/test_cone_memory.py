@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method import pipeline
-
-from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.method.cones import assign_to_cones, asymmetric_unit_directions
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.pipeline import available_memory, check_cone_counts, check_cone_memory, cone_memory
-from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.relion import star as star_io
 
 
 def cones_at(sampling: float, n: int = 500):
@@ -60,13 +59,13 @@ def test_split_refuses_cones_that_cannot_fit_before_reading_an_image(small_set, 
     monkeypatch.setattr(pipeline, "available_memory", lambda: 10**5)
     expected = r"^the default sampling \(25\.0 deg\) gives 41 cones: about \d+ MB .* 0 MB available"
     with pytest.raises(ValueError, match=expected):
-        pipeline.split(ps, NoImages(), SplitOptions())
+        pipeline.split(star_io.particles(ps), NoImages(), SplitOptions())
 
 
 def test_split_refuses_a_sampling_that_leaves_every_cone_sparse(small_set):
     ps = star_io.read_particles(small_set / "particles.star")  # 600 particles: at 3 degrees, about 1 a cone
     with pytest.raises(ValueError, match=r"^--angular_sampling 3 leaves every cone with fewer than 10 particles"):
-        pipeline.split(ps, NoImages(), SplitOptions(angular_sampling=3.0))
+        pipeline.split(star_io.particles(ps), NoImages(), SplitOptions(angular_sampling=3.0))
 
 
 def test_sparse_refusal_names_the_fullest_cone():

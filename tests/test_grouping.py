@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from relion_graphsplit.method import cones as grouping
 from relion_graphsplit.fourier.geometry import MIRROR, angular_distance, euler_to_matrix, fibonacci_sphere, projection_direction
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.method import cones as grouping
 from relion_graphsplit.method.cones import assign_to_cones, asymmetric_unit_directions, default_sampling
 
 

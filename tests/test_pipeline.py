@@ -236,7 +236,7 @@ def test_whitening_helps_on_coloured_noise(simulated_set):
     accuracies = {}
     for whiten in (True, False):
         with ImageStacks(ps) as stacks:
-            accuracies[whiten] = accuracy(split(ps, stacks, SplitOptions(whiten=whiten)).classes, truth)
+            accuracies[whiten] = accuracy(split(star_io.particles(ps), stacks, SplitOptions(whiten=whiten)).classes, truth)
     assert accuracies[True] > 0.93
     assert accuracies[True] > accuracies[False] + 0.02
 

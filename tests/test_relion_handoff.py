@@ -47,7 +47,7 @@ def project(simulated_set, tmp_path_factory) -> Path:
     table = ps.particles.drop(columns="rlnRandomSubset").assign(rlnClassNumber=classes)
     ps = star_io.make_particle_set(table, ps.optics, root / "particles.star")  # half sets to be drawn
     with ImageStacks(ps) as stacks:
-        class_maps = reconstruct_classes(ps, stacks, classes, seed=0)
+        class_maps = reconstruct_classes(star_io.particles(ps), stacks, classes, seed=0)
     star_io.write_particles(root / OUT / "run_data.star", ps, table.assign(rlnRandomSubset=class_maps.subsets))
     nodes = write_class_maps(root / OUT, class_maps)
     write_model_star(

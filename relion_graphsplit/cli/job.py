@@ -53,6 +53,7 @@ class _Inputs:
 
     path: Path
     ps: star_io.ParticleSet
+    particles: star_io.Particles  # parsed once from `ps`
     warnings: list[str]
     mask: torch.Tensor | None  # (N, N, N) at the particles' box and pixel size
     consensus: torch.Tensor | None
@@ -108,10 +109,10 @@ def _read_inputs(i: Path, mask: Path | None, ref: Path | None, symmetry: str, j:
     threadpool_limits(j)  # the BLAS under numpy and scipy
     ps = star_io.read_particles(i)
     warnings = star_io.check_values(ps)
-    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
-    mask_volume = _read_mask(mask, box, apix) if mask else None
-    consensus = _read_consensus(ref, box, apix) if ref else None
-    return _Inputs(i, ps, warnings, mask_volume, consensus)
+    particles = star_io.particles(ps)
+    mask_volume = _read_mask(mask, particles.box, particles.pixel_size) if mask else None
+    consensus = _read_consensus(ref, particles.box, particles.pixel_size) if ref else None
+    return _Inputs(i, ps, particles, warnings, mask_volume, consensus)
 
 
 def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir, job):
@@ -122,21 +123,24 @@ def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folde
     if scratch_dir is not None:
         scratch = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir))
         folder.use_scratch(scratch)
-    apix = star_io.pixel_size(ps)
+    apix = inputs.particles.pixel_size
     console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {apix:.3f} A/px")
     for warning in inputs.warnings:
         console.print(f"warning: {warning}", soft_wrap=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         track = _progress_tracker(progress, job)
-        result = split(ps, stacks, options, mask=inputs.mask, consensus=inputs.consensus, scratch_dir=scratch, track=track)
+        result = split(
+            inputs.particles, stacks, options, mask=inputs.mask, consensus=inputs.consensus, scratch_dir=scratch, track=track
+        )
         result.warnings[:0] = inputs.warnings
         start = time.perf_counter()
         class_maps = None
         if np.bincount(result.classes, minlength=3)[1:].min() >= 2:
             class_maps = reconstruct_classes(
-                ps, stacks, result.classes, sym=options.symmetry, seed=options.seed, batch_size=options.batch_size, track=track
-            )
+                inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
+                batch_size=options.batch_size, track=track,
+            )  # fmt: skip
         else:
             result.warnings.append("a class holds fewer than 2 particles: no class maps were made")
         result.timings["class maps"] = time.perf_counter() - start
@@ -149,7 +153,7 @@ def _write_outputs(
     """Every output into the staging folder, named by its final path where one file names another;
     then the commit. Returns the report's warnings and the RELION command to print."""
     o, staging, ps = folder.out, folder.staging, inputs.ps
-    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    box, apix = inputs.particles.box, inputs.particles.pixel_size
     t = time.perf_counter()
     table = classified_particles(ps, result)
     used_mask = inputs.mask if inputs.mask is not None else resample_volume(result.mask, box)

@@ -17,8 +17,21 @@ import numba
 
 
 def compiled(function: Callable) -> Callable:
-    """numba.njit(nogil=True), with its machine code cached on disk where numba finds a writable place
-    (beside the module, or the user's cache folder); elsewhere it is compiled anew in each run."""
+    """numba.njit(nogil=True), with its machine code cached on disk where numba finds a writable place.
+
+    The cache lies beside the module, or in the user's cache folder; where neither can be written
+    the function is compiled anew in each run.
+
+    Parameters
+    ----------
+    function : Callable
+        A function numba can compile in nopython mode.
+
+    Returns
+    -------
+    Callable
+        The compiled function (a numba dispatcher), which releases the GIL while it runs.
+    """
     try:
         return numba.njit(cache=True, nogil=True)(function)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
@@ -27,15 +40,46 @@ def compiled(function: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=4)
 def thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads for the compiled loops, made once per size."""
+    """A pool of `workers` threads for the compiled loops, made once per size.
+
+    Parameters
+    ----------
+    workers : int
+        Number of threads.
+
+    Returns
+    -------
+    ThreadPoolExecutor
+        The pool, shared by every caller that asks for this size (the 4 sizes asked for last are kept).
+    """
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphsplit-compiled")
 
 
 def run_in_runs(kernel: Callable, args: tuple, count: int, workers: int, least: int = 16) -> None:
-    """kernel(*args, start, stop) over `count` items cut into contiguous runs, one per thread, on up to
-    `workers` threads with at least `least` items each; returns when all are done, raising the
-    first error. Right for kernels whose items are independent (their results do not depend on the
-    split)."""
+    """kernel(*args, start, stop) over `count` items cut into contiguous runs, one per thread.
+
+    Runs on up to `workers` threads with at least `least` items each; returns when all are done,
+    raising the first error. Right for kernels whose items are independent (their results do not
+    depend on the split). With one thread the kernel runs on the calling thread.
+
+    Parameters
+    ----------
+    kernel : Callable
+        A compiled (nogil) function called as kernel(*args, start, stop) for the items [start, stop).
+    args : tuple
+        Its leading arguments, the same for every run.
+    count : int
+        Number of items.
+    workers : int
+        Most threads to use.
+    least : int
+        Fewest items per thread: fewer threads are used when `count` is small.
+
+    Returns
+    -------
+    None
+        The kernel writes its results into its arguments.
+    """
     workers = max(1, min(workers, count // least))
     bounds = [count * t // workers for t in range(workers + 1)]
     if workers == 1:

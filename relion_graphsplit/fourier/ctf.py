@@ -16,14 +16,50 @@ from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 
 
 def wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
-    """Relativistic electron wavelength in Angstrom."""
+    """Relativistic electron wavelength in Angstrom.
+
+    lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)) with V in volts, as RELION (ctf.cpp).
+
+    Parameters
+    ----------
+    voltage_kv : torch.Tensor
+        (...) acceleration voltage (kV); a float is taken too.
+
+    Returns
+    -------
+    torch.Tensor
+        (...) float64 wavelength (A).
+    """
     v = torch.as_tensor(voltage_kv, dtype=torch.float64) * 1e3
     return 12.2643247 / torch.sqrt(v * (1.0 + 0.978466e-6 * v))
 
 
 @dataclass
 class CTFParams:
-    """Per-image CTF parameters, each a float64 tensor of shape (B,) (RELION's units)."""
+    """Per-image CTF parameters, each a float64 tensor of shape (B,) (RELION's units).
+
+    Attributes
+    ----------
+    defocus_u, defocus_v : torch.Tensor
+        (B,) defocus along the two astigmatism axes (A), positive is underfocus; any order.
+    defocus_angle : torch.Tensor
+        (B,) astigmatism angle alpha (degrees): the direction of k, from the kx axis, whose
+        defocus is defocus_u.
+    voltage : torch.Tensor
+        (B,) acceleration voltage (kV).
+    cs : torch.Tensor
+        (B,) spherical aberration (mm).
+    amplitude_contrast : torch.Tensor
+        (B,) amplitude contrast Q0 (fraction).
+    phase_shift : torch.Tensor
+        (B,) phase shift, e.g. of a phase plate (degrees).
+    bfactor : torch.Tensor
+        (B,) CTF B-factor (A^2).
+    scale : torch.Tensor
+        (B,) CTF scale factor (unitless).
+
+    Indexing (`params[index]`) selects the same images of every field; len() is B.
+    """
 
     defocus_u: torch.Tensor  # A, positive = underfocus
     defocus_v: torch.Tensor  # A
@@ -50,6 +86,23 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     defocus k^2 is the quadratic form Axx kx^2 + 2 Axy kx ky + Ayy ky^2 (the same function, with no
     trigonometry per pixel). The per-image terms are computed here, the per-pixel ones in float64 by
     the compiled `_ctf_kernel`, images split among `torch.get_num_threads()` threads.
+
+    Parameters
+    ----------
+    params : CTFParams
+        B images' parameters (RELION's units, see `CTFParams`), on the CPU.
+    box : int
+        Image size N (pixels).
+    pixel_size : float
+        Pixel size (A).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N // 2 + 1) float32 on the CPU: the unshifted rfft half grid, DC at [0, 0], rows ky and
+        columns kx in 1/A as torch.fft.fftfreq / rfftfreq give them (kx = j / (N * pixel_size); the
+        Nyquist row of an even box is taken as -N/2), so it multiplies torch.fft.rfft2 of an image
+        directly.
     """
     ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)  # 1/A, the rows of the rfft grid
     kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64)

@@ -14,8 +14,24 @@ from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 
 @functools.lru_cache(maxsize=2)  # the working size and the particles' box
 def shell_index(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid. The
-    tensor is cached and shared: do not modify it."""
+    """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid.
+
+    The tensor is cached and shared: do not modify it.
+
+    Parameters
+    ----------
+    box : int
+        Map size N (voxels).
+    device : torch.device or str
+        Where the tensor is made.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N // 2 + 1) int64: round(|k|) of each point of the unshifted rfftn half grid (DC at
+        [0, 0, 0]), k in Fourier pixels (shell s is at s / (N * pixel size) 1/A). Shells run up to
+        about sqrt(3) N / 2 in the corners.
+    """
     k = torch.fft.fftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
     kx = torch.fft.rfftfreq(box, 1.0 / box, device=device, dtype=torch.float64)
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
@@ -28,7 +44,21 @@ def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
 
     The transforms (float64, scipy's, on `torch.get_num_threads()` threads) are reduced to the three
     shell sums by one compiled pass, plane by plane and then over the planes in order, so the curve
-    does not depend on the thread count."""
+    does not depend on the thread count.
+
+    Parameters
+    ----------
+    vol1, vol2 : torch.Tensor
+        (N, N, N) maps of the same shape, any real dtype and device.
+
+    Returns
+    -------
+    torch.Tensor
+        (N // 2 + 1,) float64 on vol1's device: sum Re(F1 conj F2) / sqrt(sum |F1|^2 sum |F2|^2) over
+        the points of the rfftn half grid whose rounded radius (Fourier pixels) is the shell; shell s
+        is at spatial frequency s / (N * pixel size) (1/A). Points whose rounded radius exceeds N // 2
+        are left out.
+    """
     box = vol1.shape[-1]
     workers = torch.get_num_threads()
     f1, f2 = (scipy.fft.rfftn(v.detach().cpu().numpy().astype(np.float64), workers=workers) for v in (vol1, vol2))

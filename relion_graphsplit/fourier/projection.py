@@ -33,10 +33,22 @@ from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 class PreparedVolume:
     """The padded, gridding-corrected transforms of one map or a stack of maps, laid out for sampling.
 
-    `data` (K, 2, M + 3, M + 3, M // 2 + 2) real holds the real and imaginary parts of map k's
-    F(kz, ky, kx) at index (k, ., kz + M // 2 + 1, ky + M // 2 + 1, kx) for kx >= 0, zero beyond the
-    Nyquist sphere and in the one-voxel margin, so that every trilinear neighbour of a point inside the
-    sphere is in range. `stacked`: prepared from a stack (K, N, N, N) rather than one map (N, N, N).
+    Made by `prepare_volume`; M = `padded_box` is the padded size (even).
+
+    Attributes
+    ----------
+    data : torch.Tensor
+        (K, 2, M + 3, M + 3, M // 2 + 2) real (float32, or float64 from float64 maps): the real and
+        imaginary parts of map k's F(kz, ky, kx) at index (k, ., kz + M // 2 + 1, ky + M // 2 + 1, kx)
+        for kx >= 0 (integer frequencies of the padded grid, kz and ky from -M // 2 + 1 to M // 2),
+        zero beyond the Nyquist sphere and in the one-voxel margin, so that every trilinear neighbour
+        of a point inside the sphere is in range.
+    box : int
+        N, the maps' size (voxels).
+    pad : int
+        The padding factor.
+    stacked : bool
+        Prepared from a stack (K, N, N, N) rather than one map (N, N, N) (then K = 1).
     """
 
     data: torch.Tensor
@@ -46,11 +58,28 @@ class PreparedVolume:
 
     @property
     def padded_box(self) -> int:
+        """M, the size of the padded grid: pad * N, made even."""
         return self.data.shape[-1] * 2 - 4
 
 
 def gridding_correction(box: int, padded_box: int) -> torch.Tensor:
-    """sinc^2(r / padded_box) over a box^3 map, r in voxels from index box // 2 (1 at the centre)."""
+    """sinc^2(r / padded_box) over a box^3 map, r in voxels from index box // 2 (1 at the centre).
+
+    The transform of the trilinear kernel on the padded grid, squared; maps are divided by it before
+    they are padded and transformed (RELION's projector.cpp).
+
+    Parameters
+    ----------
+    box : int
+        Map size N (voxels).
+    padded_box : int
+        Size M of the padded grid.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N) float64, [z, y, x], with sinc(t) = sin(pi t) / (pi t).
+    """
     coords = torch.arange(box, dtype=torch.float64) - box // 2
     r = torch.sqrt(coords[:, None, None] ** 2 + coords[None, :, None] ** 2 + coords[None, None, :] ** 2)
     return torch.sinc(r / padded_box) ** 2
@@ -58,7 +87,26 @@ def gridding_correction(box: int, padded_box: int) -> torch.Tensor:
 
 def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     """Gridding-correct, pad and Fourier transform a map (N, N, N) [z, y, x], or a stack of maps
-    (K, N, N, N), once for many projections. Float64 maps stay float64; others become float32."""
+    (K, N, N, N), once for many projections. Float64 maps stay float64; others become float32.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) map or (K, N, N, N) stack of maps, [z, y, x], centred at index N // 2, on the CPU.
+    pad : int
+        Padding factor: the map is padded to M = pad * N (made even) in each dimension, and only
+        frequencies up to radius pad * (N // 2) of the padded grid are kept (RELION's r_max = N / 2).
+
+    Returns
+    -------
+    PreparedVolume
+        The transforms laid out for `project_rfft` and `slice_values`, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If `volume` is not a cubic map or a stack of them.
+    """
     n = volume.shape[-1]
     stacked = volume.dim() == 4
     if volume.shape[-3:] != (n, n, n) or volume.dim() not in (3, 4):
@@ -92,7 +140,23 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
 def rfft_frequencies(box: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer frequencies kx (box // 2 + 1,) and ky (box,) of the unshifted rfft grid of a box x box
     image (float64; RELION takes the Nyquist row as +N/2), and which pixels are inside the Nyquist
-    circle (box, box // 2 + 1)."""
+    circle (box, box // 2 + 1).
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels).
+
+    Returns
+    -------
+    kx : torch.Tensor
+        (N // 2 + 1,) float64: 0, 1, ..., N // 2 (Fourier pixels; kx / (N * pixel size) in 1/A).
+    ky : torch.Tensor
+        (N,) float64 in FFT order: 0, 1, ..., then negative frequencies; index N // 2 of an even box
+        is +N / 2.
+    inside : torch.Tensor
+        (N, N // 2 + 1) bool: kx^2 + ky^2 <= (N // 2)^2.
+    """
     half = box // 2
     ky = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
     if box % 2 == 0:
@@ -117,6 +181,21 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     `torch.fft.irfft2(out, s=(N, N))` equals `project(...)`, and a CTF from ctf.ctf_2d multiplies it
     directly. `rotations` are RELION's A matrices (B, 3, 3). On the CPU the trilinear sampling is the
     compiled `_gather_kernel`, elsewhere grid_sample's, over all maps' real and imaginary parts at once.
+
+    Parameters
+    ----------
+    volume : PreparedVolume
+        One map or a stack of K maps from `prepare_volume`.
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices A, which left-multiply xyz column vectors: image pixel (kx, ky)
+        samples the map's transform at A^T (kx, ky, 0).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N // 2 + 1), or (K, B, N, N // 2 + 1) for a stack: complex64 (complex128 for float64
+        maps) on the prepared data's device; rfft half grid, DC at [0, 0], rows in FFT order. Pixels
+        outside the Nyquist circle (`rfft_frequencies`) are 0.
     """
     n, data = volume.box, volume.data
     k, b = data.shape[0], len(rotations)
@@ -179,7 +258,28 @@ def slice_values(data: np.ndarray, x: float, y: float, z: float, c: int, values:
     """values[k] = the trilinear value of each prepared map k (`PreparedVolume.data`, (K, 2, M + 3,
     M + 3, M // 2 + 2)) at the padded grid's frequency (x, y, z) inside the Nyquist sphere: (x, y, z)
     is at index (z + c, y + c, x), c = M // 2 + 1, and a point with x < 0 is the complex conjugate of
-    the value at -(x, y, z)."""
+    the value at -(x, y, z).
+
+    Compiled (numba), for other compiled loops (`_gather_kernel`, the refinement's likelihood). It
+    does not check bounds: the point must lie within radius M / 2 of the origin.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        `PreparedVolume.data` as an array, (K, 2, M + 3, M + 3, M // 2 + 2).
+    x, y, z : float
+        The frequency in Fourier pixels of the padded grid (pad times the image's frequency; for an
+        image pixel (kx, ky) and matrix A, pad * A^T (kx, ky, 0)).
+    c : int
+        M // 2 + 1 (`PreparedVolume.padded_box // 2 + 1`), the index of frequency 0 along z and y.
+    values : np.ndarray
+        (K,) complex128, written in place.
+
+    Returns
+    -------
+    None
+        The values are written into `values`.
+    """
     conjugate = x < 0
     if conjugate:
         x, y, z = -x, -y, -z
@@ -236,7 +336,20 @@ def _grid_sample(
 def rfft_weights(box: int) -> torch.Tensor:
     """How many pixels of the full 2D transform of a box x box image each pixel of its unshifted rfft
     grid (box, box // 2 + 1) stands for in a sum over all of them (float64): 2 for a pixel and its
-    Friedel mate, 1 on the x = 0 column and, for an even box, the Nyquist column."""
+    Friedel mate, 1 on the x = 0 column and, for an even box, the Nyquist column.
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N // 2 + 1) float64 of 1s and 2s: with it, a sum over the rfft half grid of a quantity
+        that is the same at Friedel mates (|F|^2 of a real image) equals the sum over the full N x N
+        transform.
+    """
     weights = torch.full((box, box // 2 + 1), 2.0, dtype=torch.float64)
     weights[:, 0] = 1.0
     if box % 2 == 0:
@@ -245,12 +358,42 @@ def rfft_weights(box: int) -> torch.Tensor:
 
 
 def centre_phase(box: int, dtype: torch.dtype) -> torch.Tensor:
-    """exp(-2 pi i k . c / N) with c = N // 2: the transform of a shift of the origin to index N // 2."""
+    """exp(-2 pi i k . c / N) with c = N // 2: the transform of a shift of the origin to index N // 2.
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels).
+    dtype : torch.dtype
+        Complex dtype of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N // 2 + 1) on the unshifted rfft grid (k in integer Fourier pixels); `shift_phase` for
+        the shift (N // 2, N // 2).
+    """
     return shift_phase(box, torch.tensor([[box // 2, box // 2]], dtype=torch.float64))[0].to(dtype)
 
 
 def shift_phase(box: int, shifts_px: torch.Tensor) -> torch.Tensor:
-    """exp(-2 pi i (kx sx + ky sy) / N) on the unshifted rfft grid, (B, box, box // 2 + 1) complex128."""
+    """exp(-2 pi i (kx sx + ky sy) / N) on the unshifted rfft grid, (B, box, box // 2 + 1) complex128.
+
+    Multiplying an image's rfft2 by it translates the image by +s: out(x) = in(x - s).
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels).
+    shifts_px : torch.Tensor
+        (B, 2) shifts (sx, sy) in pixels, on the CPU.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N // 2 + 1) complex128; kx, ky integer frequencies in FFT order (torch.fft.fftfreq
+        times N: the Nyquist row of an even box is -N / 2).
+    """
     ky = torch.fft.fftfreq(box, dtype=torch.float64)
     kx = torch.fft.rfftfreq(box, dtype=torch.float64)
     s = shifts_px.to(torch.float64)
@@ -263,13 +406,45 @@ def shift_images(images_rfft: torch.Tensor, shifts_px: torch.Tensor) -> torch.Te
 
     A positive shift moves the content towards higher x / y indices: out(x) = in(x - s). RELION's
     particle image is image(x) = P(x + o), the projection shifted by -o (o = origin in pixels).
+
+    Parameters
+    ----------
+    images_rfft : torch.Tensor
+        (B, N, N // 2 + 1) complex: torch.fft.rfft2 of the images (unshifted grid, DC at [0, 0]).
+    shifts_px : torch.Tensor
+        (B, 2) shifts s as (x, y) in pixels: +origin centres RELION particles, -origin makes particle
+        images of centred projections.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N // 2 + 1) of images_rfft's dtype: the translated images' rfft2.
     """
     box = images_rfft.shape[-2]
     return images_rfft * shift_phase(box, shifts_px).to(images_rfft.dtype)
 
 
 def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """Real-space projections (B, N, N) of a map (N, N, N) [z, y, x] along RELION matrices (B, 3, 3)."""
+    """Real-space projections (B, N, N) of a map (N, N, N) [z, y, x] along RELION matrices (B, 3, 3).
+
+    P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), origins at index N // 2 of
+    the map and the images; computed as irfft2 of `project_rfft`.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) map [z, y, x] on the CPU, centred at index N // 2; a stack (K, N, N, N) is taken too.
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices A, which left-multiply xyz column vectors: a map point r (from the
+        centre) lands at (A r)_xy.
+    pad : int
+        Padding factor of the Fourier sampling (`prepare_volume`).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N) [y, x], or (K, B, N, N) for a stack; float32 (float64 for float64 maps).
+    """
     n = volume.shape[-1]
     slices = project_rfft(prepare_volume(volume, pad), rotations)
     return torch.fft.irfft2(slices, s=(n, n))

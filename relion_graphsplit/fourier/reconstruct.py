@@ -51,12 +51,40 @@ _INSERT_PIXELS = 1 << 18
 
 
 def centred_rfft2(images: torch.Tensor) -> torch.Tensor:
-    """rfft2 of images (..., N, N) whose centre is at index N // 2 (phases relative to the centre)."""
+    """rfft2 of images (..., N, N) whose centre is at index N // 2 (phases relative to the centre).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (..., N, N) real images [y, x], centred at index N // 2.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., N, N // 2 + 1) complex (complex64 for float32 images): rfft half grid, DC at [0, 0],
+        of the images with their centre moved to index 0 (ifftshift).
+    """
     return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
 
 
 def radius_for_resolution(box: int, pixel_size: float, maxres: float) -> int:
-    """Fourier radius (pixels) of resolution `maxres` (A), as relion_reconstruct --maxres: ceil(N p / maxres)."""
+    """Fourier radius (pixels) of resolution `maxres` (A), as relion_reconstruct --maxres: ceil(N p / maxres).
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels).
+    pixel_size : float
+        Pixel size p (A).
+    maxres : float
+        Resolution (A).
+
+    Returns
+    -------
+    int
+        ceil(N p / maxres) Fourier pixels, at most N // 2 (Nyquist): an `r_max` for
+        `FourierAccumulator`.
+    """
     return min(box // 2, math.ceil(box * pixel_size / maxres))
 
 
@@ -72,6 +100,22 @@ class FourierAccumulator:
     The grid holds frequencies z, y in [-c, c] and x in [0, c], c = pad * r_max + 1, in RELION's
     centred layout; `sums[0]`, `sums[1]`, `sums[2]` are the real and imaginary parts of the data and
     the weight, shape (2c + 1, 2c + 1, c + 1) each.
+
+    Parameters
+    ----------
+    box : int
+        Image size N (pixels); the map is N^3.
+    pad : int
+        Padding factor of the 3D grid: image frequency k lands at pad * A^T (kx, ky, 0).
+    r_max : int or None
+        Largest inserted radius, in Fourier pixels of the N x N image (see `radius_for_resolution`);
+        None or anything above N // 2 means N // 2.
+    device : torch.device or str
+        Where the sums live and the insertion runs: on the CPU the compiled `_splat_kernel`, elsewhere
+        torch's scatter_add_.
+    dtype : torch.dtype
+        Real dtype of the sums. On the CPU the compiled insertion takes the image transforms, CTFs,
+        image weights and rotation matrices as float32 whatever this dtype.
     """
 
     def __init__(
@@ -110,7 +154,11 @@ class FourierAccumulator:
 
     @property
     def sums(self) -> torch.Tensor:
-        """(3, 2c + 1, 2c + 1, c + 1): real and imaginary parts of the data, and the weight."""
+        """(3, 2c + 1, 2c + 1, c + 1): real and imaginary parts of the data, and the weight.
+
+        Reading it waits for insertions still running on threads. Index (z + c, y + c, x) holds
+        frequency (x, y, z) of the padded grid.
+        """
         self._wait()
         return self._sums
 
@@ -140,7 +188,26 @@ class FourierAccumulator:
         ctf_premultiplied: bool = False,
     ) -> None:
         """Insert real images (B, N, N) centred at N // 2, `images_per_insert` at a time; see
-        `insert_rfft` for the other arguments."""
+        `insert_rfft` for the other arguments.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            (B, N, N) real images [y, x], centred at index N // 2.
+        rotations : torch.Tensor
+            (B, 3, 3) RELION matrices A.
+        ctf : torch.Tensor or None
+            (B, N, N // 2 + 1) CTFs on the unshifted rfft grid (`ctf.ctf_2d`), or None.
+        origins : torch.Tensor or None
+            (B, 2) rlnOriginX/Y in pixels (x, y), or None.
+        ctf_premultiplied : bool
+            The images already carry one CTF factor.
+
+        Returns
+        -------
+        None
+            The images are added to `sums`.
+        """
         chunk = self.images_per_insert
         for start in range(0, images.shape[0], chunk):
             sl = slice(start, start + chunk)
@@ -164,12 +231,34 @@ class FourierAccumulator:
     ) -> None:
         """Insert centred image transforms (B, N, N // 2 + 1) (see `centred_rfft2`).
 
-        rotations: RELION's A (B, 3, 3); ctf: (B, N, N // 2 + 1) on the unshifted rfft grid or None
-        (no CTF correction); origins: (B, 2) rlnOriginX/Y in pixels (x, y) or None. Images are shifted
-        by +origin (a phase ramp) before insertion, which centres the particle as RELION does.
-        ctf_premultiplied: the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied), so
-        only the weight gets CTF^2. weights: (B,) factors on each image's data and weight (soft
-        assignments) or None; images of weight 0 add nothing.
+        Each image adds data F CTF w (F w if premultiplied) and weight CTF^2 w at pad * A^T (kx, ky, 0)
+        for its pixels within radius r_max (on the x = 0 column only ky >= 0), spread over 8
+        neighbours; the DC term adds weight only. On the CPU the insertion may still run on threads
+        after this returns; `sums` waits for it.
+
+        Parameters
+        ----------
+        images_rfft : torch.Tensor
+            (B, N, N // 2 + 1) complex: `centred_rfft2` of the images (rfft half grid, DC at [0, 0]).
+        rotations : torch.Tensor
+            (B, 3, 3) RELION's A, which left-multiply xyz column vectors.
+        ctf : torch.Tensor or None
+            (B, N, N // 2 + 1) on the unshifted rfft grid, or None (no CTF correction: data F w, weight w).
+        origins : torch.Tensor or None
+            (B, 2) rlnOriginX/Y in pixels (x, y), or None. Images are shifted by +origin (a phase
+            ramp) before insertion, which centres the particle as RELION does (the particle's centre
+            lies at the image centre minus its origin).
+        ctf_premultiplied : bool
+            The images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied), so only the
+            weight gets CTF^2.
+        weights : torch.Tensor or None
+            (B,) factors on each image's data and weight (soft assignments), or None; images of
+            weight 0 add nothing.
+
+        Returns
+        -------
+        None
+            The images are added to `sums`.
         """
         f = images_rfft.to(self.device)
         if origins is not None:
@@ -253,9 +342,22 @@ class FourierAccumulator:
     def finalise(self, sym: str = "C1", regularisation: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
 
-        sym: RELION point group applied to the accumulated grids. regularisation: optional per-shell
-        term (length >= r_max + 1, shells of the unpadded box) added to the weight before division,
-        a Wiener-style 1 / SSNR prior in weight units (RELION adds 1 / (pad^3 tau2_fudge tau2)).
+        The steps are the module docstring's (Friedel plane, symmetry, division, inverse transform,
+        soft edge, gridding correction); from the division on (`_invert`) on the CPU in float64.
+
+        Parameters
+        ----------
+        sym : str
+            RELION point group applied to the accumulated grids (`symmetry.symmetry_matrices`).
+        regularisation : torch.Tensor or None
+            Optional per-shell term (length >= r_max + 1, shells of the unpadded box) added to the
+            weight before division, a Wiener-style 1 / SSNR prior in weight units (RELION adds
+            1 / (pad^3 tau2_fudge tau2)).
+
+        Returns
+        -------
+        torch.Tensor
+            (N, N, N) float32 [z, y, x] on the accumulator's device.
         """
         fields, plane = self.sums, _friedel_plane(self.sums)
         if sym.strip().upper() != "C1":
@@ -574,7 +676,34 @@ def reconstruct_stream(
     ctf_premultiplied: bool = False,
 ) -> torch.Tensor:
     """Reconstruct from an iterable of (images (B, N, N), rotations A (B, 3, 3), origins_px (B, 2) or
-    None, ctf (B, N, N // 2 + 1) or None), holding one batch at a time. Returns (N, N, N) float32."""
+    None, ctf (B, N, N // 2 + 1) or None), holding one batch at a time. Returns (N, N, N) float32.
+
+    Parameters
+    ----------
+    batches : Iterable of tuple
+        (images, rotations, origins_px, ctf) per batch, as `FourierAccumulator.insert` takes them:
+        real images (B, N, N) centred at N // 2, RELION matrices (B, 3, 3), rlnOriginX/Y (B, 2) as
+        (x, y) pixels or None, CTFs (B, N, N // 2 + 1) on the unshifted rfft grid or None.
+    box : int
+        Image size N (pixels).
+    sym : str
+        RELION point group.
+    pad : int
+        Padding factor.
+    r_max : int or None
+        Largest inserted radius (Fourier pixels of the image; None: N // 2).
+    device : torch.device or str
+        Where the insertion runs.
+    regularisation : torch.Tensor or None
+        Per-shell term added to the weight (`FourierAccumulator.finalise`).
+    ctf_premultiplied : bool
+        The images already carry one CTF factor.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N) float32 [z, y, x] on `device`, centred at N // 2.
+    """
     acc = FourierAccumulator(box, pad=pad, r_max=r_max, device=device)
     for images, rotations, origins, ctf in batches:
         acc.insert(images, rotations, ctf=ctf, origins=origins, ctf_premultiplied=ctf_premultiplied)
@@ -593,7 +722,28 @@ def reconstruct(
     regularisation: torch.Tensor | None = None,
     ctf_premultiplied: bool = False,
 ) -> torch.Tensor:
-    """Reconstruct from images already in memory, on the images' device. Returns (N, N, N) float32."""
+    """Reconstruct from images already in memory, on the images' device. Returns (N, N, N) float32.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (B, N, N) real images [y, x], centred at index N // 2.
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices A.
+    origins_px : torch.Tensor or None
+        (B, 2) rlnOriginX/Y as (x, y) pixels, or None.
+    ctf : torch.Tensor or None
+        (B, N, N // 2 + 1) CTFs on the unshifted rfft grid, or None.
+    box : int
+        Image size N (pixels).
+    sym, pad, r_max, regularisation, ctf_premultiplied
+        As for `reconstruct_stream`.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N) float32 [z, y, x] on the images' device, centred at N // 2.
+    """
     acc = FourierAccumulator(box, pad=pad, r_max=r_max, device=images.device)
     acc.insert(images, rotations, ctf=ctf, origins=origins_px, ctf_premultiplied=ctf_premultiplied)
     return acc.finalise(sym=sym, regularisation=regularisation)

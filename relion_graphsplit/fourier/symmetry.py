@@ -34,7 +34,21 @@ _FIXED_GENERATORS["I2"] = _FIXED_GENERATORS["I"]
 
 
 def axis_rotation(axis: tuple[float, float, float], angle_deg: float) -> torch.Tensor:
-    """Rotation matrix (3, 3) float64 by `angle_deg` about `axis` (normalised here), Rodrigues' formula."""
+    """Rotation matrix (3, 3) float64 by `angle_deg` about `axis` (normalised here), Rodrigues' formula.
+
+    Parameters
+    ----------
+    axis : tuple of float
+        (x, y, z) direction of the axis, any nonzero length.
+    angle_deg : float
+        Rotation angle (degrees), counterclockwise seen from the tip of `axis` (right-handed).
+
+    Returns
+    -------
+    torch.Tensor
+        (3, 3) float64 R = I + sin(t) K + (1 - cos(t)) K^2, K the cross-product matrix of the unit
+        axis; R left-multiplies xyz column vectors.
+    """
     u = torch.tensor(axis, dtype=torch.float64)
     u = u / u.norm()
     t = math.radians(angle_deg)
@@ -75,6 +89,25 @@ def symmetry_matrices(name: str, tol: float = 1e-4) -> torch.Tensor:
     Names are case-insensitive: C1, Cn, Dn (n up to 99), T, O, I (= I2), I1, I3, I4.
     The group is the closure of RELION's generators under multiplication; matrices closer than `tol`
     (max abs difference) are the same element.
+
+    Parameters
+    ----------
+    name : str
+        RELION's name of the point group (surrounding spaces ignored).
+    tol : float
+        Largest absolute difference of entries at which two matrices count as one element.
+
+    Returns
+    -------
+    torch.Tensor
+        (G, 3, 3) float64 rotations in the map frame (xyz), G the group's order (n for Cn, 2n for Dn,
+        12 for T, 24 for O, 60 for I).
+
+    Raises
+    ------
+    ValueError
+        For an unknown or unsupported name (mirror and inversion groups included), or generators
+        whose closure exceeds 200 elements.
     """
     group = torch.eye(3, dtype=torch.float64)[None]
     generators = [axis_rotation(axis, 360.0 / fold) for fold, axis in _generators(name) if fold > 1]

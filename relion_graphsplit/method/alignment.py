@@ -17,7 +17,19 @@ from relion_graphsplit.fourier.geometry import direction_to_matrix, inplane_angl
 
 
 def cone_reference(axis: torch.Tensor) -> torch.Tensor:
-    """Reference orientation (psi = 0) of a cone: the RELION matrix viewing along its axis."""
+    """Reference orientation (psi = 0) of a cone: the RELION matrix viewing along its axis.
+
+    Parameters
+    ----------
+    axis : torch.Tensor
+        (..., 3) cone axes (projection directions), normalised here; one axis (3,) or a stack (M, 3).
+
+    Returns
+    -------
+    torch.Tensor
+        (..., 3, 3) float64 RELION matrices A = Rz(0) Ry(tilt) Rz(rot), which left-multiply xyz column
+        vectors of the map; the third row of each is its axis.
+    """
     return direction_to_matrix(axis)
 
 
@@ -27,8 +39,28 @@ def align_to_reference(
     """Rotate centred images (B, n, n) so that each looks as seen from `reference` (3, 3) or (B, 3, 3).
 
     `rotations` are the members' (equivalent) orientations and `mirrored` tells which images must be
-    mirrored in y first. With M the in-plane rotation of the twist phi, the aligned image is
-    I(F M u) at every pixel u (F the y-mirror, or identity).
+    mirrored in y first. With M the in-plane rotation of the twist phi (`inplane_angle` of the
+    rotation relative to the reference: the swing-twist angle), the aligned image is I(F M u) at every
+    pixel u (F the y-mirror, or identity), u in pixels (x, y) from the centre n // 2. One bicubic
+    interpolation (grid_sample's, a = -0.75; pixels that fall outside the image count as 0): on the
+    CPU by a compiled loop in float64, elsewhere by torch's grid_sample.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (B, n, n) real images [y, x], centred at index n // 2 (their origins already undone).
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices of the members' equivalent orientations (left-multiplying xyz
+        column vectors of the map).
+    reference : torch.Tensor
+        (3, 3) or (B, 3, 3) the cone's reference orientation (`cone_reference`).
+    mirrored : torch.Tensor
+        (B,) bool: images to mirror in y before the rotation (members that joined by a mirrored copy).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, n, n) the aligned images, in the dtype and on the device of `images`.
     """
     phi = inplane_angle(rotations, reference)
     c, s = torch.cos(phi), torch.sin(phi)

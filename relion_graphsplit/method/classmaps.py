@@ -40,18 +40,38 @@ class ClassMaps:
 
     @property
     def distribution(self) -> np.ndarray:
-        """Fraction of the particles in each class (rlnClassDistribution)."""
+        """Fraction of the particles in each class (rlnClassDistribution): (K,) float64, counts / total."""
         return self.counts / self.counts.sum()
 
 
-def half_sets(ps: star_io.ParticleSet, classes: np.ndarray, seed: int = 0) -> np.ndarray:
+def half_sets(particles: star_io.Particles, classes: np.ndarray, seed: int = 0) -> np.ndarray:
     """rlnRandomSubset (1 or 2) per particle: the file's column where it has one, else drawn at random
-    (seeded) so that the two halves of every class differ in size by at most one particle."""
-    if "rlnRandomSubset" in ps.particles:
-        subsets = ps.particles["rlnRandomSubset"].to_numpy()
-        if not np.isin(subsets, (1, 2)).all():
-            raise ValueError(f"{ps.path}: rlnRandomSubset must be 1 or 2 for every particle")
-        return subsets.astype(np.int64)
+    (seeded) so that the two halves of every class differ in size by at most one particle.
+
+    Parameters
+    ----------
+    particles : star_io.Particles
+        The particle set; its `subsets` (the file's rlnRandomSubset), when present, are used as they are.
+    classes : np.ndarray
+        (n,) class of each particle row; only used to draw the halves when the file has none.
+    seed : int
+        Seed of the random draw (numpy's default_rng).
+
+    Returns
+    -------
+    np.ndarray
+        (n,) int64, 1 or 2 per particle. When drawn, each class's members are shuffled and dealt
+        alternately to half 1 and half 2, so half 1 holds the extra particle of an odd-sized class.
+
+    Raises
+    ------
+    ValueError
+        If the file's rlnRandomSubset holds a value other than 1 or 2.
+    """
+    if particles.subsets is not None:
+        if not np.isin(particles.subsets, (1, 2)).all():
+            raise ValueError(f"{particles.path}: rlnRandomSubset must be 1 or 2 for every particle")
+        return particles.subsets.astype(np.int64)
     rng = np.random.default_rng(seed)
     subsets = np.empty(len(classes), dtype=np.int64)
     for k in np.unique(classes):
@@ -61,7 +81,7 @@ def half_sets(ps: star_io.ParticleSet, classes: np.ndarray, seed: int = 0) -> np
 
 
 def reconstruct_classes(
-    ps: star_io.ParticleSet,
+    particles: star_io.Particles,
     stacks: ImageStacks,
     classes: np.ndarray,
     sym: str = "C1",
@@ -72,27 +92,62 @@ def reconstruct_classes(
 ) -> ClassMaps:
     """Half maps, full maps and gold-standard FSC of each class (1..K) of a split, reading every image once.
 
-    classes: (n,) class of each particle row, 1..K with every class holding at least one particle in
-    each half set. Images are CTF-corrected (CTF at the full box, RELION's formula) and centred by
-    their origins; `sym` is applied to every map; the accumulators live on `device`. Half sets come
-    from `half_sets(ps, classes, seed)` and are returned, so that a written particle file can carry them.
+    Images are CTF-corrected (CTF at the full box, RELION's formula; only the weight gets CTF^2 for
+    CTF-premultiplied data) and centred by their origins (shifted by +origin, so the particle's
+    centre, at the image centre minus its origin, moves to the centre); `sym` is applied to every map.
+    Images are read in batches in file order (one read per run of consecutive images), at most
+    `batch_size` at a time. Half sets come from `half_sets(particles, classes, seed)` and are
+    returned, so that a written particle file can carry them.
+
+    Parameters
+    ----------
+    particles : star_io.Particles
+        The particle set: RELION rotations (n, 3, 3), origins (n, 2) in pixels, CTF parameters, box
+        (pixels) and pixel size (A).
+    stacks : ImageStacks
+        The particle images (n, N, N), read by particle row.
+    classes : np.ndarray
+        (n,) class of each particle row, 1..K, with every class holding at least one particle in
+        each half set.
+    sym : str
+        RELION point group applied to every map.
+    seed : int
+        Seed of the half sets when the file has no rlnRandomSubset.
+    batch_size : int
+        Most images read at a time (fewer when the accumulators take fewer per insertion).
+    device : torch.device or str
+        Where the Fourier accumulators live.
+    track : Track
+        Progress callback, called as track(iterable, description=..., total=...).
+
+    Returns
+    -------
+    ClassMaps
+        Maps (K, N, N, N) float32, half maps (K, 2, N, N, N) float32, FSC between the (unmasked)
+        half maps (K, N // 2 + 1) float64 and the resolution (A) where it drops below 0.143
+        (`fourier.fsc.resolution_at`), shell completeness (K, N // 2 + 1), particle counts (K,),
+        the half sets used (n,) and the pixel size (A). Class k is index k - 1.
+
+    Raises
+    ------
+    ValueError
+        If `classes` is not one value >= 1 per particle, if a class has no particle in one of the
+        half sets, or if the file's rlnRandomSubset is not 1 or 2 everywhere.
     """
     classes = np.asarray(classes, dtype=np.int64)
-    n = len(ps.particles)
+    n = len(particles)
     if classes.shape != (n,) or classes.min() < 1:
         raise ValueError(f"need one class >= 1 per particle ({n}), got shape {classes.shape}")
     n_classes = int(classes.max())
-    subsets = half_sets(ps, classes, seed)
+    subsets = half_sets(particles, classes, seed)
     accumulator = (classes - 1) * 2 + subsets - 1  # index of (class, half) in `accumulators`
     sizes = np.bincount(accumulator, minlength=2 * n_classes).reshape(n_classes, 2)
     if (sizes == 0).any():
         k, h = np.argwhere(sizes == 0)[0]
         raise ValueError(f"class {k + 1} has no particle in half set {h + 1}: cannot make its half maps")
 
-    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
-    rotations, origins = star_io.poses(ps)
-    params = star_io.ctf_params(ps)
-    premultiplied = star_io.ctf_premultiplied(ps)
+    box, apix = particles.box, particles.pixel_size
+    rotations, origins, params, premultiplied = particles.rotations, particles.origins, particles.ctf, particles.premultiplied
     accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
     # Batches in file order (one read per run of consecutive images), split among the accumulators;
     # about one insertion's worth of images for each, so that a batch's images, CTFs and temporaries
@@ -101,13 +156,13 @@ def reconstruct_classes(
     batches = [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
     for index in track(batches, description="Reconstructing class maps", total=len(batches)):
         images = stacks.read(index)
-        particles = torch.from_numpy(index)
-        ctf = ctf_2d(params[particles], box, apix)
+        batch = torch.from_numpy(index)
+        ctf = ctf_2d(params[batch], box, apix)
         which = accumulator[index]
         for a in np.unique(which):
             rows = torch.from_numpy(np.flatnonzero(which == a))
             accumulators[a].insert(
-                images[rows], rotations[particles[rows]], ctf=ctf[rows], origins=origins[particles[rows]],
+                images[rows], rotations[batch[rows]], ctf=ctf[rows], origins=origins[batch[rows]],
                 ctf_premultiplied=premultiplied,
             )  # fmt: skip
 
@@ -162,8 +217,20 @@ def _completeness_kernel(
 def write_class_maps(out: Path, maps: ClassMaps) -> list[tuple[Path, str]]:
     """run_classNNN.mrc and run_half{1,2}_classNNN_unfil.mrc for every class, with RELION's MRC header.
 
-    Returns the output nodes as (path, kind) for ExternalJob.outputs: each class map ("map") and each
-    half-1 map ("halfmap"; RELION declares half 1 only and finds half 2 by its name).
+    NNN is the 1-based class number on three digits (run_class001.mrc for index 0).
+
+    Parameters
+    ----------
+    out : Path
+        The folder to write into.
+    maps : ClassMaps
+        The maps (`reconstruct_classes`), written with their pixel size (A).
+
+    Returns
+    -------
+    list of (Path, str)
+        The output nodes as (path, kind) for ExternalJob.outputs: each class map ("map") and each
+        half-1 map ("halfmap"; RELION declares half 1 only and finds half 2 by its name).
     """
     nodes = []
     for k in range(len(maps.maps)):

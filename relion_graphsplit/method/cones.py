@@ -22,8 +22,8 @@ from relion_graphsplit.fourier.geometry import MIRROR, fibonacci_sphere, project
 _ASU_ANCHOR = torch.nn.functional.normalize(torch.tensor([0.0123, 0.0317, 1.0], dtype=torch.float64), dim=0)
 
 MAX_ELEMENTS = 1 << 22
-"""Largest temporary of the cone geometry, in float64 values (32 MiB): (direction, equivalent
-direction, axis) cosines are taken in chunks of at most this many."""
+"""Largest temporary of the cone geometry, in float64 values (32 MiB): directions and particles are
+taken in chunks whose largest array, such as their cosines to every axis, holds at most this many."""
 
 _ROUNDING = 1e-9
 """Radians: more than the rounding of an angle from the arccosine of a cosine (about 1e-14 rad at
@@ -102,7 +102,11 @@ def _distance_to_axes(
 
 
 def _beyond(
-    directions: torch.Tensor, axes: torch.Tensor, symmetry: torch.Tensor, angle: float, max_elements: int = MAX_ELEMENTS
+    directions: torch.Tensor,
+    axes: torch.Tensor,
+    symmetry: torch.Tensor,
+    angle: float,
+    max_elements: int = MAX_ELEMENTS,
 ) -> torch.Tensor:
     """Whether each direction (n, 3) may lie farther than `angle` (radians) from every axis (m, 3),
     over all its equivalent directions; shape (n,) bool.
@@ -163,7 +167,8 @@ def assign_to_cones(
 
     A particle farther than that from every axis (a hole between cones) joins its nearest cone, so that
     every particle is classified. Particles are taken in chunks of at most `max_elements` (particle,
-    cone, equivalent direction) cosines, so that the memory used does not grow with their number.
+    cone, equivalent direction) cosines, so that the memory used does not grow with their number (one
+    particle's are about 2e5 at the finest sampling, 0.5 degrees, whatever the group).
     """
     if not 0.0 < cone_angle_deg <= 90.0:
         raise ValueError(f"the cone angle must be in (0, 90] degrees, got {cone_angle_deg}")
@@ -176,7 +181,8 @@ def assign_to_cones(
     # chunk to chunk pin the freed blocks).
     shape = (min(chunk, len(rotations)), len(axes))
     buffers = [torch.empty(shape, dtype=dtype) for dtype in (torch.float64, torch.int64, torch.bool)]
-    found = []  # per chunk, (3, k): particle, cone and equivalent operator of each membership
+    # Per chunk, (3, k): particle, cone and equivalent operator of each membership (none without particles).
+    found = [np.empty((3, 0), dtype=np.int64)]
     for start in range(0, len(rotations), chunk):
         A = rotations[start : start + chunk]
         best_cos, best_op, member = (buffer[: len(A)] for buffer in buffers)

@@ -56,7 +56,20 @@ class SyncResult:
 
 
 def sign_objective(W: sp.spmatrix | np.ndarray, signs: np.ndarray) -> float:
-    """s^T W s for signs of shape (n,)."""
+    """s^T W s for signs of shape (n,), diagonal included.
+
+    Parameters
+    ----------
+    W : scipy.sparse matrix or np.ndarray
+        (n, n) weight matrix.
+    signs : np.ndarray
+        (n,) the signs s (any numeric dtype, taken as float64).
+
+    Returns
+    -------
+    float
+        s^T W s.
+    """
     s = np.asarray(signs, dtype=np.float64)
     return float(s @ (sp.csr_matrix(W) @ s))
 
@@ -65,8 +78,23 @@ def local_search(W: sp.spmatrix | np.ndarray, signs: np.ndarray) -> np.ndarray:
     """Greedy single flips from `signs`, (n,) or (n, k) columns, until no flip raises s^T W s.
 
     Each step flips, in every column that can still improve, the node with the largest gain
-    -4 s_i (W s)_i (the lowest index on ties). W's diagonal is ignored (it adds a constant).
-    Returns int8 signs shaped like the input.
+    -4 s_i (W s)_i (the lowest index on ties). W's diagonal is ignored (it adds a constant). A node is
+    flipped only where s_i (W s)_i < -1e-10 times the largest absolute row sum of W's off-diagonal
+    part.
+
+    Parameters
+    ----------
+    W : scipy.sparse matrix or np.ndarray
+        (n, n) symmetric weight matrix.
+    signs : np.ndarray
+        (n,) or (n, k) starting signs, one labelling per column; negative values count as -1,
+        zero and positive ones as +1.
+
+    Returns
+    -------
+    np.ndarray
+        int8 signs (+1 or -1) shaped like the input, each column a local maximum of s^T W s under
+        single flips.
     """
     W = _off_diagonal(sp.csr_matrix(W, dtype=np.float64))
     S = np.where(np.asarray(signs) < 0, -1.0, 1.0)
@@ -110,6 +138,34 @@ def synchronise(
     in the component's method). The same W and seed give the same signs; each component draws from
     its own generator, seeded by (seed, its lowest node). The diagonal adds trace(W) whatever the
     signs: it is left out of the search and counted in `objective` and `upper_bound`.
+
+    Parameters
+    ----------
+    W : scipy.sparse matrix or np.ndarray
+        (n, n) symmetric, finite weights (symmetric to 1e-10 of the largest |w_ij|; symmetrised here).
+        For the split: the cone graph's w_ij (`graph.cone_weights`).
+    method : str
+        'auto', 'sdp', 'bm' or 'spectral'.
+    seed : int
+        Seed of the roundings and of the Burer-Monteiro start.
+    n_rounds : int
+        Random hyperplanes per relaxation.
+    sdp_max_nodes : int
+        Largest component 'auto' solves by SDP.
+    bm_rank : int
+        Rank of the Burer-Monteiro factor (at most the component's size).
+
+    Returns
+    -------
+    SyncResult
+        int8 signs (n,), +1 or -1 with each component's lowest node at +1 (isolated nodes +1); the
+        objective and its certified upper bound, diagonal included; the methods used; and the
+        per-component solutions, ordered by lowest node.
+
+    Raises
+    ------
+    ValueError
+        If `method` is unknown, or W is not square, not finite or not symmetric.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -21,7 +21,7 @@ class Mixture:
 
     @property
     def separation(self) -> torch.Tensor:
-        """Distance between the means in units of sigma."""
+        """Distance between the means in units of sigma: (C,) (mu0 - mu1) / sigma, non-negative."""
         return (self.means[:, 0] - self.means[:, 1]) / self.sigma
 
 
@@ -33,7 +33,30 @@ def _masked_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Te
 
 
 def fit_mixture(x: torch.Tensor, valid: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> Mixture:
-    """EM fit of w0 N(mu0, s^2) + w1 N(mu1, s^2) to each row of x (C, P) over its valid entries."""
+    """EM fit of w0 N(mu0, s^2) + w1 N(mu1, s^2) to each row of x (C, P) over its valid entries.
+
+    EM starts from the upper and lower quartiles as the means, equal weights and the variance left
+    after the means' spread; it stops when no mean of any row moves by more than `tol` times the
+    smallest standard deviation of the rows, or after `max_iter` iterations. The variance is kept
+    above 1e-6 times the row's variance and the weights within [1e-6, 1 - 1e-6].
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (C, P) per cone (row) its members' scores (the first principal component's rho), padded.
+    valid : torch.Tensor
+        (C, P) bool: the entries that are members rather than padding.
+    max_iter : int
+        Most EM iterations.
+    tol : float
+        Convergence tolerance on the means' change, relative to the standard deviation.
+
+    Returns
+    -------
+    Mixture
+        Per row, float64: weights (C, 2), means (C, 2) with component 0 the larger mean, and the
+        shared sigma (C,).
+    """
     x = x.to(torch.float64)
     v = valid.to(torch.float64)
     n = v.sum(dim=1).clamp(min=1)
@@ -67,7 +90,23 @@ def fit_mixture(x: torch.Tensor, valid: torch.Tensor, max_iter: int = 500, tol: 
 
 
 def log_likelihood_ratio(x: torch.Tensor, mixture: Mixture) -> torch.Tensor:
-    """log [w0 N(x; mu0, s^2) / w1 N(x; mu1, s^2)] for each entry of x (C, P): the posterior log-odds."""
+    """log [w0 N(x; mu0, s^2) / w1 N(x; mu1, s^2)] for each entry of x (C, P): the posterior log-odds.
+
+    Linear in x, because the variance is shared: log(w0 / w1) + (mu0 - mu1) / s^2 (x - (mu0 + mu1) / 2).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (C, P) scores, row c under cone c's mixture.
+    mixture : Mixture
+        The fit per row (`fit_mixture`).
+
+    Returns
+    -------
+    torch.Tensor
+        (C, P) float64 ratios lambda, positive on the side of component 0 (the larger mean); padding
+        entries get a value too.
+    """
     mu0, mu1 = mixture.means[:, :1], mixture.means[:, 1:]
     s2 = mixture.sigma[:, None] ** 2
     prior = torch.log(mixture.weights[:, :1] / mixture.weights[:, 1:])

@@ -18,6 +18,7 @@ class CtfCorrection(str, enum.Enum):
 
     @property
     def subtracts(self) -> bool:
+        """Whether the mode subtracts the consensus projection first (and so needs it)."""
         return self in (CtfCorrection.subtract_multiply, CtfCorrection.subtract_flip)
 
 

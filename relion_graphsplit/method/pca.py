@@ -25,6 +25,21 @@ def first_component(images: torch.Tensor, valid: torch.Tensor) -> Components:
     for the top eigenpair alone (exact and deterministic, unlike randomised low-rank PCA, and a third
     of the time of a full eigendecomposition). The sign is fixed so that the eigen-image sums to a
     non-negative value; which class is which is settled later by the graph.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (C, P, D) per cone its members' aligned, masked images as rows of D pixels, padded to P rows
+        (CPU).
+    valid : torch.Tensor
+        (C, P) bool: rows that are members rather than padding.
+
+    Returns
+    -------
+    Components
+        float64 per cone: scores (C, P), the projections of the centred rows on the eigen-image, zero
+        at padding; eigen-image (C, D) of unit norm; mean image (C, D) over the valid rows; explained
+        (C,) the first eigenvalue over the total variance (sum of squares of the centred rows).
     """
     x = images.to(torch.float64) * valid[..., None]
     n = valid.sum(dim=1).clamp(min=1).to(torch.float64)

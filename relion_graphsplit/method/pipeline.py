@@ -23,12 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit.relion import star as star_io
-from relion_graphsplit.method.alignment import align_to_reference, cone_reference
 from relion_graphsplit.fourier.ctf import ctf_2d
-from relion_graphsplit.method.graph import cone_weights, particle_scores, ratio_matrix, shared_counts
+from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft
+from relion_graphsplit.fourier.reconstruct import reconstruct_stream
+from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.method.alignment import align_to_reference, cone_reference
 from relion_graphsplit.method.cones import Cones, assign_to_cones, asymmetric_unit_directions, default_sampling
-from relion_graphsplit.method.masks import class_maps_mask, consensus_mask, project_mask, resample_volume
+from relion_graphsplit.method.diagnostics import cone_diagnostics
+from relion_graphsplit.method.graph import classes_by_sign, cone_weights, particle_scores, ratio_matrix
+from relion_graphsplit.method.masks import consensus_mask, project_mask, resample_volume
 from relion_graphsplit.method.maxcut import synchronise
 from relion_graphsplit.method.mixture import fit_mixture, log_likelihood_ratio
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
@@ -42,12 +45,10 @@ from relion_graphsplit.method.preprocess import (
     whitening_filter,
     working_box,
 )
-from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft
-from relion_graphsplit.fourier.reconstruct import reconstruct_stream
-from relion_graphsplit.method.refine import class_log_odds, class_sums, difference_maps, image_spectra, residual_sums
-from relion_graphsplit.scratch import ScratchArray
+from relion_graphsplit.method.refine import image_spectra, refine_classes
+from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks
-from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.scratch import ScratchArray
 
 Track = Callable[..., Iterable]
 
@@ -95,7 +96,7 @@ def _batches(n: int, size: int) -> list[np.ndarray]:
 
 
 def prepare_images(
-    ps: star_io.ParticleSet,
+    particles: star_io.Particles,
     stacks: ImageStacks,
     scratch: ScratchArray,
     filters: ScratchArray,
@@ -118,10 +119,9 @@ def prepare_images(
     """
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
-    rotations, origins = star_io.poses(ps)
-    params = star_io.ctf_params(ps)
-    work_apix = star_io.pixel_size(ps) * star_io.image_size(ps) / w
-    squared = star_io.ctf_premultiplied(ps)
+    rotations, origins, params = particles.rotations, particles.origins, particles.ctf
+    work_apix = particles.pixel_size * particles.box / w
+    squared = particles.premultiplied
     need_consensus = consensus is None and not squared
     if consensus is None and squared and options.ctf_correction.subtracts:
         raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
@@ -320,9 +320,9 @@ def check_cone_counts(counts: torch.Tensor, minimum: int, sampling: float, expli
 
     `counts` (M,) are the cones' particle counts, `sampling` (degrees) their angular sampling and
     `explicit` whether the user chose it. Dropping the sparse cones would leave none; keeping them,
-    their mixtures on a few points degenerate (log-likelihood ratios up to 1e12, with 2000 particles
-    at 2 degrees), and so do the graph's weights and the max-cut's SDPs (Clarabel failed on such
-    components, and on one never returned). Raises ValueError with one line.
+    their mixtures on a few points degenerate, and with them the graph and its max-cut (2000
+    particles at 2 degrees, at most 8 a cone, gave weights up to 4e12; Clarabel failed on 65 of the
+    components and never returned from the next). Raises ValueError with one line.
     """
     if len(counts) and not (counts < minimum).all():
         return
@@ -357,7 +357,7 @@ def check_cone_memory(
 
 
 def split(
-    ps: star_io.ParticleSet,
+    particles: star_io.Particles,
     stacks: ImageStacks,
     options: SplitOptions,
     mask: torch.Tensor | None = None,
@@ -368,21 +368,22 @@ def split(
     """Split a refined particle set into two classes with the graph method.
 
     `mask` and `consensus` are maps at the particles' box and pixel size (or None). Without a mask,
-    one is drawn around the consensus map (masks.consensus_mask).
+    one is drawn around the consensus map (masks.consensus_mask). Cones all too sparse to split, or
+    too many for the memory available, are refused before any image is read (check_cone_counts,
+    check_cone_memory).
     """
-    if mask is None and consensus is None and star_io.ctf_premultiplied(ps):
+    if mask is None and consensus is None and particles.premultiplied:
         raise ValueError("CTF-premultiplied particles need a consensus map (--ref) or a mask (--mask)")
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    n = len(ps.particles)
-    box, apix = star_io.image_size(ps), star_io.pixel_size(ps)
+    n = len(particles)
+    box, apix, rotations = particles.box, particles.pixel_size, particles.rotations
 
     # 1. Cones of projection direction.
     start = time.perf_counter()
     symmetry = symmetry_matrices(options.symmetry)
     sampling = options.angular_sampling or default_sampling(n, len(symmetry), options.particles_per_cone)
     cone_angle = options.cone_angle or sampling
-    rotations, _ = star_io.poses(ps)
     axes = asymmetric_unit_directions(sampling, symmetry)
     cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
     explicit = options.angular_sampling is not None
@@ -411,7 +412,7 @@ def split(
         ScratchArray(Path(tmp) / "spectra.f32", (n, w, w // 2 + 1, 2)) as spectra,
     ):
         scale, small_consensus, whitening, prep_times = prepare_images(
-            ps, stacks, scratch, filters, options, small_consensus, track
+            particles, stacks, scratch, filters, options, small_consensus, track
         )
         timings.update(prep_times)
 
@@ -435,73 +436,25 @@ def split(
 
         # 5. Mean synchronised ratio per particle; classes by sign.
         graph_score, _ = particle_scores(ratios, signs)
-        score = graph_score
-        classes = np.where(score >= 0, 1, 2)
+        score, changed = graph_score, []
 
-        # 6. Refinement against the two class maps with fixed poses (see refine.py).
-        start = time.perf_counter()
-        # The refinement's likelihood assumes the scratch images are residuals times the CTF.
-        plain = options.ctf_correction is CtfCorrection.subtract_multiply and not star_io.ctf_premultiplied(ps)
-        refine = options.refine_iterations if plain else 0
-        batches = _batches(n, options.batch_size)
-        changed: list[int] = []
-        probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
-
-        if refine:
+        # 6. Refinement against the two class maps with fixed poses (refine.py); its likelihood
+        # assumes the scratch images are residuals times the CTF.
+        plain = options.ctf_correction is CtfCorrection.subtract_multiply and not particles.premultiplied
+        if plain and options.refine_iterations:
+            start = time.perf_counter()
+            batches = _batches(n, options.batch_size)
             image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None)
-        totals = residual_sums(spectra, rotations, filters, batches) if refine else []
-
-        def rounds():  # until fewer than refine_tolerance of the particles change class
-            for _ in range(refine):
-                if changed and changed[-1] <= options.refine_tolerance * n:
-                    return
-                yield
-
-        def sums():  # the classes' sums for the current probabilities
-            return class_sums(spectra, probability, totals, rotations, filters, batches)
-
-        halves = None  # class_sums of the current probabilities, once computed
-        refine_mask = mask_volume
-        if refine and mask is None and options.refine_mask_threshold > 0:
-            # Redrawn around the graph split's class maps, where a part the classes differ by is at
-            # full strength (in the consensus it is at its occupancy).
-            halves = sums()
-            refine_mask = class_maps_mask(
-                small_consensus, difference_maps(halves, options.symmetry, mask_volume), float(scale.mean()),
-                work_apix, threshold=options.refine_mask_threshold, extend=options.mask_extend,
-            )
-        for _ in track(rounds(), description="Refining against the class maps (rounds)", total=refine):
-            differences = difference_maps(halves if halves is not None else sums(), options.symmetry, refine_mask)
-            share = float(np.mean(probability))
-            prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-            score = class_log_odds(spectra, differences, refine_mask, rotations, scale, filters, prior, batches)
-            # Over-relaxed EM: the next maps are made from probabilities moved beyond this round's
-            # (the classes are this round's own); the slow drift of noisy sets takes fewer rounds.
-            relaxation = options.refine_relaxation if changed else 1.0
-            probability = np.clip(probability + relaxation * (1.0 / (1.0 + np.exp(-score)) - probability), 0.0, 1.0)
-            halves = None
-            new_classes = np.where(score >= 0, 1, 2)
-            changed.append(int((new_classes != classes).sum()))
-            classes = new_classes
-        if refine:
+            score, changed = refine_classes(
+                spectra, filters, batches, rotations, scale, graph_score, mask_volume, small_consensus, work_apix,
+                options, redraw_mask=mask is None and options.refine_mask_threshold > 0, track=track,
+            )  # fmt: skip
             timings["refine"] = time.perf_counter() - start
+    classes = classes_by_sign(score)
     probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
-
-    swapped = signs < 0  # after synchronisation, class 1 is the negative-ratio side of these cones
-    cone_images[swapped, 2:] = cone_images[swapped][:, ::-1][:, :2]
-    cone_table["sign"] = signs[cone_table["cone"].to_numpy()]
-    components = [c.nodes for c in sync.components]
-    cone_table["component"] = _component_index(components, cones.n_cones)[cone_table["cone"].to_numpy()]
-    axes_np = axes.numpy()
-    cone_table["axis_x"], cone_table["axis_y"], cone_table["axis_z"] = axes_np[cone_table["cone"]].T
-    synced = signs[cones.cone.numpy()] * llr.numpy()
-    cone_table["class1_fraction"] = (
-        pd.Series(synced >= 0).groupby(cones.cone.numpy()).mean().reindex(cone_table["cone"]).to_numpy()
+    cone_table, membership, edges = cone_diagnostics(
+        cone_table, cone_images, cones, rho, llr, signs, [c.nodes for c in sync.components], ratios, weights
     )
-    membership = pd.DataFrame(
-        {"cone": cones.cone.numpy(), "particle": cones.particle.numpy(), "rho": rho.numpy(), "llr": llr.numpy()}
-    )
-    edges = _edges(weights, shared_counts(ratios))
     return SplitResult(
         classes=classes,
         score=score,
@@ -511,7 +464,7 @@ def split(
         membership=membership,
         cone_images=cone_images,
         edges=edges,
-        components=components,
+        components=[c.nodes for c in sync.components],
         sync_method=sync.method,
         sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
         noise_contrast=whitening.contrast,
@@ -527,18 +480,3 @@ def split(
         timings=timings,
         warnings=warnings,
     )
-
-
-def _component_index(components: list[np.ndarray], n: int) -> np.ndarray:
-    index = np.zeros(n, dtype=np.int64)
-    for k, nodes in enumerate(components):
-        index[np.asarray(nodes)] = k + 1
-    return index
-
-
-def _edges(weights, shared) -> pd.DataFrame:
-    upper = shared.tocoo()
-    keep = upper.row < upper.col
-    i, j = upper.row[keep], upper.col[keep]
-    w = np.asarray(weights[i, j]).ravel()
-    return pd.DataFrame({"cone1": i, "cone2": j, "shared": upper.data[keep].astype(np.int64), "weight": w})

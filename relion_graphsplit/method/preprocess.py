@@ -22,7 +22,26 @@ from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection
 
 def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
     """Even box to work at: `resize` if given, else the box whose Nyquist is `maxres` but at least
-    MIN_WORKING_BOX pixels; never above the box."""
+    MIN_WORKING_BOX pixels; never above the box.
+
+    Parameters
+    ----------
+    box : int
+        The particles' box (pixels).
+    pixel_size : float
+        Their pixel size (A).
+    maxres : float or None
+        Resolution (A) to put at the working Nyquist: round(2 box pixel_size / maxres) pixels, at least
+        MIN_WORKING_BOX (32). None: the full box.
+    resize : int or None
+        Explicit working box (pixels); overrides `maxres`.
+
+    Returns
+    -------
+    int
+        The working box w: clipped to [8, box], then rounded down to even. The working pixel size is
+        pixel_size * box / w.
+    """
     if resize is not None:
         n = resize
     elif maxres is not None:
@@ -37,6 +56,19 @@ def fourier_crop(images_rfft: torch.Tensor, n: int) -> torch.Tensor:
     """Crop an unshifted rfft (..., N, N // 2 + 1) to (..., n, n // 2 + 1): downsampling to n pixels.
 
     Values are rescaled so that the real-space images keep their grey levels.
+
+    Parameters
+    ----------
+    images_rfft : torch.Tensor
+        (..., N, N // 2 + 1) complex, unshifted rfft2 of N x N images.
+    n : int
+        The new box (pixels), even and at most N.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., n, n // 2 + 1): rows of frequencies 0..n/2 - 1 and -n/2..-1 and columns 0..n/2, times
+        (n / N)^2; the input itself when n == N.
     """
     big = images_rfft.shape[-2]
     if n == big:
@@ -51,12 +83,42 @@ def centre_downsampled(images_rfft: torch.Tensor, origins_px: torch.Tensor, n: i
 
     Shifting after the crop gives the kept frequencies the same phases as shifting the whole transform
     would, and computes only theirs (at box 256 to 50, a 25th).
+
+    Parameters
+    ----------
+    images_rfft : torch.Tensor
+        (B, N, N // 2 + 1) complex, unshifted rfft2 of the particle images.
+    origins_px : torch.Tensor
+        (B, 2) the particles' origins (rlnOriginX/Y) as (x, y) in pixels of the N box; a particle's
+        centre lies at the image centre minus its origin.
+    n : int
+        The working box (pixels).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, n, n // 2 + 1) unshifted rfft2 of the downsampled images, translated by +origin (scaled to
+        n / N pixels) so that each particle's centre is at the image centre.
     """
     return shift_images(fourier_crop(images_rfft, n), origins_px * (n / images_rfft.shape[-2]))
 
 
 def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:
-    """Downsample a cubic volume [z, y, x] to n^3 by cropping its Fourier transform."""
+    """Downsample a cubic volume [z, y, x] to n^3 by cropping its Fourier transform.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) [z, y, x] map.
+    n : int
+        The new box (pixels), at most N.
+
+    Returns
+    -------
+    torch.Tensor
+        (n, n, n) float32, the transform cropped in float64 and scaled by (n / N)^3 so that the grey
+        levels are kept; the volume itself (as float32) when n == N.
+    """
     big = volume.shape[-1]
     if n == big:
         return volume.to(torch.float32)
@@ -68,13 +130,41 @@ def fourier_crop_volume(volume: torch.Tensor, n: int) -> torch.Tensor:
 
 def subtract_consensus(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images less their model (the CTF-modulated consensus projection) scaled by least squares, and
-    the scales (B,)."""
+    the scales (B,).
+
+    Parameters
+    ----------
+    images_rfft : torch.Tensor
+        (B, n, n // 2 + 1) complex, unshifted rfft2 of the images.
+    model_rfft : torch.Tensor
+        (B, n, n // 2 + 1) complex, their models on the same grid.
+
+    Returns
+    -------
+    residual : torch.Tensor
+        (B, n, n // 2 + 1) complex, images_rfft - a model_rfft.
+    scale : torch.Tensor
+        (B,) the scales a (`least_squares_scale`).
+    """
     scale = least_squares_scale(images_rfft, model_rfft)
     return images_rfft - scale[:, None, None] * model_rfft, scale
 
 
 def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> torch.Tensor:
-    """Per-image a minimising |image - a model|^2 over the half-plane (DC excluded), shape (B,)."""
+    """Per-image a minimising |image - a model|^2 over the half-plane (DC excluded), shape (B,).
+
+    The sums count each rfft coefficient as often as it stands in the full plane (`rfft_weights`).
+
+    Parameters
+    ----------
+    images_rfft, model_rfft : torch.Tensor
+        (B, n, n // 2 + 1) complex, unshifted rfft2 of the images and of their models (CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        (B,) float64, a = Re<image, model> / |model|^2 (the denominator kept above 1e-30).
+    """
     weight = rfft_weights(images_rfft.shape[-2])
     weight[0, 0] = 0.0
     num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
@@ -100,7 +190,8 @@ class Whitening:
 
     @classmethod
     def none(cls, n: int) -> Whitening:
-        """No estimate, no whitening."""
+        """No estimate, no whitening: a filter of ones (n, n // 2 + 1) float64, contrast None, empty
+        spectrum."""
         return cls(torch.ones(n, n // 2 + 1, dtype=torch.float64), None, False, torch.zeros(0))
 
 
@@ -118,6 +209,22 @@ def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = CO
     these make the rings' power vary by up to 1.4-fold (docs/benchmarks.md), and whitening by them
     would damp the very frequencies the classes differ at. So unless the power of the rings within
     Nyquist varies by at least `min_contrast`, the noise counts as white and the filter is ones.
+
+    Parameters
+    ----------
+    residuals : iterable of torch.Tensor
+        Batches (B, n, n // 2 + 1) of unshifted rfft2 of noise estimates (the residuals to the
+        consensus projection), all at the working box n; read one batch at a time.
+    min_contrast : float
+        Least ratio of the noisiest ring's power to the least noisy one's (rings 1..n // 2) at which
+        the noise counts as coloured (COLOURED_NOISE, 2).
+
+    Returns
+    -------
+    Whitening
+        filter (n, n // 2 + 1) on the unshifted rfft grid, ones unless `applied`; contrast, the ratio
+        of the rings' largest power to their smallest; applied, whether contrast >= min_contrast;
+        spectrum (n // 2,) the powers of rings 1..n // 2 relative to their mean.
     """
     power = sum((r.abs() ** 2).sum(0) for r in residuals)  # one batch at a time
     n = power.shape[-2]
@@ -152,6 +259,33 @@ def correct(
     `ctf` is the filter the data carry (the CTF, or its square for CTF-premultiplied data);
     `consensus_rfft` the consensus map's projections for the subtracting modes. Returns the corrected
     transforms and each image's scale relative to the consensus projection (ones when not subtracting).
+
+    Parameters
+    ----------
+    images_rfft : torch.Tensor
+        (B, n, n // 2 + 1) complex, unshifted rfft2 of centred images I.
+    ctf : torch.Tensor
+        (B, n, n // 2 + 1) real, the filter the data carry, on the same grid.
+    mode : CtfCorrection
+        subtract-multiply: (I - a CTF P) CTF; subtract-flip: (I - a CTF P) sign(CTF); flip:
+        I sign(CTF); wiener: I CTF / (CTF^2 + wiener_constant); none: I. sign(CTF) is +1 where the
+        CTF is 0; a is each image's least-squares scale (`subtract_consensus`).
+    consensus_rfft : torch.Tensor or None
+        (B, n, n // 2 + 1) the consensus projections P (without CTF), needed by the subtracting modes.
+    wiener_constant : float
+        The constant SNR term of the Wiener filter.
+
+    Returns
+    -------
+    corrected : torch.Tensor
+        (B, n, n // 2 + 1) complex, a new tensor with the DC coefficient set to 0.
+    scale : torch.Tensor
+        (B,) float64, a per image (ones when not subtracting).
+
+    Raises
+    ------
+    ValueError
+        If a subtracting mode gets no `consensus_rfft`.
     """
     scale = torch.ones(images_rfft.shape[0], dtype=torch.float64)
     if mode.subtracts:

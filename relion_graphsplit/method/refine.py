@@ -18,6 +18,8 @@ with a' = a / mean(a), since the maps reconstructed from the residuals already c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 
@@ -30,6 +32,9 @@ from relion_graphsplit.fourier.projection import (
     slice_values,
 )
 from relion_graphsplit.fourier.reconstruct import FourierAccumulator, centred_rfft2
+from relion_graphsplit.method.graph import classes_by_sign
+from relion_graphsplit.method.masks import class_maps_mask
+from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.scratch import ScratchArray
 
 
@@ -51,7 +56,25 @@ def image_spectra(
     (n, N, N // 2 + 1, 2: real and imaginary parts): every round reads them instead of transforming
     the images anew. With `whitening` (N, N // 2 + 1), the transforms and, in place, the CTF `filters`
     are multiplied by it: CTF (W r) and CTF' = W CTF, so that the white-noise likelihood weighs each
-    frequency by the inverse noise power."""
+    frequency by the inverse noise power.
+
+    Parameters
+    ----------
+    scratch : ScratchArray
+        (n, N, N) float32 the preprocessed images at the working box N, centred at N // 2: residuals
+        to the consensus projection (of the whitened images, where they were whitened) times the CTF
+        (preprocess.correct, subtract-multiply).
+    filters : ScratchArray
+        (n, N, N // 2 + 1) float32 each image's CTF on the unshifted rfft grid; overwritten with
+        `whitening` times it when `whitening` is given.
+    batches : list of np.ndarray
+        Particle rows, one array per batch; every row to be used must be in one.
+    spectra : ScratchArray
+        (n, N, N // 2 + 1, 2) float32, written: real and imaginary parts of the transforms (complex64).
+    whitening : torch.Tensor or None
+        (N, N // 2 + 1) the whitening filter on the unshifted rfft grid (preprocess.Whitening.filter),
+        or None.
+    """
     for index in batches:
         f = centred_rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
         if whitening is not None:
@@ -93,6 +116,23 @@ def residual_sums(
 
     With fixed poses they are the same in every round, and the second class's sums are these minus
     the first class's: one insertion per particle and round instead of two.
+
+    Parameters
+    ----------
+    spectra : ScratchArray
+        (n, N, N // 2 + 1, 2) the stored transforms s (`image_spectra`), which already carry one CTF
+        factor: the data sum is of s, the weight of CTF^2.
+    rotations : torch.Tensor
+        (n, 3, 3) RELION matrices of the particles (left-multiplying xyz column vectors of the map).
+    filters : ScratchArray
+        (n, N, N // 2 + 1) the CTFs (whitened, if the spectra are).
+    batches : list of np.ndarray
+        Particle rows, one array per batch.
+
+    Returns
+    -------
+    list of FourierAccumulator
+        Two accumulators at box N: the particles of even 0-based row index, then those of odd index.
     """
     return _weighted_halves(spectra, np.ones(spectra.shape[0]), rotations, filters, batches)
 
@@ -110,6 +150,28 @@ def class_sums(
     `probability` (n,) is each particle's probability of class 1: particles count towards both
     classes in proportion (soft assignment, as in expectation-maximisation). `totals` are the halves'
     sums over all particles (`residual_sums`); class 2's sums are their difference to class 1's.
+
+    Parameters
+    ----------
+    spectra : ScratchArray
+        (n, N, N // 2 + 1, 2) the stored transforms (`image_spectra`).
+    probability : np.ndarray
+        (n,) float64 in [0, 1], each particle's probability of class 1; particles of probability
+        <= 1e-6 are left out of class 1's sums.
+    totals : list of FourierAccumulator
+        The two halves' sums over all particles (`residual_sums`).
+    rotations : torch.Tensor
+        (n, 3, 3) RELION matrices.
+    filters : ScratchArray
+        (n, N, N // 2 + 1) the CTFs.
+    batches : list of np.ndarray
+        Particle rows, one array per batch.
+
+    Returns
+    -------
+    list of list of FourierAccumulator
+        [class][half]: class 1's sums weighted by the probability, class 2's as totals less class 1's;
+        half 0 the even 0-based rows, half 1 the odd ones.
     """
     n = spectra.shape[1]
     first_class = _weighted_halves(spectra, probability, rotations, filters, batches)
@@ -127,6 +189,23 @@ def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask:
     is the noisier one, its noise power enters the likelihood as a penalty, and particles drift into
     the larger class. The FSC is taken between the halves multiplied by the 3D `mask` (the region the
     likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
+
+    Parameters
+    ----------
+    halves : list of list of FourierAccumulator
+        [class][half] sums (`class_sums`).
+    symmetry : str
+        RELION point group applied to every reconstruction.
+    mask : torch.Tensor
+        (N, N, N) [z, y, x] the 3D mask at the working box, for the FSC only (the maps returned are
+        not masked).
+
+    Returns
+    -------
+    list of torch.Tensor
+        Per class, (N, N, N) [z, y, x] float32 centred at N // 2: the reconstruction from both halves,
+        each shell (rounded radius in Fourier pixels) multiplied by sqrt(2 FSC / (1 + FSC)) with the
+        FSC clipped at 0, and zero beyond shell N // 2.
     """
     n = halves[0][0].box
     maps = []
@@ -157,10 +236,36 @@ def class_log_odds(
 
     The maps are multiplied by the 3D mask first, so that only the masked region decides. The noise
     variance of each image is estimated from what its better-fitting class leaves unexplained,
-    min_k |s - a CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF): the residual alone would
-    count the class difference as noise, shrink the data term against the prior, and pull particles
-    into the larger class. The sums over each image's pixels are taken by `_likelihood_kernel` on
-    torch.get_num_threads() threads, each on its own run of images, in float64.
+    min_k |s - a' CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF; a' = a / mean(a), the
+    image's scale relative to the mean): the residual alone would count the class difference as
+    noise, shrink the data term against the prior, and pull particles into the larger class. The sums
+    over each image's pixels are taken by `_likelihood_kernel` on torch.get_num_threads() threads,
+    each on its own run of images, in float64.
+
+    Parameters
+    ----------
+    spectra : ScratchArray
+        (n, N, N // 2 + 1, 2) the stored transforms s (`image_spectra`).
+    maps : list of torch.Tensor
+        The two classes' difference maps (N, N, N) [z, y, x] to the consensus (`difference_maps`).
+    mask : torch.Tensor
+        (N, N, N) the 3D mask at the working box.
+    rotations : torch.Tensor
+        (n, 3, 3) RELION matrices.
+    scale : torch.Tensor
+        (n,) each image's least-squares scale a relative to the consensus projection.
+    filters : ScratchArray
+        (n, N, N // 2 + 1) the CTFs.
+    prior : float
+        log(P(class 1) / P(class 2)), added to every particle's log odds.
+    batches : list of np.ndarray
+        Particle rows, one array per batch.
+
+    Returns
+    -------
+    np.ndarray
+        (n,) float64, (L_1 - L_2) / (2 sigma^2) + prior per particle (L_k, sigma^2 as in
+        `_likelihood_kernel` and above): positive for class 1; 0 for rows in no batch.
     """
     n = spectra.shape[1]
     prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
@@ -219,3 +324,98 @@ def _likelihood_kernel(
                     u1 += w * (sr * sr + si * si)
                     u2 += w * (sr * sr + si * si)
         terms[b, 0], terms[b, 1], terms[b, 2], terms[b, 3], terms[b, 4] = l1, l2, u1, u2, wc
+
+
+def refine_classes(
+    spectra: ScratchArray,
+    filters: ScratchArray,
+    batches: list[np.ndarray],
+    rotations: torch.Tensor,
+    scale: torch.Tensor,
+    score: np.ndarray,
+    mask: torch.Tensor,
+    consensus: torch.Tensor | None,
+    pixel_size: float,
+    options: SplitOptions,
+    redraw_mask: bool,
+    track: Callable[..., Iterable] = lambda iterable, **_: iterable,
+) -> tuple[np.ndarray, list[int]]:
+    """Rounds of fixed-pose classification against the two class maps, from the graph split.
+
+    At most options.refine_iterations rounds, stopping once at most options.refine_tolerance of the
+    particles change class; each round's change of the probabilities is over-relaxed by
+    options.refine_relaxation (from the second round on; probabilities clipped to [0, 1]), which
+    takes the slow drift of noisy sets in fewer rounds (the classes are each round's own). Each
+    round's prior is the log odds of the mean probability of class 1.
+
+    Parameters
+    ----------
+    spectra, filters : ScratchArray
+        The images' stored transforms (n, w, w // 2 + 1, 2) (`image_spectra`) and data filters
+        (n, w, w // 2 + 1) at the working box w.
+    batches : list of np.ndarray
+        Particle rows, one array per batch.
+    rotations : torch.Tensor
+        (n, 3, 3) RELION matrices (left-multiplying xyz column vectors of the map).
+    scale : torch.Tensor
+        (n,) each image's grey scale: its least-squares scale relative to the consensus projection.
+    score : np.ndarray
+        (n,) the graph split's scores (log odds of class 1; their signs are the starting classes,
+        class 1 where the score >= 0).
+    mask : torch.Tensor
+        (w, w, w) the graph split's 3D mask, redrawn around the first class maps when `redraw_mask`
+        (a part the classes differ by is at full strength there, at its occupancy in the consensus).
+    consensus : torch.Tensor or None
+        (w, w, w) the consensus map at the working box; needed when `redraw_mask`.
+    pixel_size : float
+        Pixel size (A) at the working box.
+    options : SplitOptions
+        refine_iterations, refine_tolerance, refine_relaxation, symmetry, and for the redrawn mask
+        refine_mask_threshold and mask_extend.
+    redraw_mask : bool
+        Whether to draw the mask again around the class maps (`masks.class_maps_mask`) before the
+        first round.
+    track : callable
+        Progress callback, called as track(iterable, description=..., total=...).
+
+    Returns
+    -------
+    score : np.ndarray
+        (n,) float64 the last round's log odds of class 1 (the input `score` when no round ran).
+    changed : list of int
+        The number of particles that changed class in each round.
+    """
+    n = len(score)
+    classes = classes_by_sign(score)
+    probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
+    changed: list[int] = []
+    totals = residual_sums(spectra, rotations, filters, batches)
+
+    def rounds():  # until fewer than refine_tolerance of the particles change class
+        for _ in range(options.refine_iterations):
+            if changed and changed[-1] <= options.refine_tolerance * n:
+                return
+            yield
+
+    def sums():  # the classes' sums for the current probabilities
+        return class_sums(spectra, probability, totals, rotations, filters, batches)
+
+    halves = None  # class_sums of the current probabilities, once computed
+    if redraw_mask:
+        halves = sums()
+        mask = class_maps_mask(
+            consensus, difference_maps(halves, options.symmetry, mask), float(scale.mean()),
+            pixel_size, threshold=options.refine_mask_threshold, extend=options.mask_extend,
+        )  # fmt: skip
+    for _ in track(rounds(), description="Refining against the class maps (rounds)", total=options.refine_iterations):
+        differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask)
+        share = float(np.mean(probability))
+        prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
+        score = class_log_odds(spectra, differences, mask, rotations, scale, filters, prior, batches)
+        relaxation = options.refine_relaxation if changed else 1.0
+        probability = np.clip(probability + relaxation * (1.0 / (1.0 + np.exp(-score)) - probability), 0.0, 1.0)
+        halves = None
+        new_classes = classes_by_sign(score)
+        changed.append(int((new_classes != classes).sum()))
+        classes = new_classes
+    return score, changed

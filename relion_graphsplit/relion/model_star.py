@@ -51,7 +51,18 @@ pipeline_jobs.cpp)."""
 
 
 def ssnr_from_fsc(fsc_curve: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Spectral SNR of the full map, 2 FSC / (1 - FSC), from the half-map FSC clipped to [0, 0.999]."""
+    """Spectral SNR of the full map, 2 FSC / (1 - FSC), from the half-map FSC clipped to [0, 0.999].
+
+    Parameters
+    ----------
+    fsc_curve : torch.Tensor or np.ndarray
+        (n,) gold-standard FSC of two half maps per shell (a CPU tensor).
+
+    Returns
+    -------
+    np.ndarray
+        (n,) float64 SSNR per shell, in [0, 1998].
+    """
     f = np.clip(np.asarray(fsc_curve, dtype=np.float64), 0.0, 0.999)
     return 2.0 * f / (1.0 - f)
 
@@ -72,10 +83,38 @@ def write_model_star(
     """A model.star in RELION 3.1's layout (data_model_general, data_model_classes, data_model_class_N)
     that `relion_refine --ref` takes as the list of K references.
 
-    reference_images: map paths as relion_refine will open them (relative to the directory it runs in);
-    fsc_curves and completeness: (K, box // 2 + 1) gold-standard FSC and Fourier completeness per shell.
     What the split does not estimate gets the value RELION writes for fixed poses and one group:
-    accuracies 0, rlnNrGroups 1, rlnSigmaOffsetsAngst 0, no orientational prior.
+    accuracies 0, rlnNrGroups 1, rlnSigmaOffsetsAngst 0, no orientational prior. The file is written
+    whole or not at all.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    reference_images : sequence of str or os.PathLike
+        K map paths as relion_refine will open them (relative to the directory it runs in).
+    class_distribution : sequence of float
+        (K,) fraction of the particles in each class (rlnClassDistribution).
+    resolutions : sequence of float
+        (K,) gold-standard resolution of each class map (A); math.inf where none was measured (written
+        as 999). rlnCurrentResolution is the best finite one (999 if none).
+    fsc_curves : torch.Tensor or np.ndarray
+        (K, box // 2 + 1) gold-standard FSC per shell (rlnGoldStandardFsc; rlnSsnrMap from it by
+        `ssnr_from_fsc`).
+    completeness : torch.Tensor or np.ndarray
+        (K, box // 2 + 1) Fourier completeness per shell, fraction (rlnFourierCompleteness; the overall
+        value weighs shells 1 up to the class's resolution, or all where it has none, by their index
+        squared).
+    box : int
+        The maps' box (pixels).
+    pixel_size : float
+        Their pixel size (A). Shell s is at s / (box * pixel_size) 1/A.
+    average_pmax : float
+        rlnAveragePmax.
+    pad : int
+        rlnPaddingFactor.
+    tau2_fudge : float
+        rlnTau2FudgeFactor.
     """
     fsc_curves, completeness = np.asarray(fsc_curves, np.float64), np.asarray(completeness, np.float64)
     k = len(reference_images)
@@ -146,7 +185,18 @@ def _overall_completeness(per_shell: np.ndarray, resolution: float, box: int, pi
 
 def ini_high(resolutions: Sequence[float]) -> float:
     """The initial low-pass (A) for relion_refine: the worse class resolution, rounded up to 0.1 A, at
-    most DEFAULT_INI_HIGH (also used when no class has a finite resolution)."""
+    most DEFAULT_INI_HIGH (also used when no class has a finite resolution).
+
+    Parameters
+    ----------
+    resolutions : sequence of float
+        Resolution of each class map (A), at least one; math.inf where none was measured.
+
+    Returns
+    -------
+    float
+        --ini_high in A. DEFAULT_INI_HIGH (60) as soon as one class has no finite resolution.
+    """
     worst = max(resolutions)
     return min(DEFAULT_INI_HIGH, math.ceil(worst * 10.0) / 10.0) if math.isfinite(worst) else DEFAULT_INI_HIGH
 
@@ -163,7 +213,30 @@ def next_command(
     """The shell line that continues the split in RELION: a fixed-pose Class3D (the GUI's options,
     conventions file) with K = len(resolutions), seeded with `out`/run_model.star, writing into
     `out`/Class3D/run_itNNN_*. --ctf_corrected_ref and --ini_high as explained in the module docstring.
-    Paths are as given, so relative ones are relative to the directory the command runs in."""
+    Paths are as given, so relative ones are relative to the directory the command runs in.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        The split's output folder, which holds run_model.star.
+    particles_star : str or os.PathLike
+        The particle STAR file for --i.
+    diameter : float
+        --particle_diameter (A).
+    j : int
+        --j, threads.
+    resolutions : sequence of float
+        Resolution of each class map (A): K = their number, --ini_high from `ini_high`.
+    sym : str
+        --sym, RELION's point group.
+    iterations : int
+        --iter.
+
+    Returns
+    -------
+    str
+        'mkdir -p OUT/Class3D && relion_refine ...', quoted for a POSIX shell.
+    """
     job = Path(out) / "Class3D"
     args = [
         "relion_refine", "--o", str(job / "run"), "--i", str(particles_star), "--ref", str(Path(out) / MODEL_NAME),

@@ -23,7 +23,20 @@ class NotMrcError(ValueError):
 
 
 def write_mrc(path: str | os.PathLike, volume: np.ndarray, pixel_size: float) -> None:
-    """Write a map [z, y, x] as float32 (mode 2) with voxel size `pixel_size` and origin 0."""
+    """Write a map [z, y, x] as float32 (mode 2) with voxel size `pixel_size` and origin 0.
+
+    The header is RELION's: cell = pixel_size * n, mx, my, mz = n, mapc/mapr/maps = 1, 2, 3, and
+    the data statistics. The file is written whole or not at all.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write (replaced if it exists).
+    volume : np.ndarray
+        (nz, ny, nx) map [z, y, x], any real dtype (written as float32).
+    pixel_size : float
+        Voxel size (A).
+    """
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
@@ -35,8 +48,23 @@ def write_mrc(path: str | os.PathLike, volume: np.ndarray, pixel_size: float) ->
 def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """A map [z, y, x] as float32 and its pixel size in Angstrom (the x voxel size of the header).
 
-    Raises ValueError, in one line naming `path`, for a file that is not an MRC map (empty, another
-    format such as a STAR file) or whose data block cannot be read (shorter than its header says).
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The MRC file.
+
+    Returns
+    -------
+    volume : np.ndarray
+        (nz, ny, nx) float32 [z, y, x], a copy (a 2D file gives (ny, nx)).
+    pixel_size : float
+        The x voxel size of the header, cell a / mx (A).
+
+    Raises
+    ------
+    ValueError
+        In one line naming `path`, for a file that is not an MRC map (empty, another format such as
+        a STAR file) or whose data block cannot be read (shorter than its header says).
     """
     try:
         with open_mrc(path) as mrc:
@@ -54,6 +82,24 @@ def open_mrc(path: str | os.PathLike, header_only: bool = False) -> Iterator[Mrc
     Permissive because files from many programs bend the standard (machine stamp, extended header
     type) in ways that do not matter here; mrcfile's warnings about them are silenced and the header
     is judged by `has_mrc_header` instead.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file, opened read-only.
+    header_only : bool
+        Read only the header (and extended header), not the data block.
+
+    Yields
+    ------
+    MrcFile
+        The open file, closed when the context ends. Its `data` is None when the data block could not
+        be read.
+
+    Raises
+    ------
+    NotMrcError
+        For an empty file, one shorter than an MRC header, or one without an MRC header.
     """
     if os.path.getsize(path) == 0:
         raise NotMrcError("an empty file")
@@ -75,6 +121,16 @@ def has_mrc_header(header: np.recarray) -> bool:
     MRC2000 headers carry the 'MAP ' label; older ones, which RELION still reads, do not, so those are
     taken when their mode is an MRC mode and their dimensions are positive. Text (a STAR file) read
     as a header fails both: its bytes make a mode in the hundreds of millions.
+
+    Parameters
+    ----------
+    header : np.recarray
+        mrcfile's header record.
+
+    Returns
+    -------
+    bool
+        True for the 'MAP ' label, or a mode mrcfile knows and nx, ny, nz >= 1.
     """
     if header.map == MAP_ID:
         return True

@@ -43,7 +43,25 @@ class ImageStacks:
     the process holds only the batch asked for, however large the stacks. Stacks are opened on first
     use and kept open, at most `max_open` at once (the least recently used is closed; by default as
     many as the open-file limit allows), so sets with one stack per micrograph work on any system. Use
-    as a context manager or call close().
+    as a context manager or call close(). len() is the number of particle rows.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The particles; rlnImageName (N@stack, N 1-based) names each row's image.
+    workdir : str or os.PathLike or None
+        The directory RELION runs in, where relative stack paths are looked for first (then beside
+        the STAR file; see `stack_files.resolve_stack`); None: the current directory.
+    max_open : int or None
+        Most stacks open at once; None: the open-file limit less 256, at least 16.
+
+    Raises
+    ------
+    StackError
+        In one line, when there is no rlnImageName column, a stack is missing, holds fewer images than
+        the particles use, the images are not square or not of one size, their size differs from
+        rlnImageSize, or a stack's mode cannot be read or its data block is shorter than its header
+        announces (each naming the STAR file); or when a stack is not an MRC file (naming the stack).
     """
 
     def __init__(
@@ -111,6 +129,23 @@ class ImageStacks:
 
         Reads stack by stack, each image once however often it is asked for, in one read per run of
         consecutive images. Raises StackError naming the stack and image when an image holds NaN or Inf.
+
+        Parameters
+        ----------
+        indices : np.ndarray or torch.Tensor
+            (B,) particle rows (0-based rows of `ps.particles`), any order, repeats allowed.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, N, N) float32 [y, x] on the CPU, as stored in the stacks (no centring, no CTF).
+
+        Raises
+        ------
+        IndexError
+            For a row outside [0, len(self)).
+        StackError
+            When an image holds NaN or Inf, or a stack has become shorter since it was checked.
         """
         rows = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         rows = rows.astype(np.int64).reshape(-1)

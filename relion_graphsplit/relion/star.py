@@ -30,7 +30,20 @@ class StarFileError(ValueError):
 
 @dataclass
 class ParticleSet:
-    """A particle STAR file in RELION 3.1 layout; rows of `particles` are the particle indices."""
+    """A particle STAR file in RELION 3.1 layout; rows of `particles` are the particle indices.
+
+    Attributes
+    ----------
+    particles : pd.DataFrame
+        data_particles, one row per particle (index 0..n-1), with an rlnOpticsGroup column; RELION's
+        units (angles in degrees, origins and defocus in A).
+    optics : pd.DataFrame
+        data_optics, one row per optics group.
+    version : int
+        30001 or 50001 as tagged; 30000 for a converted pre-3.1 file.
+    path : Path
+        The STAR file, for messages; image stacks are looked for beside it last.
+    """
 
     particles: pd.DataFrame
     optics: pd.DataFrame
@@ -126,6 +139,32 @@ def read_particles(path: str | os.PathLike, require_poses: bool = True) -> Parti
     (DefocusU, voltage, Cs, Q0) and a pixel size, or StarFileError names what is missing.
     For a pre-3.1 file rlnImageSize is read from the first stack of each optics group; when a stack
     cannot be found it is left out of the optics table and `image_size` raises.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The particle STAR file.
+    require_poses : bool
+        Refuse a set that is not refined or lacks CTF values, and Euler angles, origins, DefocusU/V
+        and DefocusAngle of data_particles that are not finite numbers.
+
+    Returns
+    -------
+    ParticleSet
+        The tables in 3.1 layout: a pre-3.1 file converted as RELION's StarConverter does (optics
+        groups from unique optics values, pixel size = 1e4 * rlnDetectorPixelSize / rlnMagnification,
+        origins in pixels times the pixel size as rlnOrigin*Angst).
+
+    Raises
+    ------
+    StarFileError
+        In one line naming the file: missing, a folder, not a readable STAR file (or cut short), no
+        particle table or an empty one, no rlnOpticsGroup column, optics groups missing or listed
+        twice, optics groups in use with different pixel sizes, image sizes or CTF-premultiplied
+        flags, a pre-3.1 file with origins in pixels and no pixel size or with non-square images,
+        or, with `require_poses`, what is missing.
+    StackError
+        For a pre-3.1 file whose stack read for rlnImageSize is not an MRC file.
     """
     path = Path(path)
     if path.is_dir():
@@ -151,7 +190,26 @@ def make_particle_set(
     particles: pd.DataFrame, optics: pd.DataFrame, path: str | os.PathLike = "<in memory>"
 ) -> ParticleSet:
     """A ParticleSet (version 30001) from tables built in code; `path` names it in messages and
-    its directory is where image stacks are looked for last."""
+    its directory is where image stacks are looked for last.
+
+    Parameters
+    ----------
+    particles, optics : pd.DataFrame
+        data_particles and data_optics in RELION 3.1 layout, each with an rlnOpticsGroup column.
+    path : str or os.PathLike
+        A name for messages.
+
+    Returns
+    -------
+    ParticleSet
+        The tables (rows renumbered 0..n-1), checked as `read_particles` checks them (without
+        `require_poses`).
+
+    Raises
+    ------
+    StarFileError
+        As `read_particles` for an empty particle table or inconsistent optics groups.
+    """
     return _checked(particles, optics, 30001, Path(path))
 
 
@@ -160,6 +218,22 @@ def write_particles(path: str | os.PathLike, ps: ParticleSet, particles: pd.Data
 
     Tagged `# version 30001`, or 50001 when `ps` came from a RELION 5 file. Floats are written with
     the shortest text that reads back to the same double, so a read-write-read round trip is exact.
+    Strings with spaces (or empty) are quoted. The file is written whole or not at all.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    ps : ParticleSet
+        Gives data_optics and the version.
+    particles : pd.DataFrame or None
+        data_particles to write, with an rlnOpticsGroup column; None: `ps.particles`.
+
+    Raises
+    ------
+    StarFileError
+        If the particles have no rlnOpticsGroup column or refer to optics groups missing from
+        `ps.optics`.
     """
     particles = ps.particles if particles is None else particles
     if "rlnOpticsGroup" not in particles:
@@ -173,8 +247,93 @@ def write_particles(path: str | os.PathLike, ps: ParticleSet, particles: pd.Data
         _write_block(f, "particles", particles, version)
 
 
+@dataclass(frozen=True)
+class Particles:
+    """A refined particle set as the method uses it, parsed once from its STAR file (`particles`).
+
+    RELION's conventions throughout: rotations are A = Rz(psi) Ry(tilt) Rz(rot), matrices that
+    left-multiply xyz column vectors of the map; a particle's centre lies at the image centre minus
+    its origin; defocus is in A, positive for underfocus.
+
+    Attributes
+    ----------
+    path : Path
+        The STAR file, for messages.
+    rotations : torch.Tensor
+        (n, 3, 3) float64 RELION matrices A.
+    origins : torch.Tensor
+        (n, 2) float64 rlnOriginX/YAngst as (x, y) in pixels.
+    ctf : CTFParams
+        (n,) float64 per field.
+    subsets : np.ndarray or None
+        (n,) rlnRandomSubset (1 or 2), where the file gives it.
+    box : int
+        Image size N (pixels).
+    pixel_size : float
+        Pixel size (A).
+    premultiplied : bool
+        The images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied).
+
+    len() is the number of particles n.
+    """
+
+    path: Path  # the STAR file, for messages
+    rotations: torch.Tensor  # (n, 3, 3) float64
+    origins: torch.Tensor  # (n, 2) float64, (x, y) in pixels
+    ctf: CTFParams  # (n,) float64 per field
+    subsets: np.ndarray | None  # (n,) rlnRandomSubset (1 or 2), where the file gives it
+    box: int  # pixels
+    pixel_size: float  # A
+    premultiplied: bool  # the images already carry one CTF factor
+
+    def __len__(self) -> int:
+        return len(self.rotations)
+
+
+def particles(ps: ParticleSet) -> Particles:
+    """The poses, CTFs, half sets, box and pixel size of a set read with `read_particles`.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        A refined set (`read_particles` with require_poses).
+
+    Returns
+    -------
+    Particles
+        From `poses`, `ctf_params`, `image_size`, `pixel_size` and `ctf_premultiplied`.
+
+    Raises
+    ------
+    StarFileError
+        When the Euler angles, the box, the pixel size, rlnDefocusU or rlnVoltage are unknown.
+    """
+    rotations, origins = poses(ps)
+    subsets = ps.particles["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in ps.particles else None
+    return Particles(
+        ps.path, rotations, origins, ctf_params(ps), subsets, image_size(ps), pixel_size(ps), ctf_premultiplied(ps)
+    )
+
+
 def pixel_size(ps: ParticleSet) -> float:
-    """The pixel size (A) shared by the optics groups in use."""
+    """The pixel size (A) shared by the optics groups in use.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The set.
+
+    Returns
+    -------
+    float
+        rlnImagePixelSize (A) of the first optics group in use (a set whose groups in use differ is
+        refused when it is read).
+
+    Raises
+    ------
+    StarFileError
+        If data_optics has no rlnImagePixelSize.
+    """
     optics = _used_optics(ps)
     if "rlnImagePixelSize" not in optics:
         raise StarFileError(f"{ps.path}: pixel size unknown (no rlnImagePixelSize in data_optics)")
@@ -182,7 +341,24 @@ def pixel_size(ps: ParticleSet) -> float:
 
 
 def image_size(ps: ParticleSet) -> int:
-    """The box size (pixels) shared by the optics groups in use."""
+    """The box size (pixels) shared by the optics groups in use.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The set.
+
+    Returns
+    -------
+    int
+        rlnImageSize (pixels) of the first optics group in use (a set whose groups in use differ is
+        refused when it is read).
+
+    Raises
+    ------
+    StarFileError
+        If data_optics has no rlnImageSize (a pre-3.1 file whose first stack was not found).
+    """
     optics = _used_optics(ps)
     if "rlnImageSize" not in optics:
         raise StarFileError(
@@ -193,14 +369,45 @@ def image_size(ps: ParticleSet) -> int:
 
 
 def ctf_premultiplied(ps: ParticleSet) -> bool:
-    """Whether the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied = 1)."""
+    """Whether the images already carry one CTF factor (rlnCtfDataAreCtfPremultiplied = 1).
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The set.
+
+    Returns
+    -------
+    bool
+        True if an optics group in use sets the flag (all in use agree); False without the column.
+    """
     optics = _used_optics(ps)
     column = "rlnCtfDataAreCtfPremultiplied"
     return column in optics and bool(optics[column].astype(int).any())
 
 
 def poses(ps: ParticleSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """RELION rotation matrices A (n, 3, 3) and origins (n, 2) as (x, y) in pixels, both float64."""
+    """RELION rotation matrices A (n, 3, 3) and origins (n, 2) as (x, y) in pixels, both float64.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        A set with rlnAngleRot/Tilt/Psi.
+
+    Returns
+    -------
+    rotations : torch.Tensor
+        (n, 3, 3) float64 A = Rz(psi) Ry(tilt) Rz(rot) from the angles (degrees), which left-multiply
+        xyz column vectors of the map: a map point r lands in the projection at (A r)_xy.
+    origins : torch.Tensor
+        (n, 2) float64 rlnOriginXAngst/YAngst divided by the pixel size, (x, y) in pixels; 0 where a
+        column is missing. The particle's centre lies at the image centre minus its origin.
+
+    Raises
+    ------
+    StarFileError
+        If an angle column is missing, or origins are nonzero and the pixel size is unknown.
+    """
     missing = [c for c in ANGLE_COLUMNS if c not in ps.particles]
     if missing:
         raise StarFileError(f"{ps.path}: no poses (missing {', '.join(missing)})")
@@ -217,7 +424,28 @@ def poses(ps: ParticleSet) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ctf_params(ps: ParticleSet) -> CTFParams:
-    """Per-particle CTF parameters: particle value, else optics group value, else RELION's default."""
+    """Per-particle CTF parameters: particle value, else optics group value, else RELION's default.
+
+    The defaults: DefocusAngle 0, Cs 0, Q0 0, phase shift 0, B-factor 0, scale 1, DefocusV =
+    DefocusU. A particle value that is not a number falls back to its optics group's, where
+    data_optics has the column.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The set.
+
+    Returns
+    -------
+    CTFParams
+        (n,) float64 per field, in RELION's units: defocus in A (positive is underfocus), angles in
+        degrees, voltage in kV, Cs in mm, B-factor in A^2.
+
+    Raises
+    ------
+    StarFileError
+        If rlnDefocusU or rlnVoltage is in neither table.
+    """
     values = {}
     for field, (column, default) in _CTF_COLUMNS.items():
         value = _per_particle(ps, column)
@@ -239,6 +467,11 @@ def check_values(ps: ParticleSet) -> list[str]:
     Values are judged per particle as they are used (the particle's own, else its optics group's;
     see `_per_particle`), so an optics group that no particle uses does not count, and messages name
     the block the first bad value came from.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        A set read with `read_particles(path)`.
 
     Returns
     -------

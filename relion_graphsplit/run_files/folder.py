@@ -49,7 +49,18 @@ class FolderError(ValueError):
 
 
 def is_output_name(name: str) -> bool:
-    """Whether a file name in --o is one of a run's outputs."""
+    """Whether a file name in --o is one of a run's outputs.
+
+    Parameters
+    ----------
+    name : str
+        A file name, without its folder.
+
+    Returns
+    -------
+    bool
+        True where the whole name matches OUTPUT_NAMES (run_data.star, run_class001.mrc, report.html...).
+    """
     return OUTPUT_NAMES.fullmatch(name) is not None
 
 
@@ -58,6 +69,18 @@ def check_inputs_outside(out: Path, inputs: Iterable[Path]) -> None:
 
     A run replaces the outputs of an earlier run as a whole, so an input that is one of them (the
     particles of an earlier split, its class map as --ref, its mask as --mask) would be lost.
+
+    Parameters
+    ----------
+    out : Path
+        The output folder (--o).
+    inputs : iterable of Path
+        The run's input files; compared after resolving links.
+
+    Raises
+    ------
+    FolderError
+        If an input lies directly in `out` under an output name, or anywhere in its staging folder.
     """
     folder = out.resolve()
     for path in inputs:
@@ -77,6 +100,12 @@ class RunFolder:
     Use as a context manager: entering makes the folder, takes the lock (FolderBusy if another run
     holds it), clears what a dead run left and makes an empty staging folder (`staging`); leaving
     removes the staging folder and releases the lock. `commit()` moves the staged outputs into place.
+
+    Parameters
+    ----------
+    out : Path
+        The output folder (--o); made on entering if missing, and removed on leaving if this run made
+        it, did not commit and left it empty.
     """
 
     def __init__(self, out: Path):
@@ -111,11 +140,27 @@ class RunFolder:
 
     def use_scratch(self, scratch: Path) -> None:
         """Record a scratch folder outside the staging folder, so that the next run removes it if
-        this one dies."""
+        this one dies.
+
+        Parameters
+        ----------
+        scratch : Path
+            The scratch folder; its resolved path is written into the staging folder.
+        """
         (self.staging / _SCRATCH).write_text(str(Path(scratch).resolve()))
 
     def commit(self) -> list[str]:
-        """Replace the earlier run's outputs with the staged ones; returns the names moved in."""
+        """Replace the earlier run's outputs with the staged ones; returns the names moved in.
+
+        The staging folder is first marked complete (on disk, with the list of names); then the
+        outputs in --o that the staging folder does not hold are removed and the staged ones renamed
+        into place. Staged files whose names are not output names are not moved.
+
+        Returns
+        -------
+        list of str
+            The names of the staged outputs, sorted.
+        """
         names = sorted(p.name for p in self.staging.iterdir() if is_output_name(p.name))
         _durable_write(self.staging / _COMPLETE, "\n".join(names) + "\n")
         self._committed = True

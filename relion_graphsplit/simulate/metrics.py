@@ -7,7 +7,25 @@ from scipy.optimize import linear_sum_assignment
 
 
 def contingency(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Counts (K_pred, K_true) of particles per (predicted, true) label pair, labels in order of value."""
+    """Counts (K_pred, K_true) of particles per (predicted, true) label pair, labels in order of value.
+
+    Parameters
+    ----------
+    pred, truth : np.ndarray
+        (n,) labels of any sortable kind (class numbers, say); the two arrays need not use the same
+        labels.
+
+    Returns
+    -------
+    np.ndarray
+        (K_pred, K_true) int64: row i counts the particles with the i-th smallest predicted label,
+        column j those with the j-th smallest true label.
+
+    Raises
+    ------
+    ValueError
+        If the labels are not two one-dimensional arrays of the same length.
+    """
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape or pred.ndim != 1:
         raise ValueError(f"labels must be two 1D arrays of one length, got {pred.shape} and {truth.shape}")
@@ -23,6 +41,17 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
     Class numbers are arbitrary, so the labels are matched one to one (for two classes: the better
     of the two permutations); a predicted class left without a match counts as wrong.
+
+    Parameters
+    ----------
+    pred, truth : np.ndarray
+        (n,) predicted and true labels (`contingency`).
+
+    Returns
+    -------
+    float
+        The fraction in [0, 1] of particles on the matched diagonal of the contingency table (the
+        matching that maximises it, by linear_sum_assignment).
     """
     table = contingency(pred, truth)
     rows, cols = linear_sum_assignment(table, maximize=True)
@@ -30,7 +59,19 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def adjusted_rand_index(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Hubert and Arabie's adjusted Rand index: 1 for identical partitions, about 0 for random ones."""
+    """Hubert and Arabie's adjusted Rand index: 1 for identical partitions, about 0 for random ones.
+
+    Parameters
+    ----------
+    pred, truth : np.ndarray
+        (n,) predicted and true labels (`contingency`).
+
+    Returns
+    -------
+    float
+        The index, at most 1 and negative for partitions that agree less than chance; 1.0 when both
+        partitions are trivial in the same way (one class each, or all singletons each).
+    """
     table = contingency(pred, truth)
     n = table.sum()
 

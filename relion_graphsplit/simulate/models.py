@@ -44,7 +44,26 @@ def read_model(path: str | os.PathLike, chains: Sequence[str] | None = None) -> 
     """First model of a PDB/mmCIF file (gzipped or not), chains `chains` only (all if None).
 
     Hydrogens, waters and alternative conformations beyond the first are removed, so that maps made
-    from deposited models (usually without hydrogens) and from simulation models are alike.
+    from deposited models (usually without hydrogens) and from simulation models are alike. Atoms of
+    amino acids and nucleotides whose element gemmi read as one other than H, C, N, O, S, P or Se
+    (CHARMM-style names without an element column) get the element of their name's first letter.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A PDB or mmCIF file, gzipped or not.
+    chains : sequence of str or None
+        Names of the chains to keep; None keeps all.
+
+    Returns
+    -------
+    gemmi.Structure
+        The structure with its first model only, empty chains removed.
+
+    Raises
+    ------
+    ValueError
+        If a chain asked for is not in the file.
     """
     structure = gemmi.read_structure(str(path))
     _fix_elements(structure)
@@ -65,7 +84,20 @@ def read_model(path: str | os.PathLike, chains: Sequence[str] | None = None) -> 
 
 
 def atom_positions(structure: gemmi.Structure) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (n, 3) in Angstrom and masses (n,) of the atoms of the first model."""
+    """Positions (n, 3) in Angstrom and masses (n,) of the atoms of the first model.
+
+    Parameters
+    ----------
+    structure : gemmi.Structure
+        The model.
+
+    Returns
+    -------
+    positions : np.ndarray
+        (n, 3) float64 (x, y, z) in A, in the model's frame.
+    masses : np.ndarray
+        (n,) float64 atomic weights of the elements (gemmi's Element.weight).
+    """
     atoms = [cra.atom for cra in structure[0].all()]
     positions = np.array([[a.pos.x, a.pos.y, a.pos.z] for a in atoms], dtype=np.float64)
     masses = np.array([a.element.weight for a in atoms], dtype=np.float64)
@@ -73,7 +105,18 @@ def atom_positions(structure: gemmi.Structure) -> tuple[np.ndarray, np.ndarray]:
 
 
 def center_of_mass(*structures: gemmi.Structure) -> np.ndarray:
-    """Centre of mass (x, y, z) in Angstrom of all atoms of the given structures together."""
+    """Centre of mass (x, y, z) in Angstrom of all atoms of the given structures together.
+
+    Parameters
+    ----------
+    *structures : gemmi.Structure
+        One or more models; the first model of each is used (`atom_positions`).
+
+    Returns
+    -------
+    np.ndarray
+        (3,) float64 (x, y, z) in A.
+    """
     positions, masses = zip(*(atom_positions(s) for s in structures))
     p, m = np.concatenate(positions), np.concatenate(masses)
     return (p * m[:, None]).sum(0) / m.sum()
@@ -91,7 +134,20 @@ def _ca_positions(structure: gemmi.Structure, residues: Sequence[tuple[int, int]
 
 
 def kabsch(mobile: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation R and translation t minimising sum |R mobile_i + t - target_i|^2 (points (n, 3))."""
+    """Rotation R and translation t minimising sum |R mobile_i + t - target_i|^2 (points (n, 3)).
+
+    Parameters
+    ----------
+    mobile, target : np.ndarray
+        (n, 3) corresponding points (row i of one matches row i of the other).
+
+    Returns
+    -------
+    rotation : np.ndarray
+        (3, 3) proper rotation (determinant +1), left-multiplying column vectors.
+    translation : np.ndarray
+        (3,), in the points' units.
+    """
     mc, tc = mobile.mean(0), target.mean(0)
     u, _, vt = np.linalg.svd((mobile - mc).T @ (target - tc))
     d = np.sign(np.linalg.det(vt.T @ u.T))
@@ -107,6 +163,26 @@ def superpose(
     """Move `mobile` in place onto `target` by its CA atoms in `residues`; return their RMSD (A) after.
 
     Residues are matched by chain name and number; `residues` are inclusive ranges.
+
+    Parameters
+    ----------
+    mobile : gemmi.Structure
+        The model to move; its first model's atoms are transformed in place.
+    target : gemmi.Structure
+        The model to superpose onto (not changed).
+    residues : sequence of (int, int)
+        Inclusive ranges of residue numbers whose CA atoms are superposed (adenylate kinase's core by
+        default).
+
+    Returns
+    -------
+    float
+        The RMSD (A) of the matched CA atoms after the superposition.
+
+    Raises
+    ------
+    ValueError
+        If fewer than three CA atoms are common to both models.
     """
     m, t = _ca_positions(mobile, residues), _ca_positions(target, residues)
     common = sorted(m.keys() & t.keys())
@@ -132,6 +208,30 @@ def density_from_model(
     electron scattering factors on a grid of at most 0.75 A spacing, blurred there against aliasing,
     then Fourier-cropped to the requested pixel size and un-blurred: the result is the model's
     potential band-limited at Nyquist. `center` defaults to the model's centre of mass.
+
+    Parameters
+    ----------
+    structure : gemmi.Structure
+        The model (its first model is used; the structure itself is not changed).
+    box : int
+        The map's box (pixels).
+    pixel_size : float
+        The map's pixel size (A).
+    bfactor : float or None
+        B-factor (A^2) given to every atom; None keeps each atom's own.
+    center : sequence of float or None
+        The model point (x, y, z) in A placed at voxel (box // 2, box // 2, box // 2); None: the
+        model's centre of mass.
+
+    Returns
+    -------
+    np.ndarray
+        (box, box, box) [z, y, x] float32, the model's centre (`center`) at index box // 2.
+
+    Raises
+    ------
+    ValueError
+        If an atom lies farther than half the box's width (box * pixel_size / 2, A) from `center`.
     """
     structure = structure.clone()
     positions, _ = atom_positions(structure)
@@ -178,7 +278,28 @@ def density_from_pdb(
     bfactor: float | None = 100.0,
     center: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Coulomb potential map (box^3 [z, y, x] float32) of an atomic model file; see density_from_model."""
+    """Coulomb potential map (box^3 [z, y, x] float32) of an atomic model file; see density_from_model.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A PDB or mmCIF file, gzipped or not (`read_model`).
+    box : int
+        The map's box (pixels).
+    pixel_size : float
+        The map's pixel size (A).
+    chains : sequence of str or None
+        The chains to keep; None keeps all.
+    bfactor : float or None
+        B-factor (A^2) for every atom; None keeps the file's.
+    center : sequence of float or None
+        The model point (x, y, z) in A at voxel box // 2; None: the centre of mass.
+
+    Returns
+    -------
+    np.ndarray
+        (box, box, box) [z, y, x] float32.
+    """
     return density_from_model(read_model(path, chains), box, pixel_size, bfactor, center)
 
 
@@ -190,7 +311,28 @@ def residue_mask(
     center: np.ndarray,
     radius: float = 4.0,
 ) -> np.ndarray:
-    """Voxels within `radius` A of an atom of `residues` in any of the models (box^3 [z, y, x], bool)."""
+    """Voxels within `radius` A of an atom of `residues` in any of the models (box^3 [z, y, x], bool).
+
+    Parameters
+    ----------
+    models : sequence of gemmi.Structure
+        The models (the first model of each), in the frame of the map.
+    residues : sequence of (int, int)
+        Inclusive ranges of residue numbers, in every chain.
+    box : int
+        The mask's box (pixels).
+    pixel_size : float
+        Its pixel size (A).
+    center : np.ndarray
+        (3,) the model point (x, y, z) in A at voxel box // 2, as given to `density_from_model`.
+    radius : float
+        Distance (A) from an atom within which a voxel centre is kept.
+
+    Returns
+    -------
+    np.ndarray
+        (box, box, box) [z, y, x] bool.
+    """
     from scipy.spatial import cKDTree
 
     coords = (np.arange(box) - box // 2) * pixel_size

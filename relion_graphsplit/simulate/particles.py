@@ -58,7 +58,21 @@ class Conditions:
 
     def noise_filter(self, box: int, pixel_size: float) -> torch.Tensor:
         """Amplitude filter (box, box // 2 + 1) on the unshifted rfft grid that colours white noise as
-        1 + E exp(-B s^2 / 2) in power, keeping unit variance per pixel (ones for white noise)."""
+        1 + E exp(-B s^2 / 2) in power, keeping unit variance per pixel (ones for white noise).
+
+        Parameters
+        ----------
+        box : int
+            The images' box (pixels).
+        pixel_size : float
+            Their pixel size (A); s is the spatial frequency in 1/A.
+
+        Returns
+        -------
+        torch.Tensor
+            (box, box // 2 + 1) float64, the square root of the power spectrum divided by its mean over
+            the full box x box grid (Parseval: a filtered unit-variance white noise keeps unit variance).
+        """
         k = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)
         power = 1.0 + self.noise_excess * torch.exp(-self.noise_bfactor * (k[:, None] ** 2 + k[None, :] ** 2) / 2)
         return (power / power.mean()).sqrt()[:, : box // 2 + 1]  # Parseval, over the full grid
@@ -67,20 +81,63 @@ class Conditions:
 def model_images(
     volume: PreparedVolume, rotations: torch.Tensor, origins_px: torch.Tensor, ctf: torch.Tensor
 ) -> torch.Tensor:
-    """Noiseless particle images (B, N, N): projections times CTF (B, N, N // 2 + 1), shifted by -origin."""
+    """Noiseless particle images (B, N, N): projections times CTF (B, N, N // 2 + 1), shifted by -origin.
+
+    Parameters
+    ----------
+    volume : PreparedVolume
+        The map (`prepare_volume`), box N.
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices (left-multiplying xyz column vectors of the map).
+    origins_px : torch.Tensor
+        (B, 2) origins as (x, y) in pixels: image(x) = P(x + o), so the particle's centre lies at the
+        image centre minus its origin.
+    ctf : torch.Tensor
+        (B, N, N // 2 + 1) CTFs on the unshifted rfft grid (`ctf_2d`).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N) [y, x] real images, the projection's origin at index N // 2 before the shift.
+    """
     n = volume.box
     slices = project_rfft(volume, rotations) * ctf
     return torch.fft.irfft2(shift_images(slices, -origins_px), s=(n, n))
 
 
 def normalisation_mask(box: int) -> torch.Tensor:
-    """True inside the circle of diameter NORMALISATION_DIAMETER * box centred at box // 2 (box, box)."""
+    """True inside the circle of diameter NORMALISATION_DIAMETER * box centred at box // 2 (box, box).
+
+    Parameters
+    ----------
+    box : int
+        The images' box (pixels).
+
+    Returns
+    -------
+    torch.Tensor
+        (box, box) bool, True where the distance (pixels) from (box // 2, box // 2) is at most
+        NORMALISATION_DIAMETER * box / 2.
+    """
     c = torch.arange(box, dtype=torch.float64) - box // 2
     return c[:, None] ** 2 + c[None, :] ** 2 <= (NORMALISATION_DIAMETER * box / 2) ** 2
 
 
 def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n rotation matrices (n, 3, 3) uniform on SO(3) (normalised Gaussian quaternions)."""
+    """n rotation matrices (n, 3, 3) uniform on SO(3) (normalised Gaussian quaternions).
+
+    Parameters
+    ----------
+    n : int
+        How many.
+    rng : np.random.Generator
+        The random generator (4 n standard normal draws).
+
+    Returns
+    -------
+    np.ndarray
+        (n, 3, 3) float64 rotation matrices.
+    """
     return Rotation.from_quat(rng.standard_normal((n, 4))).as_matrix()
 
 
@@ -101,6 +158,42 @@ def draw_particles(
     (rlnClassNumber, 1-based). Origins are uniform in [-max_shift_A, max_shift_A] per axis; the mean
     defocus is uniform in `defocus_range` with DefocusU - DefocusV = `astigmatism` at a uniform angle
     (all of them fields of `conditions`).
+
+    Parameters
+    ----------
+    n_particles : int
+        How many particles.
+    box : int
+        Their box (pixels), for rlnImageSize.
+    pixel_size : float
+        Their pixel size (A), for rlnImagePixelSize.
+    fractions : sequence of float
+        Each class's share (non-negative, normalised here); classes are drawn independently per
+        particle.
+    conditions : Conditions
+        Imaging conditions and pose errors.
+    seed : int
+        Seed of all the draws (numpy's default_rng).
+    stack_name : str
+        The stack named in rlnImageName ("000001@particles.mrcs" for the first particle).
+
+    Returns
+    -------
+    particles : pd.DataFrame
+        RELION 3.1 particle columns: rlnImageName, rlnMicrographName (PARTICLES_PER_MICROGRAPH
+        particles per micrograph), rlnOpticsGroup, the reported rlnAngleRot/Tilt/Psi (degrees) and
+        rlnOriginX/YAngst (A), rlnDefocusU/V (A, positive for underfocus), rlnDefocusAngle (degrees,
+        uniform in [0, 180)), rlnCtfBfactor (A^2) and rlnRandomSubset (1 or 2, at random).
+    optics : pd.DataFrame
+        One optics group with the conditions' voltage, Cs, amplitude contrast, the pixel size and box,
+        not CTF-premultiplied.
+    truth : pd.DataFrame
+        The particle table with the true angles and origins and rlnClassNumber (1-based).
+
+    Raises
+    ------
+    ValueError
+        If `fractions` is not one-dimensional, non-negative with a positive sum.
     """
     c = conditions
     rng = np.random.default_rng(seed)
@@ -198,6 +291,46 @@ def simulate(
     The truth table also records, per particle, how its image was normalised: image =
     NormScale * (signal + noise) + NormOffset, with the noise's standard deviation in image units in
     NoiseStddev. `progress` is called with the number of particles done after each batch.
+
+    Parameters
+    ----------
+    maps : sequence of np.ndarray
+        One (N, N, N) [z, y, x] map per class, N even, all of one size.
+    pixel_size : float
+        Their pixel size (A), also the images'.
+    n_particles : int
+        How many particles.
+    snr : float
+        Signal-to-noise ratio, positive: per particle, the variance of its noiseless CTF-modulated
+        image inside the normalisation circle over the noise variance.
+    fractions : sequence of float
+        Each map's share, one per map.
+    conditions : Conditions
+        Imaging conditions, pose errors and noise colour.
+    seed : int
+        Seed of the particle parameters (`draw_particles`) and, through a spawned stream, of the noise.
+    stack_name : str
+        The stack named in rlnImageName.
+    batch_size : int
+        Images made at a time.
+    out : np.ndarray or None
+        (n_particles, N, N) array to write the images into (returned as `images`), or None.
+    progress : callable or None
+        Called with the number of particles done after each batch.
+
+    Returns
+    -------
+    images : np.ndarray
+        (n_particles, N, N) [y, x] float32, `out` when given; each normalised so that the pixels
+        outside the normalisation circle have mean 0 and standard deviation 1.
+    particles, optics, truth : pd.DataFrame
+        As `draw_particles`, the truth table with NormScale, NormOffset and NoiseStddev added.
+
+    Raises
+    ------
+    ValueError
+        If `snr` is not positive, the fractions do not match the maps, or the maps are not cubic,
+        of one size and of an even box.
     """
     if snr <= 0:
         raise ValueError(f"snr must be positive, got {snr}")
@@ -258,6 +391,26 @@ def write_simulation(
     map, so the images are never all in memory. Image names point to particles.mrcs beside the STAR
     files. truth.star is a particle file too (true poses, true rlnClassNumber), usable for example
     with `relion_reconstruct --class k`. Returns (particles, optics, truth).
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        The folder, made if missing; each file is written whole or not at all.
+    maps : sequence of np.ndarray
+        One (N, N, N) [z, y, x] map per class, written as classK.mrc (K from 1) with `pixel_size`.
+    pixel_size : float
+        Pixel size (A) of the maps and images.
+    n_particles, snr, fractions, progress
+        As `simulate`.
+    **options
+        simulate's other keyword arguments (conditions, seed, stack_name, batch_size). The stack is
+        always written as particles.mrcs: a `stack_name` changes only the names in rlnImageName (for
+        example a path relative to a RELION project folder that holds `out_dir`).
+
+    Returns
+    -------
+    particles, optics, truth : pd.DataFrame
+        As `simulate`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +442,27 @@ def class_log_likelihoods(
     level per particle, its colour from the `conditions` of the simulation).
 
     Uses the truth table's poses and its normalisation columns (see simulate); constant terms dropped.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        (n, N, N) the simulated, normalised images.
+    maps : sequence of np.ndarray
+        The K class maps (N, N, N) [z, y, x] they were made from.
+    truth : pd.DataFrame
+        The truth table of `simulate` (true poses, CTF, NormScale, NormOffset, NoiseStddev).
+    optics : pd.DataFrame
+        The optics table (its first rlnImagePixelSize is used).
+    batch_size : int
+        Images compared at a time.
+    conditions : Conditions
+        The simulation's conditions, for the noise colour (`Conditions.noise_filter`).
+
+    Returns
+    -------
+    np.ndarray
+        (n, K) float64, -|y - model_k|^2 / (2 NoiseStddev^2), the squared norm taken over every
+        frequency divided by the noise's relative power there (the sum over pixels for white noise).
     """
     truth_set = make_particle_set(truth, optics)
     rotations, origins_px = poses(truth_set)
@@ -326,6 +500,16 @@ def ceiling_accuracy(
 
     Each particle goes to the class of highest posterior (class_log_likelihoods plus the log of the
     class frequencies in `truth`): no method that sees only the images can do better on average.
+
+    Parameters
+    ----------
+    images, maps, truth, optics, batch_size, conditions
+        As `class_log_likelihoods`.
+
+    Returns
+    -------
+    float
+        The fraction in [0, 1] of particles whose most probable class is their true one.
     """
     log_likelihoods = class_log_likelihoods(images, maps, truth, optics, batch_size, conditions)
     true_classes = truth["rlnClassNumber"].to_numpy() - 1
