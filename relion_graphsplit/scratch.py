@@ -165,3 +165,8 @@ class ScratchArray:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def row_batches(n: int, size: int) -> list[np.ndarray]:
+    """Consecutive row indices 0..n-1 in batches of at most `size` (the last one shorter)."""
+    return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]

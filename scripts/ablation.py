@@ -33,7 +33,7 @@ import typer
 from benchmark import CONDITIONS, cached, class_maps, scenario_ceiling, scenarios  # scripts/ is on sys.path when run as a script
 from threadpoolctl import threadpool_limits
 
-from relion_graphsplit.method import pipeline
+from relion_graphsplit.method import pipeline, preprocess
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
 from relion_graphsplit.method.preprocess import Whitening
 from relion_graphsplit.relion import star as star_io
@@ -50,10 +50,10 @@ def sphere(box: int, radius: float, edge: float = 6.0) -> torch.Tensor:
 
 
 def true_whitening(conditions: Conditions, box: int, pixel_size: float):
-    """A stand-in for pipeline.whitening_filter that whitens by the simulated noise spectrum at the
+    """A stand-in for preprocess.whitening_filter that whitens by the simulated noise spectrum at the
     working size (keeping the estimate's contrast and spectrum for the report): how much a better
     estimate could gain."""
-    estimate = pipeline.whitening_filter
+    estimate = preprocess.whitening_filter
 
     def whitening(residuals):
         found = estimate(residuals)
@@ -109,7 +109,7 @@ def main(
         box = star_io.image_size(ps)
         mask = sphere(box, 0.4 * box, edge=6.0 / star_io.pixel_size(ps)) if overrides.pop("mask", None) == "sphere" else None
         noise = (
-            mock.patch.object(pipeline, "whitening_filter", true_whitening(conditions, box, star_io.pixel_size(ps)))
+            mock.patch.object(preprocess, "whitening_filter", true_whitening(conditions, box, star_io.pixel_size(ps)))
             if overrides.pop("noise", None) == "true" else contextlib.nullcontext()
         )  # fmt: skip
         options = SplitOptions(**overrides)

@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
+from relion_graphsplit.method import cones as cones_module
 from relion_graphsplit.method import pipeline
-from relion_graphsplit.method.cones import assign_to_cones, asymmetric_unit_directions
+from relion_graphsplit.method.cones import (
+    IMAGE_BYTES_PER_PIXEL,
+    assign_to_cones,
+    asymmetric_unit_directions,
+    available_memory,
+    check_cone_counts,
+    check_cone_memory,
+    cone_memory,
+)
 from relion_graphsplit.method.options import SplitOptions
-from relion_graphsplit.method.pipeline import available_memory, check_cone_counts, check_cone_memory, cone_memory
 from relion_graphsplit.relion import star as star_io
 
 
@@ -25,7 +33,7 @@ def test_estimate_grows_with_cones_and_working_box():
     assert cone_memory(fine, 32) > 20 * cone_memory(coarse, 32)
     # Masks and cone images: IMAGE_BYTES_PER_PIXEL per cone and working pixel.
     grown = cone_memory(fine, 64) - cone_memory(fine, 32)
-    assert grown == pipeline.IMAGE_BYTES_PER_PIXEL * fine.n_cones * (64**2 - 32**2)
+    assert grown == IMAGE_BYTES_PER_PIXEL * fine.n_cones * (64**2 - 32**2)
 
 
 def test_refusal_is_one_line_with_the_estimate():
@@ -56,7 +64,7 @@ class NoImages:
 
 def test_split_refuses_cones_that_cannot_fit_before_reading_an_image(small_set, monkeypatch):
     ps = star_io.read_particles(small_set / "particles.star")
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 10**5)
+    monkeypatch.setattr(cones_module, "available_memory", lambda: 10**5)
     expected = r"^the default sampling \(25\.0 deg\) gives 41 cones: about \d+ MB .* 0 MB available"
     with pytest.raises(ValueError, match=expected):
         pipeline.split(star_io.particles(ps), NoImages(), SplitOptions())

@@ -58,3 +58,19 @@ def test_sigterm_while_loading_is_one_line_and_exit_130():
     if process.returncode != 0:  # it did not finish first
         assert process.returncode == 130
         assert err.strip() == "interrupted"
+
+
+def test_help_is_plain_text_and_does_not_load_torch():
+    """--help of every command comes at once: it does not load torch (a second or more), prints plain
+    text with no box drawing, and marks the required options."""
+    for module in ("graphsplit", "simulate", "report"):
+        code = (
+            "import sys; from relion_graphsplit.cli import graphsplit, " + module + " as m; "
+            "graphsplit.run_app(m.app, 'prog', ['--help']); "
+            "print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+        assert done.returncode == 0, done.stderr
+        assert "torch loaded: False" in done.stderr, (module, done.stderr)
+        assert done.stdout.startswith("Usage: prog") and "╭" not in done.stdout, module
+        assert "[required]" in done.stdout, module

@@ -34,8 +34,7 @@ from relion_graphsplit.simulate.particles import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STRUCTURES = Path("/work/shared/data/structures")
-needs_structures = pytest.mark.skipif(not STRUCTURES.is_dir(), reason="shared structures not available")
+STRUCTURES = Path(__file__).resolve().parents[1] / "test_data" / "structures"
 SHIFTED = Conditions(max_shift_A=4.0)
 NMP_LID = ((30, 59), (122, 159))
 
@@ -75,7 +74,6 @@ def test_bundled_adk_maps_are_small_and_alike(adk_maps):
     assert abs(open_map.sum() - closed_map.sum()) < 1e-3 * closed_map.sum()  # same atoms
 
 
-@needs_structures
 def test_read_model_fixes_charmm_style_elements():
     model = maps.read_model(STRUCTURES / "adk_open.pdb")
     elements = {cra.atom.element.name for cra in model[0].all()}
@@ -84,7 +82,6 @@ def test_read_model_fixes_charmm_style_elements():
     assert len(cas) == sum(len(chain) for chain in model[0]) and all(a.element.name == "C" for a in cas)
 
 
-@needs_structures
 def test_read_model_keeps_the_chains_asked_for():
     full = maps.read_model(STRUCTURES / "1BD2.pdb.gz")
     without_b = maps.read_model(STRUCTURES / "1BD2.pdb.gz", chains=["A", "C", "D", "E"])
@@ -95,7 +92,6 @@ def test_read_model_keeps_the_chains_asked_for():
         maps.read_model(STRUCTURES / "1BD2.pdb.gz", chains=["Z"])
 
 
-@needs_structures
 def test_superpose_undoes_a_known_motion():
     target = maps.read_model(STRUCTURES / "adk_closed.pdb")
     mobile = target.clone()
@@ -107,7 +103,6 @@ def test_superpose_undoes_a_known_motion():
     np.testing.assert_allclose(before, after, atol=1e-3)
 
 
-@needs_structures
 def test_density_is_centred_on_the_given_centre():
     model = maps.read_model(STRUCTURES / "adk_closed.pdb")
     box, pixel_size = 48, 2.5
@@ -122,7 +117,6 @@ def test_density_is_centred_on_the_given_centre():
         maps.density_from_model(model, 16, 2.0)
 
 
-@needs_structures
 def test_adk_cores_agree_after_superposition():
     box, pixel_size = 64, 2.0
     closed = maps.read_model(STRUCTURES / "adk_closed.pdb")
@@ -325,7 +319,6 @@ def test_cli_takes_dashes_as_well_as_underscores(tmp_path):
     assert ((particles["rlnDefocusU"] + particles["rlnDefocusV"]) / 2 >= 15000).all()  # --defocus-min was taken
 
 
-@needs_structures
 def test_cli_from_models_with_a_chain_left_out(tmp_path):
     model = str(STRUCTURES / "1BD2.pdb.gz")
     args = ["--pdb1", model, "--pdb2", model, "--chains2", "A,C,D,E", "--box", "54", "--angpix", "3"]
@@ -335,7 +328,6 @@ def test_cli_from_models_with_a_chain_left_out(tmp_path):
     assert 0.8 < partial.sum() / full.sum() < 0.95  # chain B is ~12 kDa of ~95 kDa
 
 
-@needs_structures
 def test_cli_superposes_adk_on_its_core(tmp_path):
     args = ["--pdb1", str(STRUCTURES / "adk_open.pdb"), "--pdb2", str(STRUCTURES / "adk_closed.pdb")]
     args += ["--superpose_core", "--box", "48", "--angpix", "2", "--n", "4", "--no_ceiling", "--o", str(tmp_path)]

@@ -29,7 +29,7 @@ def graphsplit(
     ctx: typer.Context,
     i: Path = typer.Option(..., "--i", "--in_parts", help="Refined particle STAR file (RELION 3.0 to 5.0: angles, origins, CTF)."),
     o: str = typer.Option(..., "--o", help="Output folder; made if needed. Inputs are never written; the outputs of an earlier run in it are replaced as a whole when this run succeeds."),
-    mask: Path | None = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC, values from 0 to 1) to focus on. Default: a soft mask drawn around the consensus map; the mask used is written to run_mask.mrc."),
+    mask: Path | None = typer.Option(None, "--mask", "--in_mask", help="3D mask (MRC, values from 0 to 1) to focus on. Default: a soft mask drawn around the consensus map; the graph split's mask is written to run_mask.mrc."),
     ref: Path | None = typer.Option(None, "--ref", "--in_3dref", help="Consensus map (MRC). Default: reconstructed from the particles."),
     sym: str = typer.Option(DEFAULTS.symmetry, "--sym", help="Point group of the particle (C1, Cn, Dn, T, O, I)."),
     angular_sampling: float | None = typer.Option(None, "--angular_sampling", min=0.5, max=90.0, show_default="from the particle count", help="Degrees between cone axes; by default about --particles_per_cone particles per cone, 5 to 25 degrees."),
@@ -73,8 +73,27 @@ def graphsplit(
 
 
 def run_app(command: typer.Typer, name: str, args: list[str] | None = None, interrupted: str = "interrupted") -> int:
-    """Run a command on `args` (default the command line) and return its exit code: 0 done, 1 an
-    error (one line on stderr), 2 a usage error (one line), 130 interrupted (the line `interrupted`)."""
+    """Run a command on `args` (default the command line) and return its exit code.
+
+    Errors come as one line each, as RELION's programs print them; the process is not exited here.
+
+    Parameters
+    ----------
+    command : typer.Typer
+        The command's app.
+    name : str
+        The program's name, as usage and help show it.
+    args : list of str or None
+        The arguments, without the program's name; None: sys.argv[1:].
+    interrupted : str
+        The line printed on stderr when the command is interrupted.
+
+    Returns
+    -------
+    int
+        0 done, 1 an error (one line on stderr), 2 a usage error (one line, 'error: ...'), 130
+        interrupted (the line `interrupted`).
+    """
     try:
         code = command(args=args, prog_name=name, standalone_mode=False)  # a typer.Exit's code, else None
     except typer.TyperException as err:  # click's usage errors
@@ -88,7 +107,21 @@ def run_app(command: typer.Typer, name: str, args: list[str] | None = None, inte
 
 
 def run_command(args: list[str] | None = None) -> int:
-    """relion_graphsplit on `args` (default the command line); its exit code (run_app)."""
+    """relion_graphsplit on `args` (default the command line); its exit code (run_app).
+
+    A usage error (code 2) in a RELION External job still leaves RELION_JOB_EXIT_FAILURE in --o, or
+    the job would seem to run for ever.
+
+    Parameters
+    ----------
+    args : list of str or None
+        The arguments, without the program's name; None: sys.argv[1:].
+
+    Returns
+    -------
+    int
+        The exit code: 0, 1, 2 or 130 (`run_app`).
+    """
     code = run_app(app, "relion_graphsplit", args)
     if code == 2:
         _mark_failed(args)
@@ -108,5 +141,11 @@ def _mark_failed(args: list[str] | None) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: relion_graphsplit on the command line.
+
+    Raises
+    ------
+    SystemExit
+        Always, with `run_command`'s exit code.
+    """
     sys.exit(run_command())

@@ -1,6 +1,6 @@
 """One run of relion_graphsplit: the inputs read and checked, the split and the class maps, every
-output written into the run folder's staging area and moved into place together (run_folder), the
-RELION markers; the command line itself is cli.py."""
+output written into the run folder's staging area and moved into place together (run_files.folder), the
+RELION markers; the command line itself is cli.graphsplit."""
 
 from __future__ import annotations
 
@@ -63,10 +63,47 @@ def run(
     i: Path, o: Path, options: SplitOptions, mask: Path | None, ref: Path | None, particle_diameter: float | None,
     j: int, scratch_dir: Path | None, pipeline_control: str | None,
 ) -> None:
-    """Split the particles `i` into the folder `o` (cli.py has checked the options' ranges).
+    """Split the particles `i` into the folder `o` (cli.graphsplit has checked the options' ranges).
 
-    Raises typer.Exit(1) after one line on stderr for bad input or a failed write, typer.BadParameter
-    for an unusable map or point group; where the run is a RELION job, exactly one exit marker is left.
+    The inputs are read and checked before anything is written; an output folder that would replace an
+    input is refused; the split and the class maps run with the folder's lock held, every output goes
+    into its staging folder and all are committed into `o` together. Raises typer.Exit(1) after one
+    line on stderr for bad input or a failed write, typer.BadParameter for an unusable map or point
+    group; where the run is a RELION job, exactly one exit marker is left.
+
+    Parameters
+    ----------
+    i : Path
+        The refined particle STAR file (RELION 3.0 to 5.0).
+    o : Path
+        The output folder.
+    options : SplitOptions
+        The split's parameters.
+    mask : Path or None
+        3D mask (MRC, values from 0 to 1) at the particles' box and pixel size; None: drawn around the
+        consensus map.
+    ref : Path or None
+        Consensus map (MRC) at the particles' box and pixel size; None: reconstructed from the particles.
+    particle_diameter : float or None
+        Particle diameter (A) for the printed RELION Class3D command; None: 80% of the box.
+    j : int
+        Threads for torch and for the BLAS under numpy and scipy.
+    scratch_dir : Path or None
+        Existing folder in which the working files get a folder of their own; None: the staging folder.
+    pipeline_control : str or None
+        RELION's --pipeline_control: given, RELION's markers and output nodes are written; None, they
+        are where default_pipeline.star is in the current directory.
+
+    Raises
+    ------
+    typer.Exit
+        Code 1, after one line on stderr (error: ..., noting a full disk), for a STAR file error, a
+        ValueError, an OSError or a busy folder (FolderBusy), or after RELION asked the job to abort
+        (`Aborted`; the aborted marker instead of the failure marker).
+    typer.BadParameter
+        For a point group (--sym) or map (--mask, --ref) that cannot be used.
+    KeyboardInterrupt
+        Ctrl-C or SIGTERM; re-raised, as is any other exception, after the failure marker.
     """
     job = ExternalJob(o, active=True if pipeline_control else None)
     start = time.perf_counter()
@@ -95,7 +132,18 @@ def run(
 
 
 def one_line(err: BaseException | str) -> str:
-    """An error's message on one line (an OSError's names its file)."""
+    """An error's message on one line (an OSError's names its file).
+
+    Parameters
+    ----------
+    err : BaseException or str
+        The error, or its message.
+
+    Returns
+    -------
+    str
+        str(err) with every run of whitespace (line breaks included) made one space, ends stripped.
+    """
     return " ".join(str(err).split())
 
 
@@ -232,7 +280,12 @@ def _print_summary(result, n: int, total: float) -> None:
 
 
 class Aborted(RuntimeError):
-    """The run was asked to stop (RELION's RELION_JOB_ABORT_NOW)."""
+    """The run was asked to stop (RELION's RELION_JOB_ABORT_NOW).
+
+    Raised by the progress bars before each item and once more just before the commit, the last
+    moment a run can stop with its folder as it was; `run` prints its message, leaves RELION's aborted
+    marker and raises typer.Exit(1).
+    """
 
 
 def _progress_tracker(progress: Progress, job: ExternalJob):
@@ -284,9 +337,18 @@ def _read_mask(path: Path, box: int, pixel_size: float) -> torch.Tensor:
 
 
 def peak_memory_mb() -> float:
-    """This process's peak resident memory (MiB): VmHWM where Linux gives it. getrusage's ru_maxrss
-    is not used there: a process started by fork and exec inherits the parent's peak in it, so a run
-    started from a large process (a benchmark, a notebook) reported that process's memory."""
+    """This process's peak resident memory (MiB): VmHWM where Linux gives it.
+
+    getrusage's ru_maxrss is not used there: a process started by fork and exec inherits the parent's
+    peak in it, so a run started from a large process (a benchmark, a notebook) reported that
+    process's memory.
+
+    Returns
+    -------
+    float
+        VmHWM of /proc/self/status (kB) / 1024; where it cannot be read, ru_maxrss / 1024 (ru_maxrss
+        is in kB on Linux, in bytes on macOS).
+    """
     try:
         with open("/proc/self/status") as status:
             for line in status:

@@ -19,7 +19,7 @@ from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.fsc import fsc, resolution_at
 from relion_graphsplit.fourier.reconstruct import FourierAccumulator
-from relion_graphsplit.method.pipeline import Track, no_progress
+from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.mrc import write_mrc
 from relion_graphsplit.relion.stacks import ImageStacks

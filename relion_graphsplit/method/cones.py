@@ -9,6 +9,7 @@ equivalent orientation that brought it there, so alignment sees every member as 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,23 @@ class Cones:
 
     Memberships are sorted by cone; `rotation` is the particle's orientation after the symmetry
     operator and mirror that bring its direction closest to the cone axis, and `mirrored` says whether
-    its image has to be mirrored in y to match that orientation.
+    its image has to be mirrored in y to match that orientation. M is the number of cones (n_cones), K
+    the number of memberships.
+
+    Attributes
+    ----------
+    axes : torch.Tensor
+        (M, 3) float64 unit vectors: the cones' axes, projection directions in the map frame.
+    cone : torch.Tensor
+        (K,) int64 cone index of each membership, ascending (sorted by cone, then by particle).
+    particle : torch.Tensor
+        (K,) int64 particle index (row of the particle set) of each membership.
+    rotation : torch.Tensor
+        (K, 3, 3) float64 equivalent RELION matrix L A R of the particle's A (`equivalent_operators`),
+        left-multiplying xyz column vectors of the map: its projection direction (third row) is the
+        particle's equivalent direction closest to the cone axis.
+    mirrored : torch.Tensor
+        (K,) bool: the equivalent orientation includes MIRROR, so the image is mirrored in y.
     """
 
     axes: torch.Tensor  # (M, 3) unit vectors
@@ -58,8 +75,22 @@ class Cones:
 def equivalent_operators(symmetry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left factors L and right factors R such that L A R are the orientations equivalent to A.
 
-    For each symmetry operator S, A S views the same map, along S^T d; MIRROR A S views along -S^T d
-    and gives the y-mirrored image.
+    For each symmetry operator S, A S views the same map, along S^T d (d the projection direction of
+    A, its third row); MIRROR A S views along -S^T d and gives the y-mirrored image.
+
+    Parameters
+    ----------
+    symmetry : torch.Tensor
+        (G, 3, 3) float64 the point group's rotations in the map frame (`symmetry.symmetry_matrices`).
+
+    Returns
+    -------
+    left : torch.Tensor
+        (2G, 3, 3) float64: the identity for operators 0..G-1, MIRROR (a half turn about x) for
+        operators G..2G-1.
+    right : torch.Tensor
+        (2G, 3, 3) the symmetry matrices twice, in the same order: operator g is (left[g], right[g]),
+        mirrored when g >= G.
     """
     n = len(symmetry)
     left = torch.cat([torch.eye(3, dtype=torch.float64).expand(n, 3, 3), MIRROR.expand(n, 3, 3)])
@@ -137,6 +168,25 @@ def asymmetric_unit_directions(sampling_deg: float, symmetry: torch.Tensor) -> t
     every axis (the interior's covering radius), so that cones as wide as the sampling cover it all.
     Only the few probes that a k-d tree finds in such gaps get exact distances to every axis, so
     memory stays bounded (MAX_ELEMENTS) down to the finest sampling.
+
+    Parameters
+    ----------
+    sampling_deg : float
+        Spacing of the directions (degrees), in (0, 90]: the whole sphere's Fibonacci points number
+        max(8, round(4 pi / (sqrt(3) / 2 s^2))) at a spacing of s radians, the probes 16 times as many.
+    symmetry : torch.Tensor
+        (G, 3, 3) float64 the point group's rotations in the map frame (`symmetry.symmetry_matrices`).
+
+    Returns
+    -------
+    torch.Tensor
+        (M, 3) float64 unit vectors in the map frame: the Fibonacci points inside the unit, then the
+        directions added to fill its gaps.
+
+    Raises
+    ------
+    ValueError
+        If `sampling_deg` is not in (0, 90].
     """
     if not 0.0 < sampling_deg <= 90.0:
         raise ValueError(f"the angular sampling must be in (0, 90] degrees, got {sampling_deg}")
@@ -169,6 +219,32 @@ def assign_to_cones(
     every particle is classified. Particles are taken in chunks of at most `max_elements` (particle,
     cone, equivalent direction) cosines, so that the memory used does not grow with their number (one
     particle's are about 2e5 at the finest sampling, 0.5 degrees, whatever the group).
+
+    Parameters
+    ----------
+    rotations : torch.Tensor
+        (n, 3, 3) float64 RELION matrices A of the particles, which left-multiply xyz column vectors of
+        the map (the projection direction is the third row).
+    axes : torch.Tensor
+        (M, 3) float64 unit cone axes (`asymmetric_unit_directions`).
+    cone_angle_deg : float
+        Cone half-aperture (degrees), in (0, 90]: a particle is a member where one of its 2G equivalent
+        directions has a cosine to the axis of at least cos(cone_angle_deg).
+    symmetry : torch.Tensor
+        (G, 3, 3) float64 the point group's rotations in the map frame.
+    max_elements : int
+        Most (particle, cone, equivalent direction) cosines per chunk of particles.
+
+    Returns
+    -------
+    Cones
+        The axes and the memberships, sorted by cone then particle, each with the equivalent orientation
+        (`equivalent_operators`) closest to its cone's axis; every particle is in at least one cone.
+
+    Raises
+    ------
+    ValueError
+        If `cone_angle_deg` is not in (0, 90].
     """
     if not 0.0 < cone_angle_deg <= 90.0:
         raise ValueError(f"the cone angle must be in (0, 90] degrees, got {cone_angle_deg}")
@@ -209,8 +285,168 @@ def default_sampling(n_particles: int, group_order: int, target_per_cone: int) -
     With directions spread uniformly, a cone of half-angle t holds n * 2G * (1 - cos t) / 2 of n
     particles (each has 2G equivalent directions under a group of order G and the mirror). The angle
     is kept between 5 and 25 degrees: finer cones hold too few particles for the first component to
-    see the heterogeneity, coarser ones mix views too different to align in plane.
+    see the heterogeneity, coarser ones mix views too different to align in plane. `split` uses it as
+    the angular sampling between cone axes, and the cone angle defaults to the sampling.
+
+    Parameters
+    ----------
+    n_particles : int
+        Number of particles n.
+    group_order : int
+        Order G of the point group.
+    target_per_cone : int
+        Particles wanted per cone (the split's particles_per_cone, 600 by default).
+
+    Returns
+    -------
+    float
+        t = arccos(1 - target_per_cone / (n G)) in degrees, clipped to [5, 25].
     """
     fraction = target_per_cone / max(n_particles * group_order, 1)
     angle = math.degrees(math.acos(max(-1.0, 1.0 - fraction)))
     return float(min(25.0, max(5.0, angle)))
+
+
+IMAGE_BYTES_PER_PIXEL = 37
+"""Bytes per cone and working pixel of the per-cone images: the projected masks (bool, then float32),
+the cone images (4 float32) and their reordered copy for the swapped cones (4 float32 more)."""
+
+
+MAXCUT_BYTES_PER_CONE = 8 * 8 * 201
+"""maxcut.synchronise holds about 8 float64 arrays of its 201 sign candidates (n_rounds + 1) per node
+of a component (7.3 measured with tracemalloc on 2000 to 10000 nodes)."""
+
+
+GRAPH_BYTES_PER_PAIR = 100
+"""The graph's sparse matrices per pair of cones sharing a particle: weights and shared counts with
+their products' work space (12 bytes a value), the max-cut's copies and the edge table."""
+
+
+MEMBERSHIP_BYTES = 100
+"""Per membership: the ratio matrix, rho and lambda, and the membership table."""
+
+
+def cone_memory(cones: Cones, w: int) -> int:
+    """Bytes that the per-cone steps (3-5 of `split`) hold at their peak, for `cones` at working box w.
+
+    The per-cone images and the max-cut grow with the cones, the graph with the pairs of cones that
+    share a particle (the sum over particles of their cone count squared) and the rest with the
+    memberships. Work space that does not grow with these (a batch of images) is left out.
+
+    Parameters
+    ----------
+    cones : Cones
+        The cones (M) and their memberships (K).
+    w : int
+        The working box (pixels).
+
+    Returns
+    -------
+    int
+        Bytes: M (IMAGE_BYTES_PER_PIXEL w^2 + MAXCUT_BYTES_PER_CONE) + GRAPH_BYTES_PER_PAIR times the
+        pairs + MEMBERSHIP_BYTES K.
+    """
+    per_particle = torch.bincount(cones.particle).to(torch.float64)
+    pairs = int((per_particle * per_particle).sum())
+    per_cone = IMAGE_BYTES_PER_PIXEL * w * w + MAXCUT_BYTES_PER_CONE
+    return cones.n_cones * per_cone + GRAPH_BYTES_PER_PAIR * pairs + MEMBERSHIP_BYTES * len(cones.cone)
+
+
+def available_memory() -> int:
+    """Bytes of memory available: MemAvailable of /proc/meminfo where it exists, else the physical memory.
+
+    Returns
+    -------
+    int
+        Bytes: MemAvailable (given in kB) times 1024, or the page size times the number of physical
+        pages where /proc/meminfo cannot be read or has no MemAvailable line.
+    """
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(size: int) -> str:
+    """Bytes as '180 GB', '2.5 GB' or '310 MB'."""
+    if size >= 1e10:
+        return f"{size / 1e9:.0f} GB"
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def _sampling_name(sampling: float, explicit: bool) -> str:
+    return f"--angular_sampling {sampling:g}" if explicit else f"the default sampling ({sampling:.1f} deg)"
+
+
+def check_cone_counts(counts: torch.Tensor, minimum: int, sampling: float, explicit: bool) -> None:
+    """Refuse a sampling that leaves every cone with fewer than `minimum` particles.
+
+    Dropping the sparse cones would leave none; keeping them, their mixtures on a few points
+    degenerate, and with them the graph and its max-cut (2000 particles at 2 degrees, at most 8 a
+    cone, gave weights up to 4e12; Clarabel failed on 65 of the components and never returned from
+    the next).
+
+    Parameters
+    ----------
+    counts : torch.Tensor
+        (M,) int64 the cones' particle counts (`Cones.counts`).
+    minimum : int
+        Fewest particles a cone needs (the split's min_cone_particles).
+    sampling : float
+        The cones' angular sampling (degrees), named in the message.
+    explicit : bool
+        Whether the user chose the sampling (--angular_sampling) rather than the default.
+
+    Raises
+    ------
+    ValueError
+        With one line, if every cone has fewer than `minimum` particles or there is no cone.
+    """
+    if len(counts) and not (counts < minimum).all():
+        return
+    advice = "(the default chooses it from the particle count)" if explicit else "(--angular_sampling, up to 90)"
+    most = int(counts.max()) if len(counts) else 0
+    raise ValueError(
+        f"{_sampling_name(sampling, explicit)} leaves every cone with fewer than {minimum} particles (at most "
+        f"{most}): too few for the split; use a coarser sampling {advice}"
+    )
+
+
+def check_cone_memory(
+    cones: Cones, w: int, sampling: float, explicit: bool, available: int | None = None
+) -> None:
+    """Refuse, before any image is read, cones whose per-cone steps need more than the memory available.
+
+    Parameters
+    ----------
+    cones : Cones
+        The cones and their memberships.
+    w : int
+        The working box (pixels).
+    sampling : float
+        The cones' angular sampling (degrees), named in the message.
+    explicit : bool
+        Whether the user chose the sampling (--angular_sampling) rather than the default.
+    available : int or None
+        Bytes available; None: `available_memory()`.
+
+    Raises
+    ------
+    ValueError
+        With one line that holds the estimate (`cone_memory`), if it exceeds `available`.
+    """
+    need = cone_memory(cones, w)
+    available = available_memory() if available is None else available
+    if need > available:
+        advice = "(the default chooses it from the particle count)"
+        if not explicit:
+            advice = "or a smaller working box (--maxres, --resize)"
+        raise ValueError(
+            f"{_sampling_name(sampling, explicit)} gives {cones.n_cones} cones: about {_size(need)} for the "
+            f"per-cone images and the graph at a {w}-pixel working box, {_size(available)} available; use a "
+            f"coarser sampling {advice}"
+        )

@@ -29,7 +29,7 @@ def cone_diagnostics(
     Parameters
     ----------
     cone_table : pd.DataFrame
-        One row per classified cone (`pipeline.classify_cones`), with its `cone` index; completed in
+        One row per classified cone (`classify.classify_cones`), with its `cone` index; completed in
         place with the columns `sign`, `component` (1-based index of the cone's connected part of the
         graph), `axis_x`, `axis_y`, `axis_z` and `class1_fraction`: the share of the cone's
         memberships whose synchronised ratio (sign times lambda) is >= 0, the cone's own vote for

@@ -11,13 +11,21 @@ in which the first component is a matched filter. docs/benchmarks.md has the mea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from relion_graphsplit.fourier.projection import rfft_weights, shift_images
-from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection
+from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
+from relion_graphsplit.fourier.reconstruct import reconstruct_stream
+from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection, SplitOptions
+from relion_graphsplit.method.progress import Track, no_progress
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.scratch import ScratchArray, row_batches
 
 
 def working_box(box: int, pixel_size: float, maxres: float | None, resize: int | None) -> int:
@@ -178,10 +186,28 @@ COLOURED_NOISE = 2.0
 
 @dataclass(frozen=True)
 class Whitening:
-    """A radial filter (n, n // 2 + 1) that makes the noise white (ones when not `applied`), the noise
-    power of rings 1..n // 2 relative to their mean (`spectrum`, empty when not estimated), and the
-    noise's contrast: the power of the noisiest of those rings over the least noisy one's (None when
-    not estimated)."""
+    """The noise estimate of `whitening_filter` and the filter that makes the noise white.
+
+    A radial filter that makes the noise white (ones when not `applied`), the noise power of rings
+    1..n // 2 relative to their mean (`spectrum`, empty when not estimated), and the noise's contrast:
+    the power of the noisiest of those rings over the least noisy one's (None when not estimated). n is
+    the working box (pixels).
+
+    Attributes
+    ----------
+    filter : torch.Tensor
+        (n, n // 2 + 1) float64 on the unshifted rfft grid: in each ring of integer radius, sqrt of the
+        mean power over the ring's mean power (the DC ring taking ring 1's value); ones when not
+        `applied`.
+    contrast : float or None
+        Power of the noisiest of rings 1..n // 2 over the least noisy one's; None when not estimated.
+    applied : bool
+        Whether the filter whitens: the contrast is at least `whitening_filter`'s min_contrast
+        (COLOURED_NOISE, 2).
+    spectrum : torch.Tensor
+        (n // 2,) float64 noise power of rings 1..n // 2 relative to their mean; empty (0,) when not
+        estimated.
+    """
 
     filter: torch.Tensor
     contrast: float | None
@@ -303,3 +329,131 @@ def correct(
     out = out.clone()
     out[..., 0, 0] = 0
     return out, scale
+
+
+NOISE_SAMPLE = 2048
+"""About this many particles, in evenly spread batches, give the noise spectrum for the whitening."""
+
+
+def prepare_images(
+    particles: star_io.Particles,
+    stacks: ImageStacks,
+    scratch: ScratchArray,
+    filters: ScratchArray,
+    options: SplitOptions,
+    consensus: torch.Tensor | None,
+    track: Track = no_progress,
+) -> tuple[torch.Tensor, torch.Tensor | None, Whitening, dict[str, float]]:
+    """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
+
+    `filters` (n, w, w // 2 + 1) receives the filter each image's data carry at the working size
+    (its CTF, squared if CTF-premultiplied), computed once for this and the later steps. Returns each
+    image's grey scale relative to the consensus projection (ones when not subtracting), the consensus
+    map at the working size, the noise estimate and its whitening filter (preprocess.whitening_filter)
+    and the time spent per step.
+
+    Pass 1 reads the stacks, centres and downsamples the images into `scratch` and, when no consensus
+    map is given, reconstructs it at the working size (not possible from CTF-premultiplied images,
+    whose consensus stays None). Pass 2 corrects the images in `scratch` for the CTF, whitened by the
+    noise spectrum of the residuals of a sample of them (about NOISE_SAMPLE particles, in evenly
+    spread batches; only for the corrections that subtract the consensus projection, and with
+    options.whiten). Images and projections are whitened, the CTF not: the corrected images hold the
+    whitened residual times the CTF (or its sign).
+
+    Parameters
+    ----------
+    particles : star_io.Particles
+        The n particles: RELION matrices (n, 3, 3) that left-multiply xyz column vectors of the map,
+        origins (x, y) in pixels, CTF parameters (defocus in A, positive for underfocus), box N
+        (pixels), pixel size (A), and whether the images are CTF-premultiplied.
+    stacks : ImageStacks
+        Their open image stacks.
+    scratch : ScratchArray
+        (n, w, w) float32, filled with the images [y, x], centred at w // 2 (`correct` sets their mean,
+        the DC coefficient, to 0).
+    filters : ScratchArray
+        (n, w, w // 2 + 1) float32, filled with each image's data filter on the unshifted rfft grid, at
+        the working pixel size N pixel_size / w (not whitened).
+    options : SplitOptions
+        batch_size, ctf_correction, whiten, and symmetry for the reconstruction.
+    consensus : torch.Tensor or None
+        (w, w, w) [z, y, x] the consensus map at the working size, or None.
+    track : Track
+        Progress callback, called as track(iterable, description=..., total=...).
+
+    Returns
+    -------
+    scale : torch.Tensor
+        (n,) float64 each image's least-squares grey scale relative to the consensus projection (ones
+        when not subtracting).
+    consensus : torch.Tensor or None
+        (w, w, w) [z, y, x] the consensus map at the working size: the one given, or reconstructed
+        (float32); None for CTF-premultiplied particles without one.
+    whitening : Whitening
+        The noise estimate and its filter (`Whitening.none(w)` when not estimated).
+    timings : dict of str to float
+        Seconds spent reading ('read') and correcting for the CTF ('ctf').
+
+    Raises
+    ------
+    ValueError
+        For CTF-premultiplied particles without a consensus map, with a CTF correction that subtracts
+        the consensus projection.
+    """
+    timings: dict[str, float] = {}
+    n, w = scratch.shape[0], scratch.shape[-1]
+    rotations, origins, params = particles.rotations, particles.origins, particles.ctf
+    work_apix = particles.pixel_size * particles.box / w
+    squared = particles.premultiplied
+    need_consensus = consensus is None and not squared
+    if consensus is None and squared and options.ctf_correction.subtracts:
+        raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
+
+    def centred_small(index: np.ndarray) -> torch.Tensor:
+        return centre_downsampled(torch.fft.rfft2(stacks.read(index).to(torch.float64)), origins[index], w)
+
+    start = time.perf_counter()
+    batches = row_batches(n, options.batch_size)
+
+    def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
+        for index in track(batches, description="Reading and centring images", total=len(batches)):
+            small = torch.fft.irfft2(centred_small(index), s=(w, w)).to(torch.float32)
+            scratch[index] = small.numpy()
+            ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
+            filters[index] = (ctf * ctf if squared else ctf).numpy()
+            if need_consensus:
+                yield small, rotations[index], None, ctf
+
+    if need_consensus:
+        consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry)
+    else:
+        for _ in pass_one():
+            pass
+    timings["read"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
+    whitening = Whitening.none(w)
+    if prepared is not None and options.whiten:
+        sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
+        whitening = whitening_filter(_residual(scratch, filters, prepared, rotations, index) for index in sample)
+    scale = torch.ones(n, dtype=torch.float64)
+    for index in track(batches, description="Correcting for the CTF", total=len(batches)):
+        # Images and projections whitened, the CTF not: the corrected images hold the whitened
+        # residual times the CTF (or its sign), whose noise is as white as without whitening.
+        f = whitening.filter * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+        projections = whitening.filter * project_rfft(prepared, rotations[index]) if prepared is not None else None
+        data_filter = torch.from_numpy(np.asarray(filters[index])).to(torch.float64)
+        corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
+        scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
+    timings["ctf"] = time.perf_counter() - start
+    return scale, consensus, whitening, timings
+
+
+def _residual(
+    scratch: ScratchArray, filters: ScratchArray, prepared: PreparedVolume, rotations: torch.Tensor, index: np.ndarray
+) -> torch.Tensor:
+    """Images `index` less their least-squares scaled, CTF-modulated consensus projections (rfft)."""
+    f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
+    model = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) * project_rfft(prepared, rotations[index])
+    return subtract_consensus(f, model)[0]

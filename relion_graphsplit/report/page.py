@@ -127,8 +127,18 @@ def render_html(run: Run, shown_as: Path | None = None) -> str:
 
 
 def static_text(name: str) -> str:
-    """The text of one of the page's static files (static/report.css, static/report.js), read from
-    the installed package."""
+    """The text of one of the page's static files, read from the installed package.
+
+    Parameters
+    ----------
+    name : str
+        The file's name in the package's static/ folder: 'report.css' or 'report.js'.
+
+    Returns
+    -------
+    str
+        Its text, decoded as UTF-8.
+    """
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
 
 
