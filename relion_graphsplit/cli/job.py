@@ -51,8 +51,7 @@ error_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=Tr
 class _Inputs:
     """What a run reads before it writes anything: the particles, their warnings, the maps given."""
 
-    path: Path
-    ps: star_io.ParticleSet
+    ps: star_io.ParticleSet  # as read, with its path
     particles: star_io.Particles  # parsed once from `ps`
     warnings: list[str]
     mask: torch.Tensor | None  # (N, N, N) at the particles' box and pixel size
@@ -160,7 +159,7 @@ def _read_inputs(i: Path, mask: Path | None, ref: Path | None, symmetry: str, j:
     particles = star_io.particles(ps)
     mask_volume = _read_mask(mask, particles.box, particles.pixel_size) if mask else None
     consensus = _read_consensus(ref, particles.box, particles.pixel_size) if ref else None
-    return _Inputs(i, ps, particles, warnings, mask_volume, consensus)
+    return _Inputs(ps, particles, warnings, mask_volume, consensus)
 
 
 def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir, job):
@@ -223,7 +222,7 @@ def _write_outputs(
     result.timings["write"] = time.perf_counter() - t
     summary = {
         "version": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "command": " ".join(sys.argv), "input": str(inputs.path), "particles": len(ps.particles),
+        "command": " ".join(sys.argv), "input": str(inputs.ps.path), "particles": len(ps.particles),
         "box": box, "pixel_size": apix, "working_box": result.working_box,
         "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
         "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),

@@ -120,7 +120,7 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
-            self._recover()
+            self._clear_staging()
             self.staging.mkdir()
         except BaseException:
             self._unlock()
@@ -129,9 +129,7 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         try:
-            if (self.staging / _COMPLETE).exists():  # interrupted during its commit: finish it
-                _finish_commit(self.out, self.staging)
-            _remove_staging(self.staging)
+            self._clear_staging()  # a commit interrupted here (Ctrl-C between two renames) is finished
         finally:
             self._unlock()
         if self._made and not self._committed:  # a failed first run leaves no empty folder behind
@@ -165,6 +163,7 @@ class RunFolder:
         _durable_write(self.staging / _COMPLETE, "\n".join(names) + "\n")
         self._committed = True
         _finish_commit(self.out, self.staging)
+        (self.staging / _COMPLETE).unlink()  # done: nothing for the way out to finish
         return names
 
     def _lock(self) -> None:
@@ -202,8 +201,10 @@ class RunFolder:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def _recover(self) -> None:
-        """Finish the commit of a run that died during it; remove what a run that died before it left."""
+    def _clear_staging(self) -> None:
+        """Finish a commit that was interrupted (its staging folder is complete); then remove the
+        staging folder and the scratch folder it names. A run that stopped before its commit leaves
+        nothing to finish, so its folder stays as the run before it left it."""
         if not self.staging.exists():
             return
         if (self.staging / _COMPLETE).exists():

@@ -71,9 +71,8 @@ def image_names_from_workdir(ps: star_io.ParticleSet) -> pd.Series:
     stack = stack.where(at == "@", number)
     renamed = {}
     for name in stack.unique():
-        found = resolve_stack(name, ps.path.parent)
-        beside_star = found is not None and not (Path.cwd() / name).is_file() and not Path(name).is_absolute()
-        renamed[name] = str(ps.path.parent / name) if beside_star else name
+        found = resolve_stack(name, ps.path.parent)  # the working directory's `name` when found there
+        renamed[name] = str(found) if found is not None and found != Path.cwd() / name else name
     stack = stack.map(renamed)
     return (number + "@" + stack).where(at == "@", stack)
 
