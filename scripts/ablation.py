@@ -112,7 +112,7 @@ def main(
             mock.patch.object(preprocess, "whitening_filter", true_whitening(conditions, box, star_io.pixel_size(ps)))
             if overrides.pop("noise", None) == "true" else contextlib.nullcontext()
         )  # fmt: skip
-        options = SplitOptions(**overrides)
+        options = SplitOptions(**{"n_classes": 2, **overrides})  # the two-class split, untested, unless asked
         start = time.perf_counter()
         with ImageStacks(ps) as stacks, noise:
             result = pipeline.split(star_io.particles(ps), stacks, options, mask=mask)

@@ -107,6 +107,30 @@ def run(cmd: list[str], log: Path, cwd: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
+def consensus_map(work: Path, j: int) -> Path:
+    """work/consensus.mrc, made once by relion_reconstruct --ctf from work/particles.star: the map both
+    programs start from."""
+    consensus = work / "consensus.mrc"
+    if not consensus.exists():
+        run(["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
+            work / "reconstruct.log", cwd=work)  # fmt: skip
+    return consensus
+
+
+def class3d_command(
+    size: int, pixel_size: float, iterations: int, j: int, seed: int, k: int = 2, out: str = "class3d/run"
+) -> list[str]:
+    """RELION's fixed-pose Class3D (the GUI's options) of particles.star into `k` classes from
+    consensus.mrc, run in the scenario's folder; the particle diameter 0.75 of the box (`size` pixels
+    of `pixel_size` A)."""
+    diameter = round(0.75 * size * pixel_size)
+    return ["relion_refine", "--o", out, "--i", "particles.star", "--ref", "consensus.mrc",
+            "--ini_high", "50", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
+            "--iter", str(iterations), "--tau2_fudge", "4", "--particle_diameter", str(diameter), "--K", str(k),
+            "--flatten_solvent", "--zero_mask", "--skip_align", "--sym", "C1", "--norm", "--scale",
+            "--j", str(j), "--random_seed", str(seed)]  # fmt: skip
+
+
 def main(
     out: Path = typer.Option(Path("bench_out"), help="Working folder (simulations, runs, results)."),
     only: str = typer.Option("", "--scenarios", help="Comma-separated scenario names (default: all)."),
@@ -142,10 +166,7 @@ def main(
         names = truth.particles["rlnImageName"].to_numpy()
         true_class = truth.particles["rlnClassNumber"].to_numpy()
         ceiling = cached(work / "ceiling.json", lambda: scenario_ceiling(work, volumes, truth, conditions))
-        consensus = work / "consensus.mrc"
-        if not consensus.exists():
-            run(["relion_reconstruct", "--i", "particles.star", "--o", "consensus.mrc", "--ctf", "--j", str(j)],
-                work / "reconstruct.log", cwd=work)
+        consensus_map(work, j)
         row = {"scenario": sc.name, "n": n, "box": size, "pixel_size": pixel_size, "snr": sc.snr, "noise_excess": noise_excess,
                "fraction": sc.fraction, "ceiling": ceiling, "chance": max(sc.fraction, 1 - sc.fraction)}
 
@@ -173,19 +194,11 @@ def main(
 
         if not skip_relion:
             class3d = work / "class3d"
-            diameter = round(0.75 * size * pixel_size)
 
             def class3d_run() -> float:
                 shutil.rmtree(class3d, ignore_errors=True)
                 class3d.mkdir()
-                return run(
-                    ["relion_refine", "--o", "class3d/run", "--i", "particles.star", "--ref", "consensus.mrc",
-                     "--ini_high", "50", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
-                     "--iter", str(iterations), "--tau2_fudge", "4", "--particle_diameter", str(diameter), "--K", "2",
-                     "--flatten_solvent", "--zero_mask", "--skip_align", "--sym", "C1", "--norm", "--scale",
-                     "--j", str(j), "--random_seed", str(seed)],
-                    work / "class3d.log", cwd=work,
-                )  # fmt: skip
+                return run(class3d_command(size, pixel_size, iterations, j, seed), work / "class3d.log", cwd=work)
 
             # RELION's run does not depend on this package; --reuse-relion keeps it between runs.
             timing = work / f"class3d_time_j{j}_it{iterations}.json"

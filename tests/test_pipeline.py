@@ -137,7 +137,8 @@ def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
     original = star_io.read_particles(simulated / "particles.star")
     data = star_io.read_particles(out / "run_data.star")
     assert set(original.particles.columns) < set(data.particles.columns)
-    assert {"rlnClassNumber", "rlnMaxValueProbDistribution", "rlnGraphSplitScore"} <= set(data.particles.columns)
+    columns = {"rlnClassNumber", "rlnMaxValueProbDistribution", "rlnGraphSplitLogOdds1", "rlnGraphSplitLogOdds2"}
+    assert columns <= set(data.particles.columns)
     for column in original.particles.columns.drop("rlnImageName"):
         assert (data.particles[column].to_numpy() == original.particles[column].to_numpy()).all(), column
     # The same images, named as found from the working directory (through the STAR file's folder).
@@ -145,8 +146,10 @@ def test_outputs_keep_inputs_and_add_classes(simulated: Path, split_runs):
     assert data.particles["rlnImageName"].iloc[0] == f"000001@{simulated / 'particles.mrcs'}"
     p = data.particles["rlnMaxValueProbDistribution"]
     assert p.between(0.5, 1.0).all()
-    score = data.particles["rlnGraphSplitScore"]
+    score = data.particles["rlnGraphSplitLogOdds1"]
     assert ((score >= 0) == (data.particles["rlnClassNumber"] == 1)).all()
+    np.testing.assert_allclose(data.particles["rlnGraphSplitLogOdds2"], -score, atol=1e-9)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-score.abs())), rtol=1e-9)
     sizes = []
     for k in (1, 2):
         part = star_io.read_particles(out / f"run_class00{k}_data.star").particles
@@ -189,7 +192,8 @@ def test_a_given_mask_is_used_and_written(simulated: Path, tmp_path: Path):
 def test_threads_do_not_change_classes(split_runs):
     a, b = (star_io.read_particles(out / "run_data.star").particles for out in split_runs)
     np.testing.assert_array_equal(a["rlnClassNumber"].to_numpy(), b["rlnClassNumber"].to_numpy())
-    np.testing.assert_allclose(a["rlnGraphSplitScore"].to_numpy(), b["rlnGraphSplitScore"].to_numpy(), rtol=1e-9, atol=1e-12)
+    odds = "rlnGraphSplitLogOdds1"
+    np.testing.assert_allclose(a[odds].to_numpy(), b[odds].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_bad_input_gives_one_clear_line(tmp_path: Path):

@@ -5,10 +5,12 @@ import torch
 from relion_graphsplit.fourier.projection import project
 from relion_graphsplit.method.refine import (
     _half_plane_weights,
-    class_log_odds,
+    class_log_likelihoods,
     class_sums,
     difference_maps,
     image_spectra,
+    log_odds,
+    projection_scores,
     residual_sums,
 )
 from relion_graphsplit.simulate.particles import uniform_rotations
@@ -51,48 +53,72 @@ def test_image_spectra_are_the_centred_whitened_transforms():
 
 
 @pytest.mark.parametrize("box", [16, 15])
-def test_class_log_odds_classify_and_match_the_float64_likelihood(box):
-    """Residual images s = a' CTF^2 Q_k + noise: the log odds pick class k, equal the white-noise
-    likelihood ratio computed in float64 from real-space projections, and do not depend on the
-    thread count."""
+def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box):
+    """Residual images s = a' CTF^2 Q_k + noise of three classes: the log-likelihoods pick class k,
+    equal the white-noise likelihood computed in float64 from real-space projections (the odd third
+    map paired with zeros), and do not depend on the thread count."""
     rng = np.random.default_rng(1)
-    n = 200
-    maps = [_smooth_map(rng, box), _smooth_map(rng, box)]
+    n = 240
+    maps = [_smooth_map(rng, box) for _ in range(3)]
     rotations = torch.from_numpy(uniform_rotations(n, rng))
     ctf = torch.from_numpy(rng.uniform(0.3, 1.0, (n, box, box // 2 + 1)))
     scale = torch.from_numpy(rng.uniform(0.8, 1.2, n))
     relative = (scale / scale.mean())[:, None, None]
-    truth = rng.integers(1, 3, n)
-    q = torch.stack([torch.fft.rfft2(project(m, rotations)) for m in maps])  # (2, n, N, N // 2 + 1)
-    clean = relative * ctf**2 * torch.where(torch.from_numpy(truth == 1)[:, None, None], q[0], q[1])
+    truth = rng.integers(0, 3, n)
+    q = torch.stack([torch.fft.rfft2(project(m, rotations)) for m in maps])  # (3, n, N, N // 2 + 1)
+    clean = relative * ctf**2 * q[torch.from_numpy(truth), torch.arange(n)]
     images = torch.fft.irfft2(clean, s=(box, box)) + 0.02 * torch.from_numpy(rng.standard_normal((n, box, box)))
-    prior = 0.3
     batches = [np.arange(0, 120), np.arange(120, n)]
     filters = ctf.numpy().astype(np.float32)
     spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
     maps32 = [m.to(torch.float32) for m in maps]
-    arguments = (spectra, maps32, torch.ones(box, box, box), rotations, scale, filters, prior, batches)
+    arguments = (spectra, maps32, torch.ones(box, box, box), rotations, scale, filters, batches)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = class_log_odds(*arguments)
+        one = class_log_likelihoods(*arguments)
         torch.set_num_threads(3)
-        odds = class_log_odds(*arguments)
+        likelihoods = class_log_likelihoods(*arguments)
     finally:
         torch.set_num_threads(threads)
-    assert np.array_equal(one, odds)
-    assert np.mean(np.where(odds >= 0, 1, 2) == truth) > 0.95
+    assert np.array_equal(one, likelihoods)
+    assert np.mean(np.argmax(likelihoods, axis=1) == truth) > 0.95
 
     w = _half_plane_weights(box)
     s = torch.fft.rfft2(images)
     log_likelihood = [
         (w * (2 * (s.conj() * relative * q[k]).real - ctf**2 * (relative * q[k]).abs() ** 2)).sum((1, 2))
-        for k in range(2)
+        for k in range(3)
     ]
-    unexplained = [(w * (s - ctf**2 * relative * q[k]).abs() ** 2).sum((1, 2)) for k in range(2)]
-    sigma2 = torch.minimum(*unexplained) / (w * ctf**2).sum((1, 2))
-    expected = ((log_likelihood[0] - log_likelihood[1]) / (2 * sigma2)).numpy() + prior
-    np.testing.assert_allclose(odds, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    unexplained = torch.stack([(w * (s - ctf**2 * relative * q[k]).abs() ** 2).sum((1, 2)) for k in range(3)])
+    sigma2 = unexplained.min(dim=0).values / (w * ctf**2).sum((1, 2))
+    expected = torch.stack([ll / (2 * sigma2) for ll in log_likelihood], dim=1).numpy()
+    np.testing.assert_allclose(likelihoods, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_projection_scores_recover_the_amount_of_a_map():
+    """Images holding z times a map's projection plus noise that dominates each image (as in
+    cryo-EM): the scores are z within their stated uncertainty, and that uncertainty matches their
+    scatter."""
+    rng = np.random.default_rng(5)
+    n, box = 300, 16
+    direction = _smooth_map(rng, box)
+    rotations = torch.from_numpy(uniform_rotations(n, rng))
+    ctf = torch.from_numpy(rng.uniform(0.3, 1.0, (n, box, box // 2 + 1)))
+    scale = torch.ones(n, dtype=torch.float64)
+    z = torch.from_numpy(rng.choice([-1.0, 0.5, 2.0], n))
+    q = torch.fft.rfft2(project(direction, rotations))
+    noise = torch.fft.rfft2(torch.from_numpy(rng.standard_normal((n, box, box))))
+    images = torch.fft.irfft2(ctf**2 * z[:, None, None] * q + 3.0 * ctf * noise, s=(box, box))
+    batches = [np.arange(0, 100), np.arange(100, n)]
+    filters = ctf.numpy().astype(np.float32)
+    spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
+    found, variance = projection_scores(
+        spectra, direction.to(torch.float32), torch.ones(box, box, box), rotations, scale, filters, batches
+    )
+    pulls = (found - z.numpy()) / np.sqrt(variance)
+    assert abs(np.mean(pulls)) < 0.2
+    assert 0.85 < np.std(pulls) < 1.15
 
 
 def test_class_two_from_the_totals_equals_its_own_insertion():
@@ -104,14 +130,23 @@ def test_class_two_from_the_totals_equals_its_own_insertion():
     rotations = torch.from_numpy(uniform_rotations(n, rng))
     batches = [np.arange(0, 40), np.arange(40, n)]
     spectra = _spectra(images, filters, batches)
-    probability = rng.uniform(0.0, 1.0, n)
-    probability[:5], probability[5:10] = 0.0, 1.0  # hard members of either class
+    first = rng.uniform(0.0, 1.0, n)
+    first[:5], first[5:10] = 0.0, 1.0  # hard members of either class
+    probability = np.stack([first, 1.0 - first], axis=1)
     mask = torch.ones(box, box, box)
     totals = residual_sums(spectra, rotations, filters, batches)
     maps = difference_maps(class_sums(spectra, probability, totals, rotations, filters, batches), "C1", mask)
-    swapped = difference_maps(class_sums(spectra, 1.0 - probability, totals, rotations, filters, batches), "C1", mask)
+    swapped = difference_maps(class_sums(spectra, probability[:, ::-1], totals, rotations, filters, batches), "C1", mask)
     scale = float(maps[0].abs().max())
     assert scale > 0
     for a, b in zip(maps, swapped[::-1]):
         assert torch.allclose(a, b, atol=1e-4 * scale)
     assert not torch.allclose(maps[0], maps[1], atol=1e-2 * scale)
+
+
+def test_log_odds_of_each_class():
+    """log(P(k) / (1 - P(k))) from normalised log posteriors, for two and three classes."""
+    p = np.array([[0.7, 0.3], [0.1, 0.9]])
+    np.testing.assert_allclose(log_odds(np.log(p)), np.log(p / (1 - p)))
+    p = np.array([[0.2, 0.5, 0.3]])
+    np.testing.assert_allclose(log_odds(np.log(p)), np.log(p / (1 - p)))

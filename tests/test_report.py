@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
 import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import mrcfile
 import numpy as np
@@ -23,17 +25,22 @@ from relion_graphsplit.fourier.fsc import resolution_at
 from relion_graphsplit.fourier.geometry import fibonacci_sphere
 from relion_graphsplit.relion.model_star import write_model_star
 from relion_graphsplit.report import page, panels, read_run, render_html, report_warnings, write_report
+from relion_graphsplit.report.checks import computed_warnings
 from relion_graphsplit.report.colours import SIGN_COLOURS
-from relion_graphsplit.report.data import resolution_label
-from relion_graphsplit.report.figures import fsc_figure, noise_figure
+from relion_graphsplit.report.data import confidence_histograms, resolution_label
+from relion_graphsplit.report.figures import confidence_figure, fsc_figure, noise_figure
 from relion_graphsplit.report.panels import cone_panels
+from relion_graphsplit.report.sections import EDGE_SHELLS, central_sections, lowpass, map_sections, section_resolution
+from relion_graphsplit.report.tree import side_labels
 from relion_graphsplit.run_files.write import noise_description
 
 BOX = 24
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-PNGS = ("report_cones.png", "report_sphere.png", "report_confidence.png")
+PNGS = ("report_tree.png", "report_cones.png", "report_sphere.png", "report_confidence.png")
+CLASS_BLOBS = {1: [(0, 0, 0)], 2: [(0, 0, 4), (0, 0, -4)], 3: [(0, 0, 4), (0, 4, -4), (0, -4, -4)]}
+"""K -> where each class map has its extra density (voxels from the box centre, z y x)."""
 
 
 def _blob(box: int, centre: tuple[float, ...], width: float) -> np.ndarray:
@@ -42,10 +49,31 @@ def _blob(box: int, centre: tuple[float, ...], width: float) -> np.ndarray:
     return np.exp(-r2 / (2 * width**2))
 
 
-def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated: bool = True,
-             class1_share: float = 0.5, split_graph: bool = False, sparse_cones: bool = False,
-             maps: bool = True, images_per_cone: int = 4, summary_warnings: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """Write the files of a finished run: a two-state particle set seen through cones of directions."""
+SPLIT_TESTS = {  # K -> the split tests of a run that found K classes, and each class's leaf
+    1: ([("1", None, 0.004, -0.001, 0.21, False, "halves disagree")], ["1"]),
+    2: ([("1", None, 0.12, 0.10, 0.83, True, "reproduced on both halves"),
+         ("1.1", "1", 0.012, 0.003, None, False, "too few particles in a half"),
+         ("1.2", "1", -0.002, 0.001, 0.12, False, "halves disagree")], ["1.1", "1.2"]),
+    3: ([("1", None, 0.12, 0.10, 0.83, True, "reproduced on both halves"),
+         ("1.1", "1", 0.002, 0.001, 0.08, False, "halves disagree"),
+         ("1.2", "1", 0.045, 0.038, 0.64, True, "reproduced on both halves"),
+         ("1.2.1", "1.2", 0.003, 0.009, None, False, "too few particles in a half"),
+         ("1.2.2", "1.2", 0.001, -0.004, 0.05, False, "halves disagree")], ["1.1", "1.2.1", "1.2.2"]),
+}
+THRESHOLD = 0.01
+"""The gain both halves must exceed in SPLIT_TESTS."""
+
+
+MASK = np.clip((BOX // 2 - 1 - np.sqrt(sum((g - BOX // 2) ** 2 for g in np.indices((BOX,) * 3)))) / 3, 0, 1)
+"""run_mask.mrc of make_run: a sphere of radius BOX / 2 - 4 voxels with a 3-voxel soft edge."""
+
+
+def make_run(out: Path, *, n_classes: int = 2, n_cones: int = 30, n_particles: int = 600, separated: bool = True,
+             class1_share: float = 0.5, split_graph: bool = False, sparse_cones: bool = False, maps: bool = True,
+             mask: bool = True, images_per_cone: int = 4, summary_warnings: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """Write the files of a finished run that found `n_classes` (1, 2 or 3) classes (SPLIT_TESTS): a
+    two-state particle set seen through cones of directions (the first split), side 2 split again
+    for three classes."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     axes = fibonacci_sphere(n_cones).numpy()
@@ -94,7 +122,13 @@ def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated:
     starfile.write({"memberships": membership.assign(rho=rho, llr=llr)}, out / "run_memberships.star")
 
     score = pd.Series(synced).groupby(p).mean().reindex(range(n_particles)).fillna(0).to_numpy()
-    classes = np.where(score >= 0, 1, 2)
+    logits = {1: np.zeros((n_particles, 1)), 2: np.stack([score / 2, -score / 2], axis=1)}.get(n_classes)
+    if logits is None:  # side 2 (score < 0) split in two by a second, independent state
+        second = rng.choice([-2.0, 2.0], n_particles) + rng.normal(0, 1, n_particles)
+        logits = np.stack([score / 2, -score / 2 + second, -score / 2 - second], axis=1)
+    posterior = np.exp(logits - logits.max(axis=1, keepdims=True))
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    classes = posterior.argmax(axis=1) + 1
     optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0],
                            "rlnImageSize": [2 * BOX], "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
                            "rlnAmplitudeContrast": [0.1]})
@@ -103,8 +137,11 @@ def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated:
     particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n_particles)],
                               "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": rng.uniform(-180, 180, n_particles),
                               "rlnOpticsGroup": 1, "rlnClassNumber": classes,
-                              "rlnMaxValueProbDistribution": 1 / (1 + np.exp(-np.abs(score))),
-                              "rlnGraphSplitScore": score})
+                              "rlnMaxValueProbDistribution": posterior.max(axis=1)})
+    if n_classes >= 2:
+        clipped = np.clip(posterior, 1e-12, 1 - 1e-12)
+        for k in range(1, n_classes + 1):
+            particles[f"rlnGraphSplitLogOdds{k}"] = np.log(clipped[:, k - 1] / (1 - clipped[:, k - 1]))
     starfile.write({"optics": optics, "particles": particles}, out / "run_data.star")
 
     stack = []
@@ -119,24 +156,40 @@ def make_run(out: Path, *, n_cones: int = 30, n_particles: int = 600, separated:
         mrc.voxel_size = 4.0
 
     if maps:
-        for k, centre in ((1, (0, 0, 4)), (2, (0, 0, -4))):
-            volume = _blob(BOX, (0, 0, 0), 5) + 0.5 * _blob(BOX, centre, 2)
+        for k in range(1, n_classes + 1):
+            volume = _blob(BOX, (0, 0, 0), 5) + 0.5 * _blob(BOX, CLASS_BLOBS[n_classes][k - 1], 2)
             with mrcfile.new(out / f"run_class{k:03d}.mrc") as mrc:
                 mrc.set_data(volume.astype(np.float32))
                 mrc.voxel_size = 4.0
         s = np.arange(BOX // 2 + 1) / (BOX * 4.0)
-        blocks = {"model_general": pd.DataFrame({"rlnReferenceDimensionality": [3], "rlnNrClasses": [2]})}
-        for k, s0 in ((1, 0.07), (2, 0.05)):
-            fsc = 1 / (1 + np.exp((s - s0) * 150))
+        blocks = {"model_general": pd.DataFrame({"rlnReferenceDimensionality": [3], "rlnNrClasses": [n_classes]})}
+        for k in range(1, n_classes + 1):
+            fsc = 1 / (1 + np.exp((s - 0.09 + 0.02 * k) * 150))
             blocks[f"model_class_{k}"] = pd.DataFrame({"rlnSpectralIndex": np.arange(len(s)), "rlnResolution": s,
                                                        "rlnGoldStandardFsc": fsc})
         starfile.write(blocks, out / "run_model.star")
+    if mask:
+        with mrcfile.new(out / "run_mask.mrc") as mrc:
+            mrc.set_data(MASK.astype(np.float32))
+            mrc.voxel_size = 4.0
 
+    tests, leaves = SPLIT_TESTS[n_classes]
+    sizes = {k: int((classes == k).sum()) for k in range(1, n_classes + 1)}
+    split_tests = []
+    for node, parent, g1, g2, fsc, kept, reason in tests:
+        n = sum(sizes[k] for k, leaf in enumerate(leaves, start=1) if leaf == node or leaf.startswith(node + "."))
+        split_tests.append({"node": node, "parent": parent, "particles": n, "halves": [n - n // 2, n // 2],
+                            "gain": [g1, g2], "threshold": THRESHOLD, "fsc": fsc, "kept": kept, "reason": reason})
+    verdict = (f"{n_classes} classes: each split reproduced on independent halves" if n_classes > 1 else
+               "No reproducible heterogeneity at this mask and resolution; a mask focused on the region of "
+               "interest may reveal a small difference.")
     summary = {"version": "0.1.0", "python": "3.11", "torch": "2.13.0", "command": "relion_graphsplit --i in.star",
                "input": "in.star", "particles": n_particles, "box": 2 * BOX, "pixel_size": 2.0, "working_box": BOX,
                "working_pixel_size": 4.0, "sampling": 30.0, "cone_angle": 30.0, "cones": n_cones,
                "graph_components": int(len(set(component))),
-               "class_sizes": {str(k): int((classes == k).sum()) for k in (1, 2)},
+               "K": n_classes, "K_requested": "auto", "max_K": 4, "verdict": verdict, "split_tests": split_tests,
+               "classes": [{"class": k, "node": leaf, "particles": sizes[k]} for k, leaf in enumerate(leaves, start=1)],
+               "class_sizes": {str(k): n for k, n in sizes.items()},
                "options": {"symmetry": "C1", "seed": 0}, "timings": {"read": 1.5, "classify": 3.2, "graph": 0.4},
                "warnings": list(summary_warnings)}
     (out / "run_summary.json").write_text(json.dumps(summary))
@@ -212,8 +265,8 @@ def test_figures_are_written(healthy, troubled):
         assert path.stat().st_size > 5000, name
         assert _colours(path) > 10, name
     assert not (troubled / "report_maps.png").exists()
-    assert "Class maps" in (healthy / "report.html").read_text()
-    assert "Class maps" not in (troubled / "report.html").read_text()
+    assert 'id="class-sections-1"' in (healthy / "report.html").read_text()
+    assert 'id="class-sections-1"' not in (troubled / "report.html").read_text()
 
 
 def test_images_shrink_for_many_cones(healthy, monkeypatch):
@@ -367,3 +420,251 @@ def test_fsc_sampling_from_the_frequencies(healthy):
         assert curve.box * curve.pixel_size == pytest.approx(BOX * 4.0)
         assert curve.drops()
         assert curve.resolution() == pytest.approx(resolution_at(curve.fsc.to_numpy(), BOX, 4.0), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def runs_by_k(tmp_path_factory) -> dict[int, Path]:
+    """Runs that found 1, 2 and 3 classes (SPLIT_TESTS), their reports written."""
+    runs = {}
+    for k in (1, 2, 3):
+        runs[k] = make_run(tmp_path_factory.mktemp(f"k{k}") / "run", n_classes=k, n_cones=12, n_particles=300, seed=k)
+        write_report(runs[k])
+    return runs
+
+
+def _tree(out: Path) -> dict[str, ElementTree.Element]:
+    """Node name -> its li in the page's split tree (the list parses as XML)."""
+    fragment = re.search(r'<ul class="tree" id="split-tree">.*?</ul>(?=</div>)', (out / "report.html").read_text())
+    return {li.get("data-node"): li for li in ElementTree.fromstring(fragment[0]).iter("li")}
+
+
+def _text(element: ElementTree.Element) -> str:
+    return "".join(element.itertext())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_report_renders_for_any_number_of_classes(runs_by_k, k):
+    """The verdict and K open the page; one block of sections per class: the class, the consensus and
+    their difference for K >= 2, the class alone (with a word why) for K = 1; every PNG written."""
+    out = runs_by_k[k]
+    page_text = (out / "report.html").read_text()
+    summary = json.loads((out / "run_summary.json").read_text())
+    verdict = re.search(r'<div class="verdict" id="verdict">(.*?)</div>', page_text)[1]
+    assert f"K = {k}" in verdict and html.escape(summary["verdict"]) in verdict
+    assert page_text.index('id="verdict"') < page_text.index("<h2>Summary</h2>")
+    for name in (*PNGS, "report_maps.png"):
+        assert (out / name).stat().st_size > 3000, name
+    blocks = re.findall(r'<div class="figure class-sections" id="class-sections-(\d+)">(.*?)</div></div>', page_text)
+    assert [int(b) for b, _ in blocks] == list(range(1, k + 1))
+    for b, block in blocks:
+        captions = re.findall(r"<figcaption>(.*?)</figcaption>", block)
+        if k == 1:
+            assert captions == ["class 1, xy", "class 1, xz", "class 1, yz"]
+        else:
+            assert captions == [f"{label}, {plane}" for plane in ("xy", "xz", "yz")
+                                for label in (f"class {b}", "consensus", f"class {b} − consensus")]
+        assert f"class {b}: {summary['class_sizes'][b]} particles" in block
+    assert ("no class difference to show" in page_text) == (k == 1)
+    for c in range(1, k + 1):
+        assert f"<th>class {c}</th><td>{summary['class_sizes'][str(c)]} (" in page_text
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_tree_lists_every_node_with_its_evidence(runs_by_k, k):
+    """Every node tested is in the tree under its parent, with its particles, halves, both gains
+    against the threshold, FSC, decision and reason; each class under its leaf."""
+    out = runs_by_k[k]
+    summary = json.loads((out / "run_summary.json").read_text())
+    items = _tree(out)
+    assert set(items) == {t["node"] for t in summary["split_tests"]} and len(items) == len(SPLIT_TESTS[k][0])
+    parents = {child.get("data-node"): li.get("data-node") for li in items.values() for child in li.iter("li") if child is not li
+               and child.get("data-node").rpartition(".")[0] == li.get("data-node")}
+    for test in summary["split_tests"]:
+        li = items[test["node"]]
+        text = _text(li.find("div"))
+        assert parents.get(test["node"]) == test["parent"]
+        h1, h2 = test["halves"]
+        assert f"{test['particles']} particles ({h1} + {h2})" in text
+        for gain in test["gain"]:
+            assert f"{gain:.3f} {'✓' if gain > THRESHOLD else '✗'}" in text
+        assert f"threshold {THRESHOLD:.3f}" in text
+        assert ("FSC n/a" if test["fsc"] is None else f"FSC {test['fsc']:.2f}") in text
+        assert f"split {'kept' if test['kept'] else 'rejected'}: {test['reason']}" in text
+    for c in summary["classes"]:
+        assert f"→ class {c['class']} ({c['particles']} particles)" in _text(items[c["node"]].find("div"))
+    assert sum("→ class" in _text(li.find("div")) for li in items.values()) == k
+
+
+def test_kept_and_rejected_splits_are_shown_as_such(runs_by_k):
+    """A kept split and a rejected one are marked apart on the page (class, words) and in report_tree.png
+    (green and red boxes): K = 2 keeps the root and rejects both sides; K = 1 keeps nothing."""
+    items = _tree(runs_by_k[2])
+    assert {n: li.get("class") for n, li in items.items()} == {"1": "kept", "1.1": "rejected", "1.2": "rejected"}
+    assert "split kept: reproduced on both halves" in _text(items["1"].find("div"))
+    assert "0.012 ✓ / 0.003 ✗" in _text(items["1.1"].find("div"))  # one half passes: not enough
+    assert "split rejected: halves disagree" in _text(items["1.2"].find("div"))
+    kept, rejected = "#e6f4ea", "#fbe3e0"
+    two, one = ((runs_by_k[k] / "report_tree.png").read_bytes() for k in (2, 1))
+    assert _has_colour(two, kept, 2) and _has_colour(two, rejected, 2)
+    assert not _has_colour(one, kept, 2) and _has_colour(one, rejected, 2)
+    css = page.static_text("report.css")
+    assert "li.kept > .node" in css and "li.rejected > .node" in css
+
+
+def test_sides_of_the_first_split_name_their_classes(runs_by_k):
+    """The cone diagnostics are the first split's: its two sides are named with the classes they became."""
+    assert side_labels(read_run(runs_by_k[3])) == {1: "1.1 (class 1)", 2: "1.2 (classes 2, 3)"}
+    assert side_labels(read_run(runs_by_k[2])) == {1: "1.1 (class 1)", 2: "1.2 (class 2)"}
+    assert side_labels(read_run(runs_by_k[1])) == {1: "1.1 (split not kept)", 2: "1.2 (split not kept)"}
+    page_text = (runs_by_k[3] / "report.html").read_text()
+    sides = json.loads(re.search(r'<script type="application/json" id="report-sides">(.*?)</script>', page_text)[1])
+    assert sides["2"]["label"] == "1.2 (classes 2, 3)"
+    assert "side 1.1 average" in page_text and "class 1 average" not in page_text
+
+
+def test_lowpass_keeps_low_and_removes_high_frequencies():
+    """The raised-cosine low-pass: gain 1 below the edge, 0 above it, 1/2 at the resolution."""
+    n, apix, resolution = 32, 2.0, 10.0
+    volume = np.random.default_rng(0).normal(size=(n, n, n)).astype(np.float32)
+    gain = np.abs(np.fft.rfftn(lowpass(volume, apix, resolution))) / np.abs(np.fft.rfftn(volume))
+    f = np.sqrt(sum(np.meshgrid(np.fft.fftfreq(n, apix) ** 2, np.fft.fftfreq(n, apix) ** 2,
+                                np.fft.rfftfreq(n, apix) ** 2, indexing="ij")))
+    edge = EDGE_SHELLS / (n * apix)
+    assert np.allclose(gain[f < 1 / resolution - edge / 2], 1, atol=1e-4)
+    assert np.allclose(gain[f > 1 / resolution + edge / 2], 0, atol=1e-4)
+    assert np.allclose(gain[np.isclose(f, 1 / resolution)], 0.5, atol=1e-3)
+
+
+def test_sections_are_filtered_masked_and_beside_the_consensus(runs_by_k):
+    """Each class's sections are its filtered map times the mask; the consensus is the count-weighted
+    mean, the difference the class minus it; for K = 1 the class is the consensus, with no difference."""
+    run = read_run(runs_by_k[3])
+    shown = map_sections(run)
+    assert shown.resolution == section_resolution(run) == 15.0 and shown.masked
+    sizes = np.array([run.summary["class_sizes"][str(k)] for k in (1, 2, 3)], dtype=np.float64)
+    expected = [[s * m for s, m in zip(central_sections(lowpass(v, 4.0, 15.0)), central_sections(MASK))] for v in run.maps]
+    for c, sections in zip(shown.classes, expected):
+        for plane in range(3):
+            consensus = sum(w * e[plane] for w, e in zip(sizes / sizes.sum(), expected))
+            assert np.allclose(c.class_map[plane], sections[plane], atol=1e-5)
+            assert np.allclose(c.consensus[plane], consensus, atol=1e-5)
+            assert np.allclose(c.difference[plane], sections[plane] - consensus, atol=1e-5)
+            assert np.all(c.class_map[plane][central_sections(MASK)[plane] == 0] == 0)
+    weighted = sum(w * c.difference[0] for w, c in zip(sizes, shown.classes))
+    assert np.abs(weighted).max() < 1e-4 * np.abs(shown.classes[0].difference[0]).max() * sizes.sum()
+    single = map_sections(read_run(runs_by_k[1]))
+    assert len(single.classes) == 1 and single.classes[0].difference is None
+    assert all(np.array_equal(a, b) for a, b in zip(single.classes[0].class_map, single.classes[0].consensus))
+
+
+def test_section_resolution_follows_the_working_pixel_size(runs_by_k):
+    run = read_run(runs_by_k[2])
+    for working, expected in ((4.0, 15.0), (8.0, 20.0), (None, 15.0)):
+        run.summary["working_pixel_size"] = working
+        assert section_resolution(run) == expected
+
+
+def test_maps_without_a_mask_are_shown_unmasked(tmp_path):
+    out = make_run(tmp_path / "run", n_classes=2, n_cones=12, n_particles=200, mask=False)
+    run = read_run(out)
+    assert run.mask is None and any("run_mask.mrc is missing" in n for n in run.notes)
+    assert not map_sections(run).masked
+    assert "unmasked" in render_html(run)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_confidence_for_any_number_of_classes(runs_by_k, k):
+    """Per class, the histogram of the posterior of its particles (all 1 for K = 1) and, for K >= 2,
+    of their log-odds; every particle counted once per panel."""
+    run = read_run(runs_by_k[k])
+    panels_ = confidence_histograms(run)
+    assert [t for t, _ in panels_][:1] == ["posterior of the assigned class"] and len(panels_) == (1 if k == 1 else 2)
+    sizes = run.summary["class_sizes"]
+    for _, hist in panels_:
+        assert sorted(hist) == list(range(1, k + 1))
+        assert {c: int(counts.sum()) for c, (_, counts) in hist.items()} == {c: sizes[str(c)] for c in hist}
+    if k == 1:
+        assert panels_[0][1][1][1][-1] == run.summary["particles"]  # all in the last bin: posterior 1
+    else:
+        classes = run.particles["rlnClassNumber"].to_numpy()
+        table = run.particles[[f"rlnGraphSplitLogOdds{c}" for c in range(1, k + 1)]].to_numpy()
+        odds = table[np.arange(len(classes)), classes - 1]  # of each particle's own class
+        for c, (edges, counts) in panels_[1][1].items():
+            assert np.array_equal(counts, np.histogram(np.clip(odds[classes == c], edges[0], edges[-1]), edges)[0])
+    assert len(confidence_figure(run).data) == k * len(panels_)
+
+
+def test_unbalanced_classes_for_any_number_of_classes(runs_by_k, tmp_path):
+    """The class-size check compares every class's share; one class cannot be unbalanced."""
+    out = tmp_path / "run"
+    shutil.copytree(runs_by_k[3], out)
+    summary = json.loads((out / "run_summary.json").read_text())
+    summary["class_sizes"] = {"1": 250, "2": 15, "3": 35}
+    (out / "run_summary.json").write_text(json.dumps(summary))
+    assert computed_warnings(read_run(out))["unbalanced"] == "very unbalanced classes: 83.3% / 5.0% / 11.7%"
+    assert "unbalanced" not in computed_warnings(read_run(runs_by_k[3]))
+    assert "unbalanced" not in computed_warnings(read_run(runs_by_k[1]))
+
+
+def test_k_given_shows_the_tree_untested(tmp_path):
+    """With --K the run tests no split: the page says so and shows the tree of its classes, every node
+    untested (grey in report_tree.png)."""
+    out = make_run(tmp_path / "run", n_classes=3, n_cones=12, n_particles=200, maps=False)
+    summary = json.loads((out / "run_summary.json").read_text())
+    summary.update(K_requested=3, split_tests=[], verdict="3 classes, as asked for with --K 3")
+    (out / "run_summary.json").write_text(json.dumps(summary))
+    page_text = _page(out)
+    assert "K was given (--K 3), so no split was tested." in page_text
+    assert "<th>classes</th><td>3 (asked for with --K 3)</td>" in page_text
+    items = _tree(out)
+    assert {n: li.get("class") for n, li in items.items()} == dict.fromkeys(("1", "1.1", "1.2", "1.2.1", "1.2.2"), "untested")
+    assert "→ class 3" in _text(items["1.2.2"].find("div")) and "not tested" in _text(items["1"].find("div"))
+    tree_png = (out / "report_tree.png").read_bytes()
+    assert _has_colour(tree_png, "#eeeeee", 2) and not _has_colour(tree_png, "#e6f4ea", 2)
+
+
+def test_runs_of_earlier_versions_still_render(tmp_path):
+    """A run of an earlier version (two classes, rlnGraphSplitScore, no K, tree or verdict in its
+    summary) still gets its report: K from its class sizes, the sides named by class."""
+    out = make_run(tmp_path / "run", n_classes=2, n_cones=12, n_particles=200)
+    summary = json.loads((out / "run_summary.json").read_text())
+    for key in ("K", "K_requested", "max_K", "verdict", "split_tests", "classes"):
+        del summary[key]
+    (out / "run_summary.json").write_text(json.dumps(summary))
+    data = starfile.read(out / "run_data.star", always_dict=True)
+    particles = data["particles"].drop(columns=["rlnGraphSplitLogOdds1", "rlnGraphSplitLogOdds2"])
+    prob = particles["rlnMaxValueProbDistribution"]
+    particles["rlnGraphSplitScore"] = np.where(particles["rlnClassNumber"] == 1, 1, -1) * np.log(prob / (1 - prob))
+    starfile.write({**data, "particles": particles}, out / "run_data.star", overwrite=True)
+    run = read_run(out)
+    assert run.n_classes == 2 and side_labels(run) == {1: "class 1", 2: "class 2"}
+    page_text = _page(out)
+    assert "This run records no split tests." in page_text and "K = 2" in page_text
+    assert len(re.findall(r'id="class-sections-\d+"', page_text)) == 2
+
+
+def test_a_merged_pair_is_shown_and_its_class_sits_at_both_leaves(tmp_path):
+    """A run whose two most similar classes were merged ("1.2.1+1.2.2", union tested and one mode
+    found): the merge check is listed with its evidence and decision, and the merged class is the
+    leaf at both nodes of the tree."""
+    out = make_run(tmp_path / "run", n_classes=2, n_cones=12, n_particles=300, seed=4)
+    summary = json.loads((out / "run_summary.json").read_text())
+    summary["split_tests"] = [
+        {"node": "1", "parent": None, "particles": 300, "halves": [150, 150], "gain": [0.2, 0.3], "threshold": THRESHOLD,
+         "fsc": 0.9, "kept": True, "reason": "two modes in each held-out half"},
+        {"node": "1.2", "parent": "1", "particles": 150, "halves": [75, 75], "gain": [0.05, 0.04], "threshold": THRESHOLD,
+         "fsc": 0.7, "kept": True, "reason": "two modes in each held-out half"},
+        {"node": "1.2.1+1.2.2", "parent": None, "particles": 150, "halves": [75, 75], "gain": [0.001, 0.0],
+         "threshold": THRESHOLD, "fsc": 0.1, "kept": False, "reason": "one mode in the held-out halves"},
+    ]
+    summary["classes"] = [{"class": 1, "node": "1.1", "particles": 150}, {"class": 2, "node": "1.2.1+1.2.2", "particles": 150}]
+    (out / "run_summary.json").write_text(json.dumps(summary))
+    page = _page(out)
+    assert "merged: one mode in the held-out halves" in page
+    assert 'data-node="1.2.1+1.2.2"' in page
+    tree = re.search(r'<ul class="tree" id="split-tree">.*?</ul>(?=<p>)', page)
+    items = {li.get("data-node"): li for li in ElementTree.fromstring(tree[0]).iter("li")}
+    assert "1.2.1+1.2.2" not in items
+    for node in ("1.2.1", "1.2.2"):
+        assert "→ class 2" in _text(items[node].find("div"))
+    assert "→ class 1" in _text(items["1.1"].find("div"))

@@ -42,7 +42,9 @@ def graphsplit(
     mask_threshold: float = typer.Option(DEFAULTS.mask_threshold, "--mask_threshold", min=0.01, max=0.99, help="Default mask of the graph split: threshold as a fraction of the maximum of the consensus map low-passed to 15 A (lower it if the variable part is weak in the consensus)."),
     refine_mask_threshold: float = typer.Option(DEFAULTS.refine_mask_threshold, "--refine_mask_threshold", min=0.0, max=0.99, help="Default mask of the refinement: the same, around the larger of the two first class maps at each voxel (0: the graph split's mask)."),
     mask_extend: float = typer.Option(DEFAULTS.mask_extend, "--mask_extend", min=0.0, help="Default masks: extension (A) beyond the threshold, before a 6 A soft edge."),
-    refine_iter: int = typer.Option(DEFAULTS.refine_iterations, "--refine_iter", min=0, help="At most this many rounds of fixed-pose classification against the two class maps after the graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone)."),
+    n_classes: str = typer.Option("auto", "--K", help="Number of classes: 'auto' keeps every split that learnt on one half-set shows two modes in the other (docs/method.md, 'How many classes'); a number N splits the largest class, untested, until there are N."),
+    max_classes: int = typer.Option(DEFAULTS.max_classes, "--max_K", min=1, help="Most classes --K auto may find."),
+    refine_iter: int = typer.Option(DEFAULTS.refine_iterations, "--refine_iter", min=0, help="At most this many rounds of fixed-pose classification against the class maps after each graph split, stopping once fewer than 0.25% of the particles change class (0: the graph split alone)."),
     particle_diameter: float | None = typer.Option(None, "--particle_diameter", show_default="80% of the box", help="Particle diameter (A) for the printed RELION Class3D command."),
     seed: int = typer.Option(DEFAULTS.seed, "--random_seed", "--seed", help="Seed of the max-cut rounding and of the half sets drawn where rlnRandomSubset is absent; the result depends on it alone."),
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy); the result does not depend on them."),
@@ -58,6 +60,8 @@ def graphsplit(
         raise typer.BadParameter(f"{scratch_dir} is not an existing directory", param_hint="--scratch_dir")
     if particle_diameter is not None and not particle_diameter > 0:
         raise typer.BadParameter(f"{particle_diameter:g} A: a diameter is positive", param_hint="--particle_diameter")
+    if n_classes != "auto" and not (n_classes.isdigit() and int(n_classes) >= 1):
+        raise typer.BadParameter(f"{n_classes!r}: 'auto' or a whole number of classes, at least 1", param_hint="--K")
     if ctx.args:
         print(f"Ignoring unknown arguments: {' '.join(ctx.args)}")
     options = SplitOptions(
@@ -66,6 +70,7 @@ def graphsplit(
         ctf_correction=ctf_correction, whiten=whiten, mask_threshold=mask_threshold,
         refine_mask_threshold=refine_mask_threshold, mask_extend=mask_extend,
         refine_iterations=refine_iter, batch_size=batch_size, seed=seed,
+        n_classes=None if n_classes == "auto" else int(n_classes), max_classes=max_classes,
     )  # fmt: skip
     from relion_graphsplit.cli import job  # torch and the rest, once the options are known to be good
 

@@ -183,7 +183,7 @@ def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folde
         result.warnings[:0] = inputs.warnings
         start = time.perf_counter()
         class_maps = None
-        if np.bincount(result.classes, minlength=3)[1:].min() >= 2:
+        if np.bincount(result.classes, minlength=result.n_classes + 1)[1:].min() >= 2:
             class_maps = reconstruct_classes(
                 inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
                 batch_size=options.batch_size, track=track,
@@ -216,7 +216,8 @@ def _write_outputs(
             average_pmax=float(np.mean(result.probability)),
         )  # fmt: skip
         diameter = particle_diameter or 0.8 * box * apix
-        command = next_command(o, o / "run_data.star", diameter, j, class_maps.resolution, sym=options.symmetry)
+        if result.n_classes >= 2:  # one class: nothing for a Class3D to do
+            command = next_command(o, o / "run_data.star", diameter, j, class_maps.resolution, sym=options.symmetry)
     write_particles(staging, ps, table)
     write_diagnostics(staging, result)
     result.timings["write"] = time.perf_counter() - t
@@ -235,7 +236,16 @@ def _write_outputs(
         "refine_changes": result.refine_changes,
         "class_resolution": [float(r) for r in class_maps.resolution] if class_maps else None,
         "next_command": command,
-        "class_sizes": {str(k): int((result.classes == k).sum()) for k in (1, 2)},
+        "K": result.n_classes,
+        "K_requested": options.n_classes or "auto",
+        "max_K": options.max_classes,
+        "verdict": result.verdict,
+        "split_tests": [vars(test) for test in result.split_tests],
+        "classes": [
+            {"class": k, "node": node, "particles": int((result.classes == k).sum())}
+            for k, node in enumerate(result.class_nodes, start=1)
+        ],
+        "class_sizes": {str(k): int((result.classes == k).sum()) for k in range(1, result.n_classes + 1)},
         "options": vars(options), "timings": result.timings, "warnings": result.warnings,
         "peak_memory_mb": peak_memory_mb(),
     }  # fmt: skip
@@ -269,7 +279,12 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
     table.add_row("graph components", str(len(result.components)))
     table.add_row("noise", noise_description(result.noise_contrast, result.whitened))
-    for k in (1, 2):
+    table.add_row("classes", result.verdict)
+    for test in result.split_tests:
+        gain = ", ".join(f"{g:.3f}" for g in test.gain)
+        verdict = "kept" if test.kept else "not kept"
+        table.add_row(f"split of {test.node}", f"{verdict}: {test.reason} (gain {gain}; threshold {test.threshold:.3f})")
+    for k in range(1, result.n_classes + 1):
         count = int((result.classes == k).sum())
         table.add_row(f"class {k}", f"{count} ({100 * count / max(n, 1):.1f}%)")
     for step, seconds in result.timings.items():

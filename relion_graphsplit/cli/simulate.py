@@ -1,9 +1,16 @@
-"""relion_graphsplit_simulate: a two-class particle set with known truth, from two maps or two models.
+"""relion_graphsplit_simulate: a particle set of K >= 1 states with known truth, from maps or atomic models.
 
-Example::
+Examples::
 
     relion_graphsplit_simulate --map1 test_data/adk_open.mrc --map2 test_data/adk_closed.mrc \
         --n 5000 --snr 0.03 --pose_error 1 --o sim/
+
+    # three states of one model, by the chains present, in shares 50/30/20:
+    relion_graphsplit_simulate --pdb test_data/structures/1BD2.pdb.gz --chains all --chains A,C,D,E \
+        --chains A,B,C --fractions 0.5,0.3,0.2 --box 64 --angpix 3 --n 6000 --snr 0.05 --o sim3/
+
+    # a homogeneous set (K = 1):
+    relion_graphsplit_simulate --map test_data/adk_open.mrc --n 4000 --snr 0.05 --o sim1/
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ console = Console(highlight=False)
 app = typer.Typer(**PLAIN)
 
 MODELS_NEED_GEMMI = "reading atomic models needs gemmi: pip install 'relion-graphsplit[models]'"
+ALL_CHAINS = "all"
+"""The --chains value that keeps every chain of the model."""
+STATES_HOW = "give the states as --map1 and --map2, as --pdb1 and --pdb2, or as repeated --map or --pdb"
 
 
 def _atomic_maps() -> ModuleType:
@@ -49,7 +59,47 @@ def _ranges(text: str) -> list[tuple[int, int]]:
 
 
 def _chains(text: str | None) -> list[str] | None:
-    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+    """'A,C,D' -> ['A', 'C', 'D']; None or 'all' -> None (every chain)."""
+    if text is None or text.strip().lower() == ALL_CHAINS:
+        return None
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _fractions(text: str | None, fraction: float | None, states: int) -> list[float]:
+    """Each state's share (K,), summing to 1: from --fractions, from --fraction (two states), or equal.
+
+    Parameters
+    ----------
+    text : str or None
+        --fractions, comma-separated shares of classes 1..K, non-negative, summing to 1 within 0.01
+        (then normalised).
+    fraction : float or None
+        --fraction, the share of class 1 of two states.
+    states : int
+        K, the number of states given.
+
+    Returns
+    -------
+    list of float
+        K shares summing to 1.
+    """
+    if text is not None and fraction is not None:
+        raise typer.BadParameter("give --fraction (two states) or --fractions, not both", param_hint="--fractions")
+    if fraction is not None:
+        if states != 2:
+            raise typer.BadParameter(f"--fraction is for two states, got {states}: use --fractions", param_hint="--fraction")
+        return [fraction, 1.0 - fraction]
+    if text is None:
+        return [1.0 / states] * states
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint="--fractions") from None
+    if len(shares) != states:
+        raise typer.BadParameter(f"{len(shares)} fraction(s) for {states} state(s)", param_hint="--fractions")
+    if not all(np.isfinite(shares)) or min(shares) < 0 or abs(sum(shares) - 1.0) > 0.01:
+        raise typer.BadParameter(f"'{text}': the fractions are non-negative and sum to 1", param_hint="--fractions")
+    return [s / sum(shares) for s in shares]
 
 
 def _read_map(path: Path, option: str) -> tuple[np.ndarray, float]:
@@ -78,58 +128,144 @@ def _read_model(path: Path, chains: str | None, option: str):
         raise typer.BadParameter(f"{path}: not a readable atomic model ({error})", param_hint=option) from None
 
 
-def _maps_from_files(map1: Path, map2: Path, box: int | None, angpix: float | None):
-    (v1, p1), (v2, p2) = _read_map(map1, "--map1"), _read_map(map2, "--map2")
-    if v1.shape != v2.shape or v1.shape[0] != v1.shape[1] or v1.shape[1] != v1.shape[2]:
-        raise typer.BadParameter(f"the maps must be cubic and of one size, got {v1.shape} and {v2.shape}")
-    if abs(p1 - p2) > 1e-3 * p1:
-        raise typer.BadParameter(f"the maps have different pixel sizes ({p1} and {p2} A)")
-    if box is not None and box != v1.shape[0]:
-        raise typer.BadParameter(f"--box {box} but the maps are {v1.shape[0]}^3 (resample them first)")
-    pixel_size = angpix if angpix is not None else p1
-    return [v1, v2], pixel_size
+def _maps_from_files(
+    paths: list[Path], options: list[str], box: int | None, angpix: float | None
+) -> tuple[list[np.ndarray], float]:
+    """The K maps (N, N, N) [z, y, x] and their pixel size (A; `angpix` if given, else the first header's).
+
+    Parameters
+    ----------
+    paths : list of Path
+        One MRC map per state, in class order.
+    options : list of str
+        The option that gave each (for the messages).
+    box : int or None
+        --box, which must be the maps' size when given.
+    angpix : float or None
+        --angpix, which overrides the headers' pixel size.
+    """
+    read = [_read_map(path, option) for path, option in zip(paths, options)]
+    shapes = [v.shape for v, _ in read]
+    first = shapes[0]
+    if any(s != first for s in shapes) or len(first) != 3 or first[0] != first[1] or first[1] != first[2]:
+        raise typer.BadParameter(f"the maps must be cubic and of one size, got {', '.join(map(str, shapes))}")
+    sizes = [p for _, p in read]
+    if any(abs(p - sizes[0]) > 1e-3 * sizes[0] for p in sizes):
+        raise typer.BadParameter(f"the maps have different pixel sizes ({', '.join(f'{p:g}' for p in sizes)} A)")
+    if box is not None and box != first[0]:
+        raise typer.BadParameter(f"--box {box} but the maps are {first[0]}^3 (resample them first)")
+    return [v for v, _ in read], angpix if angpix is not None else sizes[0]
 
 
 def _maps_from_models(
-    pdb1: Path,
-    pdb2: Path,
-    chains1: str | None,
-    chains2: str | None,
+    paths: list[Path],
+    chains: list[str | None],
+    options: list[str],
     superpose_core: bool,
     core_residues: str,
     box: int | None,
     angpix: float | None,
     bfactor: float,
-):
+) -> tuple[list[np.ndarray], float]:
+    """The K maps (box, box, box) [z, y, x] of atomic models, all centred on the centre of mass of the
+    K models together (so that they share one frame), and `angpix`.
+
+    Parameters
+    ----------
+    paths, chains, options : list
+        Per state: the model file, the chains kept ('A,C,D', or None / 'all' for all) and the option
+        that gave the file (for the messages).
+    superpose_core : bool
+        Superpose every model but the last onto the last by the CA atoms of `core_residues` first.
+    core_residues : str
+        Residue ranges, '1-29,60-121'.
+    box, angpix : int, float
+        The maps' box (pixels) and pixel size (A); both needed.
+    bfactor : float
+        B-factor (A^2) of every atom.
+    """
     atomic_maps = _atomic_maps()
     if box is None or angpix is None:
         raise typer.BadParameter("--box and --angpix are needed to make maps from atomic models")
-    model1 = _read_model(pdb1, chains1, "--pdb1")
-    model2 = _read_model(pdb2, chains2, "--pdb2")
+    models = [_read_model(path, c, option) for path, c, option in zip(paths, chains, options)]
     if superpose_core:
-        rmsd = atomic_maps.superpose(model1, model2, _ranges(core_residues))
-        console.print(f"Superposed model 1 onto model 2 on {core_residues}: CA RMSD {rmsd:.2f} A")
-    center = atomic_maps.center_of_mass(model1, model2)
-    volumes = [atomic_maps.density_from_model(m, box, angpix, bfactor, center) for m in (model1, model2)]
+        if len(models) < 2:
+            raise typer.BadParameter("--superpose_core needs two models or more")
+        for k, model in enumerate(models[:-1], start=1):
+            rmsd = atomic_maps.superpose(model, models[-1], _ranges(core_residues))
+            console.print(f"Superposed model {k} onto model {len(models)} on {core_residues}: CA RMSD {rmsd:.2f} A")
+    center = atomic_maps.center_of_mass(*models)
+    volumes = [atomic_maps.density_from_model(m, box, angpix, bfactor, center) for m in models]
     return volumes, angpix
+
+
+def _states(
+    map1: Path | None,
+    map2: Path | None,
+    maps: list[Path],
+    pdb1: Path | None,
+    pdb2: Path | None,
+    chains1: str | None,
+    chains2: str | None,
+    pdbs: list[Path],
+    chains: list[str],
+) -> tuple[str, list[Path], list[str | None], list[str]]:
+    """The states asked for: ('maps' or 'models', a file per state, chains per state, option names).
+
+    One --pdb with several --chains makes one state per --chains, all from that file; several --pdb
+    take one --chains each (or none: all chains).
+    """
+    forms = [
+        map1 is not None or map2 is not None,
+        bool(maps),
+        pdb1 is not None or pdb2 is not None,
+        bool(pdbs),
+    ]
+    if sum(forms) != 1:
+        raise typer.BadParameter(STATES_HOW)
+    if chains and not pdbs:
+        raise typer.BadParameter("--chains goes with --pdb (--chains1 and --chains2 with --pdb1 and --pdb2)")
+    if forms[0]:
+        if map1 is None or map2 is None:
+            raise typer.BadParameter("give --map1 and --map2 (or one --map for a homogeneous set)")
+        return "maps", [map1, map2], [None, None], ["--map1", "--map2"]
+    if forms[1]:
+        return "maps", list(maps), [None] * len(maps), ["--map"] * len(maps)
+    if forms[2]:
+        if pdb1 is None or pdb2 is None:
+            raise typer.BadParameter("give --pdb1 and --pdb2 (or one --pdb for a homogeneous set)")
+        return "models", [pdb1, pdb2], [chains1, chains2], ["--pdb1", "--pdb2"]
+    if len(pdbs) == 1 and len(chains) > 1:
+        pdbs = pdbs * len(chains)
+    if chains and len(chains) != len(pdbs):
+        raise typer.BadParameter(
+            f"{len(pdbs)} --pdb and {len(chains)} --chains: give one --chains per --pdb, or one --pdb and a --chains per state"
+        )
+    return "models", list(pdbs), list(chains) if chains else [None] * len(pdbs), ["--pdb"] * len(pdbs)
 
 
 @app.command(
     help=(
-        "Simulate a RELION 3.1 particle set of two classes with known truth. Give two maps (--map1, --map2) "
-        "or two atomic models (--pdb1, --pdb2). Writes particles.mrcs, particles.star (poses with the "
-        "given errors, as a consensus refinement would report them), truth.star (true poses and "
-        "rlnClassNumber) and class1.mrc, class2.mrc to --o."
+        "Simulate a RELION 3.1 particle set of K >= 1 states (classes) with known truth. Give two maps "
+        "(--map1, --map2) or two atomic models (--pdb1, --pdb2), or any number of states with repeated "
+        "--map, or repeated --pdb (or one --pdb with a --chains per state), and their shares with "
+        "--fractions. Writes particles.mrcs, particles.star (poses with the given errors, as a consensus "
+        "refinement would report them), truth.star (true poses and rlnClassNumber 1..K) and class1.mrc "
+        "... classK.mrc to --o."
     )
 )
 def main_command(
     o: Path = typer.Option(..., "--o", help="Output directory (created if needed)."),
-    map1: Path | None = typer.Option(None, "--map1", exists=True, dir_okay=False, help="Map (MRC) of class 1."),
+    map1: Path | None = typer.Option(None, "--map1", exists=True, dir_okay=False, help="Map (MRC) of class 1 (of two)."),
     map2: Path | None = typer.Option(
         None, "--map2", exists=True, dir_okay=False, help="Map (MRC) of class 2, same box and pixel size."
     ),
+    maps: list[Path] = typer.Option(
+        [], "--map", exists=True, dir_okay=False, metavar="<file>",
+        help="Map (MRC) of one state; repeat for each, in class order (one --map: a homogeneous set). Same box and pixel size."
+    ),
     pdb1: Path | None = typer.Option(
-        None, "--pdb1", exists=True, dir_okay=False, help="Atomic model (PDB/mmCIF, may be gzipped) of class 1."
+        None, "--pdb1", exists=True, dir_okay=False, help="Atomic model (PDB/mmCIF, may be gzipped) of class 1 (of two)."
     ),
     pdb2: Path | None = typer.Option(
         None, "--pdb2", exists=True, dir_okay=False, help="Atomic model of class 2 (may be the same file as --pdb1)."
@@ -140,9 +276,17 @@ def main_command(
     chains2: str | None = typer.Option(
         None, "--chains2", help="Chains of --pdb2 to keep, e.g. 'A,C,D,E' to leave chain B out (compositional)."
     ),
+    pdbs: list[Path] = typer.Option(
+        [], "--pdb", exists=True, dir_okay=False, metavar="<file>",
+        help="Atomic model of one state; repeat for each, in class order, or give one --pdb and a --chains per state."
+    ),
+    chains: list[str] = typer.Option(
+        [], "--chains", metavar="<str>",
+        help="Chains to keep of each --pdb state, in order, comma-separated, or 'all': e.g. --chains all --chains A,C,D,E --chains A,B,C."
+    ),
     superpose_core: bool = typer.Option(
         False, "--superpose_core", "--superpose-core",
-        help="Superpose model 1 onto model 2 on the CA atoms of --core_residues first."
+        help="Superpose every model but the last onto the last on the CA atoms of --core_residues first."
     ),
     core_residues: str = typer.Option(
         "1-29,60-121,160-214", "--core_residues", "--core-residues",
@@ -160,7 +304,14 @@ def main_command(
         0.05, "--snr", min=1e-9,
         help="Signal-to-noise ratio: signal variance inside the 0.75-box circle over noise variance."
     ),
-    fraction: float = typer.Option(0.5, "--fraction", min=0.0, max=1.0, help="Fraction of particles in class 1."),
+    fraction: float | None = typer.Option(
+        None, "--fraction", min=0.0, max=1.0, show_default="0.5",
+        help="Fraction of particles in class 1, with two states."
+    ),
+    fractions: str | None = typer.Option(
+        None, "--fractions", show_default="equal shares",
+        help="Share of each state, comma-separated in class order, summing to 1: e.g. 0.5,0.3,0.2."
+    ),
     defocus_min: float = typer.Option(
         10000.0, "--defocus_min", "--defocus-min", min=0.0, help="Smallest mean defocus (A, underfocus)."
     ),
@@ -201,8 +352,8 @@ def main_command(
         help="Report the accuracy of classifying with the true maps and poses."
     ),
 ) -> None:
-    if (map1 is None) != (map2 is None) or (pdb1 is None) != (pdb2 is None) or (map1 is None) == (pdb1 is None):
-        raise typer.BadParameter("give either --map1 and --map2, or --pdb1 and --pdb2")
+    kind, paths, state_chains, options = _states(map1, map2, maps, pdb1, pdb2, chains1, chains2, pdbs, chains)
+    shares = _fractions(fractions, fraction, len(paths))
     if defocus_min > defocus_max:
         raise typer.BadParameter(f"--defocus_min ({defocus_min}) is above --defocus_max ({defocus_max})")
     from relion_graphsplit.simulate.particles import Conditions, ceiling_accuracy, write_simulation  # torch: after the options
@@ -212,12 +363,12 @@ def main_command(
         bfactor=ctf_bfactor, max_shift_A=max_shift, pose_error_deg=pose_error, shift_error_A=shift_error,
         noise_excess=noise_excess, noise_bfactor=noise_bfactor,
     )
-    if map1 is not None:
-        volumes, pixel_size = _maps_from_files(map1, map2, box, angpix)
+    if kind == "maps":
+        volumes, pixel_size = _maps_from_files(paths, options, box, angpix)
     else:
         try:
             volumes, pixel_size = _maps_from_models(
-                pdb1, pdb2, chains1, chains2, superpose_core, core_residues, box, angpix, bfactor
+                paths, state_chains, options, superpose_core, core_residues, box, angpix, bfactor
             )
         except ValueError as error:  # a chain that is not there, a model larger than the box
             raise typer.BadParameter(str(error)) from None
@@ -233,14 +384,15 @@ def main_command(
             pixel_size,
             n,
             snr,
-            [fraction, 1.0 - fraction],
+            shares,
             progress=lambda done: progress.update(task, completed=done),
             conditions=conditions,
             seed=seed,
             batch_size=batch_size,
         )
-    counts = np.bincount(truth["rlnClassNumber"].to_numpy(), minlength=3)[1:]
-    console.print(f"Wrote {n} particles ({counts[0]} of class 1, {counts[1]} of class 2) to {o}")
+    counts = np.bincount(truth["rlnClassNumber"].to_numpy(), minlength=len(volumes) + 1)[1:]
+    per_class = ", ".join(f"{c} of class {k}" for k, c in enumerate(counts, start=1))
+    console.print(f"Wrote {n} particles ({per_class}) to {o}")
     if ceiling:
         with mrcfile.mmap(o / "particles.mrcs", mode="r") as mrc:
             accuracy = ceiling_accuracy(mrc.data, volumes, truth, optics, batch_size, conditions)

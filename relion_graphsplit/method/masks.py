@@ -69,7 +69,7 @@ def class_maps_mask(
     threshold: float,
     extend: float,
 ) -> torch.Tensor:
-    """`consensus_mask` of the larger of the two class maps at each voxel.
+    """`consensus_mask` of the largest of the class maps at each voxel.
 
     The class maps are the consensus plus each class's difference to it (reconstructed from residuals
     that carry the images' mean grey `scale`). A part present in few particles is faint in the
@@ -80,7 +80,7 @@ def class_maps_mask(
     consensus : torch.Tensor
         (N, N, N) [z, y, x] the consensus map at the working size.
     differences : list of torch.Tensor
-        The two classes' difference maps (N, N, N) to the consensus (`refine.difference_maps`).
+        The K classes' difference maps (N, N, N) to the consensus (`refine.difference_maps`).
     scale : float
         The images' mean scale relative to the consensus projection: each difference is divided by it.
     pixel_size : float
@@ -94,8 +94,8 @@ def class_maps_mask(
     torch.Tensor
         (N, N, N) float32 soft mask in [0, 1].
     """
-    both = torch.maximum(*(consensus + d / scale for d in differences))
-    return consensus_mask(both, pixel_size, threshold=threshold, extend=extend)
+    largest = torch.stack([consensus + d / scale for d in differences]).amax(dim=0)
+    return consensus_mask(largest, pixel_size, threshold=threshold, extend=extend)
 
 
 def resample_volume(volume: torch.Tensor, box: int) -> torch.Tensor:

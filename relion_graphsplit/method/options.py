@@ -48,5 +48,7 @@ class SplitOptions:
     refine_iterations: int = 30  # at most this many rounds of fixed-pose classification against the class maps
     refine_tolerance: float = 0.0025  # ... stopping once fewer than this fraction of particles change class
     refine_relaxation: float = 1.8  # ... over-relaxing each round's change of the probabilities by this factor
+    n_classes: int | None = None  # classes asked for; None: as many as the test of splits keeps ...
+    max_classes: int = 4  # ... up to this many
     batch_size: int = 256
     seed: int = 0

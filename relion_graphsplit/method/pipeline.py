@@ -8,7 +8,11 @@
    (graph, maxcut);
 5. each particle's mean synchronised ratio; classes by its sign (graph);
 6. refinement with fixed poses against the two class maps, started from that split (refine);
-and the tables to judge the split by (diagnostics).
+   steps 3-6 on any subset of the particles are two_classes.Splitter.split;
+7. how many classes: each split learnt on the two half-sets alone and kept only where the held-out
+   half shows two modes (split_test); kept classes split again, up to max_classes; then all the
+   classes refined together (hierarchy);
+and the tables to judge the whole set's split in two by (diagnostics).
 """
 
 from __future__ import annotations
@@ -23,24 +27,17 @@ import pandas as pd
 import torch
 
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
-from relion_graphsplit.method.alignment import cone_reference
-from relion_graphsplit.method.classify import classify_cones
-from relion_graphsplit.method.cones import (
-    Cones,
-    assign_to_cones,
-    asymmetric_unit_directions,
-    check_cone_counts,
-    check_cone_memory,
-    default_sampling,
-)
+from relion_graphsplit.method.classmaps import half_sets
+from relion_graphsplit.method.cones import Cones, check_cone_memory
 from relion_graphsplit.method.diagnostics import cone_diagnostics
-from relion_graphsplit.method.graph import classes_by_sign, cone_weights, particle_scores, ratio_matrix
-from relion_graphsplit.method.masks import consensus_mask, project_mask, resample_volume
-from relion_graphsplit.method.maxcut import synchronise
+from relion_graphsplit.method.hierarchy import find_classes
+from relion_graphsplit.method.masks import consensus_mask, resample_volume
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
 from relion_graphsplit.method.preprocess import fourier_crop_volume, prepare_images, working_box
 from relion_graphsplit.method.progress import Track, no_progress
-from relion_graphsplit.method.refine import image_spectra, refine_classes
+from relion_graphsplit.method.refine import image_spectra
+from relion_graphsplit.method.split_test import SplitTest
+from relion_graphsplit.method.two_classes import Splitter, cones_for
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks
 from relion_graphsplit.scratch import ScratchArray, row_batches
@@ -56,20 +53,29 @@ class SplitResult:
     Attributes
     ----------
     classes : np.ndarray
-        (n,) int64, 1 or 2: class 1 where `score` >= 0, class 2 elsewhere (`graph.classes_by_sign`).
-    score : np.ndarray
-        (n,) float64 log posterior odds of class 1: the last refinement round's (`refine.refine_classes`),
-        or `graph_score` itself where no refinement ran (refine_iterations 0, a CTF correction other than
-        subtract-multiply, or CTF-premultiplied particles).
+        (n,) int64, 1..K: each particle's most probable class.
+    log_posterior : np.ndarray
+        (n, K) float64 log posterior probability of each class: the last refinement round's
+        (`refine.refine_classes`), or for two classes the graph score taken as log odds where no
+        refinement ran (refine_iterations 0, a CTF correction other than subtract-multiply, or
+        CTF-premultiplied particles); all 0 for K = 1.
     graph_score : np.ndarray
         (n,) float64 mean synchronised log-likelihood ratio of the graph split: over the particle's cones,
         the mean of the cone's sign times the particle's lambda there (`graph.particle_scores`).
     refine_changes : list of int
-        The number of particles that changed class in each refinement round (empty when none ran).
+        The number of particles that changed class in each round of the last refinement (that of all
+        K classes; empty when none ran).
     probability : np.ndarray
-        (n,) float64 posterior probability of the assigned class, 1 / (1 + exp(-|score|)): at least 0.5.
+        (n,) float64 posterior probability of the assigned class.
+    class_nodes : list of str
+        Each class's leaf in the tree of splits ("1" the whole set; the classes of node X are X.1 and X.2).
+    split_tests : list of SplitTest
+        Every split tested on half-sets, in order (`hierarchy.test_split`).
+    verdict : str
+        One sentence for the user on the number of classes.
     cones : Cones
-        The cone axes and memberships the split used, cones with fewer than min_cone_particles members
+        The cone axes and memberships of the whole set's split in two (which the diagnostics
+        describe), cones with fewer than min_cone_particles members
         already dropped (their particles moved to the nearest remaining cones).
     cone_table : pd.DataFrame
         Per-cone diagnostics, one row per classified (non-empty) cone: the columns of
@@ -121,11 +127,14 @@ class SplitResult:
         Warnings for the user (such as cone directions that hold no particle).
     """
 
-    classes: np.ndarray  # (n,) 1 or 2
-    score: np.ndarray  # (n,) log posterior odds of class 1 (after refinement, if any)
+    classes: np.ndarray  # (n,) 1..K
+    log_posterior: np.ndarray  # (n, K) log posterior probability of each class
     graph_score: np.ndarray  # (n,) mean synchronised log-likelihood ratio of the graph split
     refine_changes: list[int]  # particles that changed class in each refinement round
     probability: np.ndarray  # (n,) posterior probability of the assigned class
+    class_nodes: list[str]  # each class's leaf in the tree of splits
+    split_tests: list[SplitTest]  # every split tested on half-sets
+    verdict: str
     cones: Cones
     cone_table: pd.DataFrame  # per-cone diagnostics
     membership: pd.DataFrame  # per (cone, particle): rho, llr
@@ -145,6 +154,10 @@ class SplitResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def n_classes(self) -> int:
+        return self.log_posterior.shape[1]
+
 
 def split(
     particles: star_io.Particles,
@@ -155,7 +168,7 @@ def split(
     scratch_dir: str | Path | None = None,
     track: Track = no_progress,
 ) -> SplitResult:
-    """Split a refined particle set into two classes with the graph method.
+    """Classify a refined particle set: the graph split in two, applied again to each class kept.
 
     `mask` and `consensus` are maps at the particles' box and pixel size (or None). Without a mask,
     one is drawn around the consensus map (masks.consensus_mask). Cones all too sparse to split, or
@@ -169,8 +182,8 @@ def split(
     ----------
     particles : star_io.Particles
         The n refined particles: RELION matrices (n, 3, 3) that left-multiply xyz column vectors of the
-        map, origins and CTF parameters (defocus in A, positive for underfocus), box N (pixels) and
-        pixel size (A).
+        map, origins and CTF parameters (defocus in A, positive for underfocus), half-sets, box N
+        (pixels) and pixel size (A).
     stacks : ImageStacks
         Their open image stacks; every image is read once here.
     options : SplitOptions
@@ -191,7 +204,8 @@ def split(
     Returns
     -------
     SplitResult
-        The classes and scores per particle and the diagnostics per cone.
+        The classes and posteriors per particle, the splits tested, and the diagnostics per cone of the
+        whole set's split in two.
 
     Raises
     ------
@@ -208,29 +222,19 @@ def split(
     warnings: list[str] = []
     n = len(particles)
     box, apix, rotations = particles.box, particles.pixel_size, particles.rotations
+    all_rows = np.arange(n, dtype=np.int64)
 
-    # 1. Cones of projection direction.
+    # 1. Cones of projection direction for the whole set, refused up front if they cannot fit.
     start = time.perf_counter()
     symmetry = symmetry_matrices(options.symmetry)
-    sampling = options.angular_sampling or default_sampling(n, len(symmetry), options.particles_per_cone)
-    cone_angle = options.cone_angle or sampling
-    axes = asymmetric_unit_directions(sampling, symmetry)
-    cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
-    explicit = options.angular_sampling is not None
-    counts = cones.counts()
-    empty = int((counts == 0).sum())
-    if empty:
-        warnings.append(f"{empty} of {len(axes)} cone directions hold no particle: holes in the angular coverage")
-    check_cone_counts(counts, options.min_cone_particles, sampling, explicit)
-    sparse = counts < options.min_cone_particles
-    if sparse.any():
-        # Too few members for a principal component: drop those cones and let their particles join
-        # the nearest remaining ones.
-        axes = axes[~sparse]
-        cones = assign_to_cones(rotations, axes, cone_angle, symmetry)
+    cone_set = cones_for(rotations, options, symmetry)
+    if cone_set.empty:
+        warnings.append(
+            f"{cone_set.empty} of {cone_set.directions} cone directions hold no particle: holes in the angular coverage"
+        )
     timings["cones"] = time.perf_counter() - start
     w = working_box(box, apix, options.maxres, options.resize)
-    check_cone_memory(cones, w, sampling, explicit)
+    check_cone_memory(cone_set.cones, w, cone_set.sampling, options.angular_sampling is not None)
 
     # 2. Centred, downsampled, CTF-corrected images in a scratch file.
     work_apix = apix * box / w
@@ -245,65 +249,58 @@ def split(
             particles, stacks, scratch, filters, options, small_consensus, track
         )
         timings.update(prep_times)
-
-        # 3. Per-cone alignment, principal component, mixture and log-likelihood ratios.
-        start = time.perf_counter()
         # The 3D mask focuses every later step; by default it is drawn around the consensus map.
         mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
             small_consensus, work_apix, threshold=options.mask_threshold, extend=options.mask_extend
         )
-        masks = project_mask(mask_volume, cone_reference(axes)).to(torch.float32)
-        rho, llr, cone_table, cone_images = classify_cones(scratch, cones, masks, track)
-        timings["classify"] = time.perf_counter() - start
-
-        # 4. Graph of cones and sign synchronisation.
-        start = time.perf_counter()
-        ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, n)
-        weights = cone_weights(ratios)
-        sync = synchronise(weights, seed=options.seed)
-        signs = np.asarray(sync.signs, dtype=np.int64)
-        timings["graph"] = time.perf_counter() - start
-
-        # 5. Mean synchronised ratio per particle; classes by sign.
-        graph_score, _ = particle_scores(ratios, signs)
-        score, changed = graph_score, []
-
-        # 6. Refinement against the two class maps with fixed poses (refine.py); its likelihood
-        # assumes the scratch images are residuals times the CTF.
+        # The refinement's likelihood assumes the scratch images are residuals times the CTF.
         plain = options.ctf_correction is CtfCorrection.subtract_multiply and not particles.premultiplied
         if plain and options.refine_iterations:
             start = time.perf_counter()
             batches = row_batches(n, options.batch_size)
             image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None)
-            score, changed = refine_classes(
-                spectra, filters, batches, rotations, scale, graph_score, mask_volume, small_consensus, work_apix,
-                options, redraw_mask=mask is None and options.refine_mask_threshold > 0, track=track,
-            )  # fmt: skip
             timings["refine"] = time.perf_counter() - start
-    classes = classes_by_sign(score)
-    probability = 1.0 / (1.0 + np.exp(-np.abs(score)))
+        splitter = Splitter(
+            scratch, filters, spectra if plain else None, rotations, scale, symmetry, mask_volume, small_consensus,
+            work_apix, options, redraw_mask=mask is None and options.refine_mask_threshold > 0, track=track,
+            timings=timings,
+        )  # fmt: skip
+
+        # 3-6. The whole set split in two: cones, graph, synchronisation, refinement (two_classes).
+        root = splitter.split(all_rows, cone_set)
+
+        # 7. How many classes: each split tested on half-sets, then all classes refined together.
+        found = find_classes(splitter, root, half_sets(particles, np.ones(n, dtype=np.int64), options.seed))
+    warnings += found.warnings
+    graph = root.graph
+    components = [c.nodes for c in graph.sync.components]
     cone_table, membership, edges = cone_diagnostics(
-        cone_table, cone_images, cones, rho, llr, signs, [c.nodes for c in sync.components], ratios, weights
-    )
+        graph.cone_table, graph.cone_images, cone_set.cones, graph.rho, graph.llr,
+        np.asarray(graph.sync.signs, dtype=np.int64), components, graph.ratios, graph.weights,
+    )  # fmt: skip
+    sync = graph.sync
     return SplitResult(
-        classes=classes,
-        score=score,
-        probability=probability,
-        cones=cones,
+        classes=found.classes,
+        log_posterior=found.log_posterior,
+        probability=np.exp(found.log_posterior.max(axis=1)),
+        class_nodes=found.nodes,
+        split_tests=found.tests,
+        verdict=found.verdict,
+        cones=cone_set.cones,
         cone_table=cone_table,
         membership=membership,
-        cone_images=cone_images,
+        cone_images=graph.cone_images,
         edges=edges,
-        components=[c.nodes for c in sync.components],
+        components=components,
         sync_method=sync.method,
         sync_gap=float((sync.upper_bound - sync.objective) / max(abs(sync.upper_bound), 1e-300)),
         noise_contrast=whitening.contrast,
         whitened=whitening.applied,
         noise_spectrum=whitening.spectrum.numpy(),
-        graph_score=graph_score,
-        refine_changes=changed,
-        sampling=sampling,
-        cone_angle=cone_angle,
+        graph_score=graph.score,
+        refine_changes=found.changed,
+        sampling=cone_set.sampling,
+        cone_angle=cone_set.cone_angle,
         working_box=w,
         working_pixel_size=work_apix,
         mask=mask_volume,

@@ -19,9 +19,11 @@ with a' = a / mean(a), since the maps reconstructed from the residuals already c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 from relion_graphsplit.fourier.fsc import fsc, shell_index
@@ -32,10 +34,9 @@ from relion_graphsplit.fourier.projection import (
     slice_values,
 )
 from relion_graphsplit.fourier.reconstruct import FourierAccumulator, centred_rfft2
-from relion_graphsplit.method.graph import classes_by_sign
 from relion_graphsplit.method.masks import class_maps_mask
 from relion_graphsplit.method.options import SplitOptions
-from relion_graphsplit.scratch import ScratchArray
+from relion_graphsplit.scratch import ScratchArray, row_batches
 
 
 def _half_plane_weights(n: int) -> torch.Tensor:
@@ -147,19 +148,20 @@ def class_sums(
 ) -> list[list[FourierAccumulator]]:
     """Each class's sums in its two halves (even and odd particle numbers), [class][half].
 
-    `probability` (n,) is each particle's probability of class 1: particles count towards both
-    classes in proportion (soft assignment, as in expectation-maximisation). `totals` are the halves'
-    sums over all particles (`residual_sums`); class 2's sums are their difference to class 1's.
+    `probability` (n, K) holds each particle's probability of each class: particles count towards
+    every class in proportion (soft assignment, as in expectation-maximisation). `totals` are the
+    halves' sums over all particles of `batches` (`residual_sums`); the last class's sums are their
+    difference to the others', so a round costs K - 1 insertions per particle.
 
     Parameters
     ----------
     spectra : ScratchArray
         (n, N, N // 2 + 1, 2) the stored transforms (`image_spectra`).
     probability : np.ndarray
-        (n,) float64 in [0, 1], each particle's probability of class 1; particles of probability
-        <= 1e-6 are left out of class 1's sums.
+        (n, K) float64 in [0, 1], rows summing to 1 (only the rows in `batches` are read); a particle
+        of probability <= 1e-6 is left out of that class's sums.
     totals : list of FourierAccumulator
-        The two halves' sums over all particles (`residual_sums`).
+        The two halves' sums over the particles of `batches` (`residual_sums`).
     rotations : torch.Tensor
         (n, 3, 3) RELION matrices.
     filters : ScratchArray
@@ -170,15 +172,15 @@ def class_sums(
     Returns
     -------
     list of list of FourierAccumulator
-        [class][half]: class 1's sums weighted by the probability, class 2's as totals less class 1's;
-        half 0 the even 0-based rows, half 1 the odd ones.
+        [class][half]: classes 1..K - 1 weighted by their probabilities, class K as the totals less
+        the others; half 0 the even 0-based rows, half 1 the odd ones.
     """
     n = spectra.shape[1]
-    first_class = _weighted_halves(spectra, probability, rotations, filters, batches)
-    second_class = [FourierAccumulator(n), FourierAccumulator(n)]
-    for total, first, second in zip(totals, first_class, second_class):
-        second.sums = total.sums - first.sums
-    return [first_class, second_class]
+    sums = [_weighted_halves(spectra, probability[:, k], rotations, filters, batches) for k in range(probability.shape[1] - 1)]
+    last = [FourierAccumulator(n), FourierAccumulator(n)]
+    for half in range(2):
+        last[half].sums = totals[half].sums - sum(s[half].sums for s in sums)
+    return [*sums, last]
 
 
 def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -222,20 +224,56 @@ def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask:
     return maps
 
 
-def class_log_odds(
+def _kernel_terms(
     spectra: ScratchArray,
     maps: list[torch.Tensor],
     mask: torch.Tensor,
     rotations: torch.Tensor,
     scale: torch.Tensor,
     filters: ScratchArray,
-    prior: float,
+    batches: list[np.ndarray],
+):
+    """Per batch, (index, L, U, wc): `_likelihood_kernel`'s sums for every map, (B, K) each, and
+    sum w CTF^2 (B,). The maps are multiplied by the 3D mask first, and taken two at a time (an odd
+    one out paired with zeros)."""
+    n = spectra.shape[1]
+    masked = [m * mask for m in maps]
+    if len(masked) % 2:
+        masked.append(torch.zeros_like(masked[0]))
+    prepared = [prepare_volume(torch.stack(masked[i : i + 2]).to(torch.float32)) for i in range(0, len(masked), 2)]
+    kx, ky, inside = rfft_frequencies(n)
+    grid = (_half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy())
+    # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
+    # image's difference is a' = a / mean(a) times their projection.
+    relative = (scale / scale.mean()).to(torch.float64).numpy()
+    for index in batches:
+        s = _complex(spectra, index)
+        ctf = np.asarray(filters[index])
+        matrices = rotations[index].to(torch.float64).numpy()
+        terms = np.zeros((len(prepared), len(index), 5))  # per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2
+        for pair, volume in zip(terms, prepared):
+            args = (pair, s, ctf, relative[index], matrices, *grid, volume.data.numpy(), volume.pad, volume.padded_box // 2 + 1)
+            run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
+        k = len(maps)
+        likelihood = terms[:, :, 0:2].transpose(1, 0, 2).reshape(len(index), -1)[:, :k]
+        unexplained = terms[:, :, 2:4].transpose(1, 0, 2).reshape(len(index), -1)[:, :k]
+        yield index, likelihood, unexplained, np.maximum(terms[0, :, 4], 1e-30)
+
+
+def class_log_likelihoods(
+    spectra: ScratchArray,
+    maps: list[torch.Tensor],
+    mask: torch.Tensor,
+    rotations: torch.Tensor,
+    scale: torch.Tensor,
+    filters: ScratchArray,
     batches: list[np.ndarray],
 ) -> np.ndarray:
-    """log p(class 1 | image) - log p(class 2 | image) for every particle, given the difference maps.
+    """log p(image | class k) up to a constant per image, for every particle and class, given the
+    classes' difference maps to the consensus.
 
     The maps are multiplied by the 3D mask first, so that only the masked region decides. The noise
-    variance of each image is estimated from what its better-fitting class leaves unexplained,
+    variance of each image is estimated from what its best-fitting class leaves unexplained,
     min_k |s - a' CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF; a' = a / mean(a), the
     image's scale relative to the mean): the residual alone would count the class difference as
     noise, shrink the data term against the prior, and pull particles into the larger class. The sums
@@ -247,7 +285,7 @@ def class_log_odds(
     spectra : ScratchArray
         (n, N, N // 2 + 1, 2) the stored transforms s (`image_spectra`).
     maps : list of torch.Tensor
-        The two classes' difference maps (N, N, N) [z, y, x] to the consensus (`difference_maps`).
+        The K classes' difference maps (N, N, N) [z, y, x] to the consensus (`difference_maps`).
     mask : torch.Tensor
         (N, N, N) the 3D mask at the working box.
     rotations : torch.Tensor
@@ -256,36 +294,66 @@ def class_log_odds(
         (n,) each image's least-squares scale a relative to the consensus projection.
     filters : ScratchArray
         (n, N, N // 2 + 1) the CTFs.
-    prior : float
-        log(P(class 1) / P(class 2)), added to every particle's log odds.
     batches : list of np.ndarray
         Particle rows, one array per batch.
 
     Returns
     -------
     np.ndarray
-        (n,) float64, (L_1 - L_2) / (2 sigma^2) + prior per particle (L_k, sigma^2 as in
-        `_likelihood_kernel` and above): positive for class 1; 0 for rows in no batch.
+        (n, K) float64, L_k / (2 sigma^2) per particle and class (L_k, sigma^2 as in
+        `_likelihood_kernel` and above); 0 for rows in no batch.
     """
-    n = spectra.shape[1]
-    prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
-    kx, ky, inside = rfft_frequencies(n)
-    common = (
-        _half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy(),
-        prepared.data.numpy(), prepared.pad, prepared.padded_box // 2 + 1,
-    )  # fmt: skip
-    # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
-    # image's difference is a' = a / mean(a) times their projection.
-    relative = (scale / scale.mean()).to(torch.float64).numpy()
-    out = np.zeros(spectra.shape[0])
-    for index in batches:
-        s = _complex(spectra, index)
-        terms = np.zeros((len(index), 5))  # per image: L_1, L_2, U_1, U_2, sum w CTF^2
-        args = (terms, s, np.asarray(filters[index]), relative[index], rotations[index].to(torch.float64).numpy(), *common)
-        run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
-        sigma2 = np.minimum(terms[:, 2], terms[:, 3]) / np.maximum(terms[:, 4], 1e-30)
-        out[index] = (terms[:, 0] - terms[:, 1]) / (2 * sigma2) + prior
+    out = np.zeros((spectra.shape[0], len(maps)))
+    for index, likelihood, unexplained, weight in _kernel_terms(spectra, maps, mask, rotations, scale, filters, batches):
+        sigma2 = unexplained.min(axis=1) / weight
+        out[index] = likelihood / (2 * sigma2[:, None])
     return out
+
+
+def projection_scores(
+    spectra: ScratchArray,
+    direction: torch.Tensor,
+    mask: torch.Tensor,
+    rotations: torch.Tensor,
+    scale: torch.Tensor,
+    filters: ScratchArray,
+    batches: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's amount of a map `direction` (such as the difference of two class maps), and
+    its uncertainty.
+
+    Under the refinement's model with the image's residual s = CTF^2 z Q + CTF noise (Q the masked
+    direction's projection at the particle's pose, times its relative scale), the likelihood of z is
+    Gaussian with mean B / A and variance sigma^2 / A, where B = sum w Re(conj(s) Q) and
+    A = sum w CTF^2 |Q|^2; sigma^2 is estimated as in `class_log_likelihoods` (from the better of z = 1
+    and z = -1), which overstates it by the misfit of that z: little where noise dominates each image,
+    as in cryo-EM, and on the safe side for `split_test` (wider modes are harder to tell apart).
+
+    Parameters
+    ----------
+    spectra, mask, rotations, scale, filters, batches
+        As in `class_log_likelihoods`.
+    direction : torch.Tensor
+        (N, N, N) [z, y, x] the map at the working box.
+
+    Returns
+    -------
+    z : np.ndarray
+        (n,) float64 B / A per particle (0 for rows in no batch).
+    variance : np.ndarray
+        (n,) float64 sigma^2 / A (inf for rows in no batch).
+    """
+    n = spectra.shape[0]
+    z, variance = np.zeros(n), np.full(n, np.inf)
+    for index, likelihood, unexplained, weight in _kernel_terms(
+        spectra, [direction, -direction], mask, rotations, scale, filters, batches
+    ):
+        # L(+1) = 2B - A and L(-1) = -2B - A.
+        b = (likelihood[:, 0] - likelihood[:, 1]) / 4
+        a = np.maximum(-(likelihood[:, 0] + likelihood[:, 1]) / 2, 1e-30)
+        z[index] = b / a
+        variance[index] = unexplained.min(axis=1) / weight / a
+    return z, variance
 
 
 @compiled
@@ -326,42 +394,61 @@ def _likelihood_kernel(
         terms[b, 0], terms[b, 1], terms[b, 2], terms[b, 3], terms[b, 4] = l1, l2, u1, u2, wc
 
 
+@dataclass
+class Refined:
+    """The outcome of `refine_classes` for its m rows and K classes.
+
+    Attributes
+    ----------
+    log_posterior : np.ndarray
+        (m, K) float64 the last round's log posterior probability of each class (rows sum to 1 after
+        exp), or the starting classes' (0 and -inf) when no round ran.
+    changed : list of int
+        The number of particles that changed class in each round.
+    mask : torch.Tensor
+        (w, w, w) the 3D mask the rounds used (redrawn around the class maps, or as given).
+    """
+
+    log_posterior: np.ndarray
+    changed: list[int]
+    mask: torch.Tensor
+
+
 def refine_classes(
     spectra: ScratchArray,
     filters: ScratchArray,
-    batches: list[np.ndarray],
+    rows: np.ndarray,
     rotations: torch.Tensor,
     scale: torch.Tensor,
-    score: np.ndarray,
+    classes: np.ndarray,
     mask: torch.Tensor,
     consensus: torch.Tensor | None,
     pixel_size: float,
     options: SplitOptions,
     redraw_mask: bool,
     track: Callable[..., Iterable] = lambda iterable, **_: iterable,
-) -> tuple[np.ndarray, list[int]]:
-    """Rounds of fixed-pose classification against the two class maps, from the graph split.
+) -> Refined:
+    """Rounds of fixed-pose classification of particles `rows` against K class maps, from given classes.
 
     At most options.refine_iterations rounds, stopping once at most options.refine_tolerance of the
     particles change class; each round's change of the probabilities is over-relaxed by
-    options.refine_relaxation (from the second round on; probabilities clipped to [0, 1]), which
-    takes the slow drift of noisy sets in fewer rounds (the classes are each round's own). Each
-    round's prior is the log odds of the mean probability of class 1.
+    options.refine_relaxation (from the second round on; probabilities clipped to [0, 1] and
+    renormalised), which takes the slow drift of noisy sets in fewer rounds (the classes are each
+    round's own). Each round's prior is the classes' mean probability.
 
     Parameters
     ----------
     spectra, filters : ScratchArray
         The images' stored transforms (n, w, w // 2 + 1, 2) (`image_spectra`) and data filters
-        (n, w, w // 2 + 1) at the working box w.
-    batches : list of np.ndarray
-        Particle rows, one array per batch.
+        (n, w, w // 2 + 1) at the working box w, for all n particles.
+    rows : np.ndarray
+        (m,) int64 the particles refined, ascending.
     rotations : torch.Tensor
         (n, 3, 3) RELION matrices (left-multiplying xyz column vectors of the map).
     scale : torch.Tensor
         (n,) each image's grey scale: its least-squares scale relative to the consensus projection.
-    score : np.ndarray
-        (n,) the graph split's scores (log odds of class 1; their signs are the starting classes,
-        class 1 where the score >= 0).
+    classes : np.ndarray
+        (m,) int64 the starting classes 1..K of `rows` (a hard start).
     mask : torch.Tensor
         (w, w, w) the graph split's 3D mask, redrawn around the first class maps when `redraw_mask`
         (a part the classes differ by is at full strength there, at its occupancy in the consensus).
@@ -370,8 +457,8 @@ def refine_classes(
     pixel_size : float
         Pixel size (A) at the working box.
     options : SplitOptions
-        refine_iterations, refine_tolerance, refine_relaxation, symmetry, and for the redrawn mask
-        refine_mask_threshold and mask_extend.
+        refine_iterations, refine_tolerance, refine_relaxation, symmetry, batch_size, and for the
+        redrawn mask refine_mask_threshold and mask_extend.
     redraw_mask : bool
         Whether to draw the mask again around the class maps (`masks.class_maps_mask`) before the
         first round.
@@ -380,20 +467,21 @@ def refine_classes(
 
     Returns
     -------
-    score : np.ndarray
-        (n,) float64 the last round's log odds of class 1 (the input `score` when no round ran).
-    changed : list of int
-        The number of particles that changed class in each round.
+    Refined
+        The last round's log posteriors, the changes per round, and the mask used.
     """
-    n = len(score)
-    classes = classes_by_sign(score)
-    probability = (classes == 1).astype(np.float64)  # the graph split, as a hard start
+    n, m, k = spectra.shape[0], len(rows), int(classes.max())
+    batches = [rows[index] for index in row_batches(m, options.batch_size)]
+    probability = np.zeros((n, k))
+    probability[rows, classes - 1] = 1.0
+    with np.errstate(divide="ignore"):
+        log_posterior = np.log(probability[rows])
     changed: list[int] = []
     totals = residual_sums(spectra, rotations, filters, batches)
 
     def rounds():  # until fewer than refine_tolerance of the particles change class
         for _ in range(options.refine_iterations):
-            if changed and changed[-1] <= options.refine_tolerance * n:
+            if changed and changed[-1] <= options.refine_tolerance * m:
                 return
             yield
 
@@ -404,18 +492,26 @@ def refine_classes(
     if redraw_mask:
         halves = sums()
         mask = class_maps_mask(
-            consensus, difference_maps(halves, options.symmetry, mask), float(scale.mean()),
+            consensus, difference_maps(halves, options.symmetry, mask), float(scale[rows].mean()),
             pixel_size, threshold=options.refine_mask_threshold, extend=options.mask_extend,
         )  # fmt: skip
     for _ in track(rounds(), description="Refining against the class maps (rounds)", total=options.refine_iterations):
         differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask)
-        share = float(np.mean(probability))
-        prior = float(np.log(max(share, 1e-6) / max(1 - share, 1e-6)))
-        score = class_log_odds(spectra, differences, mask, rotations, scale, filters, prior, batches)
+        prior = np.log(np.maximum(probability[rows].mean(axis=0), 1e-6))
+        log_posterior = class_log_likelihoods(spectra, differences, mask, rotations, scale, filters, batches)[rows] + prior
+        log_posterior -= logsumexp(log_posterior, axis=1, keepdims=True)
         relaxation = options.refine_relaxation if changed else 1.0
-        probability = np.clip(probability + relaxation * (1.0 / (1.0 + np.exp(-score)) - probability), 0.0, 1.0)
+        step = np.clip(probability[rows] + relaxation * (np.exp(log_posterior) - probability[rows]), 0.0, 1.0)
+        probability[rows] = step / step.sum(axis=1, keepdims=True)
         halves = None
-        new_classes = classes_by_sign(score)
+        new_classes = np.argmax(log_posterior, axis=1) + 1
         changed.append(int((new_classes != classes).sum()))
         classes = new_classes
-    return score, changed
+    return Refined(log_posterior, changed, mask)
+
+
+def log_odds(log_posterior: np.ndarray) -> np.ndarray:
+    """log(P(k) / (1 - P(k))) per particle and class, from normalised log posteriors (m, K), K >= 2."""
+    k = log_posterior.shape[1]
+    others = np.stack([logsumexp(np.delete(log_posterior, j, axis=1), axis=1) for j in range(k)], axis=1)
+    return log_posterior - others

@@ -2,7 +2,9 @@
 
     read.py     the run's files read back (`Run`, `read_run`)
     checks.py   the warnings the report shows
-    data.py     what the figures draw (histograms, mixture curves, resolutions, map sections)
+    tree.py     the tree of the splits tested, with their evidence; its HTML list
+    data.py     what the figures draw (histograms, mixture curves, confidence, resolutions)
+    sections.py the class maps' central sections: filtered, masked, beside the consensus and the difference
     panels.py   the page's per-cone panel as data, images as PNG data URIs
     figures.py  the page's plotly figures
     pngs.py     the PNG figures (matplotlib)

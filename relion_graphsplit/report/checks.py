@@ -11,7 +11,7 @@ MIN_CONE_PARTICLES = 30
 MIN_SEPARATION = 2.0
 """Mixture separation (sigma) that at least one cone must exceed to show two populations."""
 MIN_CLASS_SHARE = 0.1
-"""Smallest share of the particles either class may hold before the split is called unbalanced."""
+"""Smallest share of the particles any class may hold (K >= 2) before the classes are called unbalanced."""
 
 
 def computed_warnings(run: Run) -> dict[str, str]:
@@ -47,10 +47,10 @@ def computed_warnings(run: Run) -> dict[str, str]:
                                         f"{MIN_SEPARATION:g} sigma): there may be no heterogeneity inside the mask")
     sizes = class_sizes(run)
     total = sum(sizes.values())
-    if total:
-        share = sizes[1] / total
-        if min(share, 1 - share) < MIN_CLASS_SHARE:
-            out["unbalanced"] = f"very unbalanced classes: {100 * share:.1f}% / {100 * (1 - share):.1f}%"
+    if total and len(sizes) > 1:
+        shares = [n / total for n in sizes.values()]
+        if min(shares) < MIN_CLASS_SHARE:
+            out["unbalanced"] = "very unbalanced classes: " + " / ".join(f"{100 * s:.1f}%" for s in shares)
     return out
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from relion_graphsplit.report.read import FSC_THRESHOLD, FscCurve, Run
+from relion_graphsplit.report.read import FSC_THRESHOLD, LOG_ODDS_LABEL, FscCurve, Run
 
 MAX_HISTOGRAM_BINS = 60
 
@@ -67,37 +67,45 @@ def mixture_curves(row: pd.Series, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return n1, n2
 
 
-def class_of_component(sign: int) -> tuple[int, int]:
-    """The classes that mixture components 1 and 2 of a cone of this sign go to after synchronisation."""
+def side_of_component(sign: int) -> tuple[int, int]:
+    """The sides of the first split (1: node 1.1, 2: node 1.2) that mixture components 1 and 2 of a
+    cone of this synchronisation sign go to."""
     return (1, 2) if sign > 0 else (2, 1)
 
 
 def confidence_histograms(run: Run) -> list[tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]]:
-    """Histograms of the particles' posterior and score, by class.
+    """Histograms of each particle's confidence in its class, by class.
 
     Parameters
     ----------
     run : Run
-        A run with its particle table (`run.particles` not None).
+        A run with its particle table (`run.particles` not None), K >= 1 classes.
 
     Returns
     -------
     list of (title, {class: (edges, counts)})
-        Two panels: the posterior of the assigned class (25 bins over [0.5, 1]) and the score (mean
-        synchronised llr; 60 bins over +/- its 99.5th percentile of magnitude, clipped to it).
+        The posterior of the assigned class, rlnMaxValueProbDistribution (25 bins over
+        [1 / max(K, 2), 1]; 1 for every particle when K = 1); then, where run_data.star has the
+        rlnGraphSplitLogOdds1..K columns (K >= 2), the log-odds of the assigned class, which spreads
+        out the posteriors near 1 (60 bins from min(0, its 0.5th percentile) to its 99.5th). Values
+        are clipped into the bins, so each particle of classes 1..K is counted once per panel; every
+        class has the panel's edges.
     """
     p = run.particles
     classes = p["rlnClassNumber"].to_numpy()
+    numbers = range(1, run.n_classes + 1)
     prob = p["rlnMaxValueProbDistribution"].to_numpy(np.float64)
-    score = p["rlnGraphSplitScore"].to_numpy(np.float64)
-    prob_edges = np.linspace(0.5, 1.0, 26)
-    limit = float(np.percentile(np.abs(score), 99.5)) or 1.0
-    score_edges = np.linspace(-limit, limit, 61)
-    panels = []
-    for title, values, edges in (("posterior of the assigned class", prob, prob_edges),
-                                 ("score (mean synchronised llr)", np.clip(score, -limit, limit), score_edges)):
-        panels.append((title, {k: (edges, np.histogram(values[classes == k], bins=edges)[0]) for k in (1, 2)}))
-    return panels
+    prob_edges = np.linspace(1 / max(run.n_classes, 2), 1.0, 26)
+    panels = [("posterior of the assigned class", np.clip(prob, prob_edges[0], 1.0), prob_edges)]
+    columns = [f"{LOG_ODDS_LABEL}{k}" for k in numbers]
+    if run.n_classes >= 2 and set(columns) <= set(p.columns):
+        odds = p[columns].to_numpy(np.float64)[np.arange(len(p)), np.clip(classes, 1, run.n_classes) - 1]
+        lo, hi = np.percentile(odds, [0.5, 99.5]) if len(odds) else (0.0, 1.0)
+        lo = min(0.0, float(lo))
+        edges = np.linspace(lo, max(float(hi), lo + 1.0), 61)
+        panels.append(("log-odds of the assigned class, ln(P / (1 − P))", np.clip(odds, edges[0], edges[-1]), edges))
+    return [(title, {k: (edges, np.histogram(values[classes == k], bins=edges)[0]) for k in numbers})
+            for title, values, edges in panels]
 
 
 def resolution_label(curve: FscCurve, threshold: float = FSC_THRESHOLD) -> str:
@@ -123,31 +131,3 @@ def resolution_label(curve: FscCurve, threshold: float = FSC_THRESHOLD) -> str:
     if not curve.drops(threshold):
         return f"Nyquist {resolution:.1f} Å or better"
     return f"{resolution:.1f} Å"
-
-
-def central_slices(volume: np.ndarray) -> list[np.ndarray]:
-    """The xy, xz and yz central sections of a [z, y, x] volume."""
-    n = volume.shape[0] // 2
-    return [volume[n], volume[:, volume.shape[1] // 2, :], volume[:, :, volume.shape[2] // 2]]
-
-
-def map_rows(maps: tuple[np.ndarray, np.ndarray]) -> list[tuple[str, list[np.ndarray], float, float, str | None]]:
-    """The rows of central sections the report shows of the class maps.
-
-    Parameters
-    ----------
-    maps : tuple of np.ndarray
-        The class 1 and class 2 maps [z, y, x].
-
-    Returns
-    -------
-    list of (label, slices, lo, hi, colour map)
-        Class 1, class 2 (one grey scale from lo to hi) and their difference (a diverging colour
-        map, symmetric about zero).
-    """
-    one, two = (central_slices(v) for v in maps)
-    lo, hi = np.percentile(np.concatenate([s.ravel() for s in one + two]), [0.5, 99.5])
-    diff = [a - b for a, b in zip(one, two)]
-    limit = float(np.percentile(np.abs(np.concatenate([d.ravel() for d in diff])), 99.5)) or 1.0
-    return [("class 1", one, lo, hi, None), ("class 2", two, lo, hi, None),
-            ("class 1 − class 2", diff, -limit, limit, "RdBu_r")]

@@ -8,9 +8,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from relion_graphsplit.report.colours import BALANCE_SCALE, CLASS_COLOURS, EDGE_SCALE, SIGN_COLOURS
+from relion_graphsplit.report.colours import BALANCE_SCALE, EDGE_SCALE, SIGN_COLOURS, class_colour
 from relion_graphsplit.report.data import confidence_histograms, fixed, resolution_label
 from relion_graphsplit.report.read import FSC_THRESHOLD, Run
+from relion_graphsplit.report.tree import side_labels
 
 SYMBOLS = ("circle", "diamond", "square", "cross", "x", "circle-open", "diamond-open")
 """Marker symbols of the graph's disconnected parts, largest part first; the last takes the rest."""
@@ -79,13 +80,15 @@ def directions_figure(run: Run) -> go.Figure:
     Returns
     -------
     go.Figure
-        Left: each cone coloured by its class-1 fraction (cones without particles as grey crosses);
-        right: by its particle count. customdata: cone id.
+        Left: each cone coloured by the share of its particles on side 1 of the first split (tree
+        node 1.1; cones without particles as grey crosses); right: by its particle count. customdata:
+        cone id.
     """
     cones = run.cones
     hover = np.array(_cone_hover(cones), dtype=object)
+    side = side_labels(run)[1]
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "scene"}, {"type": "scene"}]],
-                        subplot_titles=("class-1 fraction per cone", "particles per cone"), horizontal_spacing=0.02)
+                        subplot_titles=(f"share on side {side} per cone", "particles per cone"), horizontal_spacing=0.02)
     fraction = cones["class1_fraction"].to_numpy(np.float64)
     known = np.isfinite(fraction)
     for col in (1, 2):
@@ -93,7 +96,7 @@ def directions_figure(run: Run) -> go.Figure:
     fig.add_trace(go.Scatter3d(
         x=cones["axis_x"][known], y=cones["axis_y"][known], z=cones["axis_z"][known], mode="markers",
         marker=dict(size=6, color=fraction[known], colorscale=BALANCE_SCALE, cmin=0, cmax=1,
-                    colorbar=dict(title="class 1", x=0.46, len=0.7), line=dict(color="#777777", width=1)),
+                    colorbar=dict(title="share", x=0.46, len=0.7), line=dict(color="#777777", width=1)),
         hovertext=hover[known], hoverinfo="text", customdata=cones["cone"][known], showlegend=False,
     ), row=1, col=1)
     if not known.all():
@@ -115,14 +118,14 @@ def directions_figure(run: Run) -> go.Figure:
 
 
 def confidence_figure(run: Run) -> go.Figure:
-    """Histograms of each particle's posterior and score, stacked by class (`data.confidence_histograms`)."""
+    """Histograms of each particle's confidence in its class, stacked by class (`data.confidence_histograms`)."""
     panels = confidence_histograms(run)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[t for t, _ in panels], horizontal_spacing=0.08)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.08)
     for col, (_, hist) in enumerate(panels, start=1):
         for k, (edges, counts) in hist.items():
             fig.add_trace(go.Bar(
                 x=0.5 * (edges[1:] + edges[:-1]), y=counts, width=np.diff(edges), name=f"class {k}",
-                marker=dict(color=CLASS_COLOURS[k]), legendgroup=f"class {k}", showlegend=col == 1,
+                marker=dict(color=class_colour(k)), legendgroup=f"class {k}", showlegend=col == 1,
             ), row=1, col=col)
     fig.update_layout(barmode="stack", height=360, template="plotly_white", margin=dict(l=50, r=20, t=40, b=40),
                       bargap=0)
@@ -150,7 +153,7 @@ def fsc_figure(run: Run) -> go.Figure:
         s = curve.frequency.to_numpy()
         angstrom = np.divide(1.0, s, out=np.full_like(s, np.inf), where=s > 0)
         fig.add_trace(go.Scatter(
-            x=curve.frequency, y=curve.fsc, mode="lines", line=dict(color=CLASS_COLOURS[k], width=2),
+            x=curve.frequency, y=curve.fsc, mode="lines", line=dict(color=class_colour(k), width=2),
             name=f"class {k}" + (f" ({label} at {FSC_THRESHOLD:g})" if label else ""), customdata=angstrom,
             hovertemplate="%{customdata:.1f} Å<br>FSC %{y:.3f}<extra></extra>",
         ))
@@ -209,6 +212,6 @@ def _scene() -> dict:
 def _cone_hover(cones: pd.DataFrame) -> list[str]:
     return [
         f"cone {int(r.cone)}<br>{int(r.particles)} particles<br>separation {fixed(r.separation)}<br>"
-        f"sign {int(r.sign):+d}, part {int(r.component)}<br>class 1: {fixed(100 * r.class1_fraction, 0)}%"
+        f"sign {int(r.sign):+d}, part {int(r.component)}<br>side 1.1: {fixed(100 * r.class1_fraction, 0)}%"
         for r in cones.itertuples()
     ]

@@ -1,11 +1,13 @@
 """The report page of a finished split: report.html, one file that opens offline.
 
 plotly.js, the data and the images are inlined; the page's style and script are the package's
-static/report.css and static/report.js. Per cone it shows what the thesis viewer showed (section
-4.2): the histogram of the first principal component rho with the fitted two-Gaussian mixture and
-the log-likelihood ratio, the images the component moves between, and the cone's two class
-averages; then the graph of cones on the sphere, the coverage and class balance of the directions,
-the confidence of the particles and, once they exist, the class maps.
+static/report.css and static/report.js. It opens with the run's verdict and K, then shows the tree
+of the splits tested with their evidence, each class's map beside the consensus and their
+difference (filtered, masked central sections), and the confidence of the particles. Then, for the
+first split of the whole set into two, per cone what the thesis viewer showed (section 4.2): the
+histogram of the first principal component rho with the fitted two-Gaussian mixture and the
+log-likelihood ratio, the images the component moves between and the averages of the cone's two
+sides; the graph of cones on the sphere and the coverage and balance of the directions.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from plotly.offline import get_plotlyjs
 
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.report.checks import run_warnings
-from relion_graphsplit.report.colours import CLASS_COLOURS
-from relion_graphsplit.report.data import fixed, map_rows
+from relion_graphsplit.report.colours import DIFFERENCE_CMAP, SIDE_COLOURS, class_colour
+from relion_graphsplit.report.data import fixed, resolution_label
 from relion_graphsplit.report.figures import (
     confidence_figure,
     directions_figure,
@@ -34,6 +36,8 @@ from relion_graphsplit.report.figures import (
 from relion_graphsplit.report.panels import COMPONENT_CAPTIONS, K_SIGMA, cone_panels, png_uri
 from relion_graphsplit.report.pngs import write_figures
 from relion_graphsplit.report.read import Run, class_sizes, read_run
+from relion_graphsplit.report.sections import PLANES, SECTION_RESOLUTION, WORKING_PIXELS, map_sections
+from relion_graphsplit.report.tree import side_labels, tree_html
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -77,6 +81,7 @@ def render_html(run: Run, shown_as: Path | None = None) -> str:
     """
     folder = Path(shown_as) if shown_as is not None else run.out
     warnings = run_warnings(run)
+    sides = side_labels(run)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Graph split report: {html.escape(folder.resolve().name)}</title>",
@@ -84,9 +89,21 @@ def render_html(run: Run, shown_as: Path | None = None) -> str:
         f'<script type="text/javascript">{get_plotlyjs()}</script>',
         "</head><body>",
         f"<h1>Graph split report</h1><p class='caption'>{html.escape(str(folder.resolve()))}</p>",
+        _verdict_html(run),
         _warnings_html(warnings, run.notes),
         "<h2>Summary</h2>", _summary_html(run),
+        _tree_section(run),
+        _maps_section(run),
     ]
+    if run.particles is not None:
+        parts += [
+            "<h2>Particle confidence</h2>",
+            f'<div class="figure" id="confidence-figure">{_figure_html(confidence_figure(run), "confidence")}</div>',
+            '<p class="caption">' + ("Each particle's posterior probability of its class (and its log-odds, which "
+                                     "spreads out the posteriors near 1), stacked by class. A confident assignment piles "
+                                     "the posteriors near 1." if run.n_classes > 1 else
+                                     "One class: every particle's posterior is 1.") + "</p>",
+        ]
     if run.summary.get("noise_spectrum"):  # None when not estimated; runs of earlier versions lack it
         parts += [
             "<h2>Noise</h2>",
@@ -97,29 +114,24 @@ def render_html(run: Run, shown_as: Path | None = None) -> str:
             "the least noisy one, images and CTFs are whitened by this spectrum before the analysis.</p>",
         ]
     parts += [
-        "<h2>Cones</h2>", _cone_section(run),
+        "<h2>First split: cones</h2>",
+        '<p class="caption">The cones, the graph and the directions below are those of the first split of the whole '
+        f"set into two (tree node 1 into 1.1 and 1.2): side 1 is {html.escape(sides[1])}, side 2 is "
+        f"{html.escape(sides[2])}.</p>",
+        _cone_section(run),
         "<h2>Graph of cones</h2>",
         f'<div class="figure" id="graph-figure">{_figure_html(graph_figure(run), "cone-graph")}</div>',
         '<p class="caption">Each cone sits at its axis; black: sign +1, orange: sign −1 after synchronisation. '
         "Edges join cones that share particles, green where their ratios agree (positive weight), purple where "
-        "they disagree. Marker symbols tell the graph's disconnected parts apart: classes of different parts "
+        "they disagree. Marker symbols tell the graph's disconnected parts apart: the sides of different parts "
         "are synchronised separately.</p>",
         "<h2>Directions</h2>",
         f'<div class="figure" id="directions-figure">{_figure_html(directions_figure(run), "cone-directions")}</div>',
-        '<p class="caption">Left: share of each cone\'s particles in class 1 (red) or class 2 (blue). A class '
-        "confined to some directions suggests a split driven by orientation rather than structure. Right: "
+        "<p class=\"caption\">Left: share of each cone's particles on side 1 (red) or side 2 (blue) of the first split. "
+        "A side confined to some directions suggests a split driven by orientation rather than structure. Right: "
         "particles per cone; dark spots are poorly covered directions.</p>",
-    ]
-    if run.particles is not None:
-        parts += [
-            "<h2>Particle confidence</h2>",
-            f'<div class="figure" id="confidence-figure">{_figure_html(confidence_figure(run), "confidence")}</div>',
-            '<p class="caption">A good split piles posteriors near 1 and scores away from zero.</p>',
-        ]
-    parts += [
-        _maps_section(run),
         _json_script("cone-data", cone_panels(run)),
-        _json_script("report-colours", {str(k): v for k, v in CLASS_COLOURS.items()}),
+        _json_script("report-sides", {str(k): {"colour": SIDE_COLOURS[k], "label": sides[k]} for k in (1, 2)}),
         f"<script type='text/javascript'>\n{static_text('report.js')}</script>",
         "</body></html>",
     ]
@@ -171,10 +183,11 @@ def _summary_html(run: Run) -> str:
         ("cones", f"{len(run.cones)} ({float(s.get('sampling', math.nan)):.1f}° sampling, "
                   f"{float(s.get('cone_angle', math.nan)):.1f}° cones; median {int(np.median(counts))} particles)"),
         ("graph parts", f"{s.get('graph_components', run.cones['component'].nunique())}"),
+        ("classes", _classes_text(run)),
     ]
     if "noise" in s:  # runs of earlier versions did not record it
         rows.append(("noise", str(s["noise"])))
-    rows += [(f"class {k}", f"{sizes[k]} ({100 * sizes[k] / total:.1f}%)") for k in (1, 2)]
+    rows += [(f"class {k}", f"{n} ({100 * n / total:.1f}%)") for k, n in sizes.items()]
     timings = {str(k): float(v) for k, v in s.get("timings", {}).items()}
     longest = max(timings.values(), default=1.0) or 1.0
     time_rows = "".join(
@@ -226,23 +239,81 @@ def _cone_section(run: Run) -> str:
   <div class="figure images" id="cone-images">{images}</div>
 </div>
 <p class="caption">Grey: histogram of rho, the cone's particles projected on its first principal component.
-Coloured: the two fitted Gaussians, in the colour of the class they go to after synchronisation; dashed:
-their sum. Purple (right axis): the synchronised log-likelihood ratio (above zero: class 1). Images: the
-cone's mean moved by ±{K_SIGMA:g} standard deviations of rho along the eigen-image shows what the component
-changes; the class averages should differ in the same way.</p>"""
+Coloured: the two fitted Gaussians, in the colour of the side of the first split they go to after
+synchronisation; dashed: their sum. Purple (right axis): the synchronised log-likelihood ratio (above zero:
+side 1). Images: the cone's mean moved by ±{K_SIGMA:g} standard deviations of rho along the eigen-image shows
+what the component changes; the averages of the two sides should differ in the same way.</p>"""
+
+
+def _verdict_html(run: Run) -> str:
+    verdict = run.summary.get("verdict") or f"{run.n_classes} class{'es' if run.n_classes != 1 else ''}"
+    return (f'<div class="verdict" id="verdict"><span class="k">K = {run.n_classes}</span> '
+            f"{html.escape(str(verdict))}</div>")
+
+
+def _classes_text(run: Run) -> str:
+    """K, and how it was chosen: given with --K, or found by the split tests up to max_K."""
+    requested = run.summary.get("K_requested")
+    if requested is None:  # runs of earlier versions
+        return str(run.n_classes)
+    if str(requested) == "auto":
+        return f"{run.n_classes} (found by testing each split on independent halves; at most {run.summary.get('max_K', '?')})"
+    return f"{run.n_classes} (asked for with --K {requested})"
+
+
+def _tree_section(run: Run) -> str:
+    tree = tree_html(run)
+    requested = str(run.summary.get("K_requested", "auto"))
+    given = f"K was given (--K {requested}), so no split was tested. " if requested != "auto" else ""
+    if not tree:
+        return f'<h2>Split tree</h2><p class="caption" id="split-tree">{given or "This run records no split tests."}</p>'
+    return (
+        f'<h2>Split tree</h2><div class="figure" id="tree-figure">{tree}</div>'
+        f'<p class="caption">{given}Each split is tested on independent half sets: the split found on half 1 is '
+        "scored on half 2 and the reverse. The gain is the held-out bimodality gain (nats per particle); a split is "
+        "kept only where both gains exceed the threshold (✓) and the two halves agree. FSC: agreement of the two "
+        "halves' class-difference maps (mean FSC over the low-resolution band). The children of node X are X.1 and "
+        "X.2; each leaf of the kept tree is a class.</p>"
+    )
 
 
 def _maps_section(run: Run) -> str:
-    if run.maps is None:
+    shown = map_sections(run)
+    if shown is None:
         return ""
     fsc = _figure_html(fsc_figure(run), "fsc") if run.fsc else "<p>No FSC curves (run_model.star missing).</p>"
-    cells = []
-    for label, slices, lo, hi, cmap in map_rows(run.maps):
-        for plane, image in zip(("xy", "xz", "yz"), slices):
-            cells.append(f'<figure><img class="map-slice" src="{png_uri(image, lo, hi, cmap)}" '
-                         f'alt="{html.escape(label)} {plane}"><figcaption>{html.escape(label)}, {plane}</figcaption></figure>')
-    return (f'<h2>Class maps</h2><div class="figure" id="fsc-figure">{fsc}</div>'
-            f'<div class="figure slices" id="map-slices">{"".join(cells)}</div>'
-            '<p class="caption">Central sections of the two class maps (same grey scale) and of their difference '
-            "(red: stronger in class 1, blue: stronger in class 2).</p>")
-
+    sizes = class_sizes(run)
+    total = max(1, sum(sizes.values()))
+    lo, hi = shown.grey
+    blocks = []
+    for c in shown.classes:
+        k = c.k
+        kinds = [(f"class {k}", c.class_map, lo, hi, None)]
+        if c.difference is not None:
+            kinds += [("consensus", c.consensus, lo, hi, None),
+                      (f"class {k} − consensus", c.difference, -shown.limit, shown.limit, DIFFERENCE_CMAP)]
+        cells = [
+            f'<figure><img class="map-slice" src="{png_uri(images[i], vmin, vmax, cmap)}" alt="{html.escape(label)} {plane}">'
+            f"<figcaption>{html.escape(label)}, {plane}</figcaption></figure>"
+            for i, plane in enumerate(PLANES) for label, images, vmin, vmax, cmap in kinds
+        ]
+        resolution = resolution_label(run.fsc[k]) if k in run.fsc else ""
+        n = sizes.get(k, 0)
+        blocks.append(
+            f'<div class="figure class-sections" id="class-sections-{k}">'
+            f'<h3 style="color:{class_colour(k)}">class {k}: {n} particles ({100 * n / total:.1f}%)'
+            + (f", {html.escape(resolution)}" if resolution else "") + "</h3>"
+            f'<div class="slices" style="grid-template-columns: repeat({len(kinds)}, 170px)">{"".join(cells)}</div></div>'
+        )
+    filtering = (f"low-pass filtered to {shown.resolution:.1f} Å (the coarser of {SECTION_RESOLUTION:g} Å and "
+                 f"{WORKING_PIXELS:g} working pixels)" + (", multiplied by run_mask.mrc" if shown.masked else ", unmasked"))
+    if run.n_classes > 1:
+        caption = (f"Central sections through the box centre (rows: xy, xz, yz), {filtering}. Each class beside the "
+                   "consensus (the mean of the class maps weighted by their particle counts) and the class minus the "
+                   "consensus: red where the class is denser than the consensus, blue where it is weaker. One grey scale "
+                   "for all maps, one colour scale, symmetric about zero, for all differences.")
+    else:
+        caption = ("One class: its map is that of all particles (the consensus), so there is no class difference "
+                   f"to show. Central sections through the box centre, {filtering}.")
+    return (f'<h2>Classes</h2><div class="figure" id="fsc-figure">{fsc}</div>{"".join(blocks)}'
+            f'<p class="caption">{caption}</p>')

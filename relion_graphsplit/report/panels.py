@@ -1,7 +1,8 @@
 """The page's per-cone panel, as data: what the thesis viewer showed of each cone (section 4.2).
 
 Per cone: its statistics, the histogram of rho with the fitted two-Gaussian mixture, the images the
-first principal component moves between and the cone's two class averages (PNG data URIs). The
+first principal component moves between and the averages of the cone's particles on each side of
+the first split (tree nodes 1.1 and 1.2; PNG data URIs). The
 page's script (static/report.js) draws the panel of the cone chosen from this data.
 """
 
@@ -24,7 +25,7 @@ IMAGE_PIXEL_BUDGET = 12_000_000
 """Pixels of all cone images together; larger runs get their images shrunk to keep the page small."""
 COMPONENT_CAPTIONS = (
     f"mean − {K_SIGMA:g}σ·eigen", "mean", f"mean + {K_SIGMA:g}σ·eigen",
-    "eigen-image", "class 1 average", "class 2 average",
+    "eigen-image", "side 1.1 average", "side 1.2 average",
 )
 
 
@@ -40,8 +41,8 @@ def cone_panels(run: Run) -> list[dict]:
     -------
     list[dict]
         One dict per cone, in the order of run.cones, ready for JSON: statistics (particles,
-        explained variance, separation in sigma, mixture parameters, sign, graph part, class-1
-        fraction, axis as rot and tilt in degrees), the histogram of all of the cone's rho values
+        explained variance, separation in sigma, mixture parameters, sign, graph part, share on
+        side 1 of the first split, axis as rot and tilt in degrees), the histogram of all of the cone's rho values
         (edges, density), and six PNG data URIs (`COMPONENT_CAPTIONS`; none without cone images).
         The images are shrunk when the run has so many cones that they would exceed
         IMAGE_PIXEL_BUDGET. Numbers are rounded to 4 (mixture and edges 6) significant digits;
@@ -121,7 +122,7 @@ def _num(value: float, digits: int = 4) -> float | None:
 
 
 def _component_images(images: np.ndarray, rho_sd: float) -> list[np.ndarray]:
-    """Mean - k sd, mean, mean + k sd along the eigen-image, the eigen-image, the two class averages."""
-    mean, eigen, class1, class2 = images
+    """Mean - k sd, mean, mean + k sd along the eigen-image, the eigen-image, the two sides' averages."""
+    mean, eigen, side1, side2 = images
     step = K_SIGMA * rho_sd * eigen
-    return [mean - step, mean, mean + step, eigen, class1, class2]
+    return [mean - step, mean, mean + step, eigen, side1, side2]

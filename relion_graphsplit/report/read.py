@@ -8,6 +8,7 @@ cannot be shown, and why, goes into `Run.notes`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,12 @@ import pandas as pd
 import starfile
 
 from relion_graphsplit.fourier.fsc import resolution_at
+from relion_graphsplit.relion.mrc import read_mrc
 
-CONFIDENCE_COLUMNS = ("rlnClassNumber", "rlnMaxValueProbDistribution", "rlnGraphSplitScore")
+CONFIDENCE_COLUMNS = ("rlnClassNumber", "rlnMaxValueProbDistribution")
+"""run_data.star's columns the particle confidence needs: the class (1..K) and its posterior."""
+LOG_ODDS_LABEL = "rlnGraphSplitLogOdds"
+"""rlnGraphSplitLogOdds1 .. rlnGraphSplitLogOddsK (runs with K >= 2): per class k, ln(P(k|x) / (1 - P(k|x)))."""
 FSC_THRESHOLD = 0.143
 """The gold-standard FSC threshold the report's resolutions are read at."""
 
@@ -61,8 +66,11 @@ class Run:
     edges: pd.DataFrame  # cone1, cone2, shared, weight
     memberships: pd.DataFrame  # cone, particle, rho, llr
     particles: pd.DataFrame | None  # run_data.star's particle table
-    images: dict[int, np.ndarray]  # cone id -> (4, w, w): mean, eigen-image, class-1 and class-2 averages
-    maps: tuple[np.ndarray, np.ndarray] | None  # class 1 and class 2 maps [z, y, x]
+    images: dict[int, np.ndarray]  # cone id -> (4, w, w): mean, eigen-image, side-1 and side-2 averages
+    n_classes: int  # K, the number of classes (1 when no split was kept)
+    maps: list[np.ndarray] | None  # class 1..K maps [z, y, x] (K = 1: the consensus), float32
+    map_pixel_size: float  # of the class maps (A): their header's, else the summary's pixel_size; nan without maps
+    mask: np.ndarray | None  # run_mask.mrc [z, y, x], at the maps' box; None when missing or another box
     fsc: dict[int, FscCurve] = field(default_factory=dict)  # class -> its gold-standard FSC
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
 
@@ -74,13 +82,15 @@ def read_run(out_dir: Path) -> Run:
     ----------
     out_dir : Path
         The run's output folder. run_summary.json, run_cones.star and run_memberships.star must be
-        there; run_data.star, run_cone_images.mrcs, run_class001.mrc / run_class002.mrc and
-        run_model.star may be missing (then the report leaves out what needs them).
+        there; run_data.star, run_cone_images.mrcs, run_class001.mrc .. run_classKKK.mrc,
+        run_mask.mrc and run_model.star may be missing (then the report leaves out what needs them).
 
     Returns
     -------
     Run
-        The run's tables, images, class maps and FSC curves, with notes on what could not be read.
+        The run's tables, images, class maps, mask and FSC curves, with notes on what could not be
+        read. K is run_summary.json's "K"; for runs that predate it, the number of classes in its
+        class_sizes, else in run_data.star, else of consecutive run_classNNN.mrc files.
     """
     out = Path(out_dir)
     summary = json.loads((out / "run_summary.json").read_text())
@@ -97,23 +107,31 @@ def read_run(out_dir: Path) -> Run:
         notes.append(f"{data.name} lacks {', '.join(CONFIDENCE_COLUMNS)}: no particle confidence")
         particles = None
     images = _read_cone_images(out / "run_cone_images.mrcs", cones["cone"].to_numpy(), notes)
-    maps = None
-    class_maps = [out / f"run_class{k:03d}.mrc" for k in (1, 2)]
-    if all(p.is_file() for p in class_maps):
-        maps = tuple(_read_map(p) for p in class_maps)
+    n_classes = _class_count(out, summary, particles)
+    maps, map_pixel_size, mask = None, float("nan"), None
+    class_maps = [out / f"run_class{k:03d}.mrc" for k in range(1, n_classes + 1)]
+    if class_maps and all(p.is_file() for p in class_maps):
+        read = [read_mrc(p) for p in class_maps]
+        maps = [volume for volume, _ in read]
+        map_pixel_size = read[0][1] if read[0][1] > 0 else float(summary.get("pixel_size", "nan"))  # header unset
+        mask = _read_mask(out / "run_mask.mrc", maps[0].shape, notes)
+    elif class_maps:
+        notes.append(f"{', '.join(p.name for p in class_maps if not p.is_file())} missing: no class maps")
     fsc = read_fsc(out / "run_model.star")
-    return Run(out, summary, cones, edges, memberships, particles, images, maps, fsc, notes)
+    return Run(out, summary, cones, edges, memberships, particles, images, n_classes, maps, map_pixel_size, mask,
+               fsc, notes)
 
 
 def class_sizes(run: Run) -> dict[int, int]:
-    """Particles in class 1 and class 2: the summary's counts, else run_data.star's, else zeros."""
+    """Particles in classes 1..K: the summary's counts, else run_data.star's, else zeros."""
+    classes = range(1, run.n_classes + 1)
     sizes = run.summary.get("class_sizes")
     if sizes:
-        return {k: int(sizes.get(str(k), 0)) for k in (1, 2)}
+        return {k: int(sizes.get(str(k), 0)) for k in classes}
     if run.particles is not None:
-        classes = run.particles["rlnClassNumber"].to_numpy()
-        return {k: int((classes == k).sum()) for k in (1, 2)}
-    return {1: 0, 2: 0}
+        numbers = run.particles["rlnClassNumber"].to_numpy()
+        return {k: int((numbers == k).sum()) for k in classes}
+    return dict.fromkeys(classes, 0)
 
 
 def read_fsc(path: Path) -> dict[int, FscCurve]:
@@ -128,9 +146,10 @@ def read_fsc(path: Path) -> dict[int, FscCurve]:
     Returns
     -------
     dict[int, FscCurve]
-        Class (1, 2) -> its curve; empty when the file is missing. The box and pixel size come from
-        model_general's rlnOriginalImageSize and rlnPixelSize; where those are missing, from the
-        frequencies themselves (shell s at s / (box * pixel_size) 1/A, an even box taken).
+        Class k (1..K, one per model_class_k block) -> its curve, in class order; empty when the file
+        is missing. The box and pixel size come from model_general's rlnOriginalImageSize and
+        rlnPixelSize; where those are missing, from the frequencies themselves (shell s at
+        s / (box * pixel_size) 1/A, an even box taken).
     """
     if not path.is_file():
         return {}
@@ -138,8 +157,9 @@ def read_fsc(path: Path) -> dict[int, FscCurve]:
     general = blocks.get("model_general")
     general = general if isinstance(general, dict) else {}
     curves = {}
-    for k in (1, 2):
-        block = blocks.get(f"model_class_{k}")
+    numbers = sorted(int(m[1]) for name in blocks if (m := re.fullmatch(r"model_class_(\d+)", name)))
+    for k in numbers:
+        block = blocks[f"model_class_{k}"]
         if isinstance(block, pd.DataFrame) and {"rlnResolution", "rlnGoldStandardFsc"} <= set(block.columns) \
                 and len(block) > 1:
             table = block[["rlnResolution", "rlnGoldStandardFsc"]].astype(float).reset_index(drop=True)
@@ -167,6 +187,27 @@ def _read_cone_images(path: Path, cone_ids: np.ndarray, notes: list[str]) -> dic
     return {int(c): stack[4 * c: 4 * c + 4] for c in cone_ids}
 
 
-def _read_map(path: Path) -> np.ndarray:
-    with mrcfile.open(path, mode="r", permissive=True) as mrc:
-        return np.array(mrc.data, dtype=np.float32)
+def _class_count(out: Path, summary: dict, particles: pd.DataFrame | None) -> int:
+    """K: the summary's, else that of its class_sizes, run_data.star's classes, the class map files."""
+    if "K" in summary:
+        return int(summary["K"])
+    if summary.get("class_sizes"):
+        return max(int(k) for k in summary["class_sizes"])
+    if particles is not None:
+        return int(particles["rlnClassNumber"].max())
+    k = 0
+    while (out / f"run_class{k + 1:03d}.mrc").is_file():
+        k += 1
+    return k
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], notes: list[str]) -> np.ndarray | None:
+    """run_mask.mrc when it is there and at the class maps' box; else None, with a note why."""
+    if not path.is_file():
+        notes.append(f"{path.name} is missing: map sections unmasked")
+        return None
+    mask, _ = read_mrc(path)
+    if mask.shape != shape:
+        notes.append(f"{path.name} is {mask.shape}, the class maps {shape}: map sections unmasked")
+        return None
+    return mask

@@ -12,18 +12,19 @@ import starfile
 
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.method.pipeline import SplitResult
+from relion_graphsplit.method.refine import log_odds
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stack_files import resolve_stack
 
-SCORE_LABEL = "rlnGraphSplitScore"
-"""Column with each particle's score, SplitResult.score: the log posterior odds of class 1 after the
-refinement, or the mean synchronised log-likelihood ratio of the graph split when no refinement ran
-(class 1 where it is >= 0)."""
+LOG_ODDS_LABEL = "rlnGraphSplitLogOdds"
+"""Columns rlnGraphSplitLogOdds1 .. rlnGraphSplitLogOddsK (for K >= 2 classes): each particle's log
+posterior odds of class k, log(P(k) / (1 - P(k))), after the refinement (for two classes without
+it, the mean synchronised log-likelihood ratio of the graph split for class 1 and its negative)."""
 
 
 def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.DataFrame:
-    """The input particle table, every column kept, with the class, its probability and the score;
-    image names valid from the working directory (`image_names_from_workdir`).
+    """The input particle table, every column kept, with the class, its probability and the log odds
+    of every class; image names valid from the working directory (`image_names_from_workdir`).
 
     Parameters
     ----------
@@ -35,15 +36,17 @@ def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.Dat
     Returns
     -------
     pd.DataFrame
-        The table with rlnImageName rewritten, rlnClassNumber (1 or 2, int64),
-        rlnMaxValueProbDistribution (the posterior probability of the assigned class) and
-        SCORE_LABEL (the score) set.
+        The table with rlnImageName rewritten, rlnClassNumber (1..K, int64),
+        rlnMaxValueProbDistribution (the posterior probability of the assigned class) and, for
+        K >= 2, the LOG_ODDS_LABEL columns set.
     """
     table = ps.particles.copy()
     table["rlnImageName"] = image_names_from_workdir(ps)
     table["rlnClassNumber"] = result.classes.astype(np.int64)
     table["rlnMaxValueProbDistribution"] = result.probability
-    table[SCORE_LABEL] = result.score
+    if result.n_classes >= 2:
+        for k, column in enumerate(log_odds(result.log_posterior).T, start=1):
+            table[f"{LOG_ODDS_LABEL}{k}"] = column
     return table
 
 

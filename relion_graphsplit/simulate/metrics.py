@@ -40,7 +40,9 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of particles labelled right under the best matching of predicted to true labels.
 
     Class numbers are arbitrary, so the labels are matched one to one (for two classes: the better
-    of the two permutations); a predicted class left without a match counts as wrong.
+    of the two permutations). The numbers of predicted and true classes may differ: the particles of
+    a predicted class left without a match (more predicted classes than true ones), or of a true class
+    left without one (fewer), count as wrong.
 
     Parameters
     ----------
@@ -56,6 +58,34 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     table = contingency(pred, truth)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
+
+
+def matched_correct(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Which particles are labelled right under the best matching of predicted to true labels.
+
+    The matching is `accuracy`'s (one to one, by linear_sum_assignment on the contingency table), so
+    that ``matched_correct(pred, truth).mean() == accuracy(pred, truth)``. With more predicted classes
+    than true ones, the particles of a predicted class left without a match are all wrong; with
+    fewer, the particles of an unmatched true class are.
+
+    Parameters
+    ----------
+    pred, truth : np.ndarray
+        (n,) predicted and true labels (`contingency`).
+
+    Returns
+    -------
+    np.ndarray
+        (n,) bool, True where the particle's predicted class is matched to its true class.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    table = contingency(pred, truth)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    pred_labels, p = np.unique(pred, return_inverse=True)
+    _, t = np.unique(truth, return_inverse=True)
+    match = np.full(len(pred_labels), -1, dtype=np.int64)
+    match[rows] = cols
+    return match[p.reshape(-1)] == t.reshape(-1)
 
 
 def adjusted_rand_index(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -195,6 +195,54 @@ def superpose(
     return float(np.sqrt(((moved - pt) ** 2).sum(1).mean()))
 
 
+def _atom_keys(structure: gemmi.Structure) -> list[tuple[str, int, str, str, str]]:
+    """(chain, residue number, insertion code, residue name, atom name) of each atom of the first model."""
+    return [
+        (chain.name, residue.seqid.num, residue.seqid.icode, residue.name, atom.name)
+        for chain in structure[0]
+        for residue in chain
+        for atom in residue
+    ]
+
+
+def interpolate_models(start: gemmi.Structure, end: gemmi.Structure, t: float) -> gemmi.Structure:
+    """A model between two conformations of one molecule: each atom at (1 - t) start + t end.
+
+    Linear interpolation of the atom positions (Cartesian, not along the motion's hinges): superpose
+    the two models first (`superpose`), so that only the moving parts move. Halfway between adenylate
+    kinase's open and closed states (t = 0.5) the LID and NMP domains lie about half closed, with bond
+    lengths in the hinges a few tenths of an Angstrom off: an intermediate state at the resolution of
+    simulated particle images, not a physical model.
+
+    Parameters
+    ----------
+    start, end : gemmi.Structure
+        The two conformations (their first models), with the same atoms in the same order (chain,
+        residue number and name, atom name).
+    t : float
+        Where between them: 0 gives `start`'s positions, 1 `end`'s.
+
+    Returns
+    -------
+    gemmi.Structure
+        A copy of `end` with the interpolated positions (A).
+
+    Raises
+    ------
+    ValueError
+        If the two models' atoms differ.
+    """
+    if _atom_keys(start) != _atom_keys(end):
+        raise ValueError("the models have different atoms: interpolation needs one atom list")
+    a, _ = atom_positions(start)
+    b, _ = atom_positions(end)
+    positions = (1.0 - t) * a + t * b
+    out = end.clone()
+    for cra, (x, y, z) in zip(out[0].all(), positions):
+        cra.atom.pos = gemmi.Position(x, y, z)
+    return out
+
+
 def density_from_model(
     structure: gemmi.Structure,
     box: int,

@@ -1,6 +1,6 @@
 (function () {
   const cones = JSON.parse(document.getElementById('cone-data').textContent);
-  const colours = JSON.parse(document.getElementById('report-colours').textContent);
+  const sides = JSON.parse(document.getElementById('report-sides').textContent);  // the first split's sides 1 and 2
   const select = document.getElementById('cone-select');
   const slider = document.getElementById('cone-slider');
   const imgs = document.querySelectorAll('#cone-images img');
@@ -34,8 +34,8 @@
         }
         const k1 = d.sign > 0 ? 1 : 2, k2 = 3 - k1;
         traces.push({x: xs, y: sum, mode: 'lines', name: 'mixture', line: {color: '#555555', dash: 'dash', width: 1.5}});
-        traces.push({x: xs, y: n1, mode: 'lines', name: 'component 1 → class ' + k1, line: {color: colours[k1], width: 2.5}});
-        traces.push({x: xs, y: n2, mode: 'lines', name: 'component 2 → class ' + k2, line: {color: colours[k2], width: 2.5}});
+        traces.push({x: xs, y: n1, mode: 'lines', name: 'component 1 → ' + sides[k1].label, line: {color: sides[k1].colour, width: 2.5}});
+        traces.push({x: xs, y: n2, mode: 'lines', name: 'component 2 → ' + sides[k2].label, line: {color: sides[k2].colour, width: 2.5}});
         traces.push({x: xs, y: llr, mode: 'lines', name: 'synchronised llr', yaxis: 'y2', line: {color: '#7b3294', width: 1.5}});
       }
     } else {
@@ -47,7 +47,7 @@
       'cone ' + d.cone + ' | ' + d.particles + ' particles | rot ' + f(d.rot, 1) + '°, tilt ' + f(d.tilt, 1) +
       '° | explained variance ' + f(d.explained * 100, 1) + '% | separation ' + f(d.separation, 2) +
       ' σ | weight1 ' + f(d.weight1, 2) + ' | sign ' + (d.sign > 0 ? '+1' : '−1') + ' | graph part ' + d.component +
-      ' | class 1: ' + (d.class1_fraction === null ? 'n/a' : f(d.class1_fraction * 100, 0) + '%');
+      ' | side ' + sides[1].label + ': ' + (d.class1_fraction === null ? 'n/a' : f(d.class1_fraction * 100, 0) + '%');
     imgs.forEach((img, k) => { if (d.images.length) { img.src = d.images[k]; } else { img.removeAttribute('src'); } });
     select.value = String(i); slider.value = String(i);
   }

@@ -1,0 +1,235 @@
+"""How many classes: the split in two applied again to each class, each split tested on half-sets.
+
+With K chosen automatically, the largest class not yet tested is split on each of its half-sets alone
+and the split kept only where it passes `split_test` (two modes in the held-out half, both ways); a
+kept split divides the class by its split of all its particles, and both new classes are tested in
+turn, up to max_classes. With K given, the largest class is split, untested, until there are K. Then
+every particle is classified against all K class maps at once (`refine.refine_classes`: soft
+assignments, class priors, the halves' maps kept apart for the FSC weighting), started from the tree.
+With K chosen automatically and three classes or more, the union of the two most similar classes is
+then tested as a split; where it fails the test, the two are merged (node "X+Y") and all the classes
+refined again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+from relion_graphsplit.method.split_test import (
+    MIN_HALF_PARTICLES,
+    SplitTest,
+    bimodality_gain,
+    difference_fsc,
+    threshold_for,
+)
+from relion_graphsplit.method.two_classes import Splitter, TwoClasses
+
+NO_SPLIT_VERDICT = (
+    "No reproducible heterogeneity at this mask and resolution: one class. A mask focused on the region of "
+    "interest may reveal a small difference."
+)
+
+
+@dataclass
+class Classes:
+    """The classes found for n particles.
+
+    Attributes
+    ----------
+    classes : np.ndarray
+        (n,) int64 1..K.
+    log_posterior : np.ndarray
+        (n, K) float64 log posterior probability of each class (all 0 for K = 1).
+    nodes : list of str
+        The tree leaf of each class 1..K ("1" the whole set; the classes of node X are X.1 and X.2).
+    tests : list of SplitTest
+        Every split tested, in order.
+    verdict : str
+        One sentence for the user.
+    changed : list of int
+        Particles that changed class in each round of the final refinement.
+    warnings : list of str
+        Warnings for the user.
+    """
+
+    classes: np.ndarray
+    log_posterior: np.ndarray
+    nodes: list[str]
+    tests: list[SplitTest] = field(default_factory=list)
+    verdict: str = ""
+    changed: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_classes(self) -> int:
+        return self.log_posterior.shape[1]
+
+
+def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarray, halves: np.ndarray) -> SplitTest:
+    """The split of `rows` learnt on each half-set alone and scored on the other (`split_test`).
+
+    Parameters
+    ----------
+    splitter : Splitter
+        The shared state of the splits.
+    node, parent : str, str or None
+        The tree node tested and its parent.
+    rows : np.ndarray
+        (m,) int64 the node's particles, ascending.
+    halves : np.ndarray
+        (n,) int64 every particle's half-set, 1 or 2.
+
+    Returns
+    -------
+    SplitTest
+        The evidence and verdict.
+    """
+    parts = [rows[halves[rows] == h] for h in (1, 2)]
+    sizes = (len(parts[0]), len(parts[1]))
+    threshold = threshold_for(sizes)
+
+    def verdict(kept: bool, reason: str, gain=(float("nan"), float("nan")), agreement=None) -> SplitTest:
+        return SplitTest(node, parent, len(rows), sizes, tuple(gain), threshold, agreement, kept, reason)
+
+    if min(sizes) < MIN_HALF_PARTICLES:
+        return verdict(False, f"too few particles in a half-set (fewer than {MIN_HALF_PARTICLES})")
+    splits: list[TwoClasses] = []
+    for part in parts:
+        try:
+            splits.append(splitter.split(part))
+        except ValueError:  # every cone too sparse
+            return verdict(False, "a half-set too sparse to split")
+    for split in splits:
+        if np.bincount(split.classes, minlength=3)[1:].min() < 0.01 * len(split.rows):
+            return verdict(False, "a half-set's split ended with one class")
+    start = time.perf_counter()
+    directions = [splitter.difference(split) for split in splits]
+    gain = [bimodality_gain(*splitter.scores(parts[1 - h], directions[h])) for h in (0, 1)]
+    agreement = abs(difference_fsc(*directions, splitter.mask, splitter.pixel_size))
+    if splitter.timings is not None:
+        splitter.timings["split tests"] = splitter.timings.get("split tests", 0.0) + time.perf_counter() - start
+    if min(gain) > threshold:
+        return verdict(True, "two modes in each held-out half", gain, agreement)
+    if max(gain) > threshold:
+        return verdict(False, "two modes in one held-out half only", gain, agreement)
+    return verdict(False, "one mode in the held-out halves", gain, agreement)
+
+
+def _drop_empty(log_posterior: np.ndarray, leaves: list[str], warnings: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Classes that no particle is most likely to be in, removed (posteriors renormalised)."""
+    kept = np.flatnonzero(np.bincount(np.argmax(log_posterior, axis=1), minlength=len(leaves)))
+    if len(kept) == len(leaves):
+        return log_posterior, leaves
+    warnings.append(f"{len(leaves) - len(kept)} class(es) lost every particle in the refinement of all classes")
+    kept_log = log_posterior[:, kept]
+    return kept_log - logsumexp(kept_log, axis=1, keepdims=True), [leaves[i] for i in kept]
+
+
+def _closest_pair(maps: list[torch.Tensor], mask: torch.Tensor) -> tuple[int, int]:
+    """The indices i < j of the two most similar maps (least squared difference within `mask`)."""
+    pairs = [(i, j) for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    return min(pairs, key=lambda p: float((((maps[p[0]] - maps[p[1]]) * mask) ** 2).sum()))
+
+
+def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Classes:
+    """The classes of all particles: the tree of splits, then one refinement against every class map.
+
+    Parameters
+    ----------
+    splitter : Splitter
+        The shared state; its options give n_classes (None: automatic) and max_classes.
+    root : TwoClasses
+        The split of all particles in two (rows 0..n - 1).
+    halves : np.ndarray
+        (n,) int64 every particle's half-set, 1 or 2.
+
+    Returns
+    -------
+    Classes
+    """
+    options = splitter.options
+    n = len(root.rows)
+    members = {"1": root.rows}
+    splits = {"1": root}
+    leaves = ["1"]
+    tests: list[SplitTest] = []
+    warnings: list[str] = []
+    wanted = options.n_classes or options.max_classes
+    automatic = options.n_classes is None
+    if automatic and not splitter.refines:
+        warnings.append("the split cannot be tested without the refinement (--ctf_correction subtract-multiply, "
+                        "unpremultiplied particles): two classes, untested")  # fmt: skip
+        automatic, wanted = False, 2
+    untested = ["1"]
+    while untested and len(leaves) < wanted:
+        node = max(untested, key=lambda x: (len(members[x]), x))
+        untested.remove(node)
+        if automatic:
+            parent = node.rpartition(".")[0] or None
+            test = test_split(splitter, node, parent, members[node], halves)
+            tests.append(test)
+            if not test.kept:
+                continue
+        if node not in splits:
+            try:
+                splits[node] = splitter.split(members[node])
+            except ValueError as err:
+                warnings.append(f"class {node} could not be split: {err}")
+                continue
+        split = splits[node]
+        children = [split.rows[split.classes == k] for k in (1, 2)]
+        if min(len(c) for c in children) == 0:
+            warnings.append(f"the split of node {node} left a class empty")
+            continue
+        leaves.remove(node)
+        for k, child in enumerate(children, start=1):
+            members[f"{node}.{k}"] = child
+            leaves.append(f"{node}.{k}")
+            untested.append(f"{node}.{k}")
+    if options.n_classes and len(leaves) < options.n_classes:
+        warnings.append(f"{options.n_classes} classes were asked for; {len(leaves)} were found")
+    leaves.sort(key=lambda x: [int(part) for part in x.split(".")])
+    classes = np.zeros(n, dtype=np.int64)
+    for k, node in enumerate(leaves, start=1):
+        classes[members[node]] = k
+    changed: list[int] = []
+    if len(leaves) == 1:
+        log_posterior = np.zeros((n, 1))
+    elif len(leaves) == 2:
+        log_posterior, changed = root.log_posterior, root.changed
+    elif splitter.refines:
+        while True:
+            refined = splitter.refine(root.rows, classes)
+            log_posterior, changed = refined.log_posterior, refined.changed
+            log_posterior, leaves = _drop_empty(log_posterior, leaves, warnings)
+            classes = np.argmax(log_posterior, axis=1) + 1
+            if not automatic or len(leaves) < 3:
+                break
+            # A state the tree cut in two (a continuum's middle, say) gives two classes whose union
+            # is one mode: test the closest pair's union as a split, and merge it where it fails.
+            i, j = _closest_pair(splitter.class_maps(root.rows, np.exp(log_posterior), splitter.mask), splitter.mask)
+            union = root.rows[(classes == i + 1) | (classes == j + 1)]
+            test = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
+            tests.append(test)
+            if test.kept:
+                break
+            classes = np.where(classes == j + 1, i + 1, classes)
+            classes = np.where(classes > j + 1, classes - 1, classes)
+            leaves = [f"{leaves[i]}+{leaves[j]}" if x == i else leaf for x, leaf in enumerate(leaves) if x != j]
+    else:  # no refinement: the tree's classes, certain
+        log_posterior = np.log(np.eye(len(leaves))[classes - 1].clip(1e-300))
+    classes = np.argmax(log_posterior, axis=1) + 1
+    k = len(leaves)
+    merged = sum(1 for test in tests if "+" in test.node and not test.kept)
+    if automatic:
+        verdict = NO_SPLIT_VERDICT if k == 1 else f"{k} classes: each split kept shows two modes in both held-out half-sets."
+        if merged:
+            verdict += f" {merged} pair(s) of classes merged: their union showed one mode."
+    else:
+        verdict = f"{k} classes, as asked for (splits not tested)."
+    return Classes(classes, log_posterior, leaves, tests, verdict, changed, warnings)

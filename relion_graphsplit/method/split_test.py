@@ -1,0 +1,174 @@
+"""Whether a split is real: learnt on each half-set alone, it must find two modes in the other half.
+
+RELION's gold standard for resolution, applied to classification. The particles of a class are
+divided by their half-sets (rlnRandomSubset); the split is learnt on each half separately, and the
+difference of its two class maps is a direction in map space. Every particle of the other half is
+scored along that direction (`refine.projection_scores`: its amount z of the difference, with the
+uncertainty its noise leaves), and two models of those held-out scores are compared by likelihood:
+one Gaussian spread of z, and two Gaussians of the same spread (two states). Both models deconvolve each
+particle's own noise.
+
+The comparison asks for two modes, not only for a reproducible difference. Pose errors leave a
+continuous variability in a homogeneous set (the map's rotational and translational derivatives),
+which a split on one half learns and the other half reproduces; but along that direction the other
+half's scores spread as one Gaussian, which the first model explains as well as the second.
+docs/method.md ("How many classes") has the measurements behind the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from relion_graphsplit.fourier.fsc import fsc
+
+GAIN_THRESHOLD = 0.01
+"""Least held-out gain (nats per particle, both directions) of two modes over one for a split to be
+kept; docs/method.md gives the gains measured on homogeneous and heterogeneous sets."""
+
+MIN_TOTAL_GAIN = 10.0
+"""Least held-out gain in nats over a whole half: a small half's gain per particle is noisy."""
+
+MIN_HALF_PARTICLES = 300
+"""Fewest particles in each half-set for a split to be tested (the graph needs populated cones)."""
+
+FSC_BAND = (60.0, 20.0)
+"""Resolution band (A) over which the halves' class-difference maps' FSC is averaged for the report."""
+
+
+@dataclass
+class SplitTest:
+    """The evidence for or against one split, as written to run_summary.json.
+
+    Attributes
+    ----------
+    node : str
+        The tree node split: "1" for the whole set; the two classes of node X are X.1 and X.2.
+    parent : str or None
+        The node it came from (None for the whole set).
+    particles : int
+        Particles in the node.
+    halves : tuple of int
+        Particles in its half-sets 1 and 2.
+    gain : tuple of float
+        Held-out gain of two modes over one (nats per particle): half 1's split scored on half 2, and
+        the reverse (`bimodality_gain`); nan where not measured.
+    threshold : float
+        The gain both directions had to exceed: the larger of GAIN_THRESHOLD and MIN_TOTAL_GAIN over
+        the smaller half's size.
+    fsc : float or None
+        Mean FSC of the two halves' masked class-difference maps over FSC_BAND (or the lowest shells
+        where the box has none in it): how far the halves agree on what differs.
+    kept : bool
+        Whether the split was kept.
+    reason : str
+        Why, in a few words.
+    """
+
+    node: str
+    parent: str | None
+    particles: int
+    halves: tuple[int, int]
+    gain: tuple[float, float]
+    threshold: float
+    fsc: float | None
+    kept: bool
+    reason: str
+
+
+def _gaussian_nll(z: np.ndarray, v: np.ndarray, mean: float, spread: float) -> float:
+    total = spread + v
+    return 0.5 * float(np.sum(np.log(2 * np.pi * total) + (z - mean) ** 2 / total))
+
+
+def _two_mode_nll(params: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
+    m1, m2, logit, log_spread = params
+    total = np.exp(log_spread) + v
+    p = 1.0 / (1.0 + np.exp(-logit))
+    log_norm = -0.5 * np.log(2 * np.pi * total)
+    a = np.log(p) + log_norm - 0.5 * (z - m1) ** 2 / total
+    b = np.log1p(-p) + log_norm - 0.5 * (z - m2) ** 2 / total
+    return -float(np.sum(np.logaddexp(a, b)))
+
+
+def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
+    """Log-likelihood gain per particle of two modes over one, for scores with known noise.
+
+    Models, fitted by maximum likelihood: one mode, z_i ~ N(mu, tau^2 + v_i); two modes,
+    z_i ~ p N(mu_1, tau^2 + v_i) + (1 - p) N(mu_2, tau^2 + v_i). The second contains the first, so the
+    gain is at least 0; for scores spread as one Gaussian it stays near 0 whatever their spread, and for
+    two states it grows with their separation relative to the noise. The fit starts from fixed points
+    (quantiles of z), so it is deterministic.
+
+    Parameters
+    ----------
+    z : np.ndarray
+        (m,) float64 scores (`refine.projection_scores`).
+    variance : np.ndarray
+        (m,) float64 each score's noise variance v_i (finite, > 0).
+
+    Returns
+    -------
+    float
+        (NLL one mode - NLL two modes) / m, in nats per particle (0 for fewer than 10 scores).
+    """
+    z, v = np.asarray(z, np.float64), np.asarray(variance, np.float64)
+    if len(z) < 10:
+        return 0.0
+    unit = np.sqrt(np.median(v))
+    z, v = (z - np.median(z)) / unit, v / unit**2
+    mean = float(np.average(z, weights=1 / (1 + v)))
+    spread = max(float(np.var(z) - np.mean(v)), 1e-6)
+    for _ in range(200):  # one mode: fixed-point iterations of the weighted mean and the spread
+        w = 1.0 / (spread + v)
+        mean = float(np.sum(w * z) / np.sum(w))
+        new = max(float(np.sum(w**2 * ((z - mean) ** 2 - v)) / np.sum(w**2)), 1e-6)
+        if abs(new - spread) < 1e-9 * max(spread, 1.0):
+            break
+        spread = new
+    one = _gaussian_nll(z, v, mean, spread)
+    best = one
+    quantiles = np.quantile(z, [0.05, 0.2, 0.5, 0.8, 0.95])
+    starts = [(quantiles[i], quantiles[j], np.log(q / (1 - q))) for i, j, q in ((1, 3, 0.5), (0, 2, 0.2), (2, 4, 0.8))]
+    for m1, m2, logit in starts:
+        x0 = np.array([m1, m2, logit, np.log(max(spread / 2, 1e-6))])
+        fit = minimize(_two_mode_nll, x0, args=(z, v), method="L-BFGS-B",
+                       bounds=[(None, None), (None, None), (-6, 6), (-14, None)])  # fmt: skip
+        best = min(best, float(fit.fun))
+    return max(one - best, 0.0) / len(z)
+
+
+def difference_fsc(first: torch.Tensor, second: torch.Tensor, mask: torch.Tensor, pixel_size: float) -> float:
+    """Mean FSC of two masked maps over FSC_BAND.
+
+    Parameters
+    ----------
+    first, second : torch.Tensor
+        (w, w, w) [z, y, x] maps at the working box (the halves' class-difference maps).
+    mask : torch.Tensor
+        (w, w, w) the 3D mask both are multiplied by.
+    pixel_size : float
+        Their pixel size (A).
+
+    Returns
+    -------
+    float
+        Mean of `fourier.fsc.fsc` over the shells s whose resolution w * pixel_size / s lies in
+        FSC_BAND; over shells 2 to 4 where none does.
+    """
+    curve = fsc(first * mask, second * mask).numpy()
+    w = first.shape[0]
+    shells = np.arange(len(curve))
+    resolution = np.divide(w * pixel_size, shells, out=np.full(len(curve), np.inf), where=shells > 0)
+    band = (resolution <= FSC_BAND[0]) & (resolution >= FSC_BAND[1])
+    if not band.any():
+        band = (shells >= 2) & (shells <= 4)
+    return float(curve[band].mean())
+
+
+def threshold_for(halves: tuple[int, int]) -> float:
+    """The held-out gain per particle both directions must exceed, for half-sets of these sizes."""
+    return max(GAIN_THRESHOLD, MIN_TOTAL_GAIN / max(min(halves), 1))
