@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import mrcfile
 import numpy as np
 import typer
 from rich.console import Console
@@ -356,7 +355,7 @@ def main_command(
     shares = _fractions(fractions, fraction, len(paths))
     if defocus_min > defocus_max:
         raise typer.BadParameter(f"--defocus_min ({defocus_min}) is above --defocus_max ({defocus_max})")
-    from relion_graphsplit.simulate.particles import Conditions, ceiling_accuracy, write_simulation  # torch: after the options
+    from relion_graphsplit.simulate.particles import Conditions, bayes_accuracy, write_simulation  # torch: after the options
 
     conditions = Conditions(
         defocus_range=(defocus_min, defocus_max), astigmatism=astigmatism, voltage=voltage, cs=cs, q0=q0,
@@ -375,10 +374,12 @@ def main_command(
     if volumes[0].shape[0] % 2:
         raise typer.BadParameter(f"RELION particles have even boxes, got {volumes[0].shape[0]}")
 
+    # The ceiling's likelihoods are taken as the images are made: the stack is never read back.
+    log_likelihoods = np.empty((n, len(volumes))) if ceiling else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("Simulating particles", total=n)
-        _, optics, truth = write_simulation(
+        _, _, truth = write_simulation(
             o,
             volumes,
             pixel_size,
@@ -389,13 +390,13 @@ def main_command(
             conditions=conditions,
             seed=seed,
             batch_size=batch_size,
+            log_likelihoods=log_likelihoods,
         )
     counts = np.bincount(truth["rlnClassNumber"].to_numpy(), minlength=len(volumes) + 1)[1:]
     per_class = ", ".join(f"{c} of class {k}" for k, c in enumerate(counts, start=1))
     console.print(f"Wrote {n} particles ({per_class}) to {o}")
-    if ceiling:
-        with mrcfile.mmap(o / "particles.mrcs", mode="r") as mrc:
-            accuracy = ceiling_accuracy(mrc.data, volumes, truth, optics, batch_size, conditions)
+    if log_likelihoods is not None:
+        accuracy = bayes_accuracy(log_likelihoods, truth)
         console.print(f"Ceiling accuracy (true maps, poses, CTF and noise level): {accuracy:.3f}")
 
 

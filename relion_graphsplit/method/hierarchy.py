@@ -1,7 +1,7 @@
 """How many classes: the split in two applied again to each class, each split tested on half-sets.
 
 With K chosen automatically, the largest class not yet tested is split on each of its half-sets alone
-and the split kept only where it passes `split_test` (two modes in the held-out half, both ways); a
+and the split kept only where it passes `split_test` (several modes in the held-out half, both ways); a
 kept split divides the class by its split of all its particles, and both new classes are tested in
 turn, up to max_classes. With K given, the largest class is split, untested, until there are K. Then
 every particle is classified against all K class maps at once (`refine.refine_classes`: soft
@@ -22,6 +22,7 @@ from scipy.special import logsumexp
 
 from relion_graphsplit.method.split_test import (
     MIN_HALF_PARTICLES,
+    TEST_ROUNDS,
     SplitTest,
     bimodality_gain,
     difference_fsc,
@@ -101,7 +102,7 @@ def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarr
     splits: list[TwoClasses] = []
     for part in parts:
         try:
-            splits.append(splitter.split(part))
+            splits.append(splitter.split(part, rounds=TEST_ROUNDS))
         except ValueError:  # every cone too sparse
             return verdict(False, "a half-set too sparse to split")
     for split in splits:
@@ -114,9 +115,9 @@ def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarr
     if splitter.timings is not None:
         splitter.timings["split tests"] = splitter.timings.get("split tests", 0.0) + time.perf_counter() - start
     if min(gain) > threshold:
-        return verdict(True, "two modes in each held-out half", gain, agreement)
+        return verdict(True, "several modes in each held-out half", gain, agreement)
     if max(gain) > threshold:
-        return verdict(False, "two modes in one held-out half only", gain, agreement)
+        return verdict(False, "several modes in one held-out half only", gain, agreement)
     return verdict(False, "one mode in the held-out halves", gain, agreement)
 
 
@@ -224,12 +225,23 @@ def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Cl
     else:  # no refinement: the tree's classes, certain
         log_posterior = np.log(np.eye(len(leaves))[classes - 1].clip(1e-300))
     classes = np.argmax(log_posterior, axis=1) + 1
-    k = len(leaves)
-    merged = sum(1 for test in tests if "+" in test.node and not test.kept)
-    if automatic:
-        verdict = NO_SPLIT_VERDICT if k == 1 else f"{k} classes: each split kept shows two modes in both held-out half-sets."
-        if merged:
-            verdict += f" {merged} pair(s) of classes merged: their union showed one mode."
-    else:
-        verdict = f"{k} classes, as asked for (splits not tested)."
+    verdict = _verdict(len(leaves), tests, asked=options.n_classes is not None, tested=automatic)
     return Classes(classes, log_posterior, leaves, tests, verdict, changed, warnings)
+
+
+def _verdict(k: int, tests: list[SplitTest], asked: bool, tested: bool) -> str:
+    """One sentence on the number of classes and how it was reached."""
+    classes = "1 class" if k == 1 else f"{k} classes"
+    if asked:
+        return f"{classes}, as asked for with --K (splits not tested)."
+    if not tested:
+        return f"{classes}, untested: the test of splits needs the refinement against the class maps."
+    if not tests:
+        return f"{classes}: --max_K allows no split."
+    if k == 1:
+        return NO_SPLIT_VERDICT
+    merged = sum(1 for test in tests if "+" in test.node and not test.kept)
+    verdict = f"{classes}: each split kept shows several modes in both held-out half-sets."
+    if merged:
+        verdict += f" {merged} pair(s) of classes merged: their union showed one mode."
+    return verdict

@@ -10,7 +10,7 @@
 6. refinement with fixed poses against the two class maps, started from that split (refine);
    steps 3-6 on any subset of the particles are two_classes.Splitter.split;
 7. how many classes: each split learnt on the two half-sets alone and kept only where the held-out
-   half shows two modes (split_test); kept classes split again, up to max_classes; then all the
+   half shows several modes (split_test); kept classes split again, up to max_classes; then all the
    classes refined together (hierarchy);
 and the tables to judge the whole set's split in two by (diagnostics).
 """

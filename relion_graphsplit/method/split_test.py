@@ -1,17 +1,17 @@
-"""Whether a split is real: learnt on each half-set alone, it must find two modes in the other half.
+"""Whether a split is real: learnt on each half-set alone, it must find several modes in the other half.
 
 RELION's gold standard for resolution, applied to classification. The particles of a class are
 divided by their half-sets (rlnRandomSubset); the split is learnt on each half separately, and the
 difference of its two class maps is a direction in map space. Every particle of the other half is
 scored along that direction (`refine.projection_scores`: its amount z of the difference, with the
-uncertainty its noise leaves), and two models of those held-out scores are compared by likelihood:
-one Gaussian spread of z, and two Gaussians of the same spread (two states). Both models deconvolve each
-particle's own noise.
+uncertainty its noise leaves), and models of those held-out scores are compared by likelihood: one
+Gaussian spread of z, and two or three Gaussians of the same spread (states). Every model deconvolves
+each particle's own noise.
 
-The comparison asks for two modes, not only for a reproducible difference. Pose errors leave a
+The comparison asks for modes, not only for a reproducible difference. Pose errors leave a
 continuous variability in a homogeneous set (the map's rotational and translational derivatives),
 which a split on one half learns and the other half reproduces; but along that direction the other
-half's scores spread as one Gaussian, which the first model explains as well as the second.
+half's scores spread as one Gaussian, which one mode explains as well as several.
 docs/method.md ("How many classes") has the measurements behind the threshold.
 """
 
@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 from relion_graphsplit.fourier.fsc import fsc
 
 GAIN_THRESHOLD = 0.01
-"""Least held-out gain (nats per particle, both directions) of two modes over one for a split to be
+"""Least held-out gain (nats per particle, both directions) of several modes over one for a split to be
 kept; docs/method.md gives the gains measured on homogeneous and heterogeneous sets."""
 
 MIN_TOTAL_GAIN = 10.0
@@ -34,6 +34,13 @@ MIN_TOTAL_GAIN = 10.0
 
 MIN_HALF_PARTICLES = 300
 """Fewest particles in each half-set for a split to be tested (the graph needs populated cones)."""
+
+TEST_ROUNDS = 8
+"""Most refinement rounds of a split learnt on a half-set: enough to find the direction the held-out
+half is scored along (a split of noise drifts on for all of options.refine_iterations)."""
+
+MAX_FIT_SCORES = 20000
+"""Most held-out scores the mixtures are fitted to (`bimodality_gain`)."""
 
 FSC_BAND = (60.0, 20.0)
 """Resolution band (A) over which the halves' class-difference maps' FSC is averaged for the report."""
@@ -54,7 +61,7 @@ class SplitTest:
     halves : tuple of int
         Particles in its half-sets 1 and 2.
     gain : tuple of float
-        Held-out gain of two modes over one (nats per particle): half 1's split scored on half 2, and
+        Held-out gain of several modes over one (nats per particle): half 1's split scored on half 2, and
         the reverse (`bimodality_gain`); nan where not measured.
     threshold : float
         The gain both directions had to exceed: the larger of GAIN_THRESHOLD and MIN_TOTAL_GAIN over
@@ -84,24 +91,27 @@ def _gaussian_nll(z: np.ndarray, v: np.ndarray, mean: float, spread: float) -> f
     return 0.5 * float(np.sum(np.log(2 * np.pi * total) + (z - mean) ** 2 / total))
 
 
-def _two_mode_nll(params: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
-    m1, m2, logit, log_spread = params
+def _modes_nll(params: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
+    """Negative log-likelihood of k modes of one spread: params = k means, k - 1 weight logits (the
+    last mode's logit 0), log spread."""
+    k = (len(params)) // 2
+    means, logits, log_spread = params[:k], np.append(params[k : 2 * k - 1], 0.0), params[-1]
     total = np.exp(log_spread) + v
-    p = 1.0 / (1.0 + np.exp(-logit))
-    log_norm = -0.5 * np.log(2 * np.pi * total)
-    a = np.log(p) + log_norm - 0.5 * (z - m1) ** 2 / total
-    b = np.log1p(-p) + log_norm - 0.5 * (z - m2) ** 2 / total
-    return -float(np.sum(np.logaddexp(a, b)))
+    log_weights = logits - np.logaddexp.reduce(logits)
+    terms = log_weights - 0.5 * np.log(2 * np.pi * total)[:, None] - 0.5 * (z[:, None] - means) ** 2 / total[:, None]
+    return -float(np.sum(np.logaddexp.reduce(terms, axis=1)))
 
 
 def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
-    """Log-likelihood gain per particle of two modes over one, for scores with known noise.
+    """Log-likelihood gain per particle of several modes over one, for scores with known noise.
 
-    Models, fitted by maximum likelihood: one mode, z_i ~ N(mu, tau^2 + v_i); two modes,
-    z_i ~ p N(mu_1, tau^2 + v_i) + (1 - p) N(mu_2, tau^2 + v_i). The second contains the first, so the
-    gain is at least 0; for scores spread as one Gaussian it stays near 0 whatever their spread, and for
-    two states it grows with their separation relative to the noise. The fit starts from fixed points
-    (quantiles of z), so it is deterministic.
+    Models, fitted by maximum likelihood: one mode, z_i ~ N(mu, tau^2 + v_i); k modes (k = 2 and 3),
+    z_i ~ sum_j p_j N(mu_j, tau^2 + v_i). These contain the first, so the gain (of the better of two
+    and three modes) is at least 0; for scores spread as one Gaussian it stays near 0 whatever their
+    spread, and for two states or more it grows with their separation relative to the noise. Three
+    modes catch a split whose held-out scores fall in three groups (two states and a third between
+    them), which two modes fit poorly. The fits start from fixed points (quantiles of z), so the
+    gain is deterministic.
 
     Parameters
     ----------
@@ -113,11 +123,15 @@ def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
     Returns
     -------
     float
-        (NLL one mode - NLL two modes) / m, in nats per particle (0 for fewer than 10 scores).
+        (NLL one mode - NLL best of two and three modes) / m, in nats per particle (0 for fewer than
+        10 scores), fitted on at most MAX_FIT_SCORES of them (every k-th, in order): the gain per
+        particle of a large set is known well before its fits would take long.
     """
     z, v = np.asarray(z, np.float64), np.asarray(variance, np.float64)
     if len(z) < 10:
         return 0.0
+    stride = -(-len(z) // MAX_FIT_SCORES)
+    z, v = z[::stride], v[::stride]
     unit = np.sqrt(np.median(v))
     z, v = (z - np.median(z)) / unit, v / unit**2
     mean = float(np.average(z, weights=1 / (1 + v)))
@@ -131,12 +145,16 @@ def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
         spread = new
     one = _gaussian_nll(z, v, mean, spread)
     best = one
-    quantiles = np.quantile(z, [0.05, 0.2, 0.5, 0.8, 0.95])
-    starts = [(quantiles[i], quantiles[j], np.log(q / (1 - q))) for i, j, q in ((1, 3, 0.5), (0, 2, 0.2), (2, 4, 0.8))]
-    for m1, m2, logit in starts:
-        x0 = np.array([m1, m2, logit, np.log(max(spread / 2, 1e-6))])
-        fit = minimize(_two_mode_nll, x0, args=(z, v), method="L-BFGS-B",
-                       bounds=[(None, None), (None, None), (-6, 6), (-14, None)])  # fmt: skip
+    q = np.quantile(z, [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    starts = [  # (means, weights)
+        ((q[2], q[6]), (0.5, 0.5)), ((q[0], q[4]), (0.2, 0.8)), ((q[4], q[8]), (0.8, 0.2)),
+        ((q[1], q[4], q[7]), (0.3, 0.4, 0.3)), ((q[0], q[3], q[6]), (0.2, 0.4, 0.4)), ((q[2], q[5], q[8]), (0.4, 0.4, 0.2)),
+    ]  # fmt: skip
+    for means, weights in starts:
+        logits = np.log(np.asarray(weights[:-1]) / weights[-1])
+        x0 = np.concatenate([means, logits, [np.log(max(spread / 2, 1e-6))]])
+        bounds = [(None, None)] * len(means) + [(-6, 6)] * len(logits) + [(-14, None)]
+        fit = minimize(_modes_nll, x0, args=(z, v), method="L-BFGS-B", bounds=bounds)
         best = min(best, float(fit.fun))
     return max(one - best, 0.0) / len(z)
 

@@ -25,7 +25,7 @@ from relion_graphsplit.method.cones import (
     check_cone_counts,
     default_sampling,
 )
-from relion_graphsplit.method.graph import cone_weights, particle_scores, ratio_matrix
+from relion_graphsplit.method.graph import classes_by_sign, cone_weights, particle_scores, ratio_matrix
 from relion_graphsplit.method.masks import project_mask
 from relion_graphsplit.method.maxcut import SyncResult, synchronise
 from relion_graphsplit.method.options import SplitOptions
@@ -248,22 +248,25 @@ class Splitter:
         """Whether the fixed-pose refinement (and so the test of splits) can run."""
         return self.spectra is not None and self.options.refine_iterations > 0
 
-    def split(self, rows: np.ndarray, cone_set: ConeSet | None = None) -> TwoClasses:
-        """Steps 3-6 on `rows`: the graph split, then the refinement against the two class maps."""
+    def split(self, rows: np.ndarray, cone_set: ConeSet | None = None, rounds: int | None = None) -> TwoClasses:
+        """Steps 3-6 on `rows`: the graph split, then the refinement against the two class maps (at
+        most `rounds` rounds; None: options.refine_iterations)."""
         graph = self.graph(rows, cone_set)
         half = graph.score / 2  # log odds as the refinement's start and, without it, the answer
         log_posterior = np.stack([half - np.logaddexp(half, -half), -half - np.logaddexp(half, -half)], axis=1)
         if not self.refines:
             return TwoClasses(rows, log_posterior, graph, [], self.mask)
-        refined = self.refine(rows, np.where(graph.score >= 0, 1, 2))
+        refined = self.refine(rows, classes_by_sign(graph.score), rounds)
         return TwoClasses(rows, refined.log_posterior, graph, refined.changed, refined.mask)
 
-    def refine(self, rows: np.ndarray, classes: np.ndarray):
-        """`refine.refine_classes` of `rows` from `classes` (1..K)."""
+    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None):
+        """`refine.refine_classes` of `rows` from `classes` (1..K), at most `rounds` rounds (None:
+        options.refine_iterations)."""
         start = time.perf_counter()
+        options = self.options if rounds is None else replace(self.options, refine_iterations=rounds)
         refined = refine_classes(
             self.spectra, self.filters, rows, self.rotations, self.scale, classes, self.mask, self.consensus,
-            self.pixel_size, self.options, redraw_mask=self.redraw_mask, track=self.track,
+            self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track,
         )  # fmt: skip
         self._time("refine", start)
         return refined

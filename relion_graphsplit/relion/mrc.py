@@ -1,21 +1,27 @@
-"""Reading and writing 3D maps as MRC files, with the header RELION writes."""
+"""Reading and writing 3D maps as MRC files, with the header RELION writes; image stacks written as they
+are made."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import BinaryIO
 
 import mrcfile
 import numpy as np
 from mrcfile.mrcfile import MrcFile
+from mrcfile.mrcinterpreter import MrcInterpreter
 from mrcfile.utils import data_dtype_from_header
 
 from relion_graphsplit.files import atomic_path
 
 MAP_ID = b"MAP "
 """The label at byte 208 of every MRC2000 (and later) header."""
+
+PAIRWISE_BLOCK = 128
+"""numpy sums a contiguous array pairwise, halving it down to blocks of at most this many values."""
 
 
 class NotMrcError(ValueError):
@@ -149,3 +155,173 @@ def _why_no_data(header: np.recarray) -> str:
         return f"MRC mode {int(header.mode)} cannot be read"
     shape = f"{int(header.nx)} x {int(header.ny)} x {int(header.nz)}"
     return f"the file is shorter than its header announces: {shape} voxels of mode {int(header.mode)}"
+
+
+class _StreamSum:
+    """np.add.reduce of float32 values given in order, batch by batch: numpy's float32 sum of them all,
+    bit for bit, whatever the batches.
+
+    numpy sums a contiguous array pairwise: a range of more than PAIRWISE_BLOCK values is cut in two
+    (the first part rounded down to a multiple of 8) and the halves' sums are added. The same tree is
+    walked here as the values come: a node whose values are all at hand is summed by numpy, one that
+    reaches beyond them is cut, and the walk waits at the first block not yet complete. Between batches
+    only that block's values (fewer than PAIRWISE_BLOCK) are kept.
+
+    Parameters
+    ----------
+    count : int
+        How many values will come in all.
+    """
+
+    def __init__(self, count: int):
+        self._kept = np.empty(0, dtype=np.float32)  # the values from index self._first on
+        self._first = self._received = self._waiting = 0
+        self.total: np.float32 | None = None
+        """The sum, once all `count` values have come."""
+        self._walk = self._sum(0, count)
+        self._resume()
+
+    def add(self, values: np.ndarray) -> None:
+        """Take the next values (any shape, float32, C order)."""
+        self._kept = np.concatenate([self._kept[self._waiting - self._first :], values.reshape(-1)])
+        self._first, self._received = self._waiting, self._received + values.size
+        self._resume()
+
+    def _resume(self) -> None:
+        try:
+            self._waiting = next(self._walk)
+        except StopIteration as done:
+            self.total = done.value
+
+    def _sum(self, lo: int, hi: int) -> Generator[int, None, np.float32]:
+        """The pairwise sum of values lo..hi - 1; yields the first index it needs while it waits."""
+        if hi - lo > PAIRWISE_BLOCK and hi > self._received:
+            half = (hi - lo) // 2
+            half -= half % 8
+            left = yield from self._sum(lo, lo + half)
+            right = yield from self._sum(lo + half, hi)
+            return left + right
+        while self._received < hi:
+            yield lo
+        return np.add.reduce(self._kept[lo - self._first : hi - self._first])
+
+
+class StackWriter:
+    """An MRC stack of float32 images (mode 2) written batch by batch into an open file.
+
+    The header goes first, the images are appended as they come, and `finish` writes the header again
+    with the statistics: the file is byte for byte what mrcfile writes for the whole stack (new_mmap,
+    set_image_stack, voxel_size, update_header_stats), the creation time in its label aside, while the
+    process holds one batch. Use through `write_stack`.
+
+    Parameters
+    ----------
+    file : BinaryIO
+        Opened for writing and reading ("w+b"), empty.
+    count : int
+        Number of images, at least 1.
+    box : int
+        Their size N (pixels).
+    pixel_size : float
+        Their pixel size (A).
+    """
+
+    def __init__(self, file: BinaryIO, count: int, box: int, pixel_size: float):
+        if count < 1:
+            raise ValueError(f"a stack holds one image or more, got {count}")
+        self._file, self._count, self._box = file, count, box
+        mrc = MrcInterpreter()
+        mrc._create_default_attributes()  # how MrcInterpreter's docstring makes a new object without a file
+        mrc.set_data(np.zeros((1, box, box), dtype=np.float32))
+        mrc.set_image_stack()
+        mrc.voxel_size = pixel_size
+        mrc.header.nz = count
+        self._header = mrc.header
+        self._file.write(self._header.tobytes())
+        self._written = self._largest = 0
+        self._values = count * box * box
+        self._sum = _StreamSum(self._values)
+        self._min, self._max = np.float32(np.inf), np.float32(-np.inf)
+
+    def append(self, images: np.ndarray) -> None:
+        """Write the next images (B, N, N), cast to float32.
+
+        Raises
+        ------
+        ValueError
+            If they are not N x N, or more than `count` images in all.
+        """
+        data = np.ascontiguousarray(images, dtype=np.float32)
+        if data.ndim != 3 or data.shape[1:] != (self._box, self._box):
+            raise ValueError(f"expected images of {self._box} x {self._box}, got shape {data.shape}")
+        if self._written + len(data) > self._count:
+            raise ValueError(f"more than the {self._count} images of the stack")
+        if not len(data):
+            return
+        self._file.write(data)
+        self._sum.add(data)
+        self._min, self._max = np.minimum(self._min, data.min()), np.maximum(self._max, data.max())
+        self._written += len(data)
+        self._largest = max(self._largest, len(data))
+
+    def finish(self) -> None:
+        """Write the header with dmin, dmax, dmean and rms as numpy computes them over the whole stack
+        in float32 (the rms reads the images back, a batch at a time, for their deviations from the mean).
+
+        Raises
+        ------
+        ValueError
+            If fewer than `count` images were appended.
+        """
+        if self._written != self._count:
+            raise ValueError(f"{self._written} of the stack's {self._count} images were written")
+        # numpy's mean(dtype=float32): the float32 sum divided by an intp count, in float64
+        mean = np.float32(self._sum.total / np.intp(self._values))
+        self._header.dmin, self._header.dmax, self._header.dmean = self._min, self._max, mean
+        self._header.rms = np.sqrt(np.float32(self._squared_deviations(mean) / np.intp(self._values)))
+        self._file.seek(0)
+        self._file.write(self._header.tobytes())
+
+    def _squared_deviations(self, mean: np.float32) -> np.float32:
+        """The float32 sum of (x - mean)^2 over the written images, as numpy's std computes it."""
+        squares = _StreamSum(self._values)
+        self._file.flush()
+        self._file.seek(self._header.nbytes)
+        chunk = self._largest * self._box * self._box * 4
+        while data := self._file.read(chunk):
+            squares.add(np.square(np.frombuffer(data, dtype=np.float32) - mean))
+        return squares.total
+
+
+@contextlib.contextmanager
+def write_stack(path: str | os.PathLike, count: int, box: int, pixel_size: float) -> Iterator[StackWriter]:
+    """Write an MRC image stack batch by batch (`StackWriter.append`), whole or not at all.
+
+    The stack is written under a temporary name and moved onto `path` when the block ends without an
+    exception and all `count` images were appended; otherwise nothing is left.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The stack to write (replaced if it exists).
+    count : int
+        Number of images (at least 1).
+    box : int
+        Their size N (pixels).
+    pixel_size : float
+        Their pixel size (A).
+
+    Yields
+    ------
+    StackWriter
+        Append (B, N, N) images to it, in order.
+
+    Raises
+    ------
+    ValueError
+        If fewer or more than `count` images, or images of another size, were appended.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w+b") as file:
+        stack = StackWriter(file, count, box, pixel_size)
+        yield stack
+        stack.finish()

@@ -11,27 +11,29 @@ carries the true ones.
 Signal-to-noise ratio: for each particle, the noise variance is the variance of its noiseless
 CTF-modulated image over the pixels inside the normalisation circle (diameter 0.75 box), divided by
 `snr`. Normalisation: the pixels outside that circle get mean 0 and standard deviation 1.
+
+The images are made a batch at a time and handed on as they are made (`simulate_stream`;
+`write_simulation` appends them to the stack file), so memory does not grow with the number of particles
+beyond their tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 from scipy.spatial.transform import Rotation
 
-from relion_graphsplit.files import atomic_path
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.geometry import euler_to_matrix, matrix_to_euler
 from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
-from relion_graphsplit.relion.mrc import write_mrc
+from relion_graphsplit.relion.mrc import write_mrc, write_stack
 from relion_graphsplit.relion.star import ctf_params, make_particle_set, poses, write_particles
 
 NORMALISATION_DIAMETER = 0.75
@@ -40,7 +42,7 @@ NORMALISATION_DIAMETER = 0.75
 PARTICLES_PER_MICROGRAPH = 100
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Conditions:
     """How the particles were imaged, and how far off the poses a consensus refinement reports are."""
 
@@ -254,24 +256,147 @@ def draw_particles(
     return particles, optics, truth
 
 
+def prepare_maps(maps: Sequence[np.ndarray]) -> PreparedVolume:
+    """The K maps (N, N, N) [z, y, x] prepared for projection as one stack (`prepare_volume`, float32).
+
+    Each map is prepared alone and copied into the stack, so that only one map's padded transform is
+    made at a time (several GB at box 384).
+
+    Parameters
+    ----------
+    maps : sequence of np.ndarray
+        K maps (N, N, N), any real dtype.
+
+    Returns
+    -------
+    PreparedVolume
+        Stacked, data (K, 2, M + 3, M + 3, M // 2 + 2) float32 with M = 2 N.
+    """
+    data = None
+    for k, volume in enumerate(maps):
+        one = prepare_volume(torch.from_numpy(np.asarray(volume, dtype=np.float32)))
+        if data is None:
+            data = one.data.new_empty((len(maps), *one.data.shape[1:]))
+        data[k] = one.data[0]
+    return dataclasses.replace(one, data=data, stacked=True)
+
+
 def _signal_images(
-    volumes: Sequence[PreparedVolume],
+    volumes: PreparedVolume,
     classes: np.ndarray,
     rotations: torch.Tensor,
     origins_px: torch.Tensor,
     ctf: torch.Tensor,
 ) -> torch.Tensor:
-    """Noiseless images of particles of the given 0-based classes."""
-    box = volumes[0].box
+    """Noiseless images (B, N, N) float32 of particles of the given 0-based classes (B,), each projected
+    from its own map of the stack `volumes` only."""
+    box = volumes.box
     out = torch.zeros((len(classes), box, box), dtype=torch.float32)
-    for k, volume in enumerate(volumes):
+    for k in range(len(volumes.data)):
         rows = torch.from_numpy(np.flatnonzero(classes == k))
         if len(rows):
+            volume = dataclasses.replace(volumes, data=volumes.data[k : k + 1], stacked=False)
             out[rows] = model_images(volume, rotations[rows], origins_px[rows], ctf[rows])
     return out
 
 
-def simulate(
+def _noise(rng: np.random.Generator, shape: tuple[int, int, int], colour: torch.Tensor | None) -> torch.Tensor:
+    """Gaussian noise (B, N, N) float64 of unit variance per pixel, white or filtered by `colour`
+    (`Conditions.noise_filter`, (N, N // 2 + 1))."""
+    noise = torch.from_numpy(rng.standard_normal(shape))
+    if colour is None:
+        return noise
+    return torch.fft.irfft2(torch.fft.rfft2(noise) * colour, s=shape[1:])
+
+
+def _normalised(
+    signal: torch.Tensor, noise: torch.Tensor, snr: float, inside: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Signal plus noise at the given SNR, normalised as RELION's extraction does.
+
+    Parameters
+    ----------
+    signal, noise : torch.Tensor
+        (B, N, N) float64 noiseless images and unit-variance noise.
+    snr : float
+        Per image, the variance of its signal inside `inside` over the noise variance.
+    inside : torch.Tensor
+        (N, N) bool, the normalisation circle (`normalisation_mask`).
+
+    Returns
+    -------
+    images : np.ndarray
+        (B, N, N) float32, the pixels outside the circle of mean 0 and standard deviation 1.
+    scale, offset, noise_sd : np.ndarray
+        (B,) float64: images = scale * (signal + noise) + offset, noise_sd the noise's standard
+        deviation in image units.
+    """
+    sigma = torch.sqrt(signal[:, inside].var(dim=1, correction=0) / snr)
+    image = signal + sigma[:, None, None] * noise
+    background = image[:, ~inside]
+    mean, sd = background.mean(dim=1), background.std(dim=1, correction=0)
+    images = ((image - mean[:, None, None]) / sd[:, None, None]).to(torch.float32).numpy()
+    return images, (1.0 / sd).numpy(), (-mean / sd).numpy(), (sigma / sd).numpy()
+
+
+def _log_likelihoods(
+    images: np.ndarray,
+    models: torch.Tensor,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    noise_sd: np.ndarray,
+    weights: torch.Tensor,
+) -> np.ndarray:
+    """log p(image | class k) (B, K) of a batch (see class_log_likelihoods).
+
+    Parameters
+    ----------
+    images : np.ndarray
+        (B, N, N) the normalised images.
+    models : torch.Tensor
+        (K, B, N, N) their noiseless images under each class (`model_images` of the stacked maps).
+    scale, offset, noise_sd : np.ndarray
+        (B,) the images' normalisation (simulate's NormScale, NormOffset, NoiseStddev).
+    weights : torch.Tensor
+        (N, N // 2 + 1) each rfft pixel's weight in the squared norm (Friedel mates, noise colour).
+
+    Returns
+    -------
+    np.ndarray
+        (B, K) float64.
+    """
+    y = torch.from_numpy(np.asarray(images, dtype=np.float64))
+    scale, offset, noise_sd = (torch.tensor(a, dtype=torch.float64) for a in (scale, offset, noise_sd))
+    out = np.empty((len(y), len(models)))
+    for k, model in enumerate(models):  # one class at a time: the batch's float64 copies stay few
+        model = scale[:, None, None] * model.to(torch.float64) + offset[:, None, None]
+        residual = (weights * torch.fft.rfft2(y - model).abs().square()).sum(dim=(1, 2))
+        out[:, k] = (-residual / (2.0 * noise_sd**2)).numpy()
+    return out
+
+
+def _likelihood_weights(box: int, pixel_size: float, conditions: Conditions) -> torch.Tensor:
+    """(N, N // 2 + 1) weights of the rfft pixels in the squared norm of a residual: Parseval on the
+    rfft grid, each frequency divided by its relative noise power (sum_x r^2 for white noise)."""
+    return rfft_weights(box) / conditions.noise_filter(box, pixel_size) ** 2 / box**2
+
+
+def _check_inputs(maps: Sequence[np.ndarray], snr: float, fractions: Sequence[float]) -> int:
+    """The maps' box N; ValueError unless `snr` > 0, one fraction per map and the maps even cubes of one size."""
+    if snr <= 0:
+        raise ValueError(f"snr must be positive, got {snr}")
+    if len(fractions) != len(maps):
+        raise ValueError(f"{len(maps)} maps but {len(fractions)} fractions")
+    box = maps[0].shape[-1]
+    if any(m.shape != (box, box, box) for m in maps):
+        raise ValueError("maps must be cubic and all of the same size")
+    if box % 2:
+        raise ValueError(f"RELION particles have even boxes, got {box}")
+    return box
+
+
+def simulate_stream(
+    write: Callable[[slice, np.ndarray], None],
     maps: Sequence[np.ndarray],
     pixel_size: float,
     n_particles: int,
@@ -281,19 +406,23 @@ def simulate(
     seed: int = 0,
     stack_name: str = "particles.mrcs",
     batch_size: int = 256,
-    out: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Simulate particles of `maps` (each box^3 [z, y, x]); returns (images, particles, optics, truth).
+    log_likelihoods: np.ndarray | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Simulate particles of `maps`, handing the images to `write` batch by batch, in order.
 
-    Images (n, box, box) float32 are made in batches of `batch_size` and written into `out` when given
-    (for example a memory-mapped stack), else into a new array. `fractions` gives each map's share.
+    The images are made `batch_size` at a time and never all held: memory is one batch plus the
+    per-particle tables. The particles (their parameters and noise) do not depend on `batch_size`.
     The truth table also records, per particle, how its image was normalised: image =
     NormScale * (signal + noise) + NormOffset, with the noise's standard deviation in image units in
-    NoiseStddev. `progress` is called with the number of particles done after each batch.
+    NoiseStddev.
 
     Parameters
     ----------
+    write : callable
+        Called as write(rows, images) per batch: rows a slice of the particles, images
+        (rows.stop - rows.start, N, N) [y, x] float32, each normalised so that the pixels outside the
+        normalisation circle have mean 0 and standard deviation 1.
     maps : sequence of np.ndarray
         One (N, N, N) [z, y, x] map per class, N even, all of one size.
     pixel_size : float
@@ -313,16 +442,15 @@ def simulate(
         The stack named in rlnImageName.
     batch_size : int
         Images made at a time.
-    out : np.ndarray or None
-        (n_particles, N, N) array to write the images into (returned as `images`), or None.
     progress : callable or None
         Called with the number of particles done after each batch.
+    log_likelihoods : np.ndarray or None
+        (n_particles, K) array to fill with `class_log_likelihoods` of the images as they are made
+        (for `bayes_accuracy`, the ceiling, without reading the images again), or None. Each batch is
+        then projected from every map, which costs about half as much again as from its own.
 
     Returns
     -------
-    images : np.ndarray
-        (n_particles, N, N) [y, x] float32, `out` when given; each normalised so that the pixels
-        outside the normalisation circle have mean 0 and standard deviation 1.
     particles, optics, truth : pd.DataFrame
         As `draw_particles`, the truth table with NormScale, NormOffset and NoiseStddev added.
 
@@ -332,46 +460,88 @@ def simulate(
         If `snr` is not positive, the fractions do not match the maps, or the maps are not cubic,
         of one size and of an even box.
     """
-    if snr <= 0:
-        raise ValueError(f"snr must be positive, got {snr}")
-    if len(fractions) != len(maps):
-        raise ValueError(f"{len(maps)} maps but {len(fractions)} fractions")
-    box = maps[0].shape[-1]
-    if any(m.shape != (box, box, box) for m in maps):
-        raise ValueError("maps must be cubic and all of the same size")
-    if box % 2:
-        raise ValueError(f"RELION particles have even boxes, got {box}")
+    box = _check_inputs(maps, snr, fractions)
     particles, optics, truth = draw_particles(n_particles, box, pixel_size, fractions, conditions, seed, stack_name)
     noise_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    volumes = [prepare_volume(torch.from_numpy(np.asarray(m, dtype=np.float32))) for m in maps]
+    volumes = prepare_maps(maps)
     truth_set = make_particle_set(truth, optics)
     rotations, origins_px = poses(truth_set)
     ctf = ctf_params(truth_set)
     classes = truth["rlnClassNumber"].to_numpy() - 1
     inside = normalisation_mask(box)
-    colour = conditions.noise_filter(box, pixel_size)
-    images = np.empty((n_particles, box, box), dtype=np.float32) if out is None else out
+    colour = conditions.noise_filter(box, pixel_size) if conditions.noise_excess else None
+    weights = _likelihood_weights(box, pixel_size, conditions)
     scale, offset, noise_sd = (np.empty(n_particles) for _ in range(3))
 
     for start in range(0, n_particles, batch_size):
         rows = slice(start, min(start + batch_size, n_particles))
-        signal = _signal_images(
-            volumes, classes[rows], rotations[rows], origins_px[rows], ctf_2d(ctf[rows], box, pixel_size)
-        ).to(torch.float64)
-        sigma = torch.sqrt(signal[:, inside].var(dim=1, correction=0) / snr)
-        noise = torch.from_numpy(noise_rng.standard_normal(signal.shape))
-        if conditions.noise_excess:
-            noise = torch.fft.irfft2(torch.fft.rfft2(noise) * colour, s=(box, box))
-        image = signal + sigma[:, None, None] * noise
-        background = image[:, ~inside]
-        mean, sd = background.mean(dim=1), background.std(dim=1, correction=0)
-        images[rows] = ((image - mean[:, None, None]) / sd[:, None, None]).to(torch.float32).numpy()
-        scale[rows], offset[rows] = (1.0 / sd).numpy(), (-mean / sd).numpy()
-        noise_sd[rows] = (sigma / sd).numpy()
+        c = ctf_2d(ctf[rows], box, pixel_size)
+        if log_likelihoods is None:
+            signal = _signal_images(volumes, classes[rows], rotations[rows], origins_px[rows], c)
+        else:  # every class's model, for the likelihoods; the particle's own is its signal
+            models = model_images(volumes, rotations[rows], origins_px[rows], c)
+            signal = models[torch.from_numpy(classes[rows]), torch.arange(rows.stop - start)]
+        noise = _noise(noise_rng, tuple(signal.shape), colour)
+        images, scale[rows], offset[rows], noise_sd[rows] = _normalised(signal.to(torch.float64), noise, snr, inside)
+        write(rows, images)
+        if log_likelihoods is not None:
+            log_likelihoods[rows] = _log_likelihoods(images, models, scale[rows], offset[rows], noise_sd[rows], weights)
         if progress is not None:
             progress(rows.stop)
 
     truth["NormScale"], truth["NormOffset"], truth["NoiseStddev"] = scale, offset, noise_sd
+    return particles, optics, truth
+
+
+def simulate(
+    maps: Sequence[np.ndarray],
+    pixel_size: float,
+    n_particles: int,
+    snr: float,
+    fractions: Sequence[float],
+    conditions: Conditions = Conditions(),
+    seed: int = 0,
+    stack_name: str = "particles.mrcs",
+    batch_size: int = 256,
+    out: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+    log_likelihoods: np.ndarray | None = None,
+) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Simulate particles of `maps` (each box^3 [z, y, x]) into an array; returns (images, particles,
+    optics, truth). `simulate_stream` makes them without holding them all.
+
+    Parameters
+    ----------
+    maps, pixel_size, n_particles, snr, fractions, conditions, seed, stack_name, batch_size
+        As `simulate_stream`.
+    out : np.ndarray or None
+        (n_particles, N, N) array to write the images into (returned as `images`), or None.
+    progress, log_likelihoods
+        As `simulate_stream`.
+
+    Returns
+    -------
+    images : np.ndarray
+        (n_particles, N, N) [y, x] float32, `out` when given; each normalised so that the pixels
+        outside the normalisation circle have mean 0 and standard deviation 1.
+    particles, optics, truth : pd.DataFrame
+        As `simulate_stream`.
+
+    Raises
+    ------
+    ValueError
+        As `simulate_stream`.
+    """
+    box = maps[0].shape[-1]
+    images = np.empty((n_particles, box, box), dtype=np.float32) if out is None else out
+
+    def keep(rows: slice, batch: np.ndarray) -> None:
+        images[rows] = batch
+
+    particles, optics, truth = simulate_stream(
+        keep, maps, pixel_size, n_particles, snr, fractions, conditions, seed, stack_name, batch_size, progress,
+        log_likelihoods,
+    )  # fmt: skip
     return images, particles, optics, truth
 
 
@@ -387,10 +557,11 @@ def write_simulation(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Simulate into `out_dir`: particles.mrcs, particles.star, truth.star and class1.mrc, class2.mrc...
 
-    `options` are simulate's keyword arguments. The stack is written batch by batch through a memory
-    map, so the images are never all in memory. Image names point to particles.mrcs beside the STAR
-    files. truth.star is a particle file too (true poses, true rlnClassNumber), usable for example
-    with `relion_reconstruct --class k`. Returns (particles, optics, truth).
+    `options` are simulate_stream's keyword arguments. The stack is written batch by batch as the
+    images are made (`relion.mrc.write_stack`), so the memory used is one batch and the per-particle
+    tables, whatever `n_particles`. Image names point to particles.mrcs beside the STAR files.
+    truth.star is a particle file too (true poses, true rlnClassNumber), usable for example with
+    `relion_reconstruct --class k`. Returns (particles, optics, truth).
 
     Parameters
     ----------
@@ -401,28 +572,26 @@ def write_simulation(
     pixel_size : float
         Pixel size (A) of the maps and images.
     n_particles, snr, fractions, progress
-        As `simulate`.
+        As `simulate_stream`.
     **options
-        simulate's other keyword arguments (conditions, seed, stack_name, batch_size). The stack is
-        always written as particles.mrcs: a `stack_name` changes only the names in rlnImageName (for
-        example a path relative to a RELION project folder that holds `out_dir`).
+        simulate_stream's other keyword arguments (conditions, seed, stack_name, batch_size,
+        log_likelihoods). The stack is always written as particles.mrcs: a `stack_name` changes only
+        the names in rlnImageName (for example a path relative to a RELION project folder that holds
+        `out_dir`).
 
     Returns
     -------
     particles, optics, truth : pd.DataFrame
-        As `simulate`.
+        As `simulate_stream`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     box = maps[0].shape[-1]
-    with atomic_path(out_dir / "particles.mrcs") as tmp:
-        with mrcfile.new_mmap(tmp, shape=(n_particles, box, box), mrc_mode=2, overwrite=True) as mrc:
-            mrc.set_image_stack()
-            mrc.voxel_size = pixel_size
-            _, particles, optics, truth = simulate(
-                maps, pixel_size, n_particles, snr, fractions, out=mrc.data, progress=progress, **options
-            )
-            mrc.update_header_stats()
+    with write_stack(out_dir / "particles.mrcs", n_particles, box, pixel_size) as stack:
+        particles, optics, truth = simulate_stream(
+            lambda _, images: stack.append(images), maps, pixel_size, n_particles, snr, fractions,
+            progress=progress, **options,
+        )  # fmt: skip
     write_particles(out_dir / "particles.star", make_particle_set(particles, optics, out_dir / "particles.star"))
     write_particles(out_dir / "truth.star", make_particle_set(truth, optics, out_dir / "truth.star"))
     for k, volume in enumerate(maps, start=1):
@@ -441,12 +610,13 @@ def class_log_likelihoods(
     """log p(image | class k) (n, K) under Gaussian noise, given the true pose, CTF and noise (its
     level per particle, its colour from the `conditions` of the simulation).
 
-    Uses the truth table's poses and its normalisation columns (see simulate); constant terms dropped.
+    Uses the truth table's poses and its normalisation columns (see simulate_stream); constant terms
+    dropped.
 
     Parameters
     ----------
     images : np.ndarray
-        (n, N, N) the simulated, normalised images.
+        (n, N, N) the simulated, normalised images (any array read by row slices).
     maps : sequence of np.ndarray
         The K class maps (N, N, N) [z, y, x] they were made from.
     truth : pd.DataFrame
@@ -469,23 +639,38 @@ def class_log_likelihoods(
     ctf = ctf_params(truth_set)
     box = maps[0].shape[-1]
     pixel_size = float(optics["rlnImagePixelSize"].iloc[0])
-    volumes = [prepare_volume(torch.from_numpy(np.asarray(m, dtype=np.float32))) for m in maps]
-    scale, offset, noise_sd = (
-        torch.tensor(truth[column].to_numpy(np.float64)) for column in ("NormScale", "NormOffset", "NoiseStddev")
-    )
-    # Parseval on the rfft grid, each frequency divided by its noise power: sum_x r^2 for white noise.
-    weights = rfft_weights(box) / conditions.noise_filter(box, pixel_size) ** 2 / box**2
+    volumes = prepare_maps(maps)
+    scale, offset, noise_sd = (truth[c].to_numpy(np.float64) for c in ("NormScale", "NormOffset", "NoiseStddev"))
+    weights = _likelihood_weights(box, pixel_size, conditions)
     out = np.empty((len(truth), len(maps)))
     for start in range(0, len(truth), batch_size):
         rows = slice(start, min(start + batch_size, len(truth)))
-        y = torch.from_numpy(np.asarray(images[rows], dtype=np.float64))
-        c = ctf_2d(ctf[rows], box, pixel_size)
-        for k, volume in enumerate(volumes):
-            model = model_images(volume, rotations[rows], origins_px[rows], c).to(torch.float64)
-            model = scale[rows, None, None] * model + offset[rows, None, None]
-            residual = (weights * torch.fft.rfft2(y - model).abs().square()).sum(dim=(1, 2))
-            out[rows, k] = (-residual / (2.0 * noise_sd[rows] ** 2)).numpy()
+        models = model_images(volumes, rotations[rows], origins_px[rows], ctf_2d(ctf[rows], box, pixel_size))
+        out[rows] = _log_likelihoods(images[rows], models, scale[rows], offset[rows], noise_sd[rows], weights)
     return out
+
+
+def bayes_accuracy(log_likelihoods: np.ndarray, truth: pd.DataFrame) -> float:
+    """Accuracy of the classifier that puts each particle in the class of highest posterior: the
+    log-likelihoods plus the log of the class frequencies in `truth`.
+
+    Parameters
+    ----------
+    log_likelihoods : np.ndarray
+        (n, K) log p(image | class k) (`class_log_likelihoods`).
+    truth : pd.DataFrame
+        The truth table (rlnClassNumber, 1-based).
+
+    Returns
+    -------
+    float
+        The fraction in [0, 1] of particles whose most probable class is their true one.
+    """
+    true_classes = truth["rlnClassNumber"].to_numpy() - 1
+    counts = np.bincount(true_classes, minlength=log_likelihoods.shape[1])
+    log_prior = np.log(np.maximum(counts, 1) / counts.sum())
+    predicted = np.argmax(log_likelihoods + log_prior, axis=1)
+    return float(np.mean(predicted == true_classes))
 
 
 def ceiling_accuracy(
@@ -498,8 +683,8 @@ def ceiling_accuracy(
 ) -> float:
     """Accuracy of the Bayes classifier that knows the true maps, poses, CTF and noise (level and colour).
 
-    Each particle goes to the class of highest posterior (class_log_likelihoods plus the log of the
-    class frequencies in `truth`): no method that sees only the images can do better on average.
+    Each particle goes to the class of highest posterior (`bayes_accuracy` of `class_log_likelihoods`):
+    no method that sees only the images can do better on average.
 
     Parameters
     ----------
@@ -511,9 +696,4 @@ def ceiling_accuracy(
     float
         The fraction in [0, 1] of particles whose most probable class is their true one.
     """
-    log_likelihoods = class_log_likelihoods(images, maps, truth, optics, batch_size, conditions)
-    true_classes = truth["rlnClassNumber"].to_numpy() - 1
-    counts = np.bincount(true_classes, minlength=len(maps))
-    log_prior = np.log(np.maximum(counts, 1) / counts.sum())
-    predicted = np.argmax(log_likelihoods + log_prior, axis=1)
-    return float(np.mean(predicted == true_classes))
+    return bayes_accuracy(class_log_likelihoods(images, maps, truth, optics, batch_size, conditions), truth)

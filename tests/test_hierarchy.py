@@ -1,0 +1,138 @@
+"""The tree of splits on a stand-in for the images: particles as points in a plane of map space.
+
+Each particle is its state's point plus Gaussian noise; a "map" is a point of the plane written as a
+combination of two fixed volumes, so the split test's statistics run as in the program. The stand-in
+splits a set in two along its widest direction and refines by nearest class mean: enough to check
+which splits the tree keeps, that classes a split cut in two are merged, and the verdicts.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from relion_graphsplit.method.hierarchy import NO_SPLIT_VERDICT, find_classes
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.refine import Refined
+from relion_graphsplit.method.two_classes import TwoClasses
+
+BOX = 8
+NOISE = 1.0
+
+
+def _basis() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.standard_normal((2, BOX, BOX, BOX))).to(torch.float64)
+
+
+@dataclass
+class PlaneSplitter:
+    """The Splitter's interface over points x (n, 2) in the plane spanned by `basis` (2 volumes)."""
+
+    x: np.ndarray
+    options: SplitOptions
+    basis: torch.Tensor
+    refines: bool = True
+    timings: dict | None = None
+    pixel_size: float = 4.0
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return torch.ones(BOX, BOX, BOX, dtype=torch.float64)
+
+    def _volume(self, point: np.ndarray) -> torch.Tensor:
+        return point[0] * self.basis[0] + point[1] * self.basis[1]
+
+    def _point(self, volume: torch.Tensor) -> np.ndarray:
+        gram = torch.einsum("aijk,bijk->ab", self.basis, self.basis)
+        return torch.linalg.solve(gram, torch.einsum("aijk,ijk->a", self.basis, volume)).numpy()
+
+    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None) -> Refined:
+        for _ in range(20):
+            means = np.stack([self.x[rows][classes == k].mean(axis=0) for k in range(1, classes.max() + 1)])
+            distance = ((self.x[rows][:, None, :] - means[None]) ** 2).sum(-1)
+            log_posterior = -distance / (2 * NOISE**2)
+            log_posterior -= np.logaddexp.reduce(log_posterior, axis=1, keepdims=True)
+            classes = np.argmax(log_posterior, axis=1) + 1
+        return Refined(log_posterior, [], self.mask)
+
+    def split(self, rows: np.ndarray, cone_set=None, rounds: int | None = None) -> TwoClasses:
+        centred = self.x[rows] - self.x[rows].mean(axis=0)
+        axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
+        start = np.where(centred @ axis >= 0, 1, 2)
+        return TwoClasses(rows, self.refine(rows, start).log_posterior, None, [], self.mask)
+
+    def class_maps(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> list[torch.Tensor]:
+        weights = probability / probability.sum(axis=0)
+        return [self._volume(weights[:, k] @ self.x[rows]) for k in range(probability.shape[1])]
+
+    def difference(self, split: TwoClasses) -> torch.Tensor:
+        first, second = self.class_maps(split.rows, np.exp(split.log_posterior), self.mask)
+        return first - second
+
+    def scores(self, rows: np.ndarray, direction: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        d = self._point(direction)
+        norm = float(d @ d)
+        return self.x[rows] @ d / norm, np.full(len(rows), NOISE**2 / norm)
+
+
+def _classes(states: list[tuple[float, float]], counts: list[int], seed: int = 0, **options):
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(len(states)), counts)
+    x = np.asarray(states)[truth] + NOISE * rng.standard_normal((len(truth), 2))
+    splitter = PlaneSplitter(x, SplitOptions(**options), _basis())
+    rows = np.arange(len(truth))
+    halves = rng.integers(1, 3, len(truth))
+    return find_classes(splitter, splitter.split(rows), halves), truth
+
+
+def _purity(classes: np.ndarray, truth: np.ndarray) -> float:
+    return sum(np.bincount(truth[classes == k]).max() for k in np.unique(classes)) / len(truth)
+
+
+def test_one_state_is_one_class():
+    found, _ = _classes([(0.0, 0.0)], [4000])
+    assert found.n_classes == 1 and found.verdict == NO_SPLIT_VERDICT
+    assert [t.node for t in found.tests] == ["1"] and not found.tests[0].kept
+
+
+def test_three_separated_states_are_three_classes():
+    found, truth = _classes([(0.0, 0.0), (6.0, 0.0), (0.0, 6.0)], [2000, 1500, 1500])
+    assert found.n_classes == 3
+    assert _purity(found.classes, truth) > 0.97
+    kept = [t.node for t in found.tests if t.kept]
+    assert kept[0] == "1" and len([t for t in kept if "+" not in t]) == 2
+
+
+def test_a_state_cut_in_two_is_merged_back():
+    """Three states on a line: the first split may cut the middle one; its two halves then form the
+    closest pair, whose union shows one mode and is merged."""
+    found, truth = _classes([(-6.0, 0.0), (0.0, 0.0), (6.0, 0.0)], [1500, 3000, 1500], seed=3)
+    assert found.n_classes == 3
+    assert _purity(found.classes, truth) > 0.97
+    merges = [t for t in found.tests if "+" in t.node]
+    assert not merges[0].kept and "merged" in found.verdict  # the middle state's two halves
+    assert merges[-1].kept  # then the closest pair is two states
+
+
+@pytest.mark.parametrize("asked", [1, 2, 3])
+def test_k_given_is_k_untested(asked):
+    found, _ = _classes([(0.0, 0.0)], [3000], n_classes=asked)
+    assert found.n_classes == asked and found.tests == []
+    assert found.verdict.startswith("1 class," if asked == 1 else f"{asked} classes,") and "as asked" in found.verdict
+
+
+def test_max_k_bounds_the_tree():
+    found, _ = _classes([(0.0, 0.0), (6.0, 0.0), (0.0, 6.0)], [2000, 1500, 1500], max_classes=2)
+    assert found.n_classes == 2
+    found, _ = _classes([(0.0, 0.0), (6.0, 0.0)], [2000, 2000], max_classes=1)
+    assert found.n_classes == 1 and found.tests == [] and "allows no split" in found.verdict
+
+
+def test_without_the_refinement_two_classes_untested():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 2))
+    splitter = PlaneSplitter(x, SplitOptions(), _basis(), refines=False)
+    found = find_classes(splitter, splitter.split(np.arange(2000)), rng.integers(1, 3, 2000))
+    assert found.n_classes == 2 and found.tests == [] and "untested" in found.verdict and found.warnings
