@@ -57,7 +57,7 @@ class PlaneSplitter:
             classes = np.argmax(log_posterior, axis=1) + 1
         return Refined(log_posterior, [], self.mask)
 
-    def split(self, rows: np.ndarray, cone_set=None, rounds: int | None = None) -> TwoClasses:
+    def split(self, rows: np.ndarray, rounds: int | None = None, graph=None) -> TwoClasses:
         centred = self.x[rows] - self.x[rows].mean(axis=0)
         axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         start = np.where(centred @ axis >= 0, 1, 2)
@@ -82,9 +82,8 @@ def _classes(states: list[tuple[float, float]], counts: list[int], seed: int = 0
     truth = np.repeat(np.arange(len(states)), counts)
     x = np.asarray(states)[truth] + NOISE * rng.standard_normal((len(truth), 2))
     splitter = PlaneSplitter(x, SplitOptions(**options), _basis())
-    rows = np.arange(len(truth))
     halves = rng.integers(1, 3, len(truth))
-    return find_classes(splitter, splitter.split(rows), halves), truth
+    return find_classes(splitter, None, halves), truth
 
 
 def _purity(classes: np.ndarray, truth: np.ndarray) -> float:
@@ -134,5 +133,5 @@ def test_without_the_refinement_two_classes_untested():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2000, 2))
     splitter = PlaneSplitter(x, SplitOptions(), _basis(), refines=False)
-    found = find_classes(splitter, splitter.split(np.arange(2000)), rng.integers(1, 3, 2000))
+    found = find_classes(splitter, None, rng.integers(1, 3, 2000))
     assert found.n_classes == 2 and found.tests == [] and "untested" in found.verdict and found.warnings

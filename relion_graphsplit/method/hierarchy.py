@@ -28,7 +28,7 @@ from relion_graphsplit.method.split_test import (
     difference_fsc,
     threshold_for,
 )
-from relion_graphsplit.method.two_classes import Splitter, TwoClasses
+from relion_graphsplit.method.two_classes import Graph, Splitter, TwoClasses
 
 NO_SPLIT_VERDICT = (
     "No reproducible heterogeneity at this mask and resolution: one class. A mask focused on the region of "
@@ -137,15 +137,16 @@ def _closest_pair(maps: list[torch.Tensor], mask: torch.Tensor) -> tuple[int, in
     return min(pairs, key=lambda p: float((((maps[p[0]] - maps[p[1]]) * mask) ** 2).sum()))
 
 
-def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Classes:
+def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) -> Classes:
     """The classes of all particles: the tree of splits, then one refinement against every class map.
 
     Parameters
     ----------
     splitter : Splitter
         The shared state; its options give n_classes (None: automatic) and max_classes.
-    root : TwoClasses
-        The split of all particles in two (rows 0..n - 1).
+    graph : Graph or None
+        The graph split of all particles (rows 0..n - 1), refined only where the whole set is split
+        (a homogeneous set's answer needs no refinement of it); None: made when needed.
     halves : np.ndarray
         (n,) int64 every particle's half-set, 1 or 2.
 
@@ -154,9 +155,10 @@ def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Cl
     Classes
     """
     options = splitter.options
-    n = len(root.rows)
-    members = {"1": root.rows}
-    splits = {"1": root}
+    n = len(halves)
+    everyone = np.arange(n, dtype=np.int64)
+    members = {"1": everyone}
+    splits: dict[str, TwoClasses] = {}
     leaves = ["1"]
     tests: list[SplitTest] = []
     warnings: list[str] = []
@@ -178,7 +180,7 @@ def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Cl
                 continue
         if node not in splits:
             try:
-                splits[node] = splitter.split(members[node])
+                splits[node] = splitter.split(members[node], graph=graph if node == "1" else None)
             except ValueError as err:
                 warnings.append(f"class {node} could not be split: {err}")
                 continue
@@ -202,10 +204,10 @@ def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Cl
     if len(leaves) == 1:
         log_posterior = np.zeros((n, 1))
     elif len(leaves) == 2:
-        log_posterior, changed = root.log_posterior, root.changed
+        log_posterior, changed = splits["1"].log_posterior, splits["1"].changed
     elif splitter.refines:
         while True:
-            refined = splitter.refine(root.rows, classes)
+            refined = splitter.refine(everyone, classes)
             log_posterior, changed = refined.log_posterior, refined.changed
             log_posterior, leaves = _drop_empty(log_posterior, leaves, warnings)
             classes = np.argmax(log_posterior, axis=1) + 1
@@ -213,8 +215,8 @@ def find_classes(splitter: Splitter, root: TwoClasses, halves: np.ndarray) -> Cl
                 break
             # A state the tree cut in two (a continuum's middle, say) gives two classes whose union
             # is one mode: test the closest pair's union as a split, and merge it where it fails.
-            i, j = _closest_pair(splitter.class_maps(root.rows, np.exp(log_posterior), splitter.mask), splitter.mask)
-            union = root.rows[(classes == i + 1) | (classes == j + 1)]
+            i, j = _closest_pair(splitter.class_maps(everyone, np.exp(log_posterior), splitter.mask), splitter.mask)
+            union = everyone[(classes == i + 1) | (classes == j + 1)]
             test = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
             tests.append(test)
             if test.kept:

@@ -266,13 +266,13 @@ def split(
             timings=timings,
         )  # fmt: skip
 
-        # 3-6. The whole set split in two: cones, graph, synchronisation, refinement (two_classes).
-        root = splitter.split(all_rows, cone_set)
+        # 3-5. The graph split of the whole set: cones, graph, synchronisation (two_classes).
+        graph = splitter.graph(all_rows, cone_set)
 
-        # 7. How many classes: each split tested on half-sets, then all classes refined together.
-        found = find_classes(splitter, root, half_sets(particles, np.ones(n, dtype=np.int64), options.seed))
+        # 6-7. How many classes: each split tested on half-sets and refined (step 6) where kept; then
+        # all classes refined together.
+        found = find_classes(splitter, graph, half_sets(particles, np.ones(n, dtype=np.int64), options.seed))
     warnings += found.warnings
-    graph = root.graph
     components = [c.nodes for c in graph.sync.components]
     cone_table, membership, edges = cone_diagnostics(
         graph.cone_table, graph.cone_images, cone_set.cones, graph.rho, graph.llr,

@@ -248,10 +248,10 @@ class Splitter:
         """Whether the fixed-pose refinement (and so the test of splits) can run."""
         return self.spectra is not None and self.options.refine_iterations > 0
 
-    def split(self, rows: np.ndarray, cone_set: ConeSet | None = None, rounds: int | None = None) -> TwoClasses:
-        """Steps 3-6 on `rows`: the graph split, then the refinement against the two class maps (at
-        most `rounds` rounds; None: options.refine_iterations)."""
-        graph = self.graph(rows, cone_set)
+    def split(self, rows: np.ndarray, rounds: int | None = None, graph: Graph | None = None) -> TwoClasses:
+        """Steps 3-6 on `rows`: the graph split (`graph` where already made), then the refinement
+        against the two class maps (at most `rounds` rounds; None: options.refine_iterations)."""
+        graph = graph or self.graph(rows)
         half = graph.score / 2  # log odds as the refinement's start and, without it, the answer
         log_posterior = np.stack([half - np.logaddexp(half, -half), -half - np.logaddexp(half, -half)], axis=1)
         if not self.refines:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import mrcfile
@@ -19,10 +19,6 @@ from relion_graphsplit.files import atomic_path
 
 MAP_ID = b"MAP "
 """The label at byte 208 of every MRC2000 (and later) header."""
-
-PAIRWISE_BLOCK = 128
-"""numpy sums a contiguous array pairwise, halving it down to blocks of at most this many values."""
-
 
 class NotMrcError(ValueError):
     """A file without an MRC header; the message says why, callers add the file's name and purpose."""
@@ -157,62 +153,13 @@ def _why_no_data(header: np.recarray) -> str:
     return f"the file is shorter than its header announces: {shape} voxels of mode {int(header.mode)}"
 
 
-class _StreamSum:
-    """np.add.reduce of float32 values given in order, batch by batch: numpy's float32 sum of them all,
-    bit for bit, whatever the batches.
-
-    numpy sums a contiguous array pairwise: a range of more than PAIRWISE_BLOCK values is cut in two
-    (the first part rounded down to a multiple of 8) and the halves' sums are added. The same tree is
-    walked here as the values come: a node whose values are all at hand is summed by numpy, one that
-    reaches beyond them is cut, and the walk waits at the first block not yet complete. Between batches
-    only that block's values (fewer than PAIRWISE_BLOCK) are kept.
-
-    Parameters
-    ----------
-    count : int
-        How many values will come in all.
-    """
-
-    def __init__(self, count: int):
-        self._kept = np.empty(0, dtype=np.float32)  # the values from index self._first on
-        self._first = self._received = self._waiting = 0
-        self.total: np.float32 | None = None
-        """The sum, once all `count` values have come."""
-        self._walk = self._sum(0, count)
-        self._resume()
-
-    def add(self, values: np.ndarray) -> None:
-        """Take the next values (any shape, float32, C order)."""
-        self._kept = np.concatenate([self._kept[self._waiting - self._first :], values.reshape(-1)])
-        self._first, self._received = self._waiting, self._received + values.size
-        self._resume()
-
-    def _resume(self) -> None:
-        try:
-            self._waiting = next(self._walk)
-        except StopIteration as done:
-            self.total = done.value
-
-    def _sum(self, lo: int, hi: int) -> Generator[int, None, np.float32]:
-        """The pairwise sum of values lo..hi - 1; yields the first index it needs while it waits."""
-        if hi - lo > PAIRWISE_BLOCK and hi > self._received:
-            half = (hi - lo) // 2
-            half -= half % 8
-            left = yield from self._sum(lo, lo + half)
-            right = yield from self._sum(lo + half, hi)
-            return left + right
-        while self._received < hi:
-            yield lo
-        return np.add.reduce(self._kept[lo - self._first : hi - self._first])
-
-
 class StackWriter:
     """An MRC stack of float32 images (mode 2) written batch by batch into an open file.
 
     The header goes first, the images are appended as they come, and `finish` writes the header again
-    with the statistics: the file is byte for byte what mrcfile writes for the whole stack (new_mmap,
-    set_image_stack, voxel_size, update_header_stats), the creation time in its label aside, while the
-    process holds one batch. Use through `write_stack`.
+    with the statistics (summed in float64 as the images pass): the file is what mrcfile writes for the
+    whole stack (new_mmap, set_image_stack, voxel_size, update_header_stats), the data byte for byte,
+    the mean and rms to float32 rounding, while the process holds one batch. Use through `write_stack`.
 
     Parameters
     ----------
@@ -238,9 +185,8 @@ class StackWriter:
         mrc.header.nz = count
         self._header = mrc.header
         self._file.write(self._header.tobytes())
-        self._written = self._largest = 0
-        self._values = count * box * box
-        self._sum = _StreamSum(self._values)
+        self._written = 0
+        self._sum = self._squares = 0.0
         self._min, self._max = np.float32(np.inf), np.float32(-np.inf)
 
     def append(self, images: np.ndarray) -> None:
@@ -259,14 +205,14 @@ class StackWriter:
         if not len(data):
             return
         self._file.write(data)
-        self._sum.add(data)
+        values = data.astype(np.float64)
+        self._sum += float(values.sum())
+        self._squares += float(np.square(values).sum())
         self._min, self._max = np.minimum(self._min, data.min()), np.maximum(self._max, data.max())
         self._written += len(data)
-        self._largest = max(self._largest, len(data))
 
     def finish(self) -> None:
-        """Write the header with dmin, dmax, dmean and rms as numpy computes them over the whole stack
-        in float32 (the rms reads the images back, a batch at a time, for their deviations from the mean).
+        """Write the header with dmin, dmax, dmean and rms (the standard deviation about the mean).
 
         Raises
         ------
@@ -275,22 +221,12 @@ class StackWriter:
         """
         if self._written != self._count:
             raise ValueError(f"{self._written} of the stack's {self._count} images were written")
-        # numpy's mean(dtype=float32): the float32 sum divided by an intp count, in float64
-        mean = np.float32(self._sum.total / np.intp(self._values))
+        values = self._count * self._box * self._box
+        mean = self._sum / values
         self._header.dmin, self._header.dmax, self._header.dmean = self._min, self._max, mean
-        self._header.rms = np.sqrt(np.float32(self._squared_deviations(mean) / np.intp(self._values)))
+        self._header.rms = np.sqrt(max(self._squares / values - mean**2, 0.0))
         self._file.seek(0)
         self._file.write(self._header.tobytes())
-
-    def _squared_deviations(self, mean: np.float32) -> np.float32:
-        """The float32 sum of (x - mean)^2 over the written images, as numpy's std computes it."""
-        squares = _StreamSum(self._values)
-        self._file.flush()
-        self._file.seek(self._header.nbytes)
-        chunk = self._largest * self._box * self._box * 4
-        while data := self._file.read(chunk):
-            squares.add(np.square(np.frombuffer(data, dtype=np.float32) - mean))
-        return squares.total
 
 
 @contextlib.contextmanager
