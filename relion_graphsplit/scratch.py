@@ -118,22 +118,34 @@ class ScratchArray:
     Parameters
     ----------
     path : str or os.PathLike
-        The file, created (or emptied) and sized to the whole array (4 bytes per value, native order).
+        The file, created (or emptied) and sized to the whole array (4 bytes per value, native order);
+        with `existing`, a file written so before, opened as it is.
     shape : tuple of int
         (n, ...) the array's shape.
+    existing : bool
+        Open the file that is there, rows and all (a continued run's working files), instead of
+        making an empty one.
 
     Raises
     ------
     IndexError
         On reading or writing a row outside [0, n).
     ValueError
-        On writing values not shaped (len(rows), ...) as the rows.
+        On writing values not shaped (len(rows), ...) as the rows; with `existing`, for a file whose
+        size is not the array's.
+    FileNotFoundError
+        With `existing`, for a file that is not there.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...]):
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], existing: bool = False):
         self.shape = tuple(int(s) for s in shape)
-        self._file = open(Path(path), "w+b", buffering=0)
-        self._file.truncate(int(np.prod(self.shape)) * 4)
+        size = int(np.prod(self.shape)) * 4
+        self._file = open(Path(path), "r+b" if existing else "w+b", buffering=0)
+        if not existing:
+            self._file.truncate(size)
+        elif os.fstat(self._file.fileno()).st_size != size:
+            self._file.close()
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes, not the {size} of a {self.shape} array")
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         rows = np.asarray(index, dtype=np.int64).reshape(-1)

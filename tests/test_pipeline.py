@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +70,19 @@ def test_console_exit_codes(simulated: Path, tmp_path: Path):
 def test_scratch_dir_holds_the_working_images_and_is_left_empty(simulated: Path, tmp_path: Path, monkeypatch):
     """--scratch_dir takes the temporary images (a node's local disk on a cluster) and is left as it
     was found; one that does not exist is a usage error, before anything is written."""
+    from relion_graphsplit.cli import job
+
     made = []
 
-    class Recorded(tempfile.TemporaryDirectory):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(Path(self.name))
+    def recorded(particles, stacks, options, folder, *args, **kwargs):
+        made.append(Path(folder))
+        return pipeline.prepare(particles, stacks, options, folder, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.tempfile, "TemporaryDirectory", Recorded)
+    monkeypatch.setattr(job, "prepare", recorded)
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     scratch.mkdir()
     run(["--i", str(simulated / "particles.star"), "--o", str(out), "--scratch_dir", str(scratch), "--refine_iter", "1"])
-    assert [p.parent.parent for p in made] == [scratch]  # in the run's own folder there
+    assert [p.parent for p in made] == [scratch.resolve()]  # in the run's own folder there
     assert not list(scratch.iterdir())
     assert (out / "run_data.star").is_file() and not list(out.glob("graphsplit_*"))
     missing = CliRunner().invoke(app, ["--i", str(simulated / "particles.star"), "--o", str(tmp_path / "out2"),
@@ -214,14 +214,14 @@ def test_mask_of_wrong_size_is_refused(simulated: Path, tmp_path: Path):
 def test_a_collapsed_split_still_writes_the_particles(simulated: Path, tmp_path: Path, monkeypatch):
     from relion_graphsplit.cli import job
 
-    real_split = job.split
+    real_split = job.split_prepared
 
     def one_class(*args, **kwargs):
         result = real_split(*args, **kwargs)
         result.classes[:] = 1
         return result
 
-    monkeypatch.setattr(job, "split", one_class)
+    monkeypatch.setattr(job, "split_prepared", one_class)
     out = tmp_path / "o"
     result = run(["--i", str(simulated / "particles.star"), "--o", str(out), "--refine_iter", "0"])
     assert "no class maps" in result.output

@@ -22,6 +22,15 @@ PLAIN = {"add_completion": False, "rich_markup_mode": None, "pretty_exceptions_e
 """Plain-text help and errors, as RELION's programs print them: the same for every command."""
 app = typer.Typer(**PLAIN, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 DEFAULTS = SplitOptions()
+FLAGS = {
+    "symmetry": "--sym", "angular_sampling": "--angular_sampling", "cone_angle": "--cone_angle",
+    "particles_per_cone": "--particles_per_cone", "maxres": "--maxres", "resize": "--resize",
+    "ctf_correction": "--ctf_correction", "whiten": "--whiten", "mask_threshold": "--mask_threshold",
+    "refine_mask_threshold": "--refine_mask_threshold", "mask_extend": "--mask_extend",
+    "refine_iterations": "--refine_iter", "n_classes": "--K", "max_classes": "--max_K",
+    "batch_size": "--batch_size", "seed": "--random_seed",
+}  # fmt: skip
+"""The flag of each SplitOptions field the command line sets (the others keep their defaults)."""
 
 
 @app.command(help="Split a refined particle set into two classes with the graph method (thesis chapter 4).", epilog="Files, conventions and what the program promises about them: README.md.")
@@ -51,6 +60,7 @@ def graphsplit(
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
     scratch_dir: Path | None = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system."),
     pipeline_control: str | None = typer.Option(None, "--pipeline_control", help="Given by RELION to an External job: the run then leaves RELION's exit marker and output nodes in --o (as it does in any directory holding default_pipeline.star)."),
+    resume: bool = typer.Option(False, "--continue", help="Continue the run in --o that was killed or interrupted (Ctrl-C, SIGTERM) before it finished: the stages it finished (the working-size images, the classification, the class maps) are kept, and the result is an uninterrupted run's. Refused, with one line saying what changed, where an input or an option that changes the result differs (--j, --scratch_dir and --pipeline_control may); without --continue a run starts afresh."),
 ) -> None:
     if not o.strip():
         raise typer.BadParameter("is empty: name the output folder", param_hint="--o")
@@ -74,7 +84,7 @@ def graphsplit(
     )  # fmt: skip
     from relion_graphsplit.cli import job  # torch and the rest, once the options are known to be good
 
-    job.run(i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control)
+    job.run(i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control, resume)
 
 
 def run_app(command: typer.Typer, name: str, args: list[str] | None = None, interrupted: str = "interrupted") -> int:

@@ -1,14 +1,19 @@
 """One run of relion_graphsplit: the inputs read and checked, the split and the class maps, every
 output written into the run folder's staging area and moved into place together (run_files.folder), the
-RELION markers; the command line itself is cli.graphsplit."""
+RELION markers; the command line itself is cli.graphsplit.
+
+The long steps are stages saved in the staging folder as each finishes (run_files.stages): the images
+prepared at the working size, the classification, the class maps. A run with --continue keeps those of
+the run that died in the folder and does the rest; the outputs, cheap, are always written anew.
+"""
 
 from __future__ import annotations
 
+import enum
 import errno
 import platform
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +27,20 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__
+from relion_graphsplit.cli.graphsplit import FLAGS
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
-from relion_graphsplit.method.classmaps import reconstruct_classes, write_class_maps
+from relion_graphsplit.method.classmaps import ClassMaps, reconstruct_classes, write_class_maps
 from relion_graphsplit.method.masks import resample_volume
 from relion_graphsplit.method.options import SplitOptions
-from relion_graphsplit.method.pipeline import split
+from relion_graphsplit.method.pipeline import SplitResult, prepare, split_prepared
+from relion_graphsplit.method.progress import Track
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.external import ExternalJob
 from relion_graphsplit.relion.model_star import MODEL_NAME, next_command, write_model_star
 from relion_graphsplit.relion.mrc import read_mrc, write_mrc
 from relion_graphsplit.relion.stacks import ImageStacks
-from relion_graphsplit.run_files.folder import FolderBusy, RunFolder, check_inputs_outside
+from relion_graphsplit.run_files.folder import STAGING_NAME, FolderBusy, RunFolder, check_inputs_outside
+from relion_graphsplit.run_files.stages import FINGERPRINT_NAME, Fingerprint, fingerprint
 from relion_graphsplit.run_files.write import (
     classified_particles,
     noise_description,
@@ -43,6 +51,8 @@ from relion_graphsplit.run_files.write import (
 )
 
 MASK_NAME = "run_mask.mrc"  # the 3D mask the split used, at the particles' box
+# The stages a run saves (run_files.stages), by name, as a continued run names those it kept.
+STAGES = {"images": "the images prepared", "classes": "the classification", "class_maps": "the class maps"}
 console = Console(stderr=False, highlight=False)
 error_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
@@ -60,15 +70,16 @@ class _Inputs:
 
 def run(
     i: Path, o: Path, options: SplitOptions, mask: Path | None, ref: Path | None, particle_diameter: float | None,
-    j: int, scratch_dir: Path | None, pipeline_control: str | None,
+    j: int, scratch_dir: Path | None, pipeline_control: str | None, resume: bool = False,
 ) -> None:
     """Split the particles `i` into the folder `o` (cli.graphsplit has checked the options' ranges).
 
     The inputs are read and checked before anything is written; an output folder that would replace an
-    input is refused; the split and the class maps run with the folder's lock held, every output goes
-    into its staging folder and all are committed into `o` together. Raises typer.Exit(1) after one
-    line on stderr for bad input or a failed write, typer.BadParameter for an unusable map or point
-    group; where the run is a RELION job, exactly one exit marker is left.
+    input is refused; the split and the class maps run with the folder's lock held, each saved in its
+    staging folder as it finishes, every output goes there too and all are committed into `o`
+    together. Raises typer.Exit(1) after one line on stderr for bad input, a failed write or a run
+    that cannot be continued, typer.BadParameter for an unusable map or point group; where the run is
+    a RELION job, exactly one exit marker is left.
 
     Parameters
     ----------
@@ -92,13 +103,17 @@ def run(
     pipeline_control : str or None
         RELION's --pipeline_control: given, RELION's markers and output nodes are written; None, they
         are where default_pipeline.star is in the current directory.
+    resume : bool
+        --continue: keep the stages finished by the run that died in `o`, whose inputs and options
+        must be these (run_files.folder.RunFolder).
 
     Raises
     ------
     typer.Exit
         Code 1, after one line on stderr (error: ..., noting a full disk), for a STAR file error, a
-        ValueError, an OSError or a busy folder (FolderBusy), or after RELION asked the job to abort
-        (`Aborted`; the aborted marker instead of the failure marker).
+        ValueError (a run that cannot be continued included: run_files.folder.FolderError), an OSError
+        or a busy folder (FolderBusy), or after RELION asked the job to abort (`Aborted`; the aborted
+        marker instead of the failure marker).
     typer.BadParameter
         For a point group (--sym) or map (--mask, --ref) that cannot be used.
     KeyboardInterrupt
@@ -110,7 +125,7 @@ def run(
         inputs = _read_inputs(i, mask, ref, options.symmetry, j)
         with ImageStacks(inputs.ps) as stacks:
             check_inputs_outside(o, [path for path in (i, ref, mask) if path] + stacks.paths)
-            with RunFolder(o) as folder:
+            with RunFolder(o, _fingerprint(i, mask, ref, options, stacks.paths), resume) as folder:
                 job.started()
                 result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job)
                 closing = _write_outputs(folder, job, inputs, result, class_maps, options, particle_diameter, j, start)
@@ -125,7 +140,12 @@ def run(
         error_console.print(f"error: {one_line(err)}{full}")
         job.fail()
         raise typer.Exit(1) from None
-    except BaseException:  # KeyboardInterrupt (Ctrl-C, SIGTERM) included: cli.graphsplit says so
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: cli.graphsplit says so
+        job.fail()
+        if (o / STAGING_NAME / FINGERPRINT_NAME).is_file():
+            error_console.print("the steps finished are kept: the same command with --continue resumes after them")
+        raise
+    except BaseException:
         job.fail()
         raise
 
@@ -162,36 +182,68 @@ def _read_inputs(i: Path, mask: Path | None, ref: Path | None, symmetry: str, j:
     return _Inputs(ps, particles, warnings, mask_volume, consensus)
 
 
-def _classify(inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir, job):
-    """The split (pipeline.split) and the class maps, with progress bars; the working files go to the
-    staging folder or, in a folder of their own, under `scratch_dir`."""
+def _fingerprint(i: Path, mask: Path | None, ref: Path | None, options: SplitOptions, stacks: list[Path]) -> Fingerprint:
+    """The run's fingerprint (run_files.stages.fingerprint): the split's options by their flags, shown
+    as typed ("default" where left to the program)."""
+
+    def shown(value) -> str:
+        return "default" if value is None else str(value.value if isinstance(value, enum.Enum) else value)
+
+    settings = {FLAGS.get(name, name): shown(value) for name, value in vars(options).items()}
+    return fingerprint(settings, i, mask, ref, stacks)
+
+
+def _classify(
+    inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir: Path | None,
+    job: ExternalJob,
+) -> tuple[SplitResult, ClassMaps | None]:
+    """The split and the class maps, with progress bars, each a stage of the run: kept where a
+    continued run finds it finished, else done and saved."""
     ps = inputs.ps
-    scratch = folder.staging
-    if scratch_dir is not None:
-        scratch = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir))
-        folder.use_scratch(scratch)
     apix = inputs.particles.pixel_size
     console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {apix:.3f} A/px")
     for warning in inputs.warnings:
         console.print(f"warning: {warning}", soft_wrap=True)
+    work = folder.work_folder(scratch_dir)  # the prepared images' stage is saved beside their files
+    if folder.resume:
+        kept = [words for name, words in STAGES.items() if folder.stages.finished(name, work if name == "images" else None)]
+        console.print(f"continuing the interrupted run in {folder.out}: keeping {', '.join(kept) or 'nothing'}", soft_wrap=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         track = _progress_tracker(progress, job)
-        result = split(
-            inputs.particles, stacks, options, mask=inputs.mask, consensus=inputs.consensus, scratch_dir=scratch, track=track
-        )
-        result.warnings[:0] = inputs.warnings
+        result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track))
         start = time.perf_counter()
-        class_maps = None
-        if np.bincount(result.classes, minlength=result.n_classes + 1)[1:].min() >= 2:
-            class_maps = reconstruct_classes(
-                inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
-                batch_size=options.batch_size, track=track,
-            )  # fmt: skip
-        else:
-            result.warnings.append("a class holds fewer than 2 particles: no class maps were made")
+        class_maps = folder.stages.run("class_maps", lambda: _class_maps(inputs, stacks, result, options, track))
         result.timings["class maps"] = time.perf_counter() - start
+    result.warnings[:0] = inputs.warnings
+    if class_maps is None:
+        result.warnings.append("a class holds fewer than 2 particles: no class maps were made")
     return result, class_maps
+
+
+def _split(
+    inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, work: Path, track: Track
+) -> SplitResult:
+    """The classification (pipeline.split_prepared) of the prepared images, themselves a stage saved
+    in `work` beside their files (a stage whose files are lost is not finished)."""
+    prepared = folder.stages.run(
+        "images",
+        lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track),
+        where=work,
+    )
+    return split_prepared(inputs.particles, prepared, work, options, track)
+
+
+def _class_maps(
+    inputs: _Inputs, stacks: ImageStacks, result: SplitResult, options: SplitOptions, track: Track
+) -> ClassMaps | None:
+    """The class and half maps at the particles' box; None where a class holds fewer than 2 particles."""
+    if np.bincount(result.classes, minlength=result.n_classes + 1)[1:].min() < 2:
+        return None
+    return reconstruct_classes(
+        inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
+        batch_size=options.batch_size, track=track,
+    )  # fmt: skip
 
 
 def _write_outputs(

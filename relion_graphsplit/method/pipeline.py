@@ -13,12 +13,17 @@
    half shows several modes (split_test); kept classes split again, up to max_classes; then all the
    classes refined together (hierarchy);
 and the tables to judge the whole set's split in two by (diagnostics).
+
+`split` runs them all; a run that keeps its stages (cli.job) calls `prepare` (steps 1-2) and
+`split_prepared` (steps 3-7) itself, so that a continued run starts from the images it prepared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +38,11 @@ from relion_graphsplit.method.diagnostics import cone_diagnostics
 from relion_graphsplit.method.hierarchy import find_classes
 from relion_graphsplit.method.masks import consensus_mask, resample_volume
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
-from relion_graphsplit.method.preprocess import fourier_crop_volume, prepare_images, working_box
+from relion_graphsplit.method.preprocess import Whitening, fourier_crop_volume, prepare_images, working_box
 from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.method.refine import image_spectra
 from relion_graphsplit.method.split_test import SplitTest
-from relion_graphsplit.method.two_classes import Splitter, cones_for
+from relion_graphsplit.method.two_classes import ConeSet, Splitter, cones_for
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks
 from relion_graphsplit.scratch import ScratchArray, row_batches
@@ -159,6 +164,72 @@ class SplitResult:
         return self.log_posterior.shape[1]
 
 
+@dataclass
+class Prepared:
+    """The images read and prepared once (steps 1-2), in files of their own, and what the later steps
+    need with them: the first stage of a run, which a continued run keeps (cli.job).
+
+    n is the number of particles and w the working box (pixels).
+
+    The images are in the working files of a folder of their own (`working_files`), beside this:
+    images.f32 (n, w, w) centred, downsampled, CTF-corrected images [y, x]; filters.f32
+    (n, w, w // 2 + 1) their data filters on the unshifted rfft grid (whitened where the spectra were
+    made with whitening); spectra.f32 (n, w, w // 2 + 1, 2) the images' centred transforms for the
+    refinement (`refine.image_spectra`; unwritten where it does not run), all float32.
+
+    Attributes
+    ----------
+    cone_set : ConeSet
+        The cones of the whole set (`two_classes.cones_for`).
+    working_box : int
+        w.
+    scale : torch.Tensor
+        (n,) float64 each image's grey scale relative to the consensus projection (`preprocess.prepare_images`).
+    consensus : torch.Tensor or None
+        (w, w, w) [z, y, x] the consensus map at the working size (None: CTF-premultiplied particles
+        without one).
+    whitening : Whitening
+        The noise estimate and its filter.
+    mask : torch.Tensor
+        (w, w, w) [z, y, x] float32 the graph split's 3D mask (`SplitResult.mask`).
+    redraw_mask : bool
+        Whether the refinement draws its mask again around the class maps (no mask was given).
+    timings : dict of str to float
+        Seconds per step so far: cones, read, ctf and, where the spectra were made, refine.
+    warnings : list of str
+        Warnings for the user so far.
+    """
+
+    cone_set: ConeSet
+    working_box: int
+    scale: torch.Tensor
+    consensus: torch.Tensor | None
+    whitening: Whitening
+    mask: torch.Tensor
+    redraw_mask: bool
+    timings: dict[str, float]
+    warnings: list[str]
+
+
+@contextlib.contextmanager
+def working_files(
+    folder: Path, n: int, w: int, existing: bool = False
+) -> Iterator[tuple[ScratchArray, ScratchArray, ScratchArray]]:
+    """The working files of `Prepared` in `folder`: images (n, w, w), filters (n, w, w // 2 + 1) and
+    spectra (n, w, w // 2 + 1, 2), float32; made empty, or with `existing` opened as they are."""
+    with (
+        ScratchArray(folder / "images.f32", (n, w, w), existing) as images,
+        ScratchArray(folder / "filters.f32", (n, w, w // 2 + 1), existing) as filters,
+        ScratchArray(folder / "spectra.f32", (n, w, w // 2 + 1, 2), existing) as spectra,
+    ):
+        yield images, filters, spectra
+
+
+def _plain(particles: star_io.Particles, options: SplitOptions) -> bool:
+    """Whether the scratch images are residuals times the CTF, as the refinement's likelihood assumes."""
+    return options.ctf_correction is CtfCorrection.subtract_multiply and not particles.premultiplied
+
+
 def split(
     particles: star_io.Particles,
     stacks: ImageStacks,
@@ -170,13 +241,49 @@ def split(
 ) -> SplitResult:
     """Classify a refined particle set: the graph split in two, applied again to each class kept.
 
-    `mask` and `consensus` are maps at the particles' box and pixel size (or None). Without a mask,
-    one is drawn around the consensus map (masks.consensus_mask). Cones all too sparse to split, or
-    too many for the memory available, are refused before any image is read (check_cone_counts,
-    check_cone_memory). Cones with fewer than options.min_cone_particles members have too few for a
-    principal component: they are dropped and their particles join the nearest remaining cones. The
-    working files (images, data filters and transforms at the working box, about 10 bytes per particle
-    and working pixel) are kept in a temporary folder, removed on return.
+    `prepare` then `split_prepared`, with the working files (images, data filters and transforms at
+    the working box, about 10 bytes per particle and working pixel) in a temporary folder, removed on
+    return.
+
+    Parameters
+    ----------
+    particles, stacks, options, mask, consensus, track
+        As `prepare`.
+    scratch_dir : str or Path or None
+        Folder to make the temporary folder in; None: the system's temporary folder.
+
+    Returns
+    -------
+    SplitResult
+        The classes and posteriors per particle, the splits tested, and the diagnostics per cone of the
+        whole set's split in two.
+
+    Raises
+    ------
+    ValueError
+        As `prepare`.
+    """
+    with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
+        prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track)
+        return split_prepared(particles, prepared, Path(tmp), options, track)
+
+
+def prepare(
+    particles: star_io.Particles,
+    stacks: ImageStacks,
+    options: SplitOptions,
+    folder: Path,
+    mask: torch.Tensor | None = None,
+    consensus: torch.Tensor | None = None,
+    track: Track = no_progress,
+) -> Prepared:
+    """Steps 1-2: the cones, and every image read once into working files in `folder`.
+
+    Cones all too sparse to split, or too many for the memory available, are refused before any image
+    is read (check_cone_counts, check_cone_memory). Cones with fewer than options.min_cone_particles
+    members have too few for a principal component: they are dropped and their particles join the
+    nearest remaining cones. Without a mask, one is drawn around the consensus map
+    (masks.consensus_mask).
 
     Parameters
     ----------
@@ -188,6 +295,8 @@ def split(
         Their open image stacks; every image is read once here.
     options : SplitOptions
         The split's parameters.
+    folder : Path
+        Existing folder for the working files (`working_files`), replaced if there.
     mask : torch.Tensor or None
         (N, N, N) [z, y, x] 3D mask (values from 0 to 1) at the particles' box and pixel size, used
         throughout. None: drawn around the consensus map at the working size, and for the refinement
@@ -196,16 +305,13 @@ def split(
         (N, N, N) [z, y, x] consensus map at the particles' box and pixel size. None: reconstructed from
         the particles at the working size while they are read (not possible for CTF-premultiplied
         particles).
-    scratch_dir : str or Path or None
-        Folder to make the temporary folder in; None: the system's temporary folder.
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
 
     Returns
     -------
-    SplitResult
-        The classes and posteriors per particle, the splits tested, and the diagnostics per cone of the
-        whole set's split in two.
+    Prepared
+        What the later steps need with the working files.
 
     Raises
     ------
@@ -220,14 +326,11 @@ def split(
         raise ValueError("CTF-premultiplied particles need a consensus map (--ref) or a mask (--mask)")
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    n = len(particles)
-    box, apix, rotations = particles.box, particles.pixel_size, particles.rotations
-    all_rows = np.arange(n, dtype=np.int64)
+    n, box, apix = len(particles), particles.box, particles.pixel_size
 
     # 1. Cones of projection direction for the whole set, refused up front if they cannot fit.
     start = time.perf_counter()
-    symmetry = symmetry_matrices(options.symmetry)
-    cone_set = cones_for(rotations, options, symmetry)
+    cone_set = cones_for(particles.rotations, options, symmetry_matrices(options.symmetry))
     if cone_set.empty:
         warnings.append(
             f"{cone_set.empty} of {cone_set.directions} cone directions hold no particle: holes in the angular coverage"
@@ -237,37 +340,69 @@ def split(
     check_cone_memory(cone_set.cones, w, cone_set.sampling, options.angular_sampling is not None)
 
     # 2. Centred, downsampled, CTF-corrected images in a scratch file.
-    work_apix = apix * box / w
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
-    with (
-        tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp,
-        ScratchArray(Path(tmp) / "images.f32", (n, w, w)) as scratch,
-        ScratchArray(Path(tmp) / "filters.f32", (n, w, w // 2 + 1)) as filters,
-        ScratchArray(Path(tmp) / "spectra.f32", (n, w, w // 2 + 1, 2)) as spectra,
-    ):
+    with working_files(folder, n, w) as (scratch, filters, spectra):
         scale, small_consensus, whitening, prep_times = prepare_images(
             particles, stacks, scratch, filters, options, small_consensus, track
         )
         timings.update(prep_times)
-        # The 3D mask focuses every later step; by default it is drawn around the consensus map.
-        mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
-            small_consensus, work_apix, threshold=options.mask_threshold, extend=options.mask_extend
-        )
-        # The refinement's likelihood assumes the scratch images are residuals times the CTF.
-        plain = options.ctf_correction is CtfCorrection.subtract_multiply and not particles.premultiplied
-        if plain and options.refine_iterations:
+        if _plain(particles, options) and options.refine_iterations:
             start = time.perf_counter()
             batches = row_batches(n, options.batch_size)
             image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None)
             timings["refine"] = time.perf_counter() - start
+    # The 3D mask focuses every later step; by default it is drawn around the consensus map.
+    mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
+        small_consensus, apix * box / w, threshold=options.mask_threshold, extend=options.mask_extend
+    )
+    return Prepared(
+        cone_set, w, scale, small_consensus, whitening, mask_volume,
+        redraw_mask=mask is None and options.refine_mask_threshold > 0, timings=timings, warnings=warnings,
+    )  # fmt: skip
+
+
+def split_prepared(
+    particles: star_io.Particles, prepared: Prepared, folder: Path, options: SplitOptions, track: Track = no_progress
+) -> SplitResult:
+    """Steps 3-7 on the prepared images: the graph split of the whole set, then how many classes.
+
+    Parameters
+    ----------
+    particles : star_io.Particles
+        The n particles `prepared` was made from (`prepare`).
+    prepared : Prepared
+        What goes with their working files.
+    folder : Path
+        The folder of the working files (`working_files`), read, never written.
+    options : SplitOptions
+        The split's parameters, as given to `prepare`.
+    track : Track
+        Progress callback, called as track(iterable, description=..., total=...).
+
+    Returns
+    -------
+    SplitResult
+        The classes and posteriors per particle, the splits tested, and the diagnostics per cone of the
+        whole set's split in two.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        For working files that are gone or not of the sizes `prepared` describes.
+    """
+    timings, warnings = dict(prepared.timings), list(prepared.warnings)
+    n, w = len(particles), prepared.working_box
+    work_apix = particles.pixel_size * particles.box / w
+    cone_set, whitening = prepared.cone_set, prepared.whitening
+    with working_files(folder, n, w, existing=True) as (scratch, filters, spectra):
         splitter = Splitter(
-            scratch, filters, spectra if plain else None, rotations, scale, symmetry, mask_volume, small_consensus,
-            work_apix, options, redraw_mask=mask is None and options.refine_mask_threshold > 0, track=track,
-            timings=timings,
+            scratch, filters, spectra if _plain(particles, options) else None, particles.rotations,
+            prepared.scale, symmetry_matrices(options.symmetry), prepared.mask, prepared.consensus, work_apix,
+            options, redraw_mask=prepared.redraw_mask, track=track, timings=timings,
         )  # fmt: skip
 
         # 3-5. The graph split of the whole set: cones, graph, synchronisation (two_classes).
-        graph = splitter.graph(all_rows, cone_set)
+        graph = splitter.graph(np.arange(n, dtype=np.int64), cone_set)
 
         # 6-7. How many classes: each split tested on half-sets and refined (step 6) where kept; then
         # all classes refined together.
@@ -303,7 +438,7 @@ def split(
         cone_angle=cone_set.cone_angle,
         working_box=w,
         working_pixel_size=work_apix,
-        mask=mask_volume,
+        mask=prepared.mask,
         timings=timings,
         warnings=warnings,
     )

@@ -12,6 +12,9 @@ What the program promises about the folder (README, "What the program promises a
   next run removes (with the scratch folder it names). A run that dies during its commit leaves a
   complete staging folder, and the next run finishes that commit before it starts its own: the
   folder never mixes two runs.
+- Only a run with --continue keeps a dead run's staging folder: it resumes after the stages finished
+  there (run_files.stages) if its inputs and options are those of the dead run, whose fingerprint
+  the staging folder holds, and is otherwise refused before it changes anything.
 - Files whose names the program does not write (RELION's run.out and run.err, a Class3D job that
   continued from the split, the user's own files) are never touched.
 """
@@ -24,13 +27,17 @@ import fcntl
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from relion_graphsplit.run_files.stages import FINGERPRINT_NAME, Fingerprint, Stages
 
 LOCK_NAME = ".relion_graphsplit.lock"
 STAGING_NAME = ".relion_graphsplit_staging"
 _COMPLETE = "COMPLETE"  # in the staging folder: every output is written, the commit may start
 _SCRATCH = "SCRATCH"  # in the staging folder: the path of the run's scratch folder, if elsewhere
+WORK_NAME = "work"  # in the staging folder: the run's working files, unless under --scratch_dir
 
 # The names of a run's outputs: files the program writes into --o, and so may replace or remove.
 OUTPUT_NAMES = re.compile(
@@ -98,19 +105,32 @@ class RunFolder:
     """The output folder of one run: lock, staging folder, commit.
 
     Use as a context manager: entering makes the folder, takes the lock (FolderBusy if another run
-    holds it), clears what a dead run left and makes an empty staging folder (`staging`); leaving
-    removes the staging folder and releases the lock. `commit()` moves the staged outputs into place.
+    holds it), clears what a dead run left and makes an empty staging folder (`staging`) holding the
+    run's fingerprint; continuing (`resume`), it keeps the dead run's staging folder instead, and its
+    finished stages (`stages`). Leaving removes the staging folder and releases the lock. `commit()`
+    moves the staged outputs into place.
 
     Parameters
     ----------
     out : Path
         The output folder (--o); made on entering if missing, and removed on leaving if this run made
         it, did not commit and left it empty.
+    fingerprint : Fingerprint or None
+        What this run's result depends on (`stages.fingerprint`), saved in the staging folder so that a
+        later run may continue this one; None: not saved, and a later run cannot.
+    resume : bool
+        Continue the run that died in `out` (--continue): keep its staging folder where its fingerprint
+        is `fingerprint`. Entering raises FolderError, with the folder left as it was, where there is
+        no such run or an input or option changed; a dead run that saved no fingerprint is started
+        afresh.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, fingerprint: Fingerprint | None = None, resume: bool = False):
         self.out = Path(out)
         self.staging = self.out / STAGING_NAME
+        self.stages = Stages(self.staging)
+        self.fingerprint = fingerprint
+        self.resume = resume
         self._lock_fd: int | None = None
         self._made = False  # the folder did not exist before this run
         self._committed = False
@@ -120,32 +140,70 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
-            self._clear_staging()
-            self.staging.mkdir()
+            if self.resume:
+                self._keep_staging()
+            else:
+                self._new_staging()
         except BaseException:
             self._unlock()
+            if self._made:  # a refused first run leaves no folder behind
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         try:
-            self._clear_staging()  # a commit interrupted here (Ctrl-C between two renames) is finished
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self.continuable():
+                pass  # Ctrl-C or SIGTERM (a batch system's time limit): kept for --continue
+            else:
+                self._clear_staging()  # a commit interrupted here (Ctrl-C between two renames) is finished
         finally:
             self._unlock()
         if self._made and not self._committed:  # a failed first run leaves no empty folder behind
             with contextlib.suppress(OSError):
                 self.out.rmdir()
 
-    def use_scratch(self, scratch: Path) -> None:
-        """Record a scratch folder outside the staging folder, so that the next run removes it if
-        this one dies.
+    def continuable(self) -> bool:
+        """Whether the staging folder holds the run's fingerprint and a finished stage (in it, or in
+        the scratch folder it records), and no finished run whose commit was under way."""
+        if not (self.staging / FINGERPRINT_NAME).is_file() or (self.staging / _COMPLETE).exists():
+            return False
+        folders = [self.staging]
+        record = self.staging / _SCRATCH
+        if record.is_file():
+            folders.append(Path(record.read_text().strip()))
+        return any(any(folder.rglob("stage_*.pkl")) for folder in folders if folder.is_dir())
+
+    def work_folder(self, scratch_dir: Path | None) -> Path:
+        """The folder for the run's working files (the images at the working size).
+
+        A continued run's is the dead run's where that is still there. Otherwise a new one: `work` in
+        the staging folder, or a folder of its own in `scratch_dir`, recorded in the staging folder so
+        that the next run removes it if this one dies.
 
         Parameters
         ----------
-        scratch : Path
-            The scratch folder; its resolved path is written into the staging folder.
+        scratch_dir : Path or None
+            Existing folder (--scratch_dir) to make the new folder in; None: the staging folder.
+
+        Returns
+        -------
+        Path
+            The folder, which exists.
         """
-        (self.staging / _SCRATCH).write_text(str(Path(scratch).resolve()))
+        record = self.staging / _SCRATCH
+        earlier = [Path(record.read_text().strip())] if record.is_file() else []
+        for folder in [*earlier, self.staging / WORK_NAME]:
+            if folder.is_dir():
+                return folder
+        if scratch_dir is None:
+            record.unlink(missing_ok=True)  # the dead run's scratch folder is gone
+            (self.staging / WORK_NAME).mkdir()
+            return self.staging / WORK_NAME
+        folder = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir)).resolve()
+        _durable_write(record, str(folder))
+        return folder
 
     def commit(self) -> list[str]:
         """Replace the earlier run's outputs with the staged ones; returns the names moved in.
@@ -200,6 +258,28 @@ class RunFolder:
             (self.out / LOCK_NAME).unlink()
         os.close(self._lock_fd)
         self._lock_fd = None
+
+    def _new_staging(self) -> None:
+        """Clear what a dead run left, then make an empty staging folder with this run's fingerprint."""
+        self._clear_staging()
+        self.staging.mkdir()
+        if self.fingerprint is not None:
+            self.fingerprint.write(self.staging / FINGERPRINT_NAME)
+
+    def _keep_staging(self) -> None:
+        """Keep the staging folder of the run that died in the folder, whose inputs and options were
+        this run's; a run that died during its commit had finished, and its commit is completed."""
+        if (self.staging / _COMPLETE).exists():
+            self._clear_staging()
+        if not self.staging.is_dir():
+            raise FolderError(f"cannot continue: no interrupted run to continue in {self.out}")
+        saved = self.staging / FINGERPRINT_NAME
+        if self.fingerprint is None or not saved.is_file():  # nothing that could be kept
+            self._new_staging()
+            return
+        change = self.fingerprint.change_from(Fingerprint.read(saved))
+        if change:
+            raise FolderError(f"cannot continue: {change} (run without --continue to start again)")
 
     def _clear_staging(self) -> None:
         """Finish a commit that was interrupted (its staging folder is complete); then remove the
