@@ -25,7 +25,7 @@ from scipy.optimize import minimize
 
 from relion_graphsplit.fourier.fsc import fsc
 
-GAIN_THRESHOLD = 0.01
+GAIN_THRESHOLD = 0.005
 """Least held-out gain (nats per particle, both directions) of several modes over one for a split to be
 kept; docs/method.md gives the gains measured on homogeneous and heterogeneous sets."""
 
