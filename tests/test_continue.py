@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from relion_graphsplit.cli import job
-from relion_graphsplit.cli.graphsplit import FLAGS, run_command
-from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.cli.graphsplit import run_command
+from relion_graphsplit.method.options import FLAGS, SplitOptions
 from relion_graphsplit.run_files.folder import LOCK_NAME, STAGING_NAME
 from relion_graphsplit.run_files.stages import Fingerprint
 from relion_graphsplit.scratch import ScratchArray

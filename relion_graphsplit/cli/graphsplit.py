@@ -22,18 +22,9 @@ PLAIN = {"add_completion": False, "rich_markup_mode": None, "pretty_exceptions_e
 """Plain-text help and errors, as RELION's programs print them: the same for every command."""
 app = typer.Typer(**PLAIN, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 DEFAULTS = SplitOptions()
-FLAGS = {
-    "symmetry": "--sym", "angular_sampling": "--angular_sampling", "cone_angle": "--cone_angle",
-    "particles_per_cone": "--particles_per_cone", "maxres": "--maxres", "resize": "--resize",
-    "ctf_correction": "--ctf_correction", "whiten": "--whiten", "mask_threshold": "--mask_threshold",
-    "refine_mask_threshold": "--refine_mask_threshold", "mask_extend": "--mask_extend",
-    "refine_iterations": "--refine_iter", "n_classes": "--K", "max_classes": "--max_K",
-    "batch_size": "--batch_size", "seed": "--random_seed",
-}  # fmt: skip
-"""The flag of each SplitOptions field the command line sets (the others keep their defaults)."""
 
 
-@app.command(help="Split a refined particle set into two classes with the graph method (thesis chapter 4).", epilog="Files, conventions and what the program promises about them: README.md.")
+@app.command(help="Classify a refined particle set with the graph method (thesis chapter 4): how many classes it supports, and which particle is which.", epilog="Files, conventions and what the program promises about them: README.md.")
 def graphsplit(
     ctx: typer.Context,
     i: Path = typer.Option(..., "--i", "--in_parts", help="Refined particle STAR file (RELION 3.0 to 5.0: angles, origins, CTF)."),

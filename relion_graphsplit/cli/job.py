@@ -27,11 +27,10 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__
-from relion_graphsplit.cli.graphsplit import FLAGS
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import ClassMaps, reconstruct_classes, write_class_maps
 from relion_graphsplit.method.masks import resample_volume
-from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.options import FLAGS, SplitOptions
 from relion_graphsplit.method.pipeline import SplitResult, prepare, split_prepared
 from relion_graphsplit.method.progress import Track
 from relion_graphsplit.relion import star as star_io

@@ -1,7 +1,7 @@
 """How many classes: the split in two applied again to each class, each split tested on half-sets.
 
 With K chosen automatically, the largest class not yet tested is split on each of its half-sets alone
-and the split kept only where it passes `split_test` (several modes in the held-out half, both ways); a
+and the split kept only where it passes `gold_standard` (several modes in the held-out half, both ways); a
 kept split divides the class by its split of all its particles, and both new classes are tested in
 turn, up to max_classes. With K given, the largest class is split, untested, until there are K. Then
 every particle is classified against all K class maps at once (`refine.refine_classes`: soft
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from relion_graphsplit.method.split_test import (
+from relion_graphsplit.method.gold_standard import (
     MIN_HALF_PARTICLES,
     TEST_ROUNDS,
     SplitTest,
@@ -72,7 +72,7 @@ class Classes:
 
 
 def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarray, halves: np.ndarray) -> SplitTest:
-    """The split of `rows` learnt on each half-set alone and scored on the other (`split_test`).
+    """The split of `rows` learnt on each half-set alone and scored on the other (`gold_standard`).
 
     Parameters
     ----------

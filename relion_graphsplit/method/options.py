@@ -52,3 +52,14 @@ class SplitOptions:
     max_classes: int = 4  # ... up to this many
     batch_size: int = 256
     seed: int = 0
+
+
+FLAGS = {
+    "symmetry": "--sym", "angular_sampling": "--angular_sampling", "cone_angle": "--cone_angle",
+    "particles_per_cone": "--particles_per_cone", "maxres": "--maxres", "resize": "--resize",
+    "ctf_correction": "--ctf_correction", "whiten": "--whiten", "mask_threshold": "--mask_threshold",
+    "refine_mask_threshold": "--refine_mask_threshold", "mask_extend": "--mask_extend",
+    "refine_iterations": "--refine_iter", "n_classes": "--K", "max_classes": "--max_K",
+    "batch_size": "--batch_size", "seed": "--random_seed",
+}  # fmt: skip
+"""The flag of each SplitOptions field the command line sets (the others keep their defaults)."""

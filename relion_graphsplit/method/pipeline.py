@@ -10,7 +10,7 @@
 6. refinement with fixed poses against the two class maps, started from that split (refine);
    steps 3-6 on any subset of the particles are two_classes.Splitter.split;
 7. how many classes: each split learnt on the two half-sets alone and kept only where the held-out
-   half shows several modes (split_test); kept classes split again, up to max_classes; then all the
+   half shows several modes (gold_standard); kept classes split again, up to max_classes; then all the
    classes refined together (hierarchy);
 and the tables to judge the whole set's split in two by (diagnostics).
 
@@ -35,13 +35,13 @@ from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import half_sets
 from relion_graphsplit.method.cones import Cones, check_cone_memory
 from relion_graphsplit.method.diagnostics import cone_diagnostics
+from relion_graphsplit.method.gold_standard import SplitTest
 from relion_graphsplit.method.hierarchy import find_classes
 from relion_graphsplit.method.masks import consensus_mask, resample_volume
 from relion_graphsplit.method.options import CtfCorrection, SplitOptions
 from relion_graphsplit.method.preprocess import Whitening, fourier_crop_volume, prepare_images, working_box
 from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.method.refine import image_spectra
-from relion_graphsplit.method.split_test import SplitTest
 from relion_graphsplit.method.two_classes import ConeSet, Splitter, cones_for
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks

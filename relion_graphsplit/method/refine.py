@@ -327,7 +327,7 @@ def projection_scores(
     Gaussian with mean B / A and variance sigma^2 / A, where B = sum w Re(conj(s) Q) and
     A = sum w CTF^2 |Q|^2; sigma^2 is estimated as in `class_log_likelihoods` (from the better of z = 1
     and z = -1), which overstates it by the misfit of that z: little where noise dominates each image,
-    as in cryo-EM, and on the safe side for `split_test` (wider modes are harder to tell apart).
+    as in cryo-EM, and on the safe side for `gold_standard` (wider modes are harder to tell apart).
 
     Parameters
     ----------

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from relion_graphsplit.cli.graphsplit import app
+from relion_graphsplit.method.gold_standard import GAIN_THRESHOLD, bimodality_gain, threshold_for
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.pipeline import split
-from relion_graphsplit.method.split_test import GAIN_THRESHOLD, bimodality_gain, threshold_for
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stacks import ImageStacks
 from relion_graphsplit.simulate.metrics import accuracy
