@@ -108,7 +108,7 @@ def test_printed_command_runs_verbatim_where_the_program_ran(small_set: Path, tm
     shutil.copytree(small_set, tmp_path / "sim")
     program = [sys.executable, "-c", "from relion_graphsplit.cli.launch import graphsplit; graphsplit()"]
     done = subprocess.run(
-        [*program, "--i", "sim/particles.star", "--o", "split/", "--refine_iter", "2", "--j", "2"],
+        [*program, "--i", "sim/particles.star", "--o", "split/", "--refine_iter", "2", "--j", "2", "--K", "2"],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
