@@ -128,8 +128,9 @@ def _peak_memory_mb(out: Path, n: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is read from Linux's /proc")
 def test_peak_memory_does_not_grow_with_the_number_of_particles(tmp_path):
-    """Ten times the particles: the peak grows by their tables only, far less than the stack (41 MB),
-    which the simulator never holds."""
-    small, large = (_peak_memory_mb(tmp_path / str(n), n) for n in (250, 2500))
-    stack_mb = (tmp_path / "2500" / "particles.mrcs").stat().st_size / 2**20
+    """Sixteen times the particles: the peak grows by their tables only, far less than the stack
+    (66 MB), which the simulator never holds; the larger stack keeps the allocator's own noise (a few
+    MB either way) well inside the margin."""
+    small, large = (_peak_memory_mb(tmp_path / str(n), n) for n in (250, 4000))
+    stack_mb = (tmp_path / "4000" / "particles.mrcs").stat().st_size / 2**20
     assert large - small < 0.4 * stack_mb, (small, large, stack_mb)

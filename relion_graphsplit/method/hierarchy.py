@@ -13,7 +13,6 @@ refined again.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,12 +107,9 @@ def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarr
     for split in splits:
         if np.bincount(split.classes, minlength=3)[1:].min() < 0.01 * len(split.rows):
             return verdict(False, "a half-set's split ended with one class")
-    start = time.perf_counter()
     directions = [splitter.difference(split) for split in splits]
     gain = [bimodality_gain(*splitter.scores(parts[1 - h], directions[h])) for h in (0, 1)]
     agreement = abs(difference_fsc(*directions, splitter.mask, splitter.pixel_size))
-    if splitter.timings is not None:
-        splitter.timings["split tests"] = splitter.timings.get("split tests", 0.0) + time.perf_counter() - start
     if min(gain) > threshold:
         return verdict(True, "several modes in each held-out half", gain, agreement)
     if max(gain) > threshold:

@@ -252,9 +252,9 @@ class Splitter:
         """Steps 3-6 on `rows`: the graph split (`graph` where already made), then the refinement
         against the two class maps (at most `rounds` rounds; None: options.refine_iterations)."""
         graph = graph or self.graph(rows)
-        half = graph.score / 2  # log odds as the refinement's start and, without it, the answer
-        log_posterior = np.stack([half - np.logaddexp(half, -half), -half - np.logaddexp(half, -half)], axis=1)
-        if not self.refines:
+        if not self.refines:  # the graph score, taken as log odds, is the answer
+            half = graph.score / 2
+            log_posterior = np.stack([half - np.logaddexp(half, -half), -half - np.logaddexp(half, -half)], axis=1)
             return TwoClasses(rows, log_posterior, graph, [], self.mask)
         refined = self.refine(rows, classes_by_sign(graph.score), rounds)
         return TwoClasses(rows, refined.log_posterior, graph, refined.changed, refined.mask)
@@ -284,13 +284,17 @@ class Splitter:
     def difference(self, split: TwoClasses) -> torch.Tensor:
         """(w, w, w) class 1's map minus class 2's, from the split's rows and probabilities, masked by
         the split's own mask."""
+        start = time.perf_counter()
         first, second = self.class_maps(split.rows, np.exp(split.log_posterior), split.mask)
+        self._time("split tests", start)
         return (first - second) * split.mask
 
     def scores(self, rows: np.ndarray, direction: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """`refine.projection_scores` of `rows` along `direction`: (m,) amounts and (m,) variances."""
+        start = time.perf_counter()
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
         z, variance = projection_scores(
             self.spectra, direction, torch.ones_like(direction), self.rotations, self.scale, self.filters, batches
         )
+        self._time("split tests", start)
         return z[rows], variance[rows]

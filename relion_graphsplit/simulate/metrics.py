@@ -55,16 +55,14 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
         The fraction in [0, 1] of particles on the matched diagonal of the contingency table (the
         matching that maximises it, by linear_sum_assignment).
     """
-    table = contingency(pred, truth)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / table.sum())
+    return float(matched_correct(pred, truth).mean())
 
 
 def matched_correct(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Which particles are labelled right under the best matching of predicted to true labels.
 
-    The matching is `accuracy`'s (one to one, by linear_sum_assignment on the contingency table), so
-    that ``matched_correct(pred, truth).mean() == accuracy(pred, truth)``. With more predicted classes
+    The matching is one to one, by linear_sum_assignment on the contingency table; `accuracy` is the
+    mean of this. With more predicted classes
     than true ones, the particles of a predicted class left without a match are all wrong; with
     fewer, the particles of an unmatched true class are.
 

@@ -503,7 +503,6 @@ def simulate(
     seed: int = 0,
     stack_name: str = "particles.mrcs",
     batch_size: int = 256,
-    out: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
     log_likelihoods: np.ndarray | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -514,15 +513,13 @@ def simulate(
     ----------
     maps, pixel_size, n_particles, snr, fractions, conditions, seed, stack_name, batch_size
         As `simulate_stream`.
-    out : np.ndarray or None
-        (n_particles, N, N) array to write the images into (returned as `images`), or None.
     progress, log_likelihoods
         As `simulate_stream`.
 
     Returns
     -------
     images : np.ndarray
-        (n_particles, N, N) [y, x] float32, `out` when given; each normalised so that the pixels
+        (n_particles, N, N) [y, x] float32, each normalised so that the pixels
         outside the normalisation circle have mean 0 and standard deviation 1.
     particles, optics, truth : pd.DataFrame
         As `simulate_stream`.
@@ -533,7 +530,7 @@ def simulate(
         As `simulate_stream`.
     """
     box = maps[0].shape[-1]
-    images = np.empty((n_particles, box, box), dtype=np.float32) if out is None else out
+    images = np.empty((n_particles, box, box), dtype=np.float32)
 
     def keep(rows: slice, batch: np.ndarray) -> None:
         images[rows] = batch
