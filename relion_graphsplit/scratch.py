@@ -47,7 +47,8 @@ def read_rows(
     file: io.RawIOBase, offset: int, rows: np.ndarray, row_shape: tuple[int, ...], dtype: np.dtype
 ) -> np.ndarray:
     """Rows `rows` (any order, repeats allowed) of an array of `row_shape` rows in `dtype` stored from
-    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows.
+    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows
+    (or one read of their whole span, where they fill at least half of it).
 
     Parameters
     ----------
@@ -74,6 +75,12 @@ def read_rows(
     """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     distinct, inverse = np.unique(rows, return_inverse=True)
+    span = int(distinct[-1] - distinct[0]) + 1 if len(distinct) else 0
+    if len(distinct) < span <= 2 * len(distinct):
+        # Rows that fill at least half their span (a class's rows in a batch, say): one read of the
+        # whole span costs less than a read per run.
+        span = read_rows(file, offset, np.arange(distinct[0], distinct[-1] + 1), row_shape, dtype)
+        return span[rows - distinct[0]]
     out = np.empty((len(distinct), *row_shape), dtype=dtype)
     for position, buffer in _runs(offset, distinct, out):
         file.seek(position)

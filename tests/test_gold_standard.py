@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import check_grad
 from typer.testing import CliRunner
 
 from relion_graphsplit.cli.graphsplit import app
-from relion_graphsplit.method.gold_standard import GAIN_THRESHOLD, bimodality_gain, threshold_for
+from relion_graphsplit.method.gold_standard import GAIN_THRESHOLD, _modes_nll, bimodality_gain, threshold_for
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.pipeline import split
 from relion_graphsplit.relion import star as star_io
@@ -32,6 +33,15 @@ def test_one_gaussian_spread_gains_nothing_two_modes_gain():
     assert bimodality_gain(z, variance) == gain  # deterministic
     unequal = np.where(rng.uniform(size=m) < 0.2, 3.0, 0.0) + rng.normal(0.0, np.sqrt(variance))
     assert bimodality_gain(unequal, variance) > 3 * GAIN_THRESHOLD
+
+
+@pytest.mark.parametrize("params", [[-1.0, 1.5, 0.3, -0.5], [-2.0, 0.1, 2.0, 0.4, -0.7, 0.2]])
+def test_the_mixture_gradient_is_the_likelihood_s(params):
+    rng = np.random.default_rng(4)
+    z, v = rng.normal(size=300) * 2, rng.uniform(0.5, 2.0, 300)
+    params = np.asarray(params)
+    error = check_grad(lambda p: _modes_nll(p, z, v)[0], lambda p: _modes_nll(p, z, v)[1], params)
+    assert error < 1e-4 * np.linalg.norm(_modes_nll(params, z, v)[1])
 
 
 def test_small_halves_need_a_larger_gain_per_particle():

@@ -61,7 +61,7 @@ class PlaneSplitter:
         centred = self.x[rows] - self.x[rows].mean(axis=0)
         axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         start = np.where(centred @ axis >= 0, 1, 2)
-        return TwoClasses(rows, self.refine(rows, start).log_posterior, None, [], self.mask)
+        return TwoClasses(rows, self.refine(rows, start).log_posterior, [], self.mask)
 
     def class_maps(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> list[torch.Tensor]:
         weights = probability / probability.sum(axis=0)

@@ -29,7 +29,8 @@ def test_scattered_writes_and_reads_match_numpy(tmp_path):
             expected[rows] = values
         scratch[np.arange(10, 20)] = np.ones((10, *shape[1:]))  # a contiguous run, cast to float32
         expected[10:20] = 1
-        for rows in (np.arange(shape[0]), rng.permutation(shape[0]), np.array([7, 3, 3, 49, 0, 7]), np.array([], int)):
+        dense = np.array([31, 30, 33, 30, 36, 34])  # rows filling more than half their span: one read
+        for rows in (np.arange(shape[0]), rng.permutation(shape[0]), np.array([7, 3, 3, 49, 0, 7]), dense, np.array([], int)):
             got = scratch[rows]
             assert got.dtype == np.float32 and got.shape == (len(rows), *shape[1:])
             np.testing.assert_array_equal(got, expected[rows])

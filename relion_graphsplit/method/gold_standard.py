@@ -91,15 +91,21 @@ def _gaussian_nll(z: np.ndarray, v: np.ndarray, mean: float, spread: float) -> f
     return 0.5 * float(np.sum(np.log(2 * np.pi * total) + (z - mean) ** 2 / total))
 
 
-def _modes_nll(params: np.ndarray, z: np.ndarray, v: np.ndarray) -> float:
-    """Negative log-likelihood of k modes of one spread: params = k means, k - 1 weight logits (the
-    last mode's logit 0), log spread."""
+def _modes_nll(params: np.ndarray, z: np.ndarray, v: np.ndarray) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of k modes of one spread and its gradient: params = k means, k - 1
+    weight logits (the last mode's logit 0), log spread."""
     k = (len(params)) // 2
     means, logits, log_spread = params[:k], np.append(params[k : 2 * k - 1], 0.0), params[-1]
     total = np.exp(log_spread) + v
     log_weights = logits - np.logaddexp.reduce(logits)
-    terms = log_weights - 0.5 * np.log(2 * np.pi * total)[:, None] - 0.5 * (z[:, None] - means) ** 2 / total[:, None]
-    return -float(np.sum(np.logaddexp.reduce(terms, axis=1)))
+    offset = z[:, None] - means
+    terms = log_weights - 0.5 * np.log(2 * np.pi * total)[:, None] - 0.5 * offset**2 / total[:, None]
+    row = np.logaddexp.reduce(terms, axis=1)
+    r = np.exp(terms - row[:, None])  # each score's responsibilities
+    grad_means = -np.sum(r * offset / total[:, None], axis=0)
+    grad_logits = -(r.sum(axis=0) - len(z) * np.exp(log_weights))[:-1]
+    grad_spread = -np.exp(log_spread) * np.sum(r * (offset**2 / total[:, None] - 1) / (2 * total[:, None]))
+    return -float(np.sum(row)), np.concatenate([grad_means, grad_logits, [grad_spread]])
 
 
 def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
@@ -154,7 +160,7 @@ def bimodality_gain(z: np.ndarray, variance: np.ndarray) -> float:
         logits = np.log(np.asarray(weights[:-1]) / weights[-1])
         x0 = np.concatenate([means, logits, [np.log(max(spread / 2, 1e-6))]])
         bounds = [(None, None)] * len(means) + [(-6, 6)] * len(logits) + [(-14, None)]
-        fit = minimize(_modes_nll, x0, args=(z, v), method="L-BFGS-B", bounds=bounds)
+        fit = minimize(_modes_nll, x0, args=(z, v), jac=True, method="L-BFGS-B", bounds=bounds)
         best = min(best, float(fit.fun))
     return max(one - best, 0.0) / len(z)
 

@@ -1,14 +1,15 @@
 """How many classes: the split in two applied again to each class, each split tested on half-sets.
 
 With K chosen automatically, the largest class not yet tested is split on each of its half-sets alone
-and the split kept only where it passes `gold_standard` (several modes in the held-out half, both ways); a
-kept split divides the class by its split of all its particles, and both new classes are tested in
-turn, up to max_classes. With K given, the largest class is split, untested, until there are K. Then
-every particle is classified against all K class maps at once (`refine.refine_classes`: soft
-assignments, class priors, the halves' maps kept apart for the FSC weighting), started from the tree.
-With K chosen automatically and three classes or more, the union of the two most similar classes is
-then tested as a split; where it fails the test, the two are merged (node "X+Y") and all the classes
-refined again.
+and the split kept only where it passes `gold_standard` (several modes in the held-out half, both
+ways); a kept split divides the class by the halves' two splits, labels matched and refined together
+on all its particles, and both new classes are tested in turn, up to max_classes. With K given, the
+largest class is split, untested, until there are K. Then every particle is classified against all K
+class maps at once (`refine.refine_classes`: soft assignments, class priors, the halves' maps kept
+apart for the FSC weighting), started from the tree. With K chosen automatically and three classes or
+more, the union of the two most similar classes is then tested as a split, after a few rounds
+(TEST_ROUNDS) of that refinement; where it fails the test, the two are merged (node "X+Y") and the
+test repeated on the new classes. The refinement's full rounds run once, on the classes that stand.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class Classes:
         return self.log_posterior.shape[1]
 
 
-def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarray, halves: np.ndarray) -> SplitTest:
+def test_split(
+    splitter: Splitter, node: str, parent: str | None, rows: np.ndarray, halves: np.ndarray
+) -> tuple[SplitTest, np.ndarray | None]:
     """The split of `rows` learnt on each half-set alone and scored on the other (`gold_standard`).
 
     Parameters
@@ -88,6 +91,10 @@ def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarr
     -------
     SplitTest
         The evidence and verdict.
+    start : np.ndarray or None
+        Where the split is kept, (m,) int64 1 or 2: each row's class in its own half's split, the
+        second half's labels matched to the first's (by the sign of the product of their difference
+        maps), from which the whole node is refined; None otherwise.
     """
     parts = [rows[halves[rows] == h] for h in (1, 2)]
     sizes = (len(parts[0]), len(parts[1]))
@@ -97,24 +104,27 @@ def test_split(splitter: Splitter, node: str, parent: str | None, rows: np.ndarr
         return SplitTest(node, parent, len(rows), sizes, tuple(gain), threshold, agreement, kept, reason)
 
     if min(sizes) < MIN_HALF_PARTICLES:
-        return verdict(False, f"too few particles in a half-set (fewer than {MIN_HALF_PARTICLES})")
+        return verdict(False, f"too few particles in a half-set (fewer than {MIN_HALF_PARTICLES})"), None
     splits: list[TwoClasses] = []
     for part in parts:
         try:
             splits.append(splitter.split(part, rounds=TEST_ROUNDS))
         except ValueError:  # every cone too sparse
-            return verdict(False, "a half-set too sparse to split")
+            return verdict(False, "a half-set too sparse to split"), None
     for split in splits:
         if np.bincount(split.classes, minlength=3)[1:].min() < 0.01 * len(split.rows):
-            return verdict(False, "a half-set's split ended with one class")
+            return verdict(False, "a half-set's split ended with one class"), None
     directions = [splitter.difference(split) for split in splits]
     gain = [bimodality_gain(*splitter.scores(parts[1 - h], directions[h])) for h in (0, 1)]
     agreement = abs(difference_fsc(*directions, splitter.mask, splitter.pixel_size))
-    if min(gain) > threshold:
-        return verdict(True, "several modes in each held-out half", gain, agreement)
-    if max(gain) > threshold:
-        return verdict(False, "several modes in one held-out half only", gain, agreement)
-    return verdict(False, "one mode in the held-out halves", gain, agreement)
+    if min(gain) <= threshold:
+        reason = "several modes in one held-out half only" if max(gain) > threshold else "one mode in the held-out halves"
+        return verdict(False, reason, gain, agreement), None
+    start = np.zeros(len(rows), dtype=np.int64)
+    same = float((directions[0] * directions[1]).sum()) >= 0
+    for part, split, first in zip(parts, splits, (True, False)):
+        start[np.searchsorted(rows, part)] = split.classes if first or same else 3 - split.classes
+    return verdict(True, "several modes in each held-out half", gain, agreement), start
 
 
 def _drop_empty(log_posterior: np.ndarray, leaves: list[str], warnings: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -141,8 +151,8 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
     splitter : Splitter
         The shared state; its options give n_classes (None: automatic) and max_classes.
     graph : Graph or None
-        The graph split of all particles (rows 0..n - 1), refined only where the whole set is split
-        (a homogeneous set's answer needs no refinement of it); None: made when needed.
+        The graph split of all particles (rows 0..n - 1), the start of the whole set's split with K
+        given (a tested split starts from its halves' splits instead); None: made when needed.
     halves : np.ndarray
         (n,) int64 every particle's half-set, 1 or 2.
 
@@ -170,11 +180,14 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
         untested.remove(node)
         if automatic:
             parent = node.rpartition(".")[0] or None
-            test = test_split(splitter, node, parent, members[node], halves)
+            test, start = test_split(splitter, node, parent, members[node], halves)
             tests.append(test)
             if not test.kept:
                 continue
-        if node not in splits:
+            # The halves' splits, each learnt alone, are refined together: no graph of the whole node.
+            refined = splitter.refine(members[node], start)
+            splits[node] = TwoClasses(members[node], refined.log_posterior, refined.changed, refined.mask)
+        else:
             try:
                 splits[node] = splitter.split(members[node], graph=graph if node == "1" else None)
             except ValueError as err:
@@ -202,21 +215,26 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
     elif len(leaves) == 2:
         log_posterior, changed = splits["1"].log_posterior, splits["1"].changed
     elif splitter.refines:
+        merging = automatic  # whether the closest pair is still to be tested
         while True:
-            refined = splitter.refine(everyone, classes)
+            # While pairs may still merge, a few rounds place the classes well enough to test them:
+            # the full rounds are spent once, on the classes that stand.
+            testing = merging and len(leaves) >= 3
+            refined = splitter.refine(everyone, classes, rounds=TEST_ROUNDS if testing else None)
             log_posterior, changed = refined.log_posterior, refined.changed
             log_posterior, leaves = _drop_empty(log_posterior, leaves, warnings)
             classes = np.argmax(log_posterior, axis=1) + 1
-            if not automatic or len(leaves) < 3:
+            if not testing:
                 break
             # A state the tree cut in two (a continuum's middle, say) gives two classes whose union
             # is one mode: test the closest pair's union as a split, and merge it where it fails.
             i, j = _closest_pair(splitter.class_maps(everyone, np.exp(log_posterior), splitter.mask), splitter.mask)
             union = everyone[(classes == i + 1) | (classes == j + 1)]
-            test = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
+            test, _ = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
             tests.append(test)
             if test.kept:
-                break
+                merging = False
+                continue
             classes = np.where(classes == j + 1, i + 1, classes)
             classes = np.where(classes > j + 1, classes - 1, classes)
             leaves = [f"{leaves[i]}+{leaves[j]}" if x == i else leaf for x, leaf in enumerate(leaves) if x != j]

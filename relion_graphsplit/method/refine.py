@@ -96,18 +96,20 @@ def _weighted_halves(
     rotations: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
-) -> list[FourierAccumulator]:
+) -> list[list[FourierAccumulator]]:
     """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
-    for per-particle weights w (n,); particles of weight <= 1e-6 are left out."""
-    halves = [FourierAccumulator(spectra.shape[1]) for _ in range(2)]
+    [set][half], for C sets of per-particle weights w (n, C), each batch read once; particles of weight
+    <= 1e-6 are left out of that set's sums."""
+    sums = [[FourierAccumulator(spectra.shape[1]) for _ in range(2)] for _ in range(weights.shape[1])]
     for index in batches:
         f = torch.from_numpy(_complex(spectra, index))
         ctf = torch.from_numpy(np.asarray(filters[index]))
-        p = np.where(weights[index] > 1e-6, weights[index], 0.0)
-        for half in range(2):
-            w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
-            halves[half].insert_rfft(f, rotations[index], ctf=ctf, ctf_premultiplied=True, weights=w)
-    return halves
+        for halves, column in zip(sums, weights[index].T):
+            p = np.where(column > 1e-6, column, 0.0)
+            for half in range(2):
+                w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
+                halves[half].insert_rfft(f, rotations[index], ctf=ctf, ctf_premultiplied=True, weights=w)
+    return sums
 
 
 def residual_sums(
@@ -135,7 +137,7 @@ def residual_sums(
     list of FourierAccumulator
         Two accumulators at box N: the particles of even 0-based row index, then those of odd index.
     """
-    return _weighted_halves(spectra, np.ones(spectra.shape[0]), rotations, filters, batches)
+    return _weighted_halves(spectra, np.ones((spectra.shape[0], 1)), rotations, filters, batches)[0]
 
 
 def class_sums(
@@ -176,7 +178,7 @@ def class_sums(
         the others; half 0 the even 0-based rows, half 1 the odd ones.
     """
     n = spectra.shape[1]
-    sums = [_weighted_halves(spectra, probability[:, k], rotations, filters, batches) for k in range(probability.shape[1] - 1)]
+    sums = _weighted_halves(spectra, probability[:, :-1], rotations, filters, batches)
     last = [FourierAccumulator(n), FourierAccumulator(n)]
     for half in range(2):
         last[half].sums = totals[half].sums - sum(s[half].sums for s in sums)

@@ -148,8 +148,6 @@ class TwoClasses:
     log_posterior : np.ndarray
         (m, 2) float64 log posterior probabilities of the two classes: the refinement's, or from the
         graph score alone (as log odds) where no refinement ran.
-    graph : Graph
-        The graph split it started from.
     changed : list of int
         Particles that changed class in each refinement round.
     mask : torch.Tensor
@@ -158,7 +156,6 @@ class TwoClasses:
 
     rows: np.ndarray
     log_posterior: np.ndarray
-    graph: Graph
     changed: list[int]
     mask: torch.Tensor
 
@@ -255,9 +252,9 @@ class Splitter:
         if not self.refines:  # the graph score, taken as log odds, is the answer
             half = graph.score / 2
             log_posterior = np.stack([half - np.logaddexp(half, -half), -half - np.logaddexp(half, -half)], axis=1)
-            return TwoClasses(rows, log_posterior, graph, [], self.mask)
+            return TwoClasses(rows, log_posterior, [], self.mask)
         refined = self.refine(rows, classes_by_sign(graph.score), rounds)
-        return TwoClasses(rows, refined.log_posterior, graph, refined.changed, refined.mask)
+        return TwoClasses(rows, refined.log_posterior, refined.changed, refined.mask)
 
     def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None):
         """`refine.refine_classes` of `rows` from `classes` (1..K), at most `rounds` rounds (None:
