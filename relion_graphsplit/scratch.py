@@ -142,9 +142,17 @@ class ScratchArray:
         size is not the array's.
     FileNotFoundError
         With `existing`, for a file that is not there.
+
+    Attributes
+    ----------
+    path : Path
+        The file, as given.
+    shape : tuple of int
+        The array's shape.
     """
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], existing: bool = False):
+        self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
         size = int(np.prod(self.shape)) * 4
         self._file = open(Path(path), "r+b" if existing else "w+b", buffering=0)

@@ -14,6 +14,7 @@ from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.fsc import fsc
 from relion_graphsplit.fourier.geometry import euler_to_matrix
 from relion_graphsplit.fourier.reconstruct import FourierAccumulator, reconstruct
+from relion_graphsplit.method import classmaps
 from relion_graphsplit.method.classmaps import _completeness, half_sets, reconstruct_classes, write_class_maps
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.model_star import MODEL_NAME, ini_high, next_command, ssnr_from_fsc, write_model_star
@@ -55,6 +56,19 @@ def test_each_image_is_read_once(simulated):
     with CountingStacks(simulated["ps"]) as stacks:
         reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], batch_size=100)
     assert sorted(stacks.rows) == list(range(len(simulated["classes"])))
+
+
+def test_classes_taken_one_at_a_time_read_each_image_once_and_give_the_same_maps(simulated, class_maps, monkeypatch):
+    """Where the padded grids of all classes do not fit in GRID_MEMORY (large boxes), each pass holds
+    one class's: every image is still read once, and the maps are the one pass's, bit for bit."""
+    monkeypatch.setattr(classmaps, "GRID_MEMORY", 2 * FourierAccumulator.grid_bytes(32))
+    with CountingStacks(simulated["ps"]) as stacks:
+        passes = reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], seed=1)
+    assert sorted(stacks.rows) == list(range(len(simulated["classes"])))
+    first = np.flatnonzero(simulated["classes"] == 1)
+    assert stacks.rows[: len(first)] == list(first)  # class 1's pass came first
+    assert torch.equal(passes.maps, class_maps.maps) and torch.equal(passes.half_maps, class_maps.half_maps)
+    assert torch.equal(passes.fsc, class_maps.fsc)
 
 
 def test_both_stages_report_progress(simulated):

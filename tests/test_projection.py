@@ -214,14 +214,14 @@ def test_matches_relion_project_with_ctf(tmp_path):
 
 
 @pytest.mark.parametrize(("box", "dtype"), [(BOX, torch.float32), (BOX - 1, torch.float64)])
-def test_compiled_gather_samples_what_grid_sample_samples(monkeypatch, box, dtype):
-    """The CPU's compiled sampling and grid_sample (the sampling on other devices) give the same
-    slices of a stack of maps, to the float32 rounding of grid_sample's coordinates."""
+def test_compiled_gather_samples_what_the_torch_gather_samples(monkeypatch, box, dtype):
+    """The CPU's compiled sampling and its torch twin (the sampling on other devices) give the same
+    slices of a stack of maps, to rounding."""
     maps = torch.stack([blob_map(box), blob_map(box).flip(0)]).to(dtype)
     prepared = prepare_volume(maps)
     A = euler_to_matrix(*(torch.from_numpy(a) for a in random_angles(60, seed=5)))
     compiled = project_rfft(prepared, A)
-    monkeypatch.setattr(projection_module, "_gather", projection_module._grid_sample)
+    monkeypatch.setattr(projection_module, "_gather", projection_module._gather_torch)
     sampled = project_rfft(prepared, A)
     assert compiled.shape == sampled.shape == (2, 60, box, box // 2 + 1)
     scale = float(sampled.abs().max())

@@ -13,6 +13,7 @@ from relion_graphsplit.method.refine import (
     projection_scores,
     residual_sums,
 )
+from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.simulate.particles import uniform_rotations
 
 
@@ -30,6 +31,13 @@ def _spectra(images: np.ndarray, filters: np.ndarray, batches: list[np.ndarray],
     spectra = np.zeros((*images.shape[:2], images.shape[-1] // 2 + 1, 2), dtype=np.float32)
     image_spectra(images, filters, batches, spectra, whitening)
     return spectra
+
+
+def _stored(folder, name: str, values: np.ndarray) -> ScratchArray:
+    """`values` in a ScratchArray file of `folder` (the tasks of the refinement open their files by path)."""
+    array = ScratchArray(folder / name, values.shape)
+    array[np.arange(len(values))] = values
+    return array
 
 
 def test_image_spectra_are_the_centred_whitened_transforms():
@@ -53,7 +61,7 @@ def test_image_spectra_are_the_centred_whitened_transforms():
 
 
 @pytest.mark.parametrize("box", [16, 15])
-def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box):
+def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box, tmp_path):
     """Residual images s = a' CTF^2 Q_k + noise of three classes: the log-likelihoods pick class k,
     equal the white-noise likelihood computed in float64 from real-space projections (the odd third
     map paired with zeros), and do not depend on the thread count."""
@@ -70,7 +78,8 @@ def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box):
     images = torch.fft.irfft2(clean, s=(box, box)) + 0.02 * torch.from_numpy(rng.standard_normal((n, box, box)))
     batches = [np.arange(0, 120), np.arange(120, n)]
     filters = ctf.numpy().astype(np.float32)
-    spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
+    spectra = _stored(tmp_path, "spectra", _spectra(images.numpy().astype(np.float32), filters, batches))
+    filters = _stored(tmp_path, "filters", filters)
     maps32 = [m.to(torch.float32) for m in maps]
     arguments = (spectra, maps32, torch.ones(box, box, box), rotations, scale, filters, batches)
     threads = torch.get_num_threads()
@@ -96,7 +105,7 @@ def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box):
     np.testing.assert_allclose(likelihoods, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_projection_scores_recover_the_amount_of_a_map():
+def test_projection_scores_recover_the_amount_of_a_map(tmp_path):
     """Images holding z times a map's projection plus noise that dominates each image (as in
     cryo-EM): the scores are z within their stated uncertainty, and that uncertainty matches their
     scatter."""
@@ -112,7 +121,8 @@ def test_projection_scores_recover_the_amount_of_a_map():
     images = torch.fft.irfft2(ctf**2 * z[:, None, None] * q + 3.0 * ctf * noise, s=(box, box))
     batches = [np.arange(0, 100), np.arange(100, n)]
     filters = ctf.numpy().astype(np.float32)
-    spectra = _spectra(images.numpy().astype(np.float32), filters, batches)
+    spectra = _stored(tmp_path, "spectra", _spectra(images.numpy().astype(np.float32), filters, batches))
+    filters = _stored(tmp_path, "filters", filters)
     found, variance = projection_scores(
         spectra, direction.to(torch.float32), torch.ones(box, box, box), rotations, scale, filters, batches
     )
@@ -121,7 +131,7 @@ def test_projection_scores_recover_the_amount_of_a_map():
     assert 0.85 < np.std(pulls) < 1.15
 
 
-def test_class_two_from_the_totals_equals_its_own_insertion():
+def test_class_two_from_the_totals_equals_its_own_insertion(tmp_path):
     """Class 2's sums are the totals minus class 1's: swapping the probabilities swaps the maps."""
     rng = np.random.default_rng(0)
     n, box = 64, 12
@@ -129,7 +139,8 @@ def test_class_two_from_the_totals_equals_its_own_insertion():
     filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
     rotations = torch.from_numpy(uniform_rotations(n, rng))
     batches = [np.arange(0, 40), np.arange(40, n)]
-    spectra = _spectra(images, filters, batches)
+    spectra = _stored(tmp_path, "spectra", _spectra(images, filters, batches))
+    filters = _stored(tmp_path, "filters", filters)
     first = rng.uniform(0.0, 1.0, n)
     first[:5], first[5:10] = 0.0, 1.0  # hard members of either class
     probability = np.stack([first, 1.0 - first], axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import mrcfile
@@ -131,6 +132,32 @@ def test_few_open_stacks_at_a_time(project):
         for _ in range(2):
             np.testing.assert_array_equal(stacks.read(np.arange(len(expected))).numpy(), expected)
         assert len(stacks._open) == 1
+
+
+def test_read_ahead_reads_the_next_batch_while_this_one_is_used(project):
+    star, expected = project
+    batches = [np.array([0, 1, 2]), np.array([6, 3]), np.array([5])]
+    second_asked = threading.Event()
+
+    class Logged(ImageStacks):
+        def read(self, indices):
+            self.asked.append(list(np.asarray(indices)))
+            if len(self.asked) == 2:
+                second_asked.set()
+            return super().read(indices)
+
+    with Logged(read_particles(star)) as stacks:
+        stacks.asked = []
+        got = []
+        for rows, images in stacks.read_ahead(batches):
+            if not got:  # the second batch is being read while the first is in use
+                assert second_asked.wait(timeout=10)
+            got.append((rows, images))
+        assert [list(rows) for rows, _ in got] == [list(b) for b in batches]
+        for rows, images in got:
+            np.testing.assert_array_equal(images.numpy(), expected[rows])
+        assert stacks.asked == [list(b) for b in batches]  # each batch read once, in order
+        assert list(stacks.read_ahead([])) == []
 
 
 def test_integer_stacks_and_single_images(tmp_path):

@@ -49,9 +49,10 @@ def graphsplit(
     seed: int = typer.Option(DEFAULTS.seed, "--random_seed", "--seed", help="Seed of the max-cut rounding and of the half sets drawn where rlnRandomSubset is absent; the result depends on it alone."),
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy); the result does not depend on them."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
-    scratch_dir: Path | None = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system."),
+    scratch_dir: Path | None = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system, except with --dask_scheduler, whose workers read them: then it must be on a file system every worker sees."),
+    dask_scheduler: str | None = typer.Option(None, "--dask_scheduler", show_default="this process alone", help="Run the passes over the particles (the per-cone classification, the refinement's sums and likelihoods) on the workers of an existing Dask cluster: its scheduler's address (tcp://host:8786) or scheduler file (dask scheduler --scheduler-file, dask-jobqueue, dask-mpi). The workers need relion_graphsplit installed and must see --o (or --scratch_dir); the result is the same as in one process. Needs the dask extra (pip install 'relion-graphsplit[dask]')."),
     pipeline_control: str | None = typer.Option(None, "--pipeline_control", help="Given by RELION to an External job: the run then leaves RELION's exit marker and output nodes in --o (as it does in any directory holding default_pipeline.star)."),
-    resume: bool = typer.Option(False, "--continue", help="Continue the run in --o that was killed or interrupted (Ctrl-C, SIGTERM) before it finished: the stages it finished (the working-size images, the classification, the class maps) are kept, and the result is an uninterrupted run's. Refused, with one line saying what changed, where an input or an option that changes the result differs (--j, --scratch_dir and --pipeline_control may); without --continue a run starts afresh."),
+    resume: bool = typer.Option(False, "--continue", help="Continue the run in --o that was killed or interrupted (Ctrl-C, SIGTERM) before it finished: the stages it finished (the working-size images, the classification, the class maps) are kept, and the result is an uninterrupted run's. Refused, with one line saying what changed, where an input or an option that changes the result differs (--j, --scratch_dir, --dask_scheduler and --pipeline_control may); without --continue a run starts afresh."),
 ) -> None:
     if not o.strip():
         raise typer.BadParameter("is empty: name the output folder", param_hint="--o")
@@ -75,7 +76,7 @@ def graphsplit(
     )  # fmt: skip
     from relion_graphsplit.cli import job  # torch and the rest, once the options are known to be good
 
-    job.run(i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control, resume)
+    job.run(i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control, resume, dask_scheduler)
 
 
 def run_app(command: typer.Typer, name: str, args: list[str] | None = None, interrupted: str = "interrupted") -> int:

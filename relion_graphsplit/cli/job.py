@@ -27,6 +27,7 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__
+from relion_graphsplit.engine import Engine, connect
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import ClassMaps, reconstruct_classes, write_class_maps
 from relion_graphsplit.method.masks import resample_volume
@@ -70,6 +71,7 @@ class _Inputs:
 def run(
     i: Path, o: Path, options: SplitOptions, mask: Path | None, ref: Path | None, particle_diameter: float | None,
     j: int, scratch_dir: Path | None, pipeline_control: str | None, resume: bool = False,
+    dask_scheduler: str | None = None,
 ) -> None:
     """Split the particles `i` into the folder `o` (cli.graphsplit has checked the options' ranges).
 
@@ -105,12 +107,17 @@ def run(
     resume : bool
         --continue: keep the stages finished by the run that died in `o`, whose inputs and options
         must be these (run_files.folder.RunFolder).
+    dask_scheduler : str or None
+        --dask_scheduler: a Dask scheduler's address or scheduler file, whose workers take the passes
+        over the particles (`engine.connect`; the same result); None: this process alone. The workers
+        read the working files, so these must be on a file system they see.
 
     Raises
     ------
     typer.Exit
         Code 1, after one line on stderr (error: ..., noting a full disk), for a STAR file error, a
-        ValueError (a run that cannot be continued included: run_files.folder.FolderError), an OSError
+        ValueError (a run that cannot be continued, or a Dask scheduler that cannot be reached, included:
+        run_files.folder.FolderError, engine.connect), an OSError
         or a busy folder (FolderBusy), or after RELION asked the job to abort (`Aborted`; the aborted
         marker instead of the failure marker).
     typer.BadParameter
@@ -122,11 +129,11 @@ def run(
     start = time.perf_counter()
     try:
         inputs = _read_inputs(i, mask, ref, options.symmetry, j)
-        with ImageStacks(inputs.ps) as stacks:
+        with ImageStacks(inputs.ps) as stacks, connect(dask_scheduler) as engine:
             check_inputs_outside(o, [path for path in (i, ref, mask) if path] + stacks.paths)
             with RunFolder(o, _fingerprint(i, mask, ref, options, stacks.paths), resume) as folder:
                 job.started()
-                result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job)
+                result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job, engine)
                 closing = _write_outputs(folder, job, inputs, result, class_maps, options, particle_diameter, j, start)
         job.succeed()
         _print_after(o, *closing)
@@ -194,10 +201,11 @@ def _fingerprint(i: Path, mask: Path | None, ref: Path | None, options: SplitOpt
 
 def _classify(
     inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir: Path | None,
-    job: ExternalJob,
+    job: ExternalJob, engine: Engine,
 ) -> tuple[SplitResult, ClassMaps | None]:
     """The split and the class maps, with progress bars, each a stage of the run: kept where a
-    continued run finds it finished, else done and saved."""
+    continued run finds it finished, else done and saved; the split's passes over the particles on
+    `engine`."""
     ps = inputs.ps
     apix = inputs.particles.pixel_size
     console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {apix:.3f} A/px")
@@ -210,7 +218,7 @@ def _classify(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         track = _progress_tracker(progress, job)
-        result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track))
+        result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track, engine))
         start = time.perf_counter()
         class_maps = folder.stages.run("class_maps", lambda: _class_maps(inputs, stacks, result, options, track))
         result.timings["class maps"] = time.perf_counter() - start
@@ -221,16 +229,17 @@ def _classify(
 
 
 def _split(
-    inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, work: Path, track: Track
+    inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, work: Path, track: Track,
+    engine: Engine,
 ) -> SplitResult:
-    """The classification (pipeline.split_prepared) of the prepared images, themselves a stage saved
-    in `work` beside their files (a stage whose files are lost is not finished)."""
+    """The classification (pipeline.split_prepared, on `engine`) of the prepared images, themselves a
+    stage saved in `work` beside their files (a stage whose files are lost is not finished)."""
     prepared = folder.stages.run(
         "images",
         lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track),
         where=work,
     )
-    return split_prepared(inputs.particles, prepared, work, options, track)
+    return split_prepared(inputs.particles, prepared, work, options, track, engine)
 
 
 def _class_maps(

@@ -84,13 +84,15 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     gamma = -pi lam defocus k^2 + pi/2 Cs lam^3 k^4 - phase shift - atan(Q0 / sqrt(1 - Q0^2)), with
     defocus = u cos^2(theta - alpha) + v sin^2(theta - alpha) at the angle theta of k. Written out,
     defocus k^2 is the quadratic form Axx kx^2 + 2 Axy kx ky + Ayy ky^2 (the same function, with no
-    trigonometry per pixel). The per-image terms are computed here, the per-pixel ones in float64 by
-    the compiled `_ctf_kernel`, images split among `torch.get_num_threads()` threads.
+    trigonometry per pixel). The per-image terms are computed here, the per-pixel ones in float64: on
+    the CPU by the compiled `_ctf_kernel`, images split among `torch.get_num_threads()` threads,
+    elsewhere by torch on the parameters' device (`_ctf_torch`), to the same float32 values up to
+    rounding.
 
     Parameters
     ----------
     params : CTFParams
-        B images' parameters (RELION's units, see `CTFParams`), on the CPU.
+        B images' parameters (RELION's units, see `CTFParams`), on any device.
     box : int
         Image size N (pixels).
     pixel_size : float
@@ -99,19 +101,31 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        (B, N, N // 2 + 1) float32 on the CPU: the unshifted rfft half grid, DC at [0, 0], rows ky and
-        columns kx in 1/A as torch.fft.fftfreq / rfftfreq give them (kx = j / (N * pixel_size); the
-        Nyquist row of an even box is taken as -N/2), so it multiplies torch.fft.rfft2 of an image
-        directly.
+        (B, N, N // 2 + 1) float32 on the parameters' device: the unshifted rfft half grid, DC at
+        [0, 0], rows ky and columns kx in 1/A as torch.fft.fftfreq / rfftfreq give them
+        (kx = j / (N * pixel_size); the Nyquist row of an even box is taken as -N/2), so it multiplies
+        torch.fft.rfft2 of an image directly.
     """
-    ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64)  # 1/A, the rows of the rfft grid
-    kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64)
+    terms = _ctf_terms(params)
+    ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64, device=terms.device)  # 1/A, the rows of the rfft grid
+    kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64, device=terms.device)
+    if terms.device.type != "cpu":
+        return _ctf_torch(terms, ky, kx)
+    terms = terms.contiguous().numpy()
+    out = np.empty((len(terms), box, box // 2 + 1), dtype=np.float32)
+    run_in_runs(_ctf_kernel, (out, terms, ky.numpy(), kx.numpy()), len(terms), torch.get_num_threads(), least=4)
+    return torch.from_numpy(out)
+
+
+def _ctf_terms(params: CTFParams) -> torch.Tensor:
+    """`ctf_2d`'s per-image terms (B, 8) float64 on the parameters' device: Axx, 2 Axy, Ayy (A), -pi lam
+    (A), pi/2 Cs lam^3 (A^4), the constant phase (radians), the scale and -B / 4 (A^2)."""
     p = {f.name: getattr(params, f.name).to(torch.float64) for f in fields(params)}
     lam = wavelength(p["voltage"])
     alpha = torch.deg2rad(p["defocus_angle"])
     u, v, cos, sin = p["defocus_u"], p["defocus_v"], torch.cos(alpha), torch.sin(alpha)
     q0 = p["amplitude_contrast"]
-    terms = torch.stack([
+    return torch.stack([
         u * cos * cos + v * sin * sin,  # Axx
         2 * (u - v) * cos * sin,  # 2 Axy
         u * sin * sin + v * cos * cos,  # Ayy
@@ -120,10 +134,7 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
         torch.deg2rad(p["phase_shift"]) + torch.atan(q0 / torch.sqrt(1.0 - q0 * q0)),
         p["scale"],
         -p["bfactor"] / 4.0,
-    ], dim=1).contiguous().numpy()  # fmt: skip
-    out = np.empty((len(terms), box, box // 2 + 1), dtype=np.float32)
-    run_in_runs(_ctf_kernel, (out, terms, ky.numpy(), kx.numpy()), len(terms), torch.get_num_threads(), least=4)
-    return torch.from_numpy(out)
+    ], dim=1)  # fmt: skip
 
 
 @compiled
@@ -142,3 +153,14 @@ def _ctf_kernel(out: np.ndarray, terms: np.ndarray, ky: np.ndarray, kx: np.ndarr
                 if bfactor != 0.0:
                     value *= math.exp(bfactor * k2)
                 out[b, i, j] = value
+
+
+def _ctf_torch(terms: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    """`_ctf_kernel` in torch on the terms' device: (B, N, N // 2 + 1) float32 from terms (B, 8) and the
+    frequencies ky (N,) and kx (N // 2 + 1,) (1/A), float64. The same operations in the same order,
+    so the values agree with the compiled loop's to rounding (torch's sin and exp are not numba's)."""
+    axx, axy2, ayy, focus, spherical, phase, scale, bfactor = (t[:, None, None] for t in terms.unbind(1))
+    y, x = ky[:, None], kx[None, :]
+    k2 = x * x + y * y
+    gamma = focus * (axx * (x * x) + axy2 * (x * y) + ayy * (y * y)) + spherical * (k2 * k2) - phase
+    return (-torch.sin(gamma) * scale * torch.exp(bfactor * k2)).to(torch.float32)

@@ -42,9 +42,10 @@ def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
     """FSC (float64) of two cubic maps in shells 0..N//2 (rounded radius, half transform as RELION's
     getFSC). A shell where either map has no power gets 0.
 
-    The transforms (float64, scipy's, on `torch.get_num_threads()` threads) are reduced to the three
-    shell sums by one compiled pass, plane by plane and then over the planes in order, so the curve
-    does not depend on the thread count.
+    On the CPU the transforms (float64, scipy's, on `torch.get_num_threads()` threads) are reduced to
+    the three shell sums by one compiled pass, plane by plane and then over the planes in order, so
+    the curve does not depend on the thread count; on other devices torch does both there in float64
+    (`_fsc_sums_torch`), and the curves agree to rounding.
 
     Parameters
     ----------
@@ -60,11 +61,14 @@ def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
         are left out.
     """
     box = vol1.shape[-1]
-    workers = torch.get_num_threads()
-    f1, f2 = (scipy.fft.rfftn(v.detach().cpu().numpy().astype(np.float64), workers=workers) for v in (vol1, vol2))
-    sums = np.zeros((box, box // 2 + 1, 3), dtype=np.float64)
-    run_in_runs(_fsc_sums_kernel, (sums, f1, f2), box, workers, least=1)
-    num, den1, den2 = torch.from_numpy(sums.sum(0)).unbind(1)
+    if vol1.device.type != "cpu":
+        num, den1, den2 = _fsc_sums_torch(vol1, vol2)
+    else:
+        workers = torch.get_num_threads()
+        f1, f2 = (scipy.fft.rfftn(v.detach().cpu().numpy().astype(np.float64), workers=workers) for v in (vol1, vol2))
+        sums = np.zeros((box, box // 2 + 1, 3), dtype=np.float64)
+        run_in_runs(_fsc_sums_kernel, (sums, f1, f2), box, workers, least=1)
+        num, den1, den2 = torch.from_numpy(sums.sum(0)).unbind(1)
     den = torch.sqrt(den1 * den2)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.zeros_like(num)).to(vol1.device)
 
@@ -87,6 +91,22 @@ def _fsc_sums_kernel(sums: np.ndarray, f1: np.ndarray, f2: np.ndarray, start: in
                 sums[z, shell, 0] += a.real * b.real + a.imag * b.imag
                 sums[z, shell, 1] += a.real * a.real + a.imag * a.imag
                 sums[z, shell, 2] += b.real * b.real + b.imag * b.imag
+
+
+def _fsc_sums_torch(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
+    """`fsc`'s shell sums in torch on vol1's device: (3, N // 2 + 1) float64, per shell round(r) the sums
+    of Re(F1 conj F2), |F1|^2 and |F2|^2 over the float64 rfftn half grid (`shell_index`), as
+    `_fsc_sums_kernel`'s, to rounding (torch adds in its own order)."""
+    box = vol1.shape[-1]
+    f1, f2 = (torch.fft.rfftn(v.detach().to(vol1.device, torch.float64)) for v in (vol1, vol2))
+    shells = shell_index(box, vol1.device)
+    keep = shells <= box // 2
+    terms = torch.stack([
+        f1.real * f2.real + f1.imag * f2.imag,
+        f1.real * f1.real + f1.imag * f1.imag,
+        f2.real * f2.real + f2.imag * f2.imag,
+    ])  # fmt: skip
+    return torch.zeros((3, box // 2 + 1), dtype=torch.float64, device=vol1.device).index_add_(1, shells[keep], terms[:, keep])
 
 
 def resolution_at(

@@ -10,8 +10,10 @@ caller, so matching relion_project would need shifting, cropping and masking aro
 RELION's own layout (real and imaginary parts apart, several maps at once) matches relion_project to
 float precision. On the CPU it is a compiled loop (numba) over images and pixels, split among threads
 by image, with coordinates and weights in float64: 3 to 4.6 times as fast as torch's grid_sample at
-boxes 26 to 64 (`scripts/bench_projection.py`; docs/notes/speed-history.md), which samples on other devices. The same loop's
+boxes 26 to 64 (`scripts/bench_projection.py`; docs/notes/speed-history.md). The same loop's
 `slice_values` serves the refinement's likelihood (refine.py), which sums over a slice as it samples.
+On other devices the same trilinear sampling is written out in torch (`central_slices`), with
+coordinates, weights and sums in float64 too, so that both agree to rounding.
 
 Real-space projections are P(x, y) = sum_z V(A^T (x, y, z)) in voxel units (RELION's scaling), with
 the origin at index N // 2 in both the map and the image. RELION works with even boxes; for odd ones
@@ -21,7 +23,7 @@ relion_project's images are one pixel off this (its CenterFFT puts their origin 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -61,6 +63,10 @@ class PreparedVolume:
         """M, the size of the padded grid: pad * N, made even."""
         return self.data.shape[-1] * 2 - 4
 
+    def to(self, device: torch.device | str) -> PreparedVolume:
+        """The same transforms on `device` (where `project_rfft` and `central_slices` then sample)."""
+        return replace(self, data=self.data.to(device))
+
 
 def gridding_correction(box: int, padded_box: int) -> torch.Tensor:
     """sinc^2(r / padded_box) over a box^3 map, r in voxels from index box // 2 (1 at the centre).
@@ -92,7 +98,7 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     Parameters
     ----------
     volume : torch.Tensor
-        (N, N, N) map or (K, N, N, N) stack of maps, [z, y, x], centred at index N // 2, on the CPU.
+        (N, N, N) map or (K, N, N, N) stack of maps, [z, y, x], centred at index N // 2, on any device.
     pad : int
         Padding factor: the map is padded to M = pad * N (made even) in each dimension, and only
         frequencies up to radius pad * (N // 2) of the padded grid are kept (RELION's r_max = N / 2).
@@ -100,7 +106,8 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     Returns
     -------
     PreparedVolume
-        The transforms laid out for `project_rfft` and `slice_values`, on the CPU.
+        The transforms laid out for `project_rfft`, `central_slices` and `slice_values`, on the
+        volume's device.
 
     Raises
     ------
@@ -114,23 +121,24 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     maps = volume.reshape(-1, n, n, n)
     m = pad * n + (pad * n) % 2
     real_dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
-    corrected = (maps.to(torch.float64) / gridding_correction(n, m)).to(real_dtype)
-    padded = torch.zeros((len(maps), m, m, m), dtype=real_dtype)
+    device = volume.device
+    corrected = (maps.to(torch.float64) / gridding_correction(n, m).to(device)).to(real_dtype)
+    padded = torch.zeros((len(maps), m, m, m), dtype=real_dtype, device=device)
     lo = m // 2 - n // 2
     padded[:, lo : lo + n, lo : lo + n, lo : lo + n] = corrected
     ft = torch.fft.rfftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1))
     del padded
 
     half = m // 2
-    j = torch.arange(m)
+    j = torch.arange(m, device=device)
     k = torch.where(j <= half, j, j - m)  # RELION keeps the Nyquist plane at +m/2
-    kx = torch.arange(half + 1)
+    kx = torch.arange(half + 1, device=device)
     r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
     max_r = n // 2 * pad  # RELION: ROUND(r_max * padding_factor), r_max = N / 2
     ft = ft.masked_fill_(r2 > max_r * max_r, 0)
 
     # Frequency k (from -half + 1 to half) goes to index k + half + 1; the roll puts k = -half + 1 first.
-    data = torch.zeros((len(maps), 2, m + 3, m + 3, half + 2), dtype=real_dtype)
+    data = torch.zeros((len(maps), 2, m + 3, m + 3, half + 2), dtype=real_dtype, device=device)
     rolled = torch.roll(ft, shifts=(half - 1, half - 1), dims=(-3, -2))
     data[:, 0, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.real
     data[:, 1, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.imag
@@ -180,7 +188,8 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     The result is torch.fft.rfft2 of the real-space projection with its origin at index N // 2, so
     `torch.fft.irfft2(out, s=(N, N))` equals `project(...)`, and a CTF from ctf.ctf_2d multiplies it
     directly. `rotations` are RELION's A matrices (B, 3, 3). On the CPU the trilinear sampling is the
-    compiled `_gather_kernel`, elsewhere grid_sample's, over all maps' real and imaginary parts at once.
+    compiled `_gather_kernel`, elsewhere `central_slices`' torch code; they agree to rounding (the
+    same float64 sums in the same order, not bit for bit).
 
     Parameters
     ----------
@@ -204,7 +213,7 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     # The slices are relative to the centre; the phase moves the real-space origin to index N // 2.
     phase = centre_phase(n, dtype).reshape(-1)[inside]
     out = torch.zeros((k, b, n * (n // 2 + 1)), dtype=dtype, device=data.device)
-    sample = _gather if data.device.type == "cpu" else _grid_sample
+    sample = _gather if data.device.type == "cpu" else _gather_torch
     sample(out, volume, points, torch.nonzero(inside).squeeze(1), phase, rotations)
     out = out.reshape(k, b, n, n // 2 + 1)
     return out if volume.stacked else out[0]
@@ -300,7 +309,7 @@ def slice_values(data: np.ndarray, x: float, y: float, z: float, c: int, values:
         values[k] = complex(re, -im if conjugate else im)
 
 
-def _grid_sample(
+def _gather_torch(
     out: torch.Tensor,
     volume: PreparedVolume,
     points: torch.Tensor,
@@ -308,29 +317,73 @@ def _grid_sample(
     phase: torch.Tensor,
     rotations: torch.Tensor,
 ) -> None:
-    """As `_gather`, by torch's grid_sample, on any device (the GPU's way)."""
-    data = volume.data
+    """As `_gather`, in torch on any device (the GPU's way): `_trilinear_slices` times `phase`."""
+    values = _trilinear_slices(volume.data, points, rotations, volume.pad)
+    out[..., pixels.to(out.device)] = (values * phase.to(out.device)).to(out.dtype)
+
+
+def central_slices(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tensor:
+    """The prepared maps' values at pad * A^T (kx, ky, 0) for every pixel (kx, ky) of the unshifted
+    rfft grid of an N x N image: `slice_values` over a batch of images, in torch on any device.
+
+    These are the central slices relative to the centre, the refinement's centred projections: times
+    `centre_phase` they are `project_rfft`'s. Coordinates, trilinear weights and sums are float64, and
+    each value adds its 8 neighbours in `slice_values`' order (z, then y, then x), so that the values
+    agree with the compiled loops' to rounding (not bit for bit: torch may fuse or reorder the
+    products).
+
+    Parameters
+    ----------
+    volume : PreparedVolume
+        One map or a stack of K maps from `prepare_volume`, on the device to sample on (`.to`).
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices A, which left-multiply xyz column vectors: image pixel (kx, ky)
+        samples the map's transform at A^T (kx, ky, 0), in Fourier pixels of the padded grid after
+        scaling by pad.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, N // 2 + 1), or (K, B, N, N // 2 + 1) for a stack: complex128 on the prepared data's
+        device; rfft half grid, DC at [0, 0], rows in FFT order with RELION's Nyquist row +N / 2
+        (`rfft_frequencies`). Pixels outside the Nyquist circle are 0.
+    """
+    n, data = volume.box, volume.data
+    points, inside = _slice_points(n)
+    values = _trilinear_slices(data, points, rotations, volume.pad)
+    out = torch.zeros((data.shape[0], len(rotations), n * (n // 2 + 1)), dtype=torch.complex128, device=data.device)
+    out[..., torch.nonzero(inside).squeeze(1).to(data.device)] = values
+    out = out.reshape(data.shape[0], len(rotations), n, n // 2 + 1)
+    return out if volume.stacked else out[0]
+
+
+def _trilinear_slices(data: torch.Tensor, points: torch.Tensor, rotations: torch.Tensor, pad: int) -> torch.Tensor:
+    """(K, B, P) complex128: `slice_values` of the prepared maps `data` (K, 2, M + 3, M + 3, M // 2 + 2)
+    at pad * A_b^T (kx, ky, 0) for every rotation A_b (B, 3, 3) and point (kx, ky) of `points` (P, 2),
+    which lie inside the Nyquist circle; on `data`'s device, with float64 coordinates, weights and sums,
+    the 8 neighbours added in `slice_values`' order."""
     device = data.device
-    k, b = data.shape[0], len(rotations)
-    # pad * A^T (kx, ky, 0) as rows (x, y, z): the first two rows of A, scaled to the padded grid.
-    coords = points.to(device) @ (rotations[:, :2, :].to(device, torch.float64) * volume.pad)  # (B, P, 3)
-    negative = coords[..., 0] < 0
-    coords = torch.where(negative[..., None], -coords, coords)  # Friedel mate: F(-k) = conj F(k)
-    # Frequency (x, y, z) sits at index (x, y + c, z + c); grid_sample's normalised coordinates
-    # (align_corners=True) run from -1 at the first index to 1 at the last.
-    c = volume.padded_box // 2 + 1
-    sizes = torch.tensor(data.shape[:-4:-1], dtype=torch.float64, device=device) - 1  # x, y, z
-    grid = (coords + torch.tensor([0.0, c, c], dtype=torch.float64, device=device)) * (2.0 / sizes) - 1.0
-    # One grid per image against the same (expanded, not copied) volume: grid_sample runs its batch
-    # dimension in parallel.
-    samples = torch.nn.functional.grid_sample(
-        data.reshape(1, 2 * k, *data.shape[-3:]).expand(b, -1, -1, -1, -1),
-        grid.to(data.dtype).reshape(b, -1, 1, 1, 3),
-        mode="bilinear",
-        align_corners=True,
-    ).reshape(b, k, 2, -1)
-    real, imag = samples[:, :, 0].transpose(0, 1), samples[:, :, 1].transpose(0, 1)  # (K, B, P)
-    out[..., pixels.to(device)] = torch.complex(real, torch.where(negative, -imag, imag)) * phase.to(device)
+    k, size, width = data.shape[0], data.shape[-2], data.shape[-1]
+    c = size // 2  # M // 2 + 1, the index of frequency 0 along z and y
+    # Rows kx A_0 + ky A_1 = A^T (kx, ky, 0) as (x, y, z).
+    xyz = pad * (points.to(device, torch.float64) @ rotations[:, :2, :].to(device, torch.float64))  # (B, P, 3)
+    conjugate = xyz[..., 0] < 0  # the grid holds x >= 0: F(-k) = conj F(k)
+    xyz = torch.where(conjugate[..., None], -xyz, xyz)
+    lo = torch.floor(xyz)
+    fx, fy, fz = (xyz - lo).unbind(-1)
+    lo = lo.long()
+    base = ((lo[..., 2] + c) * size + lo[..., 1] + c) * width + lo[..., 0]
+    flat = data.reshape(2 * k, -1)
+    sums = torch.zeros((2 * k, *base.shape), dtype=torch.float64, device=device)
+    for dz in range(2):
+        wz = fz if dz else 1 - fz
+        for dy in range(2):
+            wzy = wz * (fy if dy else 1 - fy)
+            for dx in range(2):
+                w = wzy * (fx if dx else 1 - fx)
+                sums += w * flat[:, base + ((dz * size + dy) * width + dx)].to(torch.float64)
+    real, imag = sums.reshape(k, 2, *base.shape).unbind(1)
+    return torch.complex(real, torch.where(conjugate, -imag, imag))
 
 
 def rfft_weights(box: int) -> torch.Tensor:
@@ -433,7 +486,7 @@ def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torc
     Parameters
     ----------
     volume : torch.Tensor
-        (N, N, N) map [z, y, x] on the CPU, centred at index N // 2; a stack (K, N, N, N) is taken too.
+        (N, N, N) map [z, y, x] on any device, centred at index N // 2; a stack (K, N, N, N) is taken too.
     rotations : torch.Tensor
         (B, 3, 3) RELION matrices A, which left-multiply xyz column vectors: a map point r (from the
         centre) lands at (A r)_xy.

@@ -19,10 +19,11 @@ run on while the caller prepares the next batch, and reading `sums` waits for th
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
-torch's scatter_add_ over flattened voxel indices. The finished map is computed on the CPU in float64
-whatever the device, as RELION's CPU code does: compiled loops floor the weight, divide and place the
+torch's scatter_add_ over flattened voxel indices. The finished map is computed in float64, as
+RELION's CPU code does: on the CPU compiled loops floor the weight, divide and place the
 frequencies, scipy transforms them on the threads, and one compiled pass soft-masks and
-gridding-corrects (`_invert`).
+gridding-corrects (`_invert`); on other devices torch does the same steps there (`_invert_torch`),
+and the two maps agree to rounding.
 """
 
 from __future__ import annotations
@@ -151,6 +152,12 @@ class FourierAccumulator:
         self._offsets = torch.tensor(
             [sum(o * s for o, s in zip(corner, self._strides)) for corner in _CORNERS], device=self.device
         )
+
+    @staticmethod
+    def grid_bytes(box: int, pad: int = 2, r_max: int | None = None, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the `sums` of an accumulator made with these arguments (as the constructor's)."""
+        c = pad * (box // 2 if r_max is None else min(r_max, box // 2)) + 1
+        return 3 * (2 * c + 1) ** 2 * (c + 1) * torch.tensor([], dtype=dtype).element_size()
 
     @property
     def sums(self) -> torch.Tensor:
@@ -305,7 +312,11 @@ class FourierAccumulator:
         rotations: torch.Tensor,
         ctf_premultiplied: bool,
     ) -> None:
-        """What `_splat` does, with torch's scatter_add_ on any device (the GPU's way)."""
+        """What `_splat` does, with torch's scatter_add_ on any device (the GPU's way), in the sums' dtype.
+
+        scatter_add_ adds in its own order (on a GPU atomically, in no fixed order), so the sums agree
+        with the compiled loop's to rounding, not bit for bit.
+        """
         b = f.shape[0]
         vals = f.reshape(b, -1)[:, self._pixels]
         re, im = vals.real, vals.imag
@@ -343,7 +354,8 @@ class FourierAccumulator:
         """The reconstructed map (N, N, N) [z, y, x], float32, centred at N // 2. Leaves the sums intact.
 
         The steps are the module docstring's (Friedel plane, symmetry, division, inverse transform,
-        soft edge, gridding correction); from the division on (`_invert`) on the CPU in float64.
+        soft edge, gridding correction); from the division on in float64, on the CPU by compiled loops
+        (`_invert`), elsewhere by torch on the accumulator's device (`_invert_torch`).
 
         Parameters
         ----------
@@ -365,7 +377,8 @@ class FourierAccumulator:
             fields[..., 0] = plane
             fields = _symmetrise(fields, symmetry_matrices(sym).to(self.device), self.pad * self.r_max)
             plane = fields[..., 0].contiguous()
-        return _invert(fields, plane, self.box, self.pad, self.r_max, regularisation)
+        invert = _invert if self.device.type == "cpu" else _invert_torch
+        return invert(fields, plane, self.box, self.pad, self.r_max, regularisation)
 
 
 @compiled
@@ -539,6 +552,69 @@ def _invert(
     out = np.empty((box, box, box), dtype=np.float32)
     run_in_runs(_soft_mask_gridding_kernel, (out, vol, background, p), box, workers, least=1)
     return torch.from_numpy(out).to(fields.device)
+
+
+def _invert_torch(
+    fields: torch.Tensor,
+    plane: torch.Tensor,
+    box: int,
+    pad: int,
+    r_max: int,
+    regularisation: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_invert` in torch on the grids' device (the GPU's way), in float64, step for step: the shell
+    sums of `_shell_sums_kernel`, the division of `_divide_kernel` placed on the whole FFT-order half
+    grid (p, p, p // 2 + 1) at once, the transforms along z, y and x each followed by its crop, the
+    sums of `_edge_sums_kernel` and the pass of `_soft_mask_gridding_kernel`.
+
+    The sums are torch's reductions rather than the compiled loops' row-by-row order, so the map
+    agrees with `_invert`'s to rounding, not bit for bit.
+    """
+    device = fields.device
+    p, rp, h = pad * box, pad * r_max, pad * box // 2 + 1
+    c = fields.shape[1] // 2
+    grids = fields.to(torch.float64, copy=True)  # the caller's grids stay as they are
+    grids[..., 0] = plane
+    k = torch.arange(-c, c + 1, device=device)
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + torch.arange(c + 1, device=device) ** 2
+    r = torch.sqrt(r2.to(torch.float64))
+    below, kept = r2 < rp * rp, r2 <= rp * rp
+    weight = grids[2]
+    if regularisation is not None:
+        prior = regularisation.to(device, torch.float64)
+        shells = torch.round(r / pad).long().clamp(max=len(prior) - 1)  # round half to even, as np.rint
+        weight = torch.where(below, weight + prior[shells], weight)
+    shell = torch.floor(r / pad).long()
+    sums = torch.zeros(r_max, dtype=torch.float64, device=device).index_add_(0, shell[below], weight[below])
+    counts = torch.bincount(shell[below], minlength=r_max)
+    floor = sums / (1000.0 * counts.clamp(min=1))
+    floor = torch.cat([floor, floor[-1:]])
+    w = torch.maximum(weight, floor[torch.where(below, shell, r_max)])
+    scale = torch.where(w > 0, 1.0 / torch.where(w > 0, w, 1.0), 1.0)
+    divided = torch.where(kept, torch.complex(grids[0] * scale, grids[1] * scale), 0)
+
+    # Frequency f of z and y goes to FFT index f mod p, from -(p - p // 2 - 1) to p // 2 (RELION's +p // 2
+    # at p // 2); everything beyond radius rp is zero.
+    low, high, width = min(c, p - p // 2 - 1), min(c, p // 2), min(c + 1, h)
+    index = torch.arange(-low, high + 1, device=device) % p
+    f = torch.zeros((p, p, h), dtype=torch.complex128, device=device)
+    f[index[:, None], index[None, :], :width] = divided[c - low : c + high + 1, c - low : c + high + 1, :width]
+    crop = (torch.arange(box, device=device) - box // 2) % p  # `_centred_box`
+    f = torch.fft.ifft(f, dim=0)[crop]
+    f = torch.fft.ifft(f, dim=1)[:, crop]
+    vol = torch.fft.irfft(f, n=p, dim=2)[..., crop]
+    del f
+
+    a = torch.arange(box, device=device, dtype=torch.float64) - box // 2
+    r = torch.sqrt(a[:, None, None] ** 2 + a[None, :, None] ** 2 + a[None, None, :] ** 2)
+    radius = box / 2.0
+    blend = 0.5 + 0.5 * torch.cos(math.pi * (radius + _EDGE_WIDTH - r) / _EDGE_WIDTH)
+    edge = torch.where(r < radius, 0.0, torch.where(r > radius + _EDGE_WIDTH, 1.0, blend))  # `_edge`
+    background = (edge * vol).sum() / edge.sum()
+    vol = torch.where(edge < 0.5, vol + edge * (background - vol), background - (background - vol) * (1.0 - edge))
+    angle = math.pi * torch.where(r > 0, r, 1.0) / p
+    sinc = torch.where(r > 0, torch.sin(angle) / angle, 1.0)
+    return (vol / (sinc * sinc)).to(torch.float32)
 
 
 @compiled

@@ -42,8 +42,8 @@ def align_to_reference(
     mirrored in y first. With M the in-plane rotation of the twist phi (`inplane_angle` of the
     rotation relative to the reference: the swing-twist angle), the aligned image is I(F M u) at every
     pixel u (F the y-mirror, or identity), u in pixels (x, y) from the centre n // 2. One bicubic
-    interpolation (grid_sample's, a = -0.75; pixels that fall outside the image count as 0): on the
-    CPU by a compiled loop in float64, elsewhere by torch's grid_sample.
+    interpolation (grid_sample's, a = -0.75; pixels that fall outside the image count as 0) in
+    float64: on the CPU by a compiled loop, elsewhere by torch's grid_sample; they agree to rounding.
 
     Parameters
     ----------
@@ -130,16 +130,22 @@ def _cubic_weights(t: float, w: np.ndarray) -> None:
 
 
 def _grid_sample(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """As `_sample`, by torch's grid_sample, on any device."""
+    """As `_sample`, by torch's grid_sample on any device (the GPU's way).
+
+    grid_sample's bicubic is `_rotate_kernel`'s: the weights of `_cubic_weights`, taps outside the image
+    counted as 0, each row's four taps summed and then the rows. It computes in its input's dtype, so
+    coordinates and images go in as float64, as the compiled loop takes them, and the two agree to
+    rounding (the coordinates pass through grid_sample's [-1, 1] normalisation, which the compiled
+    loop skips).
+    """
     b, n, _ = images.shape
     centre = n // 2
     coords = torch.arange(n, dtype=torch.float64, device=images.device) - centre
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     u = torch.stack([xx, yy], dim=-1).reshape(1, n * n, 2)  # (x, y)
-    src = u @ matrix.to(images.device).transpose(-1, -2)  # (B, n*n, 2)
-    grid = (2.0 * (src + centre) + 1.0) / n - 1.0
-    grid = grid.reshape(b, n, n, 2).to(images.dtype)
+    src = u @ matrix.to(images.device, torch.float64).transpose(-1, -2)  # (B, n*n, 2)
+    grid = ((2.0 * (src + centre) + 1.0) / n - 1.0).reshape(b, n, n, 2)
     out = torch.nn.functional.grid_sample(
-        images[:, None], grid, mode="bicubic", padding_mode="zeros", align_corners=False
+        images[:, None].to(torch.float64), grid, mode="bicubic", padding_mode="zeros", align_corners=False
     )
-    return out[:, 0]
+    return out[:, 0].to(images.dtype)

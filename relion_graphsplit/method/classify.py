@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from relion_graphsplit.engine import LOCAL, Engine, StoredArray
 from relion_graphsplit.method.alignment import align_to_reference, cone_reference
 from relion_graphsplit.method.cones import Cones
 from relion_graphsplit.method.mixture import fit_mixture, log_likelihood_ratio
@@ -22,6 +23,7 @@ def classify_cones(
     masks: torch.Tensor,
     track: Track = no_progress,
     max_images: int = 8192,
+    engine: Engine = LOCAL,
 ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame, np.ndarray]:
     """Align, mask and analyse each cone.
 
@@ -31,7 +33,7 @@ def classify_cones(
     the two-Gaussian mixture of its scores (`mixture.fit_mixture`) and each member's log-likelihood
     ratio (`mixture.log_likelihood_ratio`). Only pixels inside some cone's mask enter the principal
     component (fewer dimensions, same result). Cones of similar size are processed in batches, padded
-    to the largest.
+    to the largest: the tasks of `engine`, the same whoever runs them.
 
     Parameters
     ----------
@@ -47,6 +49,8 @@ def classify_cones(
         Progress callback, called as track(iterable, description=..., total=...).
     max_images : int
         Most images (padding included) in a batch of cones; a larger cone is taken alone.
+    engine : Engine
+        Where the batches of cones run, each a task that reads its members from `scratch`'s file.
 
     Returns
     -------
@@ -77,54 +81,82 @@ def classify_cones(
     references = cone_reference(cones.axes)
     # Only pixels inside some cone's mask enter the principal component (fewer dimensions, same result).
     inside = torch.nonzero(masks.reshape(len(masks), -1).any(dim=0)).squeeze(1)
+    batches = _cone_batches(counts, max_images)
+    tasks = []
+    for batch in batches:
+        spans = [slice(int(starts[c]), int(starts[c + 1])) for c in batch]
+        # Copies, not views: a pickled view of a tensor carries the whole of it to the worker.
+        members = [(cones.particle[span].numpy(), cones.rotation[span].clone(), cones.mirrored[span].clone()) for span in spans]
+        tasks.append((members, references[batch], masks[batch]))
+    results = zip(batches, engine.map(_classify_batch, tasks, (StoredArray.of(scratch), inside)))
+    for batch, (scores, ratios, images, cone_rows) in track(results, description="Classifying cones", total=len(batches)):
+        for c, score, ratio in zip(batch, scores, ratios):
+            span = slice(int(starts[c]), int(starts[c + 1]))
+            rho[span], llr[span] = score, ratio
+        images_out[batch] = images
+        rows += [{"cone": int(c), **row} for c, row in zip(batch, cone_rows)]
+    table = pd.DataFrame(rows).sort_values("cone", ignore_index=True)
+    return rho, llr, table, images_out
+
+
+def _classify_batch(
+    scratch: StoredArray,
+    inside: torch.Tensor,
+    members: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
+    references: torch.Tensor,
+    masks: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, list[dict]]:
+    """One task of `classify_cones`: a batch of B cones, each given as its members' rows (k,), RELION
+    matrices (k, 3, 3) and mirror flags (k,), with their reference views (B, 3, 3) and 2D masks
+    (B, w, w); `inside` (D,) the flat pixels that enter the principal component.
+
+    Returns per cone its members' scores rho (k,) and ratios lambda (k,), float64; the images
+    (B, 4, w, w) float32 of `classify_cones`; and its table row without the cone's index."""
+    w = scratch.shape[-1]
+    size = max(len(rows) for rows, _, _ in members)
+    data = torch.zeros(len(members), size, len(inside), dtype=torch.float32)
+    valid = torch.zeros(len(members), size, dtype=torch.bool)
+    with scratch.open() as stored:
+        for row, (particles, rotations, mirrored) in enumerate(members):
+            order = np.argsort(particles)  # sorted reads from the scratch file
+            images = torch.empty(len(particles), w, w, dtype=torch.float32)
+            images[order] = torch.from_numpy(np.asarray(stored[particles[order]]))
+            aligned = align_to_reference(images, rotations, references[row], mirrored)
+            data[row, : len(particles)] = (aligned * masks[row]).reshape(len(particles), -1)[:, inside]
+            valid[row, : len(particles)] = True
+    comp = first_component(data, valid)
+    mixture = fit_mixture(comp.scores, valid)
+    ratios = log_likelihood_ratio(comp.scores, mixture)
 
     def full_image(values: torch.Tensor) -> np.ndarray:
         out = torch.zeros(w * w, dtype=torch.float64)
         out[inside] = values.to(torch.float64)
         return out.reshape(w, w).numpy()
-    batches = _cone_batches(counts, max_images)
-    for batch in track(batches, description="Classifying cones", total=len(batches)):
-        size = int(counts[batch].max())
-        data = torch.zeros(len(batch), size, len(inside), dtype=torch.float32)
-        valid = torch.zeros(len(batch), size, dtype=torch.bool)
-        spans = []
-        for row, c in enumerate(batch):
-            span = slice(int(starts[c]), int(starts[c + 1]))
-            members = cones.particle[span].numpy()
-            order = np.argsort(members)  # sorted reads from the scratch file
-            images = torch.empty(len(members), w, w, dtype=torch.float32)
-            images[order] = torch.from_numpy(np.asarray(scratch[members[order]]))
-            aligned = align_to_reference(images, cones.rotation[span], references[c], cones.mirrored[span])
-            data[row, : len(members)] = (aligned * masks[c]).reshape(len(members), -1)[:, inside]
-            valid[row, : len(members)] = True
-            spans.append(span)
-        comp = first_component(data, valid)
-        mixture = fit_mixture(comp.scores, valid)
-        ratios = log_likelihood_ratio(comp.scores, mixture)
-        for row, (c, span) in enumerate(zip(batch, spans)):
-            k = span.stop - span.start
-            rho[span] = comp.scores[row, :k]
-            llr[span] = ratios[row, :k]
-            positive = ratios[row, :k] > 0
-            members = data[row, :k].to(torch.float64)
-            images_out[c, 0] = full_image(comp.mean[row])
-            images_out[c, 1] = full_image(comp.eigenimage[row])
-            images_out[c, 2] = full_image(members[positive].mean(0)) if positive.any() else 0
-            images_out[c, 3] = full_image(members[~positive].mean(0)) if (~positive).any() else 0
-            rows.append(
-                {
-                    "cone": int(c),
-                    "particles": k,
-                    "explained_variance": float(comp.explained[row]),
-                    "mean1": float(mixture.means[row, 0]),
-                    "mean2": float(mixture.means[row, 1]),
-                    "sigma": float(mixture.sigma[row]),
-                    "weight1": float(mixture.weights[row, 0]),
-                    "separation": float(mixture.separation[row]),
-                }
-            )
-    table = pd.DataFrame(rows).sort_values("cone", ignore_index=True)
-    return rho, llr, table, images_out
+
+    scores, lambdas, table = [], [], []
+    images_out = np.zeros((len(members), 4, w, w), dtype=np.float32)
+    for row, (particles, _, _) in enumerate(members):
+        k = len(particles)
+        scores.append(comp.scores[row, :k].clone())
+        lambdas.append(ratios[row, :k].clone())
+        positive = ratios[row, :k] > 0
+        averaged = data[row, :k].to(torch.float64)
+        images_out[row, 0] = full_image(comp.mean[row])
+        images_out[row, 1] = full_image(comp.eigenimage[row])
+        images_out[row, 2] = full_image(averaged[positive].mean(0)) if positive.any() else 0
+        images_out[row, 3] = full_image(averaged[~positive].mean(0)) if (~positive).any() else 0
+        table.append(
+            {
+                "particles": k,
+                "explained_variance": float(comp.explained[row]),
+                "mean1": float(mixture.means[row, 0]),
+                "mean2": float(mixture.means[row, 1]),
+                "sigma": float(mixture.sigma[row]),
+                "weight1": float(mixture.weights[row, 0]),
+                "separation": float(mixture.separation[row]),
+            }
+        )
+    return scores, lambdas, images_out, table
 
 
 def _cone_batches(counts: np.ndarray, max_elements: int) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Class maps and half maps of a split, reconstructed as relion_reconstruct --ctf does, in one pass.
+"""Class maps and half maps of a split, reconstructed as relion_reconstruct --ctf does, each image read once.
 
 Every particle is read once and inserted into the accumulator of its class and half set
 (rlnRandomSubset); the full map of a class comes from the sum of its two half accumulators, so it is
@@ -23,6 +23,11 @@ from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.mrc import write_mrc
 from relion_graphsplit.relion.stacks import ImageStacks
+
+GRID_MEMORY = 2 * 2**30
+"""Bytes of padded Fourier grids (`FourierAccumulator`, two per class) the class maps hold at a time:
+0.1 GB per grid at box 128, so ten classes at once; 0.76 GiB at box 256 and 2.6 GiB at box 384, so
+one class at a time, which nothing smaller can hold."""
 
 
 @dataclass
@@ -95,8 +100,9 @@ def reconstruct_classes(
     Images are CTF-corrected (CTF at the full box, RELION's formula; only the weight gets CTF^2 for
     CTF-premultiplied data) and centred by their origins (shifted by +origin, so the particle's
     centre, at the image centre minus its origin, moves to the centre); `sym` is applied to every map.
-    Images are read in batches in file order (one read per run of consecutive images), at most
-    `batch_size` at a time. Half sets come from `half_sets(particles, classes, seed)` and are
+    The classes are taken as many at a time as their padded Fourier grids fit in GRID_MEMORY, each
+    pass reading its classes' images only; images are read in batches in file order (one read per run
+    of consecutive images), at most `batch_size` at a time. Half sets come from `half_sets(particles, classes, seed)` and are
     returned, so that a written particle file can carry them.
 
     Parameters
@@ -148,32 +154,41 @@ def reconstruct_classes(
 
     box, apix = particles.box, particles.pixel_size
     rotations, origins, params, premultiplied = particles.rotations, particles.origins, particles.ctf, particles.premultiplied
-    accumulators = [FourierAccumulator(box, device=device) for _ in range(2 * n_classes)]
-    # Batches in file order (one read per run of consecutive images), split among the accumulators;
-    # about one insertion's worth of images for each, so that a batch's images, CTFs and temporaries
-    # stay small at any box size.
-    size = min(batch_size, len(accumulators) * accumulators[0].images_per_insert)
-    batches = [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
-    for index in track(batches, description="Reconstructing class maps", total=len(batches)):
-        images = stacks.read(index)
-        batch = torch.from_numpy(index)
-        ctf = ctf_2d(params[batch], box, apix)
-        which = accumulator[index]
-        for a in np.unique(which):
-            rows = torch.from_numpy(np.flatnonzero(which == a))
-            accumulators[a].insert(
-                images[rows], rotations[batch[rows]], ctf=ctf[rows], origins=origins[batch[rows]],
-                ctf_premultiplied=premultiplied,
-            )  # fmt: skip
-
+    # The padded grids grow with box^3 (2.8 GB per accumulator at box 384): the classes are taken as
+    # many at a time as fit in GRID_MEMORY, each pass reading only its classes' images, so that every
+    # image is still read once and the memory does not grow with K.
+    per_class = 2 * FourierAccumulator.grid_bytes(box)
+    together = max(1, GRID_MEMORY // per_class)
+    passes = [list(range(k, min(n_classes, k + together))) for k in range(0, n_classes, together)]
     maps, halves, curves, completeness = [], [], [], []
-    for k in track(range(n_classes), description="Inverting class maps (classes)", total=n_classes):
-        first, second = accumulators[2 * k], accumulators[2 * k + 1]
-        halves.append(torch.stack([first.finalise(sym=sym).cpu(), second.finalise(sym=sym).cpu()]))
-        first.sums += second.sums  # the class's full set
-        maps.append(first.finalise(sym=sym).cpu())
-        completeness.append(_completeness(first))
-        curves.append(fsc(halves[-1][0], halves[-1][1]))
+    for group in passes:
+        accumulators = {a: FourierAccumulator(box, device=device) for k in group for a in (2 * k, 2 * k + 1)}
+        rows = np.flatnonzero(np.isin(classes - 1, group))
+        # Batches in file order (one read per run of consecutive images), split among the
+        # accumulators; about one insertion's worth of images for each, so that a batch's images,
+        # CTFs and temporaries stay small at any box size.
+        size = min(batch_size, len(accumulators) * accumulators[2 * group[0]].images_per_insert)
+        batches = [rows[start : start + size] for start in range(0, len(rows), size)]
+        which_classes = f"class {group[0] + 1}" if len(group) == 1 else f"classes {group[0] + 1}-{group[-1] + 1}"
+        description = "Reconstructing class maps" + (f" ({which_classes})" if len(passes) > 1 else "")
+        for index, images in track(stacks.read_ahead(batches), description=description, total=len(batches)):
+            batch = torch.from_numpy(index)
+            ctf = ctf_2d(params[batch], box, apix)
+            which = accumulator[index]
+            for a in np.unique(which):
+                take = torch.from_numpy(np.flatnonzero(which == a))
+                accumulators[a].insert(
+                    images[take], rotations[batch[take]], ctf=ctf[take], origins=origins[batch[take]],
+                    ctf_premultiplied=premultiplied,
+                )  # fmt: skip
+        for k in track(group, description="Inverting class maps (classes)", total=len(group)):
+            first, second = accumulators.pop(2 * k), accumulators.pop(2 * k + 1)
+            halves.append(torch.stack([first.finalise(sym=sym).cpu(), second.finalise(sym=sym).cpu()]))
+            first.sums += second.sums  # the class's full set
+            del second
+            maps.append(first.finalise(sym=sym).cpu())
+            completeness.append(_completeness(first))
+            curves.append(fsc(halves[-1][0], halves[-1][1]))
     curves = torch.stack(curves)
     return ClassMaps(
         maps=torch.stack(maps),

@@ -21,23 +21,25 @@ class Components:
 def first_component(images: torch.Tensor, valid: torch.Tensor) -> Components:
     """First principal component of each cone's rows `images` (C, P, D); padding rows have valid False.
 
-    Works on the smaller of the P x P Gram and the D x D covariance matrix, in float64, and asks LAPACK
-    for the top eigenpair alone (exact and deterministic, unlike randomised low-rank PCA, and a third
-    of the time of a full eigendecomposition). The sign is fixed so that the eigen-image sums to a
-    non-negative value; which class is which is settled later by the graph.
+    Works on the smaller of the P x P Gram and the D x D covariance matrix, in float64, and on the CPU
+    asks LAPACK for the top eigenpair alone (exact and deterministic, unlike randomised low-rank PCA,
+    and a third of the time of a full eigendecomposition); on other devices torch.linalg.eigh
+    decomposes all cones' matrices there at once (`_top_eigenpairs_torch`), and the components agree
+    to rounding. The sign is fixed so that the eigen-image sums to a non-negative value; which class
+    is which is settled later by the graph.
 
     Parameters
     ----------
     images : torch.Tensor
-        (C, P, D) per cone its members' aligned, masked images as rows of D pixels, padded to P rows
-        (CPU).
+        (C, P, D) per cone its members' aligned, masked images as rows of D pixels, padded to P rows,
+        on any device.
     valid : torch.Tensor
-        (C, P) bool: rows that are members rather than padding.
+        (C, P) bool on the images' device: rows that are members rather than padding.
 
     Returns
     -------
     Components
-        float64 per cone: scores (C, P), the projections of the centred rows on the eigen-image, zero
+        float64 on the images' device, per cone: scores (C, P), the projections of the centred rows on the eigen-image, zero
         at padding; eigen-image (C, D) of unit norm; mean image (C, D) over the valid rows; explained
         (C,) the first eigenvalue over the total variance (sum of squares of the centred rows).
     """
@@ -50,7 +52,7 @@ def first_component(images: torch.Tensor, valid: torch.Tensor) -> Components:
         top, v = _top_eigenpairs(centred @ centred.transpose(1, 2), valid)
         eigenimage = torch.einsum("cpd,cp->cd", centred, v) / top.sqrt()[:, None]
     else:
-        every = torch.ones(centred.shape[0], centred.shape[2], dtype=torch.bool)
+        every = torch.ones(centred.shape[0], centred.shape[2], dtype=torch.bool, device=centred.device)
         top, eigenimage = _top_eigenpairs(centred.transpose(1, 2) @ centred, every)
     sign = torch.where(eigenimage.sum(dim=1) < 0, -1.0, 1.0).to(torch.float64)
     eigenimage = eigenimage * sign[:, None]
@@ -61,7 +63,10 @@ def first_component(images: torch.Tensor, valid: torch.Tensor) -> Components:
 
 def _top_eigenpairs(matrices: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenvalue (C,) and its unit eigenvector (C, M), zero outside `used` (C, M), of each
-    symmetric matrix (C, M, M) restricted to the rows and columns `used`."""
+    symmetric matrix (C, M, M) restricted to the rows and columns `used`: on the CPU by scipy's eigh,
+    cone by cone, elsewhere by `_top_eigenpairs_torch`."""
+    if matrices.device.type != "cpu":
+        return _top_eigenpairs_torch(matrices, used)
     values = torch.zeros(len(matrices), dtype=torch.float64)
     vectors = torch.zeros(matrices.shape[:2], dtype=torch.float64)
     for c in range(len(matrices)):
@@ -74,3 +79,21 @@ def _top_eigenpairs(matrices: torch.Tensor, used: torch.Tensor) -> tuple[torch.T
         values[c] = max(float(value[0]), 1e-300)
         vectors[c, rows] = torch.from_numpy(vector[:, 0])
     return values, vectors
+
+
+def _top_eigenpairs_torch(matrices: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_top_eigenpairs` by torch.linalg.eigh on the matrices' device, all cones in one batch.
+
+    The rows and columns outside `used` are zeroed and given -1 on the diagonal: the matrices are Gram
+    or covariance matrices (positive semi-definite), so those eigenvalues lie below the used block's
+    and the last eigenpair is the block's top one. Its vector is set to 0 outside `used` (there it is
+    0 up to rounding). The eigenvector's sign is arbitrary on both paths (`first_component` fixes
+    it); the values agree with scipy's to rounding, the vectors to rounding over the eigenvalue gap.
+    """
+    used = used.to(matrices.device)
+    outside = (~used).to(torch.float64)
+    block = matrices.to(torch.float64) * (used[:, :, None] & used[:, None, :]) - torch.diag_embed(outside)
+    values, vectors = torch.linalg.eigh(block)
+    members = used.any(dim=1)
+    top = torch.where(members, values[:, -1].clamp(min=1e-300), 0.0)
+    return top, vectors[..., -1] * used

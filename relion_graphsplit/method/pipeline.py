@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from relion_graphsplit.engine import LOCAL, Engine
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import half_sets
 from relion_graphsplit.method.cones import Cones, check_cone_memory
@@ -238,6 +239,7 @@ def split(
     consensus: torch.Tensor | None = None,
     scratch_dir: str | Path | None = None,
     track: Track = no_progress,
+    engine: Engine = LOCAL,
 ) -> SplitResult:
     """Classify a refined particle set: the graph split in two, applied again to each class kept.
 
@@ -251,6 +253,8 @@ def split(
         As `prepare`.
     scratch_dir : str or Path or None
         Folder to make the temporary folder in; None: the system's temporary folder.
+    engine : Engine
+        As `split_prepared`; a Dask engine's workers must see `scratch_dir`.
 
     Returns
     -------
@@ -265,7 +269,7 @@ def split(
     """
     with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
         prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track)
-        return split_prepared(particles, prepared, Path(tmp), options, track)
+        return split_prepared(particles, prepared, Path(tmp), options, track, engine)
 
 
 def prepare(
@@ -362,7 +366,12 @@ def prepare(
 
 
 def split_prepared(
-    particles: star_io.Particles, prepared: Prepared, folder: Path, options: SplitOptions, track: Track = no_progress
+    particles: star_io.Particles,
+    prepared: Prepared,
+    folder: Path,
+    options: SplitOptions,
+    track: Track = no_progress,
+    engine: Engine = LOCAL,
 ) -> SplitResult:
     """Steps 3-7 on the prepared images: the graph split of the whole set, then how many classes.
 
@@ -378,6 +387,10 @@ def split_prepared(
         The split's parameters, as given to `prepare`.
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
+    engine : Engine
+        Where the passes over the particles run (the per-cone classification, the refinement's sums
+        and likelihoods): the same result in this process or on any number of Dask workers, which must
+        see `folder`.
 
     Returns
     -------
@@ -398,7 +411,7 @@ def split_prepared(
         splitter = Splitter(
             scratch, filters, spectra if _plain(particles, options) else None, particles.rotations,
             prepared.scale, symmetry_matrices(options.symmetry), prepared.mask, prepared.consensus, work_apix,
-            options, redraw_mask=prepared.redraw_mask, track=track, timings=timings,
+            options, redraw_mask=prepared.redraw_mask, track=track, timings=timings, engine=engine,
         )  # fmt: skip
 
         # 3-5. The graph split of the whole set: cones, graph, synchronisation (two_classes).

@@ -409,15 +409,13 @@ def prepare_images(
     if consensus is None and squared and options.ctf_correction.subtracts:
         raise ValueError("CTF-premultiplied particles need the consensus map (--ref) for this CTF correction")
 
-    def centred_small(index: np.ndarray) -> torch.Tensor:
-        return centre_downsampled(torch.fft.rfft2(stacks.read(index).to(torch.float64)), origins[index], w)
-
     start = time.perf_counter()
     batches = row_batches(n, options.batch_size)
 
     def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
-        for index in track(batches, description="Reading and centring images", total=len(batches)):
-            small = torch.fft.irfft2(centred_small(index), s=(w, w)).to(torch.float32)
+        for index, images in track(stacks.read_ahead(batches), description="Reading and centring images", total=len(batches)):
+            centred = centre_downsampled(torch.fft.rfft2(images.to(torch.float64)), origins[index], w)
+            small = torch.fft.irfft2(centred, s=(w, w)).to(torch.float32)
             scratch[index] = small.numpy()
             ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
             filters[index] = (ctf * ctf if squared else ctf).numpy()

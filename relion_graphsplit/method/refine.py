@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from relion_graphsplit.engine import LOCAL, Engine, StoredArray, ordered_sum, tasks_of
 from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 from relion_graphsplit.fourier.fsc import fsc, shell_index
 from relion_graphsplit.fourier.projection import (
+    PreparedVolume,
     prepare_volume,
     rfft_frequencies,
     rfft_weights,
@@ -96,24 +98,54 @@ def _weighted_halves(
     rotations: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ) -> list[list[FourierAccumulator]]:
     """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
     [set][half], for C sets of per-particle weights w (n, C), each batch read once; particles of weight
-    <= 1e-6 are left out of that set's sums."""
+    <= 1e-6 are left out of that set's sums. Each task (`engine.tasks_of`) sums its own batches; the
+    tasks' sums are added in task order."""
+    tasks = [
+        (group, [weights[index] for index in group], [rotations[index] for index in group]) for group in tasks_of(batches)
+    ]
+    common = (StoredArray.of(spectra), StoredArray.of(filters), weights.shape[1])
+    total = ordered_sum(engine.map(_halves_task, tasks, common))
     sums = [[FourierAccumulator(spectra.shape[1]) for _ in range(2)] for _ in range(weights.shape[1])]
-    for index in batches:
-        f = torch.from_numpy(_complex(spectra, index))
-        ctf = torch.from_numpy(np.asarray(filters[index]))
-        for halves, column in zip(sums, weights[index].T):
-            p = np.where(column > 1e-6, column, 0.0)
-            for half in range(2):
-                w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
-                halves[half].insert_rfft(f, rotations[index], ctf=ctf, ctf_premultiplied=True, weights=w)
+    for halves, grids in zip(sums, total):
+        for accumulator, grid in zip(halves, grids):
+            accumulator.sums = torch.from_numpy(grid)
     return sums
 
 
+def _halves_task(
+    spectra: StoredArray,
+    filters: StoredArray,
+    sets: int,
+    batches: list[np.ndarray],
+    weights: list[np.ndarray],
+    rotations: list[torch.Tensor],
+) -> np.ndarray:
+    """One task of `_weighted_halves`: the sums of its batches (rows (B,), weights (B, C) and RELION
+    matrices (B, 3, 3) per batch), (C, 2, 3, 2c + 1, 2c + 1, c + 1) float32 [set][half] (the grids of
+    `FourierAccumulator.sums`)."""
+    with spectra.open() as stored, filters.open() as ctfs:
+        sums = [[FourierAccumulator(stored.shape[1]) for _ in range(2)] for _ in range(sets)]
+        for index, weight, rotation in zip(batches, weights, rotations):
+            f = torch.from_numpy(_complex(stored, index))
+            ctf = torch.from_numpy(np.asarray(ctfs[index]))
+            for halves, column in zip(sums, weight.T):
+                p = np.where(column > 1e-6, column, 0.0)
+                for half in range(2):
+                    w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
+                    halves[half].insert_rfft(f, rotation, ctf=ctf, ctf_premultiplied=True, weights=w)
+    return np.stack([[accumulator.sums.numpy() for accumulator in halves] for halves in sums])
+
+
 def residual_sums(
-    spectra: ScratchArray, rotations: torch.Tensor, filters: ScratchArray, batches: list[np.ndarray]
+    spectra: ScratchArray,
+    rotations: torch.Tensor,
+    filters: ScratchArray,
+    batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ) -> list[FourierAccumulator]:
     """Sums of all particles' residuals and CTF^2 in the two halves (even and odd particle numbers).
 
@@ -131,13 +163,15 @@ def residual_sums(
         (n, N, N // 2 + 1) the CTFs (whitened, if the spectra are).
     batches : list of np.ndarray
         Particle rows, one array per batch.
+    engine : Engine
+        Where the tasks (`engine.tasks_of` the batches) run; their sums are added in task order.
 
     Returns
     -------
     list of FourierAccumulator
         Two accumulators at box N: the particles of even 0-based row index, then those of odd index.
     """
-    return _weighted_halves(spectra, np.ones((spectra.shape[0], 1)), rotations, filters, batches)[0]
+    return _weighted_halves(spectra, np.ones((spectra.shape[0], 1)), rotations, filters, batches, engine)[0]
 
 
 def class_sums(
@@ -147,6 +181,7 @@ def class_sums(
     rotations: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ) -> list[list[FourierAccumulator]]:
     """Each class's sums in its two halves (even and odd particle numbers), [class][half].
 
@@ -170,6 +205,8 @@ def class_sums(
         (n, N, N // 2 + 1) the CTFs.
     batches : list of np.ndarray
         Particle rows, one array per batch.
+    engine : Engine
+        Where the tasks (`engine.tasks_of` the batches) run; their sums are added in task order.
 
     Returns
     -------
@@ -178,7 +215,7 @@ def class_sums(
         the others; half 0 the even 0-based rows, half 1 the odd ones.
     """
     n = spectra.shape[1]
-    sums = _weighted_halves(spectra, probability[:, :-1], rotations, filters, batches)
+    sums = _weighted_halves(spectra, probability[:, :-1], rotations, filters, batches, engine)
     last = [FourierAccumulator(n), FourierAccumulator(n)]
     for half in range(2):
         last[half].sums = totals[half].sums - sum(s[half].sums for s in sums)
@@ -234,32 +271,54 @@ def _kernel_terms(
     scale: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ):
-    """Per batch, (index, L, U, wc): `_likelihood_kernel`'s sums for every map, (B, K) each, and
-    sum w CTF^2 (B,). The maps are multiplied by the 3D mask first, and taken two at a time (an odd
-    one out paired with zeros)."""
-    n = spectra.shape[1]
+    """Per task (`engine.tasks_of` the batches), in order, (index, L, U, wc): the task's rows (B,),
+    `_likelihood_kernel`'s sums for every map, (B, K) each, and sum w CTF^2 (B,). The maps are
+    multiplied by the 3D mask first, and taken two at a time (an odd one out paired with zeros)."""
     masked = [m * mask for m in maps]
     if len(masked) % 2:
         masked.append(torch.zeros_like(masked[0]))
     prepared = [prepare_volume(torch.stack(masked[i : i + 2]).to(torch.float32)) for i in range(0, len(masked), 2)]
-    kx, ky, inside = rfft_frequencies(n)
-    grid = (_half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy())
     # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
     # image's difference is a' = a / mean(a) times their projection.
     relative = (scale / scale.mean()).to(torch.float64).numpy()
-    for index in batches:
-        s = _complex(spectra, index)
-        ctf = np.asarray(filters[index])
-        matrices = rotations[index].to(torch.float64).numpy()
-        terms = np.zeros((len(prepared), len(index), 5))  # per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2
-        for pair, volume in zip(terms, prepared):
-            args = (pair, s, ctf, relative[index], matrices, *grid, volume.data.numpy(), volume.pad, volume.padded_box // 2 + 1)
-            run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
-        k = len(maps)
-        likelihood = terms[:, :, 0:2].transpose(1, 0, 2).reshape(len(index), -1)[:, :k]
-        unexplained = terms[:, :, 2:4].transpose(1, 0, 2).reshape(len(index), -1)[:, :k]
-        yield index, likelihood, unexplained, np.maximum(terms[0, :, 4], 1e-30)
+    matrices = rotations.to(torch.float64).numpy()
+    groups = tasks_of(batches)
+    tasks = [(group, [relative[index] for index in group], [matrices[index] for index in group]) for group in groups]
+    common = (StoredArray.of(spectra), StoredArray.of(filters), prepared, len(maps))
+    for group, terms in zip(groups, engine.map(_terms_task, tasks, common)):
+        yield (np.concatenate(group), *terms)
+
+
+def _terms_task(
+    spectra: StoredArray,
+    filters: StoredArray,
+    prepared: list[PreparedVolume],
+    k: int,
+    batches: list[np.ndarray],
+    relative: list[np.ndarray],
+    matrices: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One task of `_kernel_terms`: for the rows of its batches (rows (B,), relative scales (B,) and
+    RELION matrices (B, 3, 3) float64 per batch), all batches together, L (B, K), U (B, K) and
+    sum w CTF^2 (B,), float64, against the `k` maps prepared two at a time."""
+    with spectra.open() as stored, filters.open() as ctfs:
+        n = stored.shape[1]
+        kx, ky, inside = rfft_frequencies(n)
+        grid = (_half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy())
+        likelihoods, unexplained, weights = [], [], []
+        for index, scales, rotation in zip(batches, relative, matrices):
+            s = _complex(stored, index)
+            ctf = np.asarray(ctfs[index])
+            terms = np.zeros((len(prepared), len(index), 5))  # per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2
+            for pair, volume in zip(terms, prepared):
+                args = (pair, s, ctf, scales, rotation, *grid, volume.data.numpy(), volume.pad, volume.padded_box // 2 + 1)
+                run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
+            likelihoods.append(terms[:, :, 0:2].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
+            unexplained.append(terms[:, :, 2:4].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
+            weights.append(np.maximum(terms[0, :, 4], 1e-30))
+    return np.concatenate(likelihoods), np.concatenate(unexplained), np.concatenate(weights)
 
 
 def class_log_likelihoods(
@@ -270,6 +329,7 @@ def class_log_likelihoods(
     scale: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ) -> np.ndarray:
     """log p(image | class k) up to a constant per image, for every particle and class, given the
     classes' difference maps to the consensus.
@@ -298,6 +358,8 @@ def class_log_likelihoods(
         (n, N, N // 2 + 1) the CTFs.
     batches : list of np.ndarray
         Particle rows, one array per batch.
+    engine : Engine
+        Where the tasks (`engine.tasks_of` the batches) run.
 
     Returns
     -------
@@ -306,7 +368,9 @@ def class_log_likelihoods(
         `_likelihood_kernel` and above); 0 for rows in no batch.
     """
     out = np.zeros((spectra.shape[0], len(maps)))
-    for index, likelihood, unexplained, weight in _kernel_terms(spectra, maps, mask, rotations, scale, filters, batches):
+    for index, likelihood, unexplained, weight in _kernel_terms(
+        spectra, maps, mask, rotations, scale, filters, batches, engine
+    ):
         sigma2 = unexplained.min(axis=1) / weight
         out[index] = likelihood / (2 * sigma2[:, None])
     return out
@@ -320,6 +384,7 @@ def projection_scores(
     scale: torch.Tensor,
     filters: ScratchArray,
     batches: list[np.ndarray],
+    engine: Engine = LOCAL,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each particle's amount of a map `direction` (such as the difference of two class maps), and
     its uncertainty.
@@ -333,7 +398,7 @@ def projection_scores(
 
     Parameters
     ----------
-    spectra, mask, rotations, scale, filters, batches
+    spectra, mask, rotations, scale, filters, batches, engine
         As in `class_log_likelihoods`.
     direction : torch.Tensor
         (N, N, N) [z, y, x] the map at the working box.
@@ -348,7 +413,7 @@ def projection_scores(
     n = spectra.shape[0]
     z, variance = np.zeros(n), np.full(n, np.inf)
     for index, likelihood, unexplained, weight in _kernel_terms(
-        spectra, [direction, -direction], mask, rotations, scale, filters, batches
+        spectra, [direction, -direction], mask, rotations, scale, filters, batches, engine
     ):
         # L(+1) = 2B - A and L(-1) = -2B - A.
         b = (likelihood[:, 0] - likelihood[:, 1]) / 4
@@ -429,6 +494,7 @@ def refine_classes(
     options: SplitOptions,
     redraw_mask: bool,
     track: Callable[..., Iterable] = lambda iterable, **_: iterable,
+    engine: Engine = LOCAL,
 ) -> Refined:
     """Rounds of fixed-pose classification of particles `rows` against K class maps, from given classes.
 
@@ -466,6 +532,8 @@ def refine_classes(
         first round.
     track : callable
         Progress callback, called as track(iterable, description=..., total=...).
+    engine : Engine
+        Where the passes over the particles run (the same result wherever).
 
     Returns
     -------
@@ -479,7 +547,7 @@ def refine_classes(
     with np.errstate(divide="ignore"):
         log_posterior = np.log(probability[rows])
     changed: list[int] = []
-    totals = residual_sums(spectra, rotations, filters, batches)
+    totals = residual_sums(spectra, rotations, filters, batches, engine)
 
     def rounds():  # until fewer than refine_tolerance of the particles change class
         for _ in range(options.refine_iterations):
@@ -488,7 +556,7 @@ def refine_classes(
             yield
 
     def sums():  # the classes' sums for the current probabilities
-        return class_sums(spectra, probability, totals, rotations, filters, batches)
+        return class_sums(spectra, probability, totals, rotations, filters, batches, engine)
 
     halves = None  # class_sums of the current probabilities, once computed
     if redraw_mask:
@@ -500,7 +568,8 @@ def refine_classes(
     for _ in track(rounds(), description="Refining against the class maps (rounds)", total=options.refine_iterations):
         differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask)
         prior = np.log(np.maximum(probability[rows].mean(axis=0), 1e-6))
-        log_posterior = class_log_likelihoods(spectra, differences, mask, rotations, scale, filters, batches)[rows] + prior
+        likelihoods = class_log_likelihoods(spectra, differences, mask, rotations, scale, filters, batches, engine)
+        log_posterior = likelihoods[rows] + prior
         log_posterior -= logsumexp(log_posterior, axis=1, keepdims=True)
         relaxation = options.refine_relaxation if changed else 1.0
         step = np.clip(probability[rows] + relaxation * (np.exp(log_posterior) - probability[rows]), 0.0, 1.0)

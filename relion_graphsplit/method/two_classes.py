@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from relion_graphsplit.engine import LOCAL, Engine
 from relion_graphsplit.method.alignment import cone_reference
 from relion_graphsplit.method.classify import classify_cones
 from relion_graphsplit.method.cones import (
@@ -200,6 +201,8 @@ class Splitter:
         Progress callback.
     timings : dict of str to float
         Seconds spent per step, summed over every split.
+    engine : Engine
+        Where the passes over the particles run (`engine`; the same result wherever).
     """
 
     scratch: ScratchArray
@@ -215,6 +218,7 @@ class Splitter:
     redraw_mask: bool
     track: Track = no_progress
     timings: dict[str, float] | None = None
+    engine: Engine = LOCAL
 
     def _time(self, step: str, start: float) -> None:
         if self.timings is not None:
@@ -230,7 +234,7 @@ class Splitter:
         cones = cone_set.cones
         masks = project_mask(self.mask, cone_reference(cones.axes)).to(torch.float32)
         members = replace(cones, particle=torch.from_numpy(rows)[cones.particle])  # rows of the scratch files
-        rho, llr, cone_table, cone_images = classify_cones(self.scratch, members, masks, self.track)
+        rho, llr, cone_table, cone_images = classify_cones(self.scratch, members, masks, self.track, engine=self.engine)
         self._time("classify", start)
         start = time.perf_counter()
         ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, len(rows))
@@ -263,7 +267,7 @@ class Splitter:
         options = self.options if rounds is None else replace(self.options, refine_iterations=rounds)
         refined = refine_classes(
             self.spectra, self.filters, rows, self.rotations, self.scale, classes, self.mask, self.consensus,
-            self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track,
+            self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track, engine=self.engine,
         )  # fmt: skip
         self._time("refine", start)
         return refined
@@ -272,10 +276,10 @@ class Splitter:
         """The K classes' difference maps to the consensus (`refine.difference_maps`, (w, w, w) each)
         for `rows` with class probabilities (m, K), FSC-weighted within `mask`."""
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
-        totals = residual_sums(self.spectra, self.rotations, self.filters, batches)
+        totals = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine)
         everyone = np.zeros((self.spectra.shape[0], probability.shape[1]))
         everyone[rows] = probability
-        sums = class_sums(self.spectra, everyone, totals, self.rotations, self.filters, batches)
+        sums = class_sums(self.spectra, everyone, totals, self.rotations, self.filters, batches, self.engine)
         return difference_maps(sums, self.options.symmetry, mask)
 
     def difference(self, split: TwoClasses) -> torch.Tensor:
@@ -291,7 +295,8 @@ class Splitter:
         start = time.perf_counter()
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
         z, variance = projection_scores(
-            self.spectra, direction, torch.ones_like(direction), self.rotations, self.scale, self.filters, batches
-        )
+            self.spectra, direction, torch.ones_like(direction), self.rotations, self.scale, self.filters, batches,
+            self.engine,
+        )  # fmt: skip
         self._time("split tests", start)
         return z[rows], variance[rows]

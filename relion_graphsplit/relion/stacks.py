@@ -6,6 +6,8 @@ import io
 import os
 import resource
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,29 @@ class ImageStacks:
                 out[part] = self._images(stack[part[0]], image[part])
         self._refuse_non_finite(out, stack, image)
         return torch.from_numpy(out)
+
+    def read_ahead(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(rows, `read(rows)`) for each batch of particle rows, in order, the next batch read on a
+        thread while the caller works on this one: the disk and the computing overlap (file reads
+        leave Python's lock). Two batches of images are held at a time.
+
+        Parameters
+        ----------
+        batches : sequence of np.ndarray
+            Particle rows per batch, as `read` takes them.
+
+        Yields
+        ------
+        (np.ndarray, torch.Tensor)
+            Each batch's rows and its images (B, N, N) float32.
+        """
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self.read, batches[0]) if len(batches) else None
+            for i, rows in enumerate(batches):
+                images = pending.result()
+                if i + 1 < len(batches):
+                    pending = reader.submit(self.read, batches[i + 1])
+                yield rows, images
 
     def _refuse_non_finite(self, images: np.ndarray, stack: np.ndarray, image: np.ndarray) -> None:
         """Raise naming the first image that holds NaN or Inf, so it fails here and not deep in a solver.
