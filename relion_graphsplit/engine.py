@@ -1,4 +1,5 @@
-"""Where the heavy steps run: in this process, or on the workers of a Dask cluster (--dask_scheduler).
+"""Where the heavy steps run: in this process, or on the workers of a Dask cluster (--dask_scheduler);
+and on which device they compute (`Compute`: the CPU, or a GPU with --gpu).
 
 The steps that pass over the particles (the refinement's Fourier sums and likelihoods, the per-cone
 classification) are cut into tasks that do not depend on who runs them: fixed groups of particle
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import torch
 
+from relion_graphsplit.fourier.compiled import torch_twins
 from relion_graphsplit.scratch import ScratchArray
 
 T = TypeVar("T")
@@ -67,6 +70,55 @@ class LocalEngine:
 
 LOCAL = LocalEngine()
 """The in-process engine, the default of every step that takes one."""
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The device the heavy steps compute on (--gpu), passed beside the engine: an execution setting,
+    which changes the classes by rounding at most (docs/method.md, "Determinism and memory").
+
+    The heavy steps move their data there a batch at a time and bring their results back to the CPU
+    as they store them; small steps (the max-cut, the split test's fits) stay on the CPU.
+
+    Attributes
+    ----------
+    device : torch.device
+        Where the heavy steps' tensors go: the CPU, or one GPU ("cuda:1"); a Dask worker uses the
+        device of that name on its own machine.
+    twins : bool
+        Whether their kernels take the torch twins of the compiled loops (`fourier.compiled.torch_twins`):
+        always off the CPU, and on the CPU for "cpu-torch", the GPU's way run on CPU tensors.
+    """
+
+    device: torch.device
+    twins: bool
+
+    @classmethod
+    def named(cls, name: str) -> Compute:
+        """The Compute of "cpu-torch" (the GPU's way on the CPU) or of a torch device name ("cpu", "cuda:0").
+
+        Parameters
+        ----------
+        name : str
+            "cpu-torch", or anything `torch.device` takes.
+
+        Returns
+        -------
+        Compute
+        """
+        if name == "cpu-torch":
+            return cls(torch.device("cpu"), True)
+        device = torch.device(name)
+        return cls(device, device.type != "cpu")
+
+    def kernels(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the kernels run this Compute's way (`fourier.compiled.torch_twins`); every
+        heavy step enters it where it runs, a Dask task too (its own thread)."""
+        return torch_twins(self.twins)
+
+
+CPU = Compute(torch.device("cpu"), False)
+"""The compiled loops on the CPU, the default of every step that takes a Compute."""
 
 
 class DaskEngine:

@@ -10,6 +10,7 @@ import pytest
 import starfile
 import torch
 
+from relion_graphsplit.engine import Compute
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.fsc import fsc
 from relion_graphsplit.fourier.geometry import euler_to_matrix
@@ -254,7 +255,8 @@ def test_next_command_seeds_class3d_with_ctf_corrected_references():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_gives_the_cpu_maps(simulated, class_maps):
     with ImageStacks(simulated["ps"]) as stacks:
-        gpu = reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], seed=1, device="cuda")
+        particles = star_io.particles(simulated["ps"])
+        gpu = reconstruct_classes(particles, stacks, simulated["classes"], seed=1, compute=Compute.named("cuda"))
     scale = float(class_maps.maps.abs().max())
     assert torch.allclose(gpu.maps, class_maps.maps, atol=1e-4 * scale)
     assert torch.allclose(gpu.half_maps, class_maps.half_maps, atol=1e-4 * scale)

@@ -42,27 +42,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def likelihood_terms(
-    volume: projection.PreparedVolume,
-    s: torch.Tensor,
-    ctf: torch.Tensor,
-    relative: torch.Tensor,
-    rotations: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """`refine._likelihood_kernel`'s terms (B, 5), L_1, L_2, U_1, U_2, sum w CTF^2, in torch from
-    `projection.central_slices`: q_k = a' times the centred slice of map k, s (B, N, N // 2 + 1)
-    complex, the CTFs (B, N, N // 2 + 1), a' (B,), the matrices (B, 3, 3) and the grid's weights w."""
-    q = relative.to(torch.float64)[:, None, None] * projection.central_slices(volume, rotations)  # (2, B, N, H)
-    # CTF^2 in the CTFs' dtype, as the compiled loop squares them (float32 from the scratch files).
-    s, c2 = s.to(torch.complex128), (ctf * ctf).to(torch.float64)
-    fit = 2 * (s.real * q.real + s.imag * q.imag) - c2 * (q.real**2 + q.imag**2)
-    residual = (s.real - c2 * q.real) ** 2 + (s.imag - c2 * q.imag) ** 2
-    likelihood = (weights * fit).sum(dim=(-2, -1))
-    unexplained = (weights * residual).sum(dim=(-2, -1))
-    return torch.cat([likelihood.T, unexplained.T, (weights * c2).sum(dim=(-2, -1))[:, None]], dim=1)
-
-
 def test_central_slices_are_the_compiled_slices():
     """`central_slices` times the centre phase is the compiled `project_rfft`, for one map and a stack,
     float32 and float64, even and odd boxes."""
@@ -91,8 +70,9 @@ def test_torch_gather_is_the_compiled_gather(monkeypatch):
 
 
 def test_likelihood_terms_from_central_slices_are_the_compiled_terms():
-    """L_k, U_k and sum w CTF^2 from `central_slices` in torch match `refine._likelihood_kernel`, called
-    as `refine._terms_task` calls it (float32 maps, float64 sums), to about 1e-10 relative."""
+    """L_k, U_k and sum w CTF^2 from `central_slices` in torch (`refine.likelihood_terms`) match
+    `refine._likelihood_kernel`, called as `refine._pair_terms` calls it (float32 maps, float64 sums),
+    to about 1e-10 relative."""
     box, count = 24, 50
     gen = torch.Generator().manual_seed(5)
     maps = blob_maps(box, 2, seed=6).to(torch.float32)
@@ -112,7 +92,7 @@ def test_likelihood_terms_from_central_slices_are_the_compiled_terms():
     )  # fmt: skip
     refine._likelihood_kernel(*args, 0, count)
 
-    ours = likelihood_terms(volume, s, ctf, relative, rotations, weights)
+    ours = refine.likelihood_terms(volume, s, ctf, relative, rotations, weights)
     expected = torch.from_numpy(terms)
     assert float(expected[:, :4].abs().min()) > 0
     for column in range(5):

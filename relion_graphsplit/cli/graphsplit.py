@@ -11,6 +11,7 @@ once; the run itself is job.py.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -50,9 +51,10 @@ def graphsplit(
     j: int = typer.Option(1, "--j", min=1, help="Threads (torch, and the BLAS under numpy and scipy); the result does not depend on them."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch_size", min=1, help="Images per batch (bounds the memory used)."),
     scratch_dir: Path | None = typer.Option(None, "--scratch_dir", show_default="inside --o", help="Existing folder for the temporary working-size images, CTFs and transforms (about 10 bytes per particle and working pixel, removed at the end); on a cluster, a node's local disk ($TMPDIR) spares the shared file system, except with --dask_scheduler, whose workers read them: then it must be on a file system every worker sees."),
+    gpu: str | None = typer.Option(None, "--gpu", show_default="the CPU", help="Run the heavy steps (the images' preparation, the per-cone classification, the refinement, the class maps) on a GPU through torch, a batch of --batch_size images at a time: --gpu alone the first GPU, --gpu 1 the GPU of id 1. One GPU is used: of RELION's lists (\"0:1\", \"0,1\") the first id; with --dask_scheduler each worker uses the GPU of that id on its own node. The classes are the CPU run's, the posteriors the same to rounding. Needs torch with CUDA."),
     dask_scheduler: str | None = typer.Option(None, "--dask_scheduler", show_default="this process alone", help="Run the passes over the particles (the per-cone classification, the refinement's sums and likelihoods) on the workers of an existing Dask cluster: its scheduler's address (tcp://host:8786) or scheduler file (dask scheduler --scheduler-file, dask-jobqueue, dask-mpi). The workers need relion_graphsplit installed and must see --o (or --scratch_dir); the result is the same as in one process. Needs the dask extra (pip install 'relion-graphsplit[dask]')."),
     pipeline_control: str | None = typer.Option(None, "--pipeline_control", help="Given by RELION to an External job: the run then leaves RELION's exit marker and output nodes in --o (as it does in any directory holding default_pipeline.star)."),
-    resume: bool = typer.Option(False, "--continue", help="Continue the run in --o that was killed or interrupted (Ctrl-C, SIGTERM) before it finished: the stages it finished (the working-size images, the classification, the class maps) are kept, and the result is an uninterrupted run's. Refused, with one line saying what changed, where an input or an option that changes the result differs (--j, --scratch_dir, --dask_scheduler and --pipeline_control may); without --continue a run starts afresh."),
+    resume: bool = typer.Option(False, "--continue", help="Continue the run in --o that was killed or interrupted (Ctrl-C, SIGTERM) before it finished: the stages it finished (the working-size images, the classification, the class maps) are kept, and the result is an uninterrupted run's. Refused, with one line saying what changed, where an input or an option that changes the result differs (--j, --scratch_dir, --dask_scheduler, --gpu and --pipeline_control may); without --continue a run starts afresh."),
 ) -> None:
     if not o.strip():
         raise typer.BadParameter("is empty: name the output folder", param_hint="--o")
@@ -66,6 +68,7 @@ def graphsplit(
         raise typer.BadParameter(f"{n_classes!r}: 'auto' or a whole number of classes, at least 1", param_hint="--K")
     if ctx.args:
         print(f"Ignoring unknown arguments: {' '.join(ctx.args)}")
+    device = None if gpu is None else gpu_device(gpu)
     options = SplitOptions(
         symmetry=sym, angular_sampling=angular_sampling, cone_angle=cone_angle,
         particles_per_cone=particles_per_cone, maxres=maxres, resize=resize,
@@ -76,7 +79,46 @@ def graphsplit(
     )  # fmt: skip
     from relion_graphsplit.cli import job  # torch and the rest, once the options are known to be good
 
-    job.run(i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control, resume, dask_scheduler)
+    job.run(
+        i, Path(o), options, mask, ref, particle_diameter, j, scratch_dir, pipeline_control, resume, dask_scheduler,
+        device,
+    )  # fmt: skip
+
+
+def gpu_device(ids: str) -> str:
+    """The torch device of RELION's --gpu ids: "" (--gpu alone) the first GPU, else the first id of a
+    list such as "1", "0:1" or "0,1" (ranks are separated by colons, threads by commas).
+
+    Parameters
+    ----------
+    ids : str
+        --gpu's value.
+
+    Returns
+    -------
+    str
+        "cuda:N".
+
+    Raises
+    ------
+    typer.BadParameter
+        Where the first id is not a whole number.
+    """
+    first = re.split("[:,]", ids.strip())[0].strip() or "0"
+    if not first.isdigit():
+        raise typer.BadParameter(f"{ids!r}: GPU ids are whole numbers, as in --gpu 0 or --gpu \"0:1\"", param_hint="--gpu")
+    return f"cuda:{int(first)}"
+
+
+def _bare_gpu(args: list[str]) -> list[str]:
+    """`args` with an empty value after a --gpu given none (last, or followed by an option), as RELION
+    takes --gpu alone: the parser wants a value for every option that takes one."""
+    out = []
+    for index, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--gpu" and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            out.append("")
+    return out
 
 
 def run_app(command: typer.Typer, name: str, args: list[str] | None = None, interrupted: str = "interrupted") -> int:
@@ -129,6 +171,7 @@ def run_command(args: list[str] | None = None) -> int:
     int
         The exit code: 0, 1, 2 or 130 (`run_app`).
     """
+    args = _bare_gpu(sys.argv[1:] if args is None else args)
     code = run_app(app, "relion_graphsplit", args)
     if code == 2:
         _mark_failed(args)

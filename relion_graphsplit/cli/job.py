@@ -27,7 +27,7 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 from relion_graphsplit import __version__
-from relion_graphsplit.engine import Engine, connect
+from relion_graphsplit.engine import CPU, Compute, Engine, connect
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import ClassMaps, reconstruct_classes, write_class_maps
 from relion_graphsplit.method.masks import resample_volume
@@ -71,7 +71,7 @@ class _Inputs:
 def run(
     i: Path, o: Path, options: SplitOptions, mask: Path | None, ref: Path | None, particle_diameter: float | None,
     j: int, scratch_dir: Path | None, pipeline_control: str | None, resume: bool = False,
-    dask_scheduler: str | None = None,
+    dask_scheduler: str | None = None, device: str | None = None,
 ) -> None:
     """Split the particles `i` into the folder `o` (cli.graphsplit has checked the options' ranges).
 
@@ -111,6 +111,10 @@ def run(
         --dask_scheduler: a Dask scheduler's address or scheduler file, whose workers take the passes
         over the particles (`engine.connect`; the same result); None: this process alone. The workers
         read the working files, so these must be on a file system they see.
+    device : str or None
+        --gpu: the torch device the heavy steps compute on ("cuda:1"; `engine.Compute`), or
+        "cpu-torch", the GPU's way on the CPU (for tests); None: the CPU. Like the thread count, not
+        part of the fingerprint: a continued run may change it.
 
     Raises
     ------
@@ -121,19 +125,21 @@ def run(
         or a busy folder (FolderBusy), or after RELION asked the job to abort (`Aborted`; the aborted
         marker instead of the failure marker).
     typer.BadParameter
-        For a point group (--sym) or map (--mask, --ref) that cannot be used.
+        For a point group (--sym) or map (--mask, --ref) that cannot be used, or a GPU (--gpu) that
+        torch does not see.
     KeyboardInterrupt
         Ctrl-C or SIGTERM; re-raised, as is any other exception, after the failure marker.
     """
     job = ExternalJob(o, active=True if pipeline_control else None)
     start = time.perf_counter()
     try:
+        compute = _compute(device)
         inputs = _read_inputs(i, mask, ref, options.symmetry, j)
         with ImageStacks(inputs.ps) as stacks, connect(dask_scheduler) as engine:
             check_inputs_outside(o, [path for path in (i, ref, mask) if path] + stacks.paths)
             with RunFolder(o, _fingerprint(i, mask, ref, options, stacks.paths), resume) as folder:
                 job.started()
-                result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job, engine)
+                result, class_maps = _classify(inputs, stacks, options, folder, scratch_dir, job, engine, compute)
                 closing = _write_outputs(folder, job, inputs, result, class_maps, options, particle_diameter, j, start)
         job.succeed()
         _print_after(o, *closing)
@@ -172,6 +178,20 @@ def one_line(err: BaseException | str) -> str:
     return " ".join(str(err).split())
 
 
+def _compute(device: str | None) -> Compute:
+    """The Compute of a run's device (`run`): the CPU for None; a GPU only where torch sees it."""
+    if device is None:
+        return CPU
+    compute = Compute.named(device)
+    if compute.device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if compute.device.index >= count:
+            seen = f"sees {count} GPU{'s' if count != 1 else ''}" if count else "sees no GPU (a build without CUDA, or no driver)"
+            message = f"GPU {compute.device.index} asked for, but torch {torch.__version__} {seen}"
+            raise typer.BadParameter(message, param_hint="--gpu")
+    return compute
+
+
 def _read_inputs(i: Path, mask: Path | None, ref: Path | None, symmetry: str, j: int) -> _Inputs:
     """Read and check everything the run needs before it writes anything."""
     try:
@@ -201,11 +221,11 @@ def _fingerprint(i: Path, mask: Path | None, ref: Path | None, options: SplitOpt
 
 def _classify(
     inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, scratch_dir: Path | None,
-    job: ExternalJob, engine: Engine,
+    job: ExternalJob, engine: Engine, compute: Compute,
 ) -> tuple[SplitResult, ClassMaps | None]:
     """The split and the class maps, with progress bars, each a stage of the run: kept where a
     continued run finds it finished, else done and saved; the split's passes over the particles on
-    `engine`."""
+    `engine`, the heavy steps on `compute`'s device."""
     ps = inputs.ps
     apix = inputs.particles.pixel_size
     console.print(f"relion_graphsplit {__version__}: {len(ps.particles)} particles, box {stacks.box}, {apix:.3f} A/px")
@@ -218,9 +238,9 @@ def _classify(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         track = _progress_tracker(progress, job)
-        result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track, engine))
+        result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track, engine, compute))
         start = time.perf_counter()
-        class_maps = folder.stages.run("class_maps", lambda: _class_maps(inputs, stacks, result, options, track))
+        class_maps = folder.stages.run("class_maps", lambda: _class_maps(inputs, stacks, result, options, track, compute))
         result.timings["class maps"] = time.perf_counter() - start
     result.warnings[:0] = inputs.warnings
     if class_maps is None:
@@ -230,27 +250,27 @@ def _classify(
 
 def _split(
     inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, work: Path, track: Track,
-    engine: Engine,
+    engine: Engine, compute: Compute,
 ) -> SplitResult:
-    """The classification (pipeline.split_prepared, on `engine`) of the prepared images, themselves a
-    stage saved in `work` beside their files (a stage whose files are lost is not finished)."""
+    """The classification (pipeline.split_prepared, on `engine` and `compute`) of the prepared images,
+    themselves a stage saved in `work` beside their files (a stage whose files are lost is not finished)."""
     prepared = folder.stages.run(
         "images",
-        lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track),
+        lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track, compute),
         where=work,
     )
-    return split_prepared(inputs.particles, prepared, work, options, track, engine)
+    return split_prepared(inputs.particles, prepared, work, options, track, engine, compute)
 
 
 def _class_maps(
-    inputs: _Inputs, stacks: ImageStacks, result: SplitResult, options: SplitOptions, track: Track
+    inputs: _Inputs, stacks: ImageStacks, result: SplitResult, options: SplitOptions, track: Track, compute: Compute
 ) -> ClassMaps | None:
     """The class and half maps at the particles' box; None where a class holds fewer than 2 particles."""
     if np.bincount(result.classes, minlength=result.n_classes + 1)[1:].min() < 2:
         return None
     return reconstruct_classes(
         inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
-        batch_size=options.batch_size, track=track,
+        batch_size=options.batch_size, compute=compute, track=track,
     )  # fmt: skip
 
 

@@ -3,17 +3,64 @@
 The insertion into Fourier grids (reconstruct.py) and the sampling of central slices (projection.py)
 are loops over images, pixels and their 8 trilinear neighbours. Compiled with nogil, several copies
 run at once on plain Python threads, each on its own share of the work.
+
+Every compiled loop has a torch twin, which runs on tensors of any device (the GPU's way) and gives
+the loop's values to rounding. Each kernel picks between them in one place, by `runs_compiled` of its
+tensors' device: the compiled loop on the CPU, the twin elsewhere, and the twin on the CPU too inside
+`torch_twins`, so that the GPU's way can be run and tested on a machine without one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import torch
+
+# Set by `torch_twins`; a context variable, so that it holds for the thread (or task) that set it only.
+_TWINS = contextvars.ContextVar("torch_twins", default=False)
+
+
+def runs_compiled(device: torch.device) -> bool:
+    """Whether a kernel on tensors of `device` takes its compiled loop rather than its torch twin.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device of the kernel's tensors.
+
+    Returns
+    -------
+    bool
+        True on the CPU, except inside `torch_twins`; False on every other device.
+    """
+    return device.type == "cpu" and not _TWINS.get()
+
+
+@contextlib.contextmanager
+def torch_twins(on: bool = True) -> Iterator[None]:
+    """Within it (when `on`), in this thread, every kernel takes its torch twin on CPU tensors too.
+
+    Parameters
+    ----------
+    on : bool
+        Whether to force the twins; False leaves the choice as it was outside.
+
+    Yields
+    ------
+    None
+    """
+    token = _TWINS.set(on or _TWINS.get())
+    try:
+        yield
+    finally:
+        _TWINS.reset(token)
 
 
 def compiled(function: Callable) -> Callable:

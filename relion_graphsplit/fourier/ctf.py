@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs, runs_compiled
 
 
 def wavelength(voltage_kv: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class CTFParams:
     scale : torch.Tensor
         (B,) CTF scale factor (unitless).
 
-    Indexing (`params[index]`) selects the same images of every field; len() is B.
+    Indexing (`params[index]`) selects the same images of every field; len() is B; `to` moves them.
     """
 
     defocus_u: torch.Tensor  # A, positive = underfocus
@@ -76,6 +76,10 @@ class CTFParams:
 
     def __len__(self) -> int:
         return len(self.defocus_u)
+
+    def to(self, device: torch.device | str) -> CTFParams:
+        """The same parameters on `device` (where `ctf_2d` then computes)."""
+        return CTFParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
@@ -109,7 +113,7 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float) -> torch.Tensor:
     terms = _ctf_terms(params)
     ky = torch.fft.fftfreq(box, d=pixel_size, dtype=torch.float64, device=terms.device)  # 1/A, the rows of the rfft grid
     kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=torch.float64, device=terms.device)
-    if terms.device.type != "cpu":
+    if not runs_compiled(terms.device):
         return _ctf_torch(terms, ky, kx)
     terms = terms.contiguous().numpy()
     out = np.empty((len(terms), box, box // 2 + 1), dtype=np.float32)

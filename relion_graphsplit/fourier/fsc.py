@@ -9,10 +9,10 @@ import numpy as np
 import scipy.fft
 import torch
 
-from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs, runs_compiled
 
 
-@functools.lru_cache(maxsize=2)  # the working size and the particles' box
+@functools.lru_cache(maxsize=4)  # the working size and the particles' box, on the CPU and on a GPU
 def shell_index(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Integer shell (rounded radius in Fourier pixels) of each point of a box^3 rfftn grid.
 
@@ -61,7 +61,7 @@ def fsc(vol1: torch.Tensor, vol2: torch.Tensor) -> torch.Tensor:
         are left out.
     """
     box = vol1.shape[-1]
-    if vol1.device.type != "cpu":
+    if not runs_compiled(vol1.device):
         num, den1, den2 = _fsc_sums_torch(vol1, vol2)
     else:
         workers = torch.get_num_threads()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs, runs_compiled
 
 
 @dataclass(frozen=True)
@@ -188,8 +188,8 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     The result is torch.fft.rfft2 of the real-space projection with its origin at index N // 2, so
     `torch.fft.irfft2(out, s=(N, N))` equals `project(...)`, and a CTF from ctf.ctf_2d multiplies it
     directly. `rotations` are RELION's A matrices (B, 3, 3). On the CPU the trilinear sampling is the
-    compiled `_gather_kernel`, elsewhere `central_slices`' torch code; they agree to rounding (the
-    same float64 sums in the same order, not bit for bit).
+    compiled `_gather_kernel`, elsewhere (and inside `compiled.torch_twins`) `central_slices`' torch
+    code; they agree to rounding (the same float64 sums in the same order, not bit for bit).
 
     Parameters
     ----------
@@ -213,7 +213,7 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
     # The slices are relative to the centre; the phase moves the real-space origin to index N // 2.
     phase = centre_phase(n, dtype).reshape(-1)[inside]
     out = torch.zeros((k, b, n * (n // 2 + 1)), dtype=dtype, device=data.device)
-    sample = _gather if data.device.type == "cpu" else _gather_torch
+    sample = _gather if runs_compiled(data.device) else _gather_torch
     sample(out, volume, points, torch.nonzero(inside).squeeze(1), phase, rotations)
     out = out.reshape(k, b, n, n // 2 + 1)
     return out if volume.stacked else out[0]
@@ -330,7 +330,9 @@ def central_slices(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Ten
     `centre_phase` they are `project_rfft`'s. Coordinates, trilinear weights and sums are float64, and
     each value adds its 8 neighbours in `slice_values`' order (z, then y, then x), so that the values
     agree with the compiled loops' to rounding (not bit for bit: torch may fuse or reorder the
-    products).
+    products). For K maps and B images it holds float64 sums of 2K x B x P (P the pixels inside the
+    Nyquist circle), the B x P coordinates, weights and indices, and the complex128 result: the batch
+    size bounds its memory.
 
     Parameters
     ----------
@@ -439,16 +441,16 @@ def shift_phase(box: int, shifts_px: torch.Tensor) -> torch.Tensor:
     box : int
         Image size N (pixels).
     shifts_px : torch.Tensor
-        (B, 2) shifts (sx, sy) in pixels, on the CPU.
+        (B, 2) shifts (sx, sy) in pixels, on any device.
 
     Returns
     -------
     torch.Tensor
-        (B, N, N // 2 + 1) complex128; kx, ky integer frequencies in FFT order (torch.fft.fftfreq
-        times N: the Nyquist row of an even box is -N / 2).
+        (B, N, N // 2 + 1) complex128 on the shifts' device; kx, ky integer frequencies in FFT order
+        (torch.fft.fftfreq times N: the Nyquist row of an even box is -N / 2).
     """
-    ky = torch.fft.fftfreq(box, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(box, dtype=torch.float64)
+    ky = torch.fft.fftfreq(box, dtype=torch.float64, device=shifts_px.device)
+    kx = torch.fft.rfftfreq(box, dtype=torch.float64, device=shifts_px.device)
     s = shifts_px.to(torch.float64)
     phase = kx[None, None, :] * s[:, 0, None, None] + ky[None, :, None] * s[:, 1, None, None]
     return torch.polar(torch.ones_like(phase), -2.0 * math.pi * phase)
@@ -466,15 +468,15 @@ def shift_images(images_rfft: torch.Tensor, shifts_px: torch.Tensor) -> torch.Te
         (B, N, N // 2 + 1) complex: torch.fft.rfft2 of the images (unshifted grid, DC at [0, 0]).
     shifts_px : torch.Tensor
         (B, 2) shifts s as (x, y) in pixels: +origin centres RELION particles, -origin makes particle
-        images of centred projections.
+        images of centred projections; on any device.
 
     Returns
     -------
     torch.Tensor
-        (B, N, N // 2 + 1) of images_rfft's dtype: the translated images' rfft2.
+        (B, N, N // 2 + 1) of images_rfft's dtype and device: the translated images' rfft2.
     """
     box = images_rfft.shape[-2]
-    return images_rfft * shift_phase(box, shifts_px).to(images_rfft.dtype)
+    return images_rfft * shift_phase(box, shifts_px.to(images_rfft.device)).to(images_rfft.dtype)
 
 
 def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs, runs_compiled
 from relion_graphsplit.fourier.geometry import direction_to_matrix, inplane_angle
 
 
@@ -76,7 +76,7 @@ def _sample(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """out[u] = images[matrix @ u] with u in pixels from the centre N // 2 (bicubic, zero outside): on
     the CPU by the compiled `_rotate_kernel` on torch.get_num_threads() threads, each on its own run of
     images, elsewhere by grid_sample."""
-    if images.device.type != "cpu":
+    if not runs_compiled(images.device):
         return _grid_sample(images, matrix)
     out = torch.empty_like(images)
     args = (images.contiguous().numpy(), matrix.to(torch.float64).contiguous().numpy(), out.numpy())

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit.engine import LOCAL, Engine, StoredArray
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray
 from relion_graphsplit.method.alignment import align_to_reference, cone_reference
 from relion_graphsplit.method.cones import Cones
 from relion_graphsplit.method.mixture import fit_mixture, log_likelihood_ratio
@@ -24,6 +24,7 @@ def classify_cones(
     track: Track = no_progress,
     max_images: int = 8192,
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame, np.ndarray]:
     """Align, mask and analyse each cone.
 
@@ -51,6 +52,10 @@ def classify_cones(
         Most images (padding included) in a batch of cones; a larger cone is taken alone.
     engine : Engine
         Where the batches of cones run, each a task that reads its members from `scratch`'s file.
+    compute : Compute
+        The device each batch of cones computes on: its images, aligned and masked, float32, with the
+        principal component's float64 copies and Gram or covariance matrices (a batch of at most
+        `max_images` images, as `cones.check_cone_memory` counts them), and the mixture fits.
 
     Returns
     -------
@@ -88,7 +93,7 @@ def classify_cones(
         # Copies, not views: a pickled view of a tensor carries the whole of it to the worker.
         members = [(cones.particle[span].numpy(), cones.rotation[span].clone(), cones.mirrored[span].clone()) for span in spans]
         tasks.append((members, references[batch], masks[batch]))
-    results = zip(batches, engine.map(_classify_batch, tasks, (StoredArray.of(scratch), inside)))
+    results = zip(batches, engine.map(_classify_batch, tasks, (StoredArray.of(scratch), inside, compute)))
     for batch, (scores, ratios, images, cone_rows) in track(results, description="Classifying cones", total=len(batches)):
         for c, score, ratio in zip(batch, scores, ratios):
             span = slice(int(starts[c]), int(starts[c + 1]))
@@ -102,43 +107,46 @@ def classify_cones(
 def _classify_batch(
     scratch: StoredArray,
     inside: torch.Tensor,
+    compute: Compute,
     members: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
     references: torch.Tensor,
     masks: torch.Tensor,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, list[dict]]:
     """One task of `classify_cones`: a batch of B cones, each given as its members' rows (k,), RELION
     matrices (k, 3, 3) and mirror flags (k,), with their reference views (B, 3, 3) and 2D masks
-    (B, w, w); `inside` (D,) the flat pixels that enter the principal component.
+    (B, w, w); `inside` (D,) the flat pixels that enter the principal component. The alignment, the
+    principal component and the mixture run on `compute`'s device.
 
     Returns per cone its members' scores rho (k,) and ratios lambda (k,), float64; the images
-    (B, 4, w, w) float32 of `classify_cones`; and its table row without the cone's index."""
-    w = scratch.shape[-1]
+    (B, 4, w, w) float32 of `classify_cones`; and its table row without the cone's index; on the CPU."""
+    w, device = scratch.shape[-1], compute.device
     size = max(len(rows) for rows, _, _ in members)
-    data = torch.zeros(len(members), size, len(inside), dtype=torch.float32)
-    valid = torch.zeros(len(members), size, dtype=torch.bool)
-    with scratch.open() as stored:
+    data = torch.zeros(len(members), size, len(inside), dtype=torch.float32, device=device)
+    valid = torch.zeros(len(members), size, dtype=torch.bool, device=device)
+    on_device = inside.to(device)
+    with scratch.open() as stored, compute.kernels():
         for row, (particles, rotations, mirrored) in enumerate(members):
             order = np.argsort(particles)  # sorted reads from the scratch file
             images = torch.empty(len(particles), w, w, dtype=torch.float32)
             images[order] = torch.from_numpy(np.asarray(stored[particles[order]]))
-            aligned = align_to_reference(images, rotations, references[row], mirrored)
-            data[row, : len(particles)] = (aligned * masks[row]).reshape(len(particles), -1)[:, inside]
+            aligned = align_to_reference(images.to(device), rotations, references[row], mirrored)
+            data[row, : len(particles)] = (aligned * masks[row].to(device)).reshape(len(particles), -1)[:, on_device]
             valid[row, : len(particles)] = True
-    comp = first_component(data, valid)
-    mixture = fit_mixture(comp.scores, valid)
-    ratios = log_likelihood_ratio(comp.scores, mixture)
+        comp = first_component(data, valid)
+        mixture = fit_mixture(comp.scores, valid)
+        ratios = log_likelihood_ratio(comp.scores, mixture)
 
     def full_image(values: torch.Tensor) -> np.ndarray:
         out = torch.zeros(w * w, dtype=torch.float64)
-        out[inside] = values.to(torch.float64)
+        out[inside] = values.to("cpu", torch.float64)
         return out.reshape(w, w).numpy()
 
     scores, lambdas, table = [], [], []
     images_out = np.zeros((len(members), 4, w, w), dtype=np.float32)
     for row, (particles, _, _) in enumerate(members):
         k = len(particles)
-        scores.append(comp.scores[row, :k].clone())
-        lambdas.append(ratios[row, :k].clone())
+        scores.append(comp.scores[row, :k].to("cpu", copy=True))
+        lambdas.append(ratios[row, :k].to("cpu", copy=True))
         positive = ratios[row, :k] > 0
         averaged = data[row, :k].to(torch.float64)
         images_out[row, 0] = full_image(comp.mean[row])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from relion_graphsplit.engine import CPU, Compute
 from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.fsc import fsc, resolution_at
@@ -92,7 +93,7 @@ def reconstruct_classes(
     sym: str = "C1",
     seed: int = 0,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
+    compute: Compute = CPU,
     track: Track = no_progress,
 ) -> ClassMaps:
     """Half maps, full maps and gold-standard FSC of each class (1..K) of a split, reading every image once.
@@ -121,8 +122,12 @@ def reconstruct_classes(
         Seed of the half sets when the file has no rlnRandomSubset.
     batch_size : int
         Most images read at a time (fewer when the accumulators take fewer per insertion).
-    device : torch.device or str
-        Where the Fourier accumulators live.
+    compute : Compute
+        The device the CTFs, insertions, inversions and FSCs compute on: the accumulators live there
+        (GRID_MEMORY of them at a time), with a batch's images and CTFs at the full box, and each
+        inversion's whole padded transform (`reconstruct._invert_torch`, off the CPU: 1.1 GB of
+        complex128 at box 256, 3.6 GB at box 384, and its transforms' temporaries). The maps come
+        back to the CPU.
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
 
@@ -162,7 +167,7 @@ def reconstruct_classes(
     passes = [list(range(k, min(n_classes, k + together))) for k in range(0, n_classes, together)]
     maps, halves, curves, completeness = [], [], [], []
     for group in passes:
-        accumulators = {a: FourierAccumulator(box, device=device) for k in group for a in (2 * k, 2 * k + 1)}
+        accumulators = {a: FourierAccumulator(box, device=compute.device) for k in group for a in (2 * k, 2 * k + 1)}
         rows = np.flatnonzero(np.isin(classes - 1, group))
         # Batches in file order (one read per run of consecutive images), split among the
         # accumulators; about one insertion's worth of images for each, so that a batch's images,
@@ -171,24 +176,26 @@ def reconstruct_classes(
         batches = [rows[start : start + size] for start in range(0, len(rows), size)]
         which_classes = f"class {group[0] + 1}" if len(group) == 1 else f"classes {group[0] + 1}-{group[-1] + 1}"
         description = "Reconstructing class maps" + (f" ({which_classes})" if len(passes) > 1 else "")
-        for index, images in track(stacks.read_ahead(batches), description=description, total=len(batches)):
-            batch = torch.from_numpy(index)
-            ctf = ctf_2d(params[batch], box, apix)
-            which = accumulator[index]
-            for a in np.unique(which):
-                take = torch.from_numpy(np.flatnonzero(which == a))
-                accumulators[a].insert(
-                    images[take], rotations[batch[take]], ctf=ctf[take], origins=origins[batch[take]],
-                    ctf_premultiplied=premultiplied,
-                )  # fmt: skip
-        for k in track(group, description="Inverting class maps (classes)", total=len(group)):
-            first, second = accumulators.pop(2 * k), accumulators.pop(2 * k + 1)
-            halves.append(torch.stack([first.finalise(sym=sym).cpu(), second.finalise(sym=sym).cpu()]))
-            first.sums += second.sums  # the class's full set
-            del second
-            maps.append(first.finalise(sym=sym).cpu())
-            completeness.append(_completeness(first))
-            curves.append(fsc(halves[-1][0], halves[-1][1]))
+        with compute.kernels():
+            for index, images in track(stacks.read_ahead(batches), description=description, total=len(batches)):
+                batch = torch.from_numpy(index)
+                ctf = ctf_2d(params[batch].to(compute.device), box, apix)
+                which = accumulator[index]
+                for a in np.unique(which):
+                    take = torch.from_numpy(np.flatnonzero(which == a))
+                    accumulators[a].insert(
+                        images[take], rotations[batch[take]], ctf=ctf[take.to(ctf.device)],
+                        origins=origins[batch[take]], ctf_premultiplied=premultiplied,
+                    )  # fmt: skip
+            for k in track(group, description="Inverting class maps (classes)", total=len(group)):
+                first, second = accumulators.pop(2 * k), accumulators.pop(2 * k + 1)
+                half_maps = first.finalise(sym=sym), second.finalise(sym=sym)
+                curves.append(fsc(*half_maps).cpu())
+                halves.append(torch.stack([half.cpu() for half in half_maps]))
+                first.sums += second.sums  # the class's full set
+                del second, half_maps
+                maps.append(first.finalise(sym=sym).cpu())
+                completeness.append(_completeness(first))
     curves = torch.stack(curves)
     return ClassMaps(
         maps=torch.stack(maps),

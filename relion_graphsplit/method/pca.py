@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import scipy.linalg
 import torch
 
+from relion_graphsplit.fourier.compiled import runs_compiled
+
 
 @dataclass
 class Components:
@@ -65,7 +67,7 @@ def _top_eigenpairs(matrices: torch.Tensor, used: torch.Tensor) -> tuple[torch.T
     """Largest eigenvalue (C,) and its unit eigenvector (C, M), zero outside `used` (C, M), of each
     symmetric matrix (C, M, M) restricted to the rows and columns `used`: on the CPU by scipy's eigh,
     cone by cone, elsewhere by `_top_eigenpairs_torch`."""
-    if matrices.device.type != "cpu":
+    if not runs_compiled(matrices.device):
         return _top_eigenpairs_torch(matrices, used)
     values = torch.zeros(len(matrices), dtype=torch.float64)
     vectors = torch.zeros(matrices.shape[:2], dtype=torch.float64)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit.engine import LOCAL, Engine
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import half_sets
 from relion_graphsplit.method.cones import Cones, check_cone_memory
@@ -240,6 +240,7 @@ def split(
     scratch_dir: str | Path | None = None,
     track: Track = no_progress,
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> SplitResult:
     """Classify a refined particle set: the graph split in two, applied again to each class kept.
 
@@ -255,6 +256,8 @@ def split(
         Folder to make the temporary folder in; None: the system's temporary folder.
     engine : Engine
         As `split_prepared`; a Dask engine's workers must see `scratch_dir`.
+    compute : Compute
+        As `prepare` and `split_prepared`.
 
     Returns
     -------
@@ -268,8 +271,8 @@ def split(
         As `prepare`.
     """
     with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
-        prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track)
-        return split_prepared(particles, prepared, Path(tmp), options, track, engine)
+        prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track, compute)
+        return split_prepared(particles, prepared, Path(tmp), options, track, engine, compute)
 
 
 def prepare(
@@ -280,6 +283,7 @@ def prepare(
     mask: torch.Tensor | None = None,
     consensus: torch.Tensor | None = None,
     track: Track = no_progress,
+    compute: Compute = CPU,
 ) -> Prepared:
     """Steps 1-2: the cones, and every image read once into working files in `folder`.
 
@@ -311,6 +315,9 @@ def prepare(
         particles).
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
+    compute : Compute
+        The device the images are prepared on (`preprocess.prepare_images`, `refine.image_spectra`), a
+        batch at a time; what `Prepared` holds is on the CPU.
 
     Returns
     -------
@@ -347,13 +354,13 @@ def prepare(
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
     with working_files(folder, n, w) as (scratch, filters, spectra):
         scale, small_consensus, whitening, prep_times = prepare_images(
-            particles, stacks, scratch, filters, options, small_consensus, track
+            particles, stacks, scratch, filters, options, small_consensus, track, compute
         )
         timings.update(prep_times)
         if _plain(particles, options) and options.refine_iterations:
             start = time.perf_counter()
             batches = row_batches(n, options.batch_size)
-            image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None)
+            image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None, compute)
             timings["refine"] = time.perf_counter() - start
     # The 3D mask focuses every later step; by default it is drawn around the consensus map.
     mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
@@ -372,6 +379,7 @@ def split_prepared(
     options: SplitOptions,
     track: Track = no_progress,
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> SplitResult:
     """Steps 3-7 on the prepared images: the graph split of the whole set, then how many classes.
 
@@ -391,6 +399,11 @@ def split_prepared(
         Where the passes over the particles run (the per-cone classification, the refinement's sums
         and likelihoods): the same result in this process or on any number of Dask workers, which must
         see `folder`.
+    compute : Compute
+        The device those passes compute on, a batch at a time (each Dask worker on its own device of
+        that name): the classes of the CPU's compiled loops, the posteriors to rounding
+        (docs/method.md, "Determinism and memory"); the graph's max-cut and the split test's fits on
+        the CPU.
 
     Returns
     -------
@@ -412,6 +425,7 @@ def split_prepared(
             scratch, filters, spectra if _plain(particles, options) else None, particles.rotations,
             prepared.scale, symmetry_matrices(options.symmetry), prepared.mask, prepared.consensus, work_apix,
             options, redraw_mask=prepared.redraw_mask, track=track, timings=timings, engine=engine,
+            compute=compute,
         )  # fmt: skip
 
         # 3-5. The graph split of the whole set: cones, graph, synchronisation (two_classes).

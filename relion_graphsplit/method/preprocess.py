@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from relion_graphsplit.engine import CPU, Compute
 from relion_graphsplit.fourier.ctf import ctf_2d
 from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
 from relion_graphsplit.fourier.reconstruct import reconstruct_stream
@@ -81,7 +82,8 @@ def fourier_crop(images_rfft: torch.Tensor, n: int) -> torch.Tensor:
     big = images_rfft.shape[-2]
     if n == big:
         return images_rfft
-    rows = torch.cat([torch.arange(n // 2), torch.arange(big - n // 2, big)])
+    device = images_rfft.device
+    rows = torch.cat([torch.arange(n // 2, device=device), torch.arange(big - n // 2, big, device=device)])
     return images_rfft[..., rows, : n // 2 + 1] * (n / big) ** 2
 
 
@@ -166,14 +168,14 @@ def least_squares_scale(images_rfft: torch.Tensor, model_rfft: torch.Tensor) -> 
     Parameters
     ----------
     images_rfft, model_rfft : torch.Tensor
-        (B, n, n // 2 + 1) complex, unshifted rfft2 of the images and of their models (CPU).
+        (B, n, n // 2 + 1) complex, unshifted rfft2 of the images and of their models, on one device.
 
     Returns
     -------
     torch.Tensor
-        (B,) float64, a = Re<image, model> / |model|^2 (the denominator kept above 1e-30).
+        (B,) float64 on their device, a = Re<image, model> / |model|^2 (the denominator kept above 1e-30).
     """
-    weight = rfft_weights(images_rfft.shape[-2])
+    weight = rfft_weights(images_rfft.shape[-2]).to(images_rfft.device)
     weight[0, 0] = 0.0
     num = (weight * (images_rfft.conj() * model_rfft).real).sum(dim=(-2, -1))
     den = (weight * model_rfft.abs() ** 2).sum(dim=(-2, -1)).clamp(min=1e-30)
@@ -240,7 +242,7 @@ def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = CO
     ----------
     residuals : iterable of torch.Tensor
         Batches (B, n, n // 2 + 1) of unshifted rfft2 of noise estimates (the residuals to the
-        consensus projection), all at the working box n; read one batch at a time.
+        consensus projection), all at the working box n, on one device; read one batch at a time.
     min_contrast : float
         Least ratio of the noisiest ring's power to the least noisy one's (rings 1..n // 2) at which
         the noise counts as coloured (COLOURED_NOISE, 2).
@@ -250,9 +252,9 @@ def whitening_filter(residuals: Iterable[torch.Tensor], min_contrast: float = CO
     Whitening
         filter (n, n // 2 + 1) on the unshifted rfft grid, ones unless `applied`; contrast, the ratio
         of the rings' largest power to their smallest; applied, whether contrast >= min_contrast;
-        spectrum (n // 2,) the powers of rings 1..n // 2 relative to their mean.
+        spectrum (n // 2,) the powers of rings 1..n // 2 relative to their mean; on the CPU.
     """
-    power = sum((r.abs() ** 2).sum(0) for r in residuals)  # one batch at a time
+    power = sum((r.abs() ** 2).sum(0) for r in residuals).cpu()  # one batch at a time, where they are
     n = power.shape[-2]
     ky = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)
     kx = torch.arange(n // 2 + 1, dtype=torch.float64)
@@ -306,14 +308,14 @@ def correct(
     corrected : torch.Tensor
         (B, n, n // 2 + 1) complex, a new tensor with the DC coefficient set to 0.
     scale : torch.Tensor
-        (B,) float64, a per image (ones when not subtracting).
+        (B,) float64, a per image (ones when not subtracting); both on the images' device.
 
     Raises
     ------
     ValueError
         If a subtracting mode gets no `consensus_rfft`.
     """
-    scale = torch.ones(images_rfft.shape[0], dtype=torch.float64)
+    scale = torch.ones(images_rfft.shape[0], dtype=torch.float64, device=images_rfft.device)
     if mode.subtracts:
         if consensus_rfft is None:
             raise ValueError(f"CTF correction {mode.value} needs the consensus projections")
@@ -343,6 +345,7 @@ def prepare_images(
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
+    compute: Compute = CPU,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Whitening, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
 
@@ -359,6 +362,10 @@ def prepare_images(
     spread batches; only for the corrections that subtract the consensus projection, and with
     options.whiten). Images and projections are whitened, the CTF not: the corrected images hold the
     whitened residual times the CTF (or its sign).
+
+    Every step computes on `compute`'s device, a batch of options.batch_size images at a time (it
+    holds their transforms at the particles' box, complex128, and the consensus reconstruction's or
+    projection's temporaries); what is stored comes back to the CPU.
 
     Parameters
     ----------
@@ -380,6 +387,8 @@ def prepare_images(
         (w, w, w) [z, y, x] the consensus map at the working size, or None.
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
+    compute : Compute
+        The device the steps compute on (`engine.Compute`).
 
     Returns
     -------
@@ -388,7 +397,8 @@ def prepare_images(
         when not subtracting).
     consensus : torch.Tensor or None
         (w, w, w) [z, y, x] the consensus map at the working size: the one given, or reconstructed
-        (float32); None for CTF-premultiplied particles without one.
+        (float32); None for CTF-premultiplied particles without one. These and the whitening on the
+        CPU.
     whitening : Whitening
         The noise estimate and its filter (`Whitening.none(w)` when not estimated).
     timings : dict of str to float
@@ -411,47 +421,53 @@ def prepare_images(
 
     start = time.perf_counter()
     batches = row_batches(n, options.batch_size)
+    device = compute.device
 
     def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
         for index, images in track(stacks.read_ahead(batches), description="Reading and centring images", total=len(batches)):
-            centred = centre_downsampled(torch.fft.rfft2(images.to(torch.float64)), origins[index], w)
+            centred = centre_downsampled(torch.fft.rfft2(images.to(device, torch.float64)), origins[index], w)
             small = torch.fft.irfft2(centred, s=(w, w)).to(torch.float32)
-            scratch[index] = small.numpy()
-            ctf = ctf_2d(params[torch.as_tensor(index)], w, work_apix)
-            filters[index] = (ctf * ctf if squared else ctf).numpy()
+            scratch[index] = small.cpu().numpy()
+            ctf = ctf_2d(params[torch.as_tensor(index)].to(device), w, work_apix)
+            filters[index] = (ctf * ctf if squared else ctf).cpu().numpy()
             if need_consensus:
                 yield small, rotations[index], None, ctf
 
-    if need_consensus:
-        consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry)
-    else:
-        for _ in pass_one():
-            pass
-    timings["read"] = time.perf_counter() - start
+    with compute.kernels():
+        if need_consensus:
+            consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry, device=device).cpu()
+        else:
+            for _ in pass_one():
+                pass
+        timings["read"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
-    whitening = Whitening.none(w)
-    if prepared is not None and options.whiten:
-        sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
-        whitening = whitening_filter(_residual(scratch, filters, prepared, rotations, index) for index in sample)
-    scale = torch.ones(n, dtype=torch.float64)
-    for index in track(batches, description="Correcting for the CTF", total=len(batches)):
-        # Images and projections whitened, the CTF not: the corrected images hold the whitened
-        # residual times the CTF (or its sign), whose noise is as white as without whitening.
-        f = whitening.filter * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        projections = whitening.filter * project_rfft(prepared, rotations[index]) if prepared is not None else None
-        data_filter = torch.from_numpy(np.asarray(filters[index])).to(torch.float64)
-        corrected, scale[index] = correct(f, data_filter, options.ctf_correction, projections)
-        scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).numpy().astype(np.float32)
-    timings["ctf"] = time.perf_counter() - start
+        start = time.perf_counter()
+        prepared = prepare_volume(consensus.to(device, torch.float64)) if options.ctf_correction.subtracts else None
+        whitening = Whitening.none(w)
+        if prepared is not None and options.whiten:
+            sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
+            whitening = whitening_filter(_residual(scratch, filters, prepared, rotations, index) for index in sample)
+        scale = torch.ones(n, dtype=torch.float64)
+        white = whitening.filter.to(device)
+        for index in track(batches, description="Correcting for the CTF", total=len(batches)):
+            # Images and projections whitened, the CTF not: the corrected images hold the whitened
+            # residual times the CTF (or its sign), whose noise is as white as without whitening.
+            f = white * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(device, torch.float64))
+            projections = white * project_rfft(prepared, rotations[index]) if prepared is not None else None
+            data_filter = torch.from_numpy(np.asarray(filters[index])).to(device, torch.float64)
+            corrected, batch_scale = correct(f, data_filter, options.ctf_correction, projections)
+            scale[index] = batch_scale.cpu()
+            scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).cpu().numpy().astype(np.float32)
+        timings["ctf"] = time.perf_counter() - start
     return scale, consensus, whitening, timings
 
 
 def _residual(
     scratch: ScratchArray, filters: ScratchArray, prepared: PreparedVolume, rotations: torch.Tensor, index: np.ndarray
 ) -> torch.Tensor:
-    """Images `index` less their least-squares scaled, CTF-modulated consensus projections (rfft)."""
-    f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-    model = torch.from_numpy(np.asarray(filters[index])).to(torch.float64) * project_rfft(prepared, rotations[index])
+    """Images `index` less their least-squares scaled, CTF-modulated consensus projections (rfft), on
+    the prepared consensus's device."""
+    device = prepared.data.device
+    f = torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(device, torch.float64))
+    model = torch.from_numpy(np.asarray(filters[index])).to(device, torch.float64) * project_rfft(prepared, rotations[index])
     return subtract_consensus(f, model)[0]

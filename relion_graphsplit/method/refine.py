@@ -14,6 +14,10 @@ consensus, D_k, and with Q_k the projection of D_k,
     log p(I | k) = -|I - a CTF P - a' CTF Q_k|^2 / (2 sigma^2) + const
                  = [2 a' <s, Q_k> - a'^2 <CTF^2 Q_k, Q_k>] / (2 sigma^2) + const,
 with a' = a / mean(a), since the maps reconstructed from the residuals already carry the mean scale.
+
+Each pass over the particles computes on a `Compute`'s device, a batch of options.batch_size images
+at a time: the Fourier sums by `FourierAccumulator`, the likelihood terms by the compiled
+`_likelihood_kernel` on the CPU and by its torch twin `likelihood_terms` elsewhere.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from relion_graphsplit.engine import LOCAL, Engine, StoredArray, ordered_sum, tasks_of
-from relion_graphsplit.fourier.compiled import compiled, run_in_runs
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray, ordered_sum, tasks_of
+from relion_graphsplit.fourier.compiled import compiled, run_in_runs, runs_compiled
 from relion_graphsplit.fourier.fsc import fsc, shell_index
 from relion_graphsplit.fourier.projection import (
     PreparedVolume,
+    central_slices,
     prepare_volume,
     rfft_frequencies,
     rfft_weights,
@@ -54,6 +59,7 @@ def image_spectra(
     batches: list[np.ndarray],
     spectra: ScratchArray,
     whitening: torch.Tensor | None = None,
+    compute: Compute = CPU,
 ) -> None:
     """Write the centred transform (`centred_rfft2`) of every scratch image into `spectra`
     (n, N, N // 2 + 1, 2: real and imaginary parts): every round reads them instead of transforming
@@ -77,13 +83,17 @@ def image_spectra(
     whitening : torch.Tensor or None
         (N, N // 2 + 1) the whitening filter on the unshifted rfft grid (preprocess.Whitening.filter),
         or None.
+    compute : Compute
+        The device the transforms are computed on, a batch at a time.
     """
+    device = compute.device
+    white = None if whitening is None else whitening.to(device)
     for index in batches:
-        f = centred_rfft2(torch.from_numpy(np.asarray(scratch[index])).to(torch.float64))
-        if whitening is not None:
-            f = whitening * f
-            filters[index] = (whitening * torch.from_numpy(np.asarray(filters[index]))).numpy()
-        spectra[index] = torch.view_as_real(f.to(torch.complex64)).numpy()
+        f = centred_rfft2(torch.from_numpy(np.asarray(scratch[index])).to(device, torch.float64))
+        if white is not None:
+            f = white * f
+            filters[index] = (white * torch.from_numpy(np.asarray(filters[index])).to(device)).cpu().numpy()
+        spectra[index] = torch.view_as_real(f.to(torch.complex64)).cpu().numpy()
 
 
 def _complex(spectra: ScratchArray, index: np.ndarray) -> np.ndarray:
@@ -99,20 +109,23 @@ def _weighted_halves(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> list[list[FourierAccumulator]]:
     """Sums of w s (data) and w CTF^2 (weight) over the particles of each half (even and odd numbers),
     [set][half], for C sets of per-particle weights w (n, C), each batch read once; particles of weight
-    <= 1e-6 are left out of that set's sums. Each task (`engine.tasks_of`) sums its own batches; the
-    tasks' sums are added in task order."""
+    <= 1e-6 are left out of that set's sums. Each task (`engine.tasks_of`) sums its own batches on
+    `compute`'s device; the tasks' sums are added in task order, on the CPU, and the accumulators
+    returned are on the device."""
     tasks = [
         (group, [weights[index] for index in group], [rotations[index] for index in group]) for group in tasks_of(batches)
     ]
-    common = (StoredArray.of(spectra), StoredArray.of(filters), weights.shape[1])
+    common = (StoredArray.of(spectra), StoredArray.of(filters), weights.shape[1], compute)
     total = ordered_sum(engine.map(_halves_task, tasks, common))
-    sums = [[FourierAccumulator(spectra.shape[1]) for _ in range(2)] for _ in range(weights.shape[1])]
+    device = compute.device
+    sums = [[FourierAccumulator(spectra.shape[1], device=device) for _ in range(2)] for _ in range(weights.shape[1])]
     for halves, grids in zip(sums, total):
         for accumulator, grid in zip(halves, grids):
-            accumulator.sums = torch.from_numpy(grid)
+            accumulator.sums = torch.from_numpy(grid).to(device)
     return sums
 
 
@@ -120,24 +133,27 @@ def _halves_task(
     spectra: StoredArray,
     filters: StoredArray,
     sets: int,
+    compute: Compute,
     batches: list[np.ndarray],
     weights: list[np.ndarray],
     rotations: list[torch.Tensor],
 ) -> np.ndarray:
     """One task of `_weighted_halves`: the sums of its batches (rows (B,), weights (B, C) and RELION
     matrices (B, 3, 3) per batch), (C, 2, 3, 2c + 1, 2c + 1, c + 1) float32 [set][half] (the grids of
-    `FourierAccumulator.sums`)."""
-    with spectra.open() as stored, filters.open() as ctfs:
-        sums = [[FourierAccumulator(stored.shape[1]) for _ in range(2)] for _ in range(sets)]
+    `FourierAccumulator.sums`), inserted on `compute`'s device (2C grids there, and a batch's
+    transforms, CTFs and insertion temporaries)."""
+    device = compute.device
+    with spectra.open() as stored, filters.open() as ctfs, compute.kernels():
+        sums = [[FourierAccumulator(stored.shape[1], device=device) for _ in range(2)] for _ in range(sets)]
         for index, weight, rotation in zip(batches, weights, rotations):
-            f = torch.from_numpy(_complex(stored, index))
-            ctf = torch.from_numpy(np.asarray(ctfs[index]))
+            f = torch.from_numpy(_complex(stored, index)).to(device)
+            ctf = torch.from_numpy(np.asarray(ctfs[index])).to(device)
             for halves, column in zip(sums, weight.T):
                 p = np.where(column > 1e-6, column, 0.0)
                 for half in range(2):
                     w = torch.from_numpy(np.where(index % 2 == half, p, 0.0))
                     halves[half].insert_rfft(f, rotation, ctf=ctf, ctf_premultiplied=True, weights=w)
-    return np.stack([[accumulator.sums.numpy() for accumulator in halves] for halves in sums])
+        return np.stack([[accumulator.sums.cpu().numpy() for accumulator in halves] for halves in sums])
 
 
 def residual_sums(
@@ -146,6 +162,7 @@ def residual_sums(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> list[FourierAccumulator]:
     """Sums of all particles' residuals and CTF^2 in the two halves (even and odd particle numbers).
 
@@ -165,13 +182,15 @@ def residual_sums(
         Particle rows, one array per batch.
     engine : Engine
         Where the tasks (`engine.tasks_of` the batches) run; their sums are added in task order.
+    compute : Compute
+        The device the insertions run on, and the accumulators returned live on.
 
     Returns
     -------
     list of FourierAccumulator
         Two accumulators at box N: the particles of even 0-based row index, then those of odd index.
     """
-    return _weighted_halves(spectra, np.ones((spectra.shape[0], 1)), rotations, filters, batches, engine)[0]
+    return _weighted_halves(spectra, np.ones((spectra.shape[0], 1)), rotations, filters, batches, engine, compute)[0]
 
 
 def class_sums(
@@ -182,6 +201,7 @@ def class_sums(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> list[list[FourierAccumulator]]:
     """Each class's sums in its two halves (even and odd particle numbers), [class][half].
 
@@ -207,6 +227,8 @@ def class_sums(
         Particle rows, one array per batch.
     engine : Engine
         Where the tasks (`engine.tasks_of` the batches) run; their sums are added in task order.
+    compute : Compute
+        The device the insertions run on, and the accumulators returned live on (`totals`' too).
 
     Returns
     -------
@@ -215,14 +237,16 @@ def class_sums(
         the others; half 0 the even 0-based rows, half 1 the odd ones.
     """
     n = spectra.shape[1]
-    sums = _weighted_halves(spectra, probability[:, :-1], rotations, filters, batches, engine)
-    last = [FourierAccumulator(n), FourierAccumulator(n)]
+    sums = _weighted_halves(spectra, probability[:, :-1], rotations, filters, batches, engine, compute)
+    last = [FourierAccumulator(n, device=compute.device), FourierAccumulator(n, device=compute.device)]
     for half in range(2):
         last[half].sums = totals[half].sums - sum(s[half].sums for s in sums)
     return [*sums, last]
 
 
-def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask: torch.Tensor) -> list[torch.Tensor]:
+def difference_maps(
+    halves: list[list[FourierAccumulator]], symmetry: str, mask: torch.Tensor, compute: Compute = CPU
+) -> list[torch.Tensor]:
     """Each class's difference to the consensus, from its halves' sums (`class_sums`), FSC-weighted.
 
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
@@ -240,26 +264,30 @@ def difference_maps(halves: list[list[FourierAccumulator]], symmetry: str, mask:
     mask : torch.Tensor
         (N, N, N) [z, y, x] the 3D mask at the working box, for the FSC only (the maps returned are
         not masked).
+    compute : Compute
+        The device the maps are reconstructed and filtered on, that of the accumulators.
 
     Returns
     -------
     list of torch.Tensor
-        Per class, (N, N, N) [z, y, x] float32 centred at N // 2: the reconstruction from both halves,
-        each shell (rounded radius in Fourier pixels) multiplied by sqrt(2 FSC / (1 + FSC)) with the
-        FSC clipped at 0, and zero beyond shell N // 2.
+        Per class, (N, N, N) [z, y, x] float32 centred at N // 2 on the CPU: the reconstruction from
+        both halves, each shell (rounded radius in Fourier pixels) multiplied by sqrt(2 FSC / (1 + FSC))
+        with the FSC clipped at 0, and zero beyond shell N // 2.
     """
-    n = halves[0][0].box
+    n, device = halves[0][0].box, compute.device
+    mask = mask.to(device)
+    shells = shell_index(n, device).clamp(max=n // 2)
+    beyond = shell_index(n, device) > n // 2
     maps = []
-    for first, second in halves:
-        whole = FourierAccumulator(n)
-        whole.sums = first.sums + second.sums
-        curve = fsc(first.finalise(sym=symmetry) * mask, second.finalise(sym=symmetry) * mask).clamp(min=0.0)
-        weight = torch.sqrt(2 * curve / (1 + curve))
-        f = torch.fft.rfftn(whole.finalise(sym=symmetry).to(torch.float64))
-        shells = shell_index(n).clamp(max=n // 2)
-        beyond = shell_index(n) > n // 2
-        f = f * torch.where(beyond, 0.0, weight[shells])
-        maps.append(torch.fft.irfftn(f, s=(n, n, n)).to(torch.float32))
+    with compute.kernels():
+        for first, second in halves:
+            whole = FourierAccumulator(n, device=device)
+            whole.sums = first.sums + second.sums
+            curve = fsc(first.finalise(sym=symmetry) * mask, second.finalise(sym=symmetry) * mask).clamp(min=0.0)
+            weight = torch.sqrt(2 * curve / (1 + curve))
+            f = torch.fft.rfftn(whole.finalise(sym=symmetry).to(torch.float64))
+            f = f * torch.where(beyond, 0.0, weight[shells])
+            maps.append(torch.fft.irfftn(f, s=(n, n, n)).to(torch.float32).cpu())
     return maps
 
 
@@ -272,10 +300,12 @@ def _kernel_terms(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ):
     """Per task (`engine.tasks_of` the batches), in order, (index, L, U, wc): the task's rows (B,),
-    `_likelihood_kernel`'s sums for every map, (B, K) each, and sum w CTF^2 (B,). The maps are
-    multiplied by the 3D mask first, and taken two at a time (an odd one out paired with zeros)."""
+    `_likelihood_kernel`'s sums for every map, (B, K) each, and sum w CTF^2 (B,), computed on
+    `compute`'s device. The maps are multiplied by the 3D mask first, and taken two at a time (an odd
+    one out paired with zeros)."""
     masked = [m * mask for m in maps]
     if len(masked) % 2:
         masked.append(torch.zeros_like(masked[0]))
@@ -286,7 +316,7 @@ def _kernel_terms(
     matrices = rotations.to(torch.float64).numpy()
     groups = tasks_of(batches)
     tasks = [(group, [relative[index] for index in group], [matrices[index] for index in group]) for group in groups]
-    common = (StoredArray.of(spectra), StoredArray.of(filters), prepared, len(maps))
+    common = (StoredArray.of(spectra), StoredArray.of(filters), prepared, len(maps), compute)
     for group, terms in zip(groups, engine.map(_terms_task, tasks, common)):
         yield (np.concatenate(group), *terms)
 
@@ -296,29 +326,50 @@ def _terms_task(
     filters: StoredArray,
     prepared: list[PreparedVolume],
     k: int,
+    compute: Compute,
     batches: list[np.ndarray],
     relative: list[np.ndarray],
     matrices: list[np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One task of `_kernel_terms`: for the rows of its batches (rows (B,), relative scales (B,) and
     RELION matrices (B, 3, 3) float64 per batch), all batches together, L (B, K), U (B, K) and
-    sum w CTF^2 (B,), float64, against the `k` maps prepared two at a time."""
-    with spectra.open() as stored, filters.open() as ctfs:
-        n = stored.shape[1]
-        kx, ky, inside = rfft_frequencies(n)
-        grid = (_half_plane_weights(n).numpy(), kx.numpy(), ky.numpy(), inside.numpy())
+    sum w CTF^2 (B,), float64, against the `k` maps prepared two at a time, on `compute`'s device
+    (`_pair_terms`)."""
+    with spectra.open() as stored, filters.open() as ctfs, compute.kernels():
+        prepared = [volume.to(compute.device) for volume in prepared]  # once per task
         likelihoods, unexplained, weights = [], [], []
         for index, scales, rotation in zip(batches, relative, matrices):
             s = _complex(stored, index)
             ctf = np.asarray(ctfs[index])
-            terms = np.zeros((len(prepared), len(index), 5))  # per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2
-            for pair, volume in zip(terms, prepared):
-                args = (pair, s, ctf, scales, rotation, *grid, volume.data.numpy(), volume.pad, volume.padded_box // 2 + 1)
-                run_in_runs(_likelihood_kernel, args, len(index), torch.get_num_threads())
+            # Per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2.
+            terms = np.stack([_pair_terms(volume, s, ctf, scales, rotation) for volume in prepared])
             likelihoods.append(terms[:, :, 0:2].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
             unexplained.append(terms[:, :, 2:4].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
             weights.append(np.maximum(terms[0, :, 4], 1e-30))
     return np.concatenate(likelihoods), np.concatenate(unexplained), np.concatenate(weights)
+
+
+def _pair_terms(
+    volume: PreparedVolume, s: np.ndarray, ctf: np.ndarray, relative: np.ndarray, rotations: np.ndarray
+) -> np.ndarray:
+    """L_1, L_2, U_1, U_2 and sum w CTF^2 (B, 5) float64 of a batch against a pair of prepared maps:
+    on the CPU by `_likelihood_kernel` on torch.get_num_threads() threads, each on its own run of
+    images, elsewhere (and inside `compiled.torch_twins`) by its twin `likelihood_terms` on the
+    volume's device. s (B, N, N // 2 + 1) complex64, the CTFs (B, N, N // 2 + 1) float32, a' (B,) and
+    the matrices (B, 3, 3) float64, as numpy arrays."""
+    n, device = s.shape[1], volume.data.device
+    weights = _half_plane_weights(n)
+    if not runs_compiled(device):
+        tensors = (torch.from_numpy(a).to(device) for a in (s, ctf, relative, rotations))
+        return likelihood_terms(volume, *tensors, weights.to(device)).cpu().numpy()
+    terms = np.zeros((len(s), 5))
+    kx, ky, inside = rfft_frequencies(n)
+    args = (
+        terms, s, ctf, relative, rotations, weights.numpy(), kx.numpy(), ky.numpy(), inside.numpy(),
+        volume.data.numpy(), volume.pad, volume.padded_box // 2 + 1,
+    )  # fmt: skip
+    run_in_runs(_likelihood_kernel, args, len(s), torch.get_num_threads())
+    return terms
 
 
 def class_log_likelihoods(
@@ -330,6 +381,7 @@ def class_log_likelihoods(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> np.ndarray:
     """log p(image | class k) up to a constant per image, for every particle and class, given the
     classes' difference maps to the consensus.
@@ -339,8 +391,8 @@ def class_log_likelihoods(
     min_k |s - a' CTF^2 Q_k|^2 / sum CTF^2 (s carries the noise times the CTF; a' = a / mean(a), the
     image's scale relative to the mean): the residual alone would count the class difference as
     noise, shrink the data term against the prior, and pull particles into the larger class. The sums
-    over each image's pixels are taken by `_likelihood_kernel` on torch.get_num_threads() threads,
-    each on its own run of images, in float64.
+    over each image's pixels are taken in float64 by `_likelihood_kernel` on torch.get_num_threads()
+    threads, each on its own run of images, or off the CPU by its twin `likelihood_terms`.
 
     Parameters
     ----------
@@ -360,6 +412,8 @@ def class_log_likelihoods(
         Particle rows, one array per batch.
     engine : Engine
         Where the tasks (`engine.tasks_of` the batches) run.
+    compute : Compute
+        The device the sums are computed on.
 
     Returns
     -------
@@ -369,7 +423,7 @@ def class_log_likelihoods(
     """
     out = np.zeros((spectra.shape[0], len(maps)))
     for index, likelihood, unexplained, weight in _kernel_terms(
-        spectra, maps, mask, rotations, scale, filters, batches, engine
+        spectra, maps, mask, rotations, scale, filters, batches, engine, compute
     ):
         sigma2 = unexplained.min(axis=1) / weight
         out[index] = likelihood / (2 * sigma2[:, None])
@@ -385,6 +439,7 @@ def projection_scores(
     filters: ScratchArray,
     batches: list[np.ndarray],
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each particle's amount of a map `direction` (such as the difference of two class maps), and
     its uncertainty.
@@ -398,7 +453,7 @@ def projection_scores(
 
     Parameters
     ----------
-    spectra, mask, rotations, scale, filters, batches, engine
+    spectra, mask, rotations, scale, filters, batches, engine, compute
         As in `class_log_likelihoods`.
     direction : torch.Tensor
         (N, N, N) [z, y, x] the map at the working box.
@@ -413,7 +468,7 @@ def projection_scores(
     n = spectra.shape[0]
     z, variance = np.zeros(n), np.full(n, np.inf)
     for index, likelihood, unexplained, weight in _kernel_terms(
-        spectra, [direction, -direction], mask, rotations, scale, filters, batches, engine
+        spectra, [direction, -direction], mask, rotations, scale, filters, batches, engine, compute
     ):
         # L(+1) = 2B - A and L(-1) = -2B - A.
         b = (likelihood[:, 0] - likelihood[:, 1]) / 4
@@ -461,6 +516,57 @@ def _likelihood_kernel(
         terms[b, 0], terms[b, 1], terms[b, 2], terms[b, 3], terms[b, 4] = l1, l2, u1, u2, wc
 
 
+def likelihood_terms(
+    volume: PreparedVolume,
+    s: torch.Tensor,
+    ctf: torch.Tensor,
+    relative: torch.Tensor,
+    rotations: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """`_likelihood_kernel`'s terms in torch, on the volume's device (the GPU's way): L_1, L_2, U_1,
+    U_2 and sum w CTF^2 per image, from `projection.central_slices`, in float64.
+
+    The same sums as the compiled loop, each over the whole grid at once rather than pixel by pixel,
+    so the two agree to rounding (about 1e-10 relative; tests/test_torch_paths.py). For B images at
+    box N it holds float64 arrays of 2 x B x N x (N // 2 + 1) several times over (the slices,
+    complex128, and the terms before their sums) and the slices' sampling temporaries, 4 x B x P
+    float64 (P the pixels inside the Nyquist circle): about 0.1 GB for 256 images at box 64, so a
+    batch of --batch_size images bounds the device memory.
+
+    Parameters
+    ----------
+    volume : PreparedVolume
+        A pair of maps prepared as a stack (`prepare_volume`, (2, N, N, N)), on the device to compute on.
+    s : torch.Tensor
+        (B, N, N // 2 + 1) complex, the images' stored transforms (`image_spectra`), centred.
+    ctf : torch.Tensor
+        (B, N, N // 2 + 1) real, their CTFs; squared in their dtype, as the compiled loop squares them
+        (float32 from the scratch files).
+    relative : torch.Tensor
+        (B,) the images' relative scales a'.
+    rotations : torch.Tensor
+        (B, 3, 3) RELION matrices.
+    weights : torch.Tensor
+        (N, N // 2 + 1) float64 the grid's weights w (`_half_plane_weights`).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, 5) float64 on the volume's device: L_1, L_2, U_1, U_2 and sum w CTF^2, with q_k = a' times
+        the centred slice of map k (0 beyond the Nyquist circle).
+    """
+    device = volume.data.device
+    q = relative.to(device, torch.float64)[:, None, None] * central_slices(volume, rotations)  # (2, B, N, H)
+    s, c2 = s.to(device, torch.complex128), (ctf * ctf).to(device, torch.float64)
+    weights = weights.to(device)
+    fit = 2 * (s.real * q.real + s.imag * q.imag) - c2 * (q.real**2 + q.imag**2)
+    residual = (s.real - c2 * q.real) ** 2 + (s.imag - c2 * q.imag) ** 2
+    likelihood = (weights * fit).sum(dim=(-2, -1))
+    unexplained = (weights * residual).sum(dim=(-2, -1))
+    return torch.cat([likelihood.T, unexplained.T, (weights * c2).sum(dim=(-2, -1))[:, None]], dim=1)
+
+
 @dataclass
 class Refined:
     """The outcome of `refine_classes` for its m rows and K classes.
@@ -495,6 +601,7 @@ def refine_classes(
     redraw_mask: bool,
     track: Callable[..., Iterable] = lambda iterable, **_: iterable,
     engine: Engine = LOCAL,
+    compute: Compute = CPU,
 ) -> Refined:
     """Rounds of fixed-pose classification of particles `rows` against K class maps, from given classes.
 
@@ -534,6 +641,8 @@ def refine_classes(
         Progress callback, called as track(iterable, description=..., total=...).
     engine : Engine
         Where the passes over the particles run (the same result wherever).
+    compute : Compute
+        The device they compute on (the same classes, to rounding); the mask is drawn on the CPU.
 
     Returns
     -------
@@ -547,7 +656,7 @@ def refine_classes(
     with np.errstate(divide="ignore"):
         log_posterior = np.log(probability[rows])
     changed: list[int] = []
-    totals = residual_sums(spectra, rotations, filters, batches, engine)
+    totals = residual_sums(spectra, rotations, filters, batches, engine, compute)
 
     def rounds():  # until fewer than refine_tolerance of the particles change class
         for _ in range(options.refine_iterations):
@@ -556,19 +665,21 @@ def refine_classes(
             yield
 
     def sums():  # the classes' sums for the current probabilities
-        return class_sums(spectra, probability, totals, rotations, filters, batches, engine)
+        return class_sums(spectra, probability, totals, rotations, filters, batches, engine, compute)
 
     halves = None  # class_sums of the current probabilities, once computed
     if redraw_mask:
         halves = sums()
         mask = class_maps_mask(
-            consensus, difference_maps(halves, options.symmetry, mask), float(scale[rows].mean()),
+            consensus, difference_maps(halves, options.symmetry, mask, compute), float(scale[rows].mean()),
             pixel_size, threshold=options.refine_mask_threshold, extend=options.mask_extend,
         )  # fmt: skip
     for _ in track(rounds(), description="Refining against the class maps (rounds)", total=options.refine_iterations):
-        differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask)
+        differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask, compute)
         prior = np.log(np.maximum(probability[rows].mean(axis=0), 1e-6))
-        likelihoods = class_log_likelihoods(spectra, differences, mask, rotations, scale, filters, batches, engine)
+        likelihoods = class_log_likelihoods(
+            spectra, differences, mask, rotations, scale, filters, batches, engine, compute
+        )  # fmt: skip
         log_posterior = likelihoods[rows] + prior
         log_posterior -= logsumexp(log_posterior, axis=1, keepdims=True)
         relaxation = options.refine_relaxation if changed else 1.0

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from relion_graphsplit.engine import LOCAL, Engine
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine
 from relion_graphsplit.method.alignment import cone_reference
 from relion_graphsplit.method.classify import classify_cones
 from relion_graphsplit.method.cones import (
@@ -203,6 +203,8 @@ class Splitter:
         Seconds spent per step, summed over every split.
     engine : Engine
         Where the passes over the particles run (`engine`; the same result wherever).
+    compute : Compute
+        The device they compute on (`engine.Compute`; the same classes, to rounding).
     """
 
     scratch: ScratchArray
@@ -219,6 +221,7 @@ class Splitter:
     track: Track = no_progress
     timings: dict[str, float] | None = None
     engine: Engine = LOCAL
+    compute: Compute = CPU
 
     def _time(self, step: str, start: float) -> None:
         if self.timings is not None:
@@ -234,7 +237,9 @@ class Splitter:
         cones = cone_set.cones
         masks = project_mask(self.mask, cone_reference(cones.axes)).to(torch.float32)
         members = replace(cones, particle=torch.from_numpy(rows)[cones.particle])  # rows of the scratch files
-        rho, llr, cone_table, cone_images = classify_cones(self.scratch, members, masks, self.track, engine=self.engine)
+        rho, llr, cone_table, cone_images = classify_cones(
+            self.scratch, members, masks, self.track, engine=self.engine, compute=self.compute
+        )
         self._time("classify", start)
         start = time.perf_counter()
         ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, len(rows))
@@ -268,6 +273,7 @@ class Splitter:
         refined = refine_classes(
             self.spectra, self.filters, rows, self.rotations, self.scale, classes, self.mask, self.consensus,
             self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track, engine=self.engine,
+            compute=self.compute,
         )  # fmt: skip
         self._time("refine", start)
         return refined
@@ -276,11 +282,13 @@ class Splitter:
         """The K classes' difference maps to the consensus (`refine.difference_maps`, (w, w, w) each)
         for `rows` with class probabilities (m, K), FSC-weighted within `mask`."""
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
-        totals = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine)
+        totals = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine, self.compute)
         everyone = np.zeros((self.spectra.shape[0], probability.shape[1]))
         everyone[rows] = probability
-        sums = class_sums(self.spectra, everyone, totals, self.rotations, self.filters, batches, self.engine)
-        return difference_maps(sums, self.options.symmetry, mask)
+        sums = class_sums(
+            self.spectra, everyone, totals, self.rotations, self.filters, batches, self.engine, self.compute
+        )
+        return difference_maps(sums, self.options.symmetry, mask, self.compute)
 
     def difference(self, split: TwoClasses) -> torch.Tensor:
         """(w, w, w) class 1's map minus class 2's, from the split's rows and probabilities, masked by
@@ -296,7 +304,7 @@ class Splitter:
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
         z, variance = projection_scores(
             self.spectra, direction, torch.ones_like(direction), self.rotations, self.scale, self.filters, batches,
-            self.engine,
+            self.engine, self.compute,
         )  # fmt: skip
         self._time("split tests", start)
         return z[rows], variance[rows]
