@@ -1,13 +1,18 @@
 """Where the heavy steps run: in this process, or on the workers of a Dask cluster (--dask_scheduler);
 and on which device they compute (`Compute`: the CPU, or a GPU with --gpu).
 
-The steps that pass over the particles (the refinement's Fourier sums and likelihoods, the per-cone
-classification) are cut into tasks that do not depend on who runs them: fixed groups of particle
-batches (`tasks_of`), or of cones. Both engines run the same tasks and hand their results back in
-the order they were submitted, and partial sums are added in that order (`ordered_sum`), so the
-result is the same, bit for bit, in one process and on any number of workers. A task opens the
-working files itself, by path (`StoredArray`): nothing image-sized passes through the scheduler, and
-the files must be on a file system the workers see.
+The steps that pass over the particles (the image preparation's reading, centring and CTF
+correction, the transforms for the refinement, the refinement's Fourier sums and likelihoods, the
+per-cone classification) are cut into tasks that do not depend on who runs them: fixed groups of
+particle batches (`tasks_of`), or of cones. Both engines run the same tasks and hand their results
+back in the order they were submitted, and partial sums are added in that order (`ordered_sum`), so
+the result is the same, bit for bit, in one process and on any number of workers. A task opens the
+particle stacks and the working files itself, by path (`relion.stacks.ImageStacks` pickles without
+its open files; `StoredArray`), and the preparation's tasks write their rows of the working files
+there: nothing image-sized passes through the scheduler, and the files must be on a file system the
+workers see. Whoever reads what a task wrote opens the file after the task closed it (close-to-open:
+on a network file system, the only way to see another machine's writes). The full-size class maps
+are reconstructed in the main process.
 
 Dask's `distributed` is an optional extra (relion-graphsplit[dask]), imported only when a scheduler is
 named.
@@ -223,7 +228,7 @@ def ordered_sum(parts: Iterable[np.ndarray]) -> np.ndarray:
 @dataclass(frozen=True)
 class StoredArray:
     """A `ScratchArray` by its path and shape, which a task opens where it runs (a worker's process
-    cannot share an open file).
+    cannot share an open file), and closes before it returns.
 
     Attributes
     ----------
@@ -242,5 +247,5 @@ class StoredArray:
         return cls(array.path.resolve(), array.shape)
 
     def open(self) -> ScratchArray:
-        """The array, opened as it is (rows read; a task writes nothing)."""
+        """The array, opened as it is: rows read, and written (the preparation's tasks write their own)."""
         return ScratchArray(self.path, self.shape, existing=True)

@@ -1,5 +1,6 @@
 """The passes over the particles on a Dask cluster (engine.py, --dask_scheduler): results in submission
-order, partial sums reduced in task order, and the same classes, bit for bit, as in one process."""
+order, partial sums reduced in task order, and the same working files and classes, bit for bit, as in
+one process."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ import torch
 
 from relion_graphsplit.cli.graphsplit import run_command
 from relion_graphsplit.engine import LOCAL, TASK_BATCHES, DaskEngine, connect, ordered_sum, tasks_of
+from relion_graphsplit.method.options import SplitOptions
+from relion_graphsplit.method.pipeline import prepare
 from relion_graphsplit.method.refine import class_log_likelihoods, class_sums, residual_sums
+from relion_graphsplit.relion import star as star_io
+from relion_graphsplit.relion.stacks import ImageStacks
+from relion_graphsplit.scratch import row_batches
 from relion_graphsplit.simulate.particles import uniform_rotations
 from tests.test_catalogue import FAST
 from tests.test_continue import assert_same_outputs
-from tests.test_refine import _smooth_map, _spectra, _stored
+from tests.test_refine import _smooth_map, _spectra
 
 distributed = pytest.importorskip("distributed", reason="dask's distributed is not installed (the dask extra)")
 DASK = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
@@ -79,12 +85,13 @@ def stored_set(tmp_path_factory):
     images = rng.standard_normal((n, box, box)).astype(np.float32)
     filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
     batches = [np.arange(start, start + 2) for start in range(0, n, 2)]
-    spectra = _stored(folder, "spectra", _spectra(images, filters, batches))
+    spectra, stored_filters = _spectra(folder, images, filters, batches)
     first = rng.uniform(0.0, 1.0, n)
     probability = np.stack([first, 1.0 - first], axis=1)
     rotations = torch.from_numpy(uniform_rotations(n, rng))
-    yield spectra, _stored(folder, "filters", filters), rotations, probability, batches
+    yield spectra, stored_filters, rotations, probability, batches
     spectra.close()
+    stored_filters.close()
 
 
 def test_fourier_sums_and_likelihoods_are_the_same_bits_on_workers(stored_set, dask_engine):
@@ -106,6 +113,34 @@ def test_fourier_sums_and_likelihoods_are_the_same_bits_on_workers(stored_set, d
         assert torch.equal(a, b)
     assert np.array_equal(local[2], dask[2])
     assert local[1][0].abs().max() > 0
+
+
+def test_the_preparation_writes_the_same_working_files_on_workers(simulated_set, dask_engine, tmp_path):
+    """pipeline.prepare on 600 particles with coloured noise in batches of 16, three tasks per pass
+    (reading and centring with the consensus reconstruction's partial sums, the CTF correction of the
+    whitened images, their transforms), in one process and on two workers: the same working files, bit
+    for bit, and the same scales, consensus map and whitening filter."""
+    folder = simulated_set(
+        600, 0.3, [0.6, 0.4], seed=5, pose_error_deg=1.0, max_shift_A=6.0, noise_excess=8.0, noise_bfactor=1000.0
+    )
+    ps = star_io.read_particles(folder / "particles.star")
+    particles = star_io.particles(ps)
+    options = SplitOptions(batch_size=16, refine_iterations=2)
+    assert len(tasks_of(row_batches(len(particles), options.batch_size))) == 3
+    prepared = {}
+    for name, engine in [("local", LOCAL), ("dask", dask_engine)]:
+        (tmp_path / name).mkdir()
+        with ImageStacks(ps) as stacks:
+            prepared[name] = prepare(particles, stacks, options, tmp_path / name, engine=engine)
+    local, dask = prepared["local"], prepared["dask"]
+    assert local.whitening.applied and local.consensus is not None
+    for file in ("images.f32", "filters.f32", "spectra.f32"):
+        written = (tmp_path / "local" / file).read_bytes()
+        assert (tmp_path / "dask" / file).read_bytes() == written, file
+        assert np.frombuffer(written, np.float32).reshape(len(particles), -1).any(axis=1).all(), file  # every row
+    assert torch.equal(dask.scale, local.scale) and torch.equal(dask.consensus, local.consensus)
+    assert torch.equal(dask.whitening.filter, local.whitening.filter)
+    assert not torch.all(local.scale == 1.0)
 
 
 def test_an_unreachable_scheduler_is_one_line():
@@ -168,7 +203,7 @@ def scheduler_file(tmp_path):
 def test_two_dask_workers_give_the_one_process_classes(small_set, scheduler_file, tmp_path, monkeypatch, capsys):
     """relion_graphsplit on 600 particles in batches of 16 (several tasks per pass), in one process
     and with --dask_scheduler on a scheduler and two worker processes started with the dask CLI: the
-    same outputs, classes, posteriors and maps alike."""
+    same outputs, classes, posteriors and maps alike, the images read and prepared on the workers."""
     runs = {}
     for name, extra in [("local", []), ("dask", ["--dask_scheduler", str(scheduler_file)])]:
         project = tmp_path / name
@@ -182,5 +217,7 @@ def test_two_dask_workers_give_the_one_process_classes(small_set, scheduler_file
         done = client.run_on_scheduler(
             lambda dask_scheduler: {name: p.state_counts["memory"] for name, p in dask_scheduler.task_prefixes.items()}
         )
-    # Every kind of task ran on the workers (a prefix is the function's name without its leading _).
-    assert {"classify_batch", "halves_task", "terms_task"} <= {name for name, count in done.items() if count}, done
+    # Every kind of task ran on the workers (a prefix is the function's name without its leading _):
+    # the preparation's, the classification's and the refinement's.
+    ran = {name for name, count in done.items() if count}
+    assert {"read_task", "correct_task", "spectra_task", "classify_batch", "halves_task", "terms_task"} <= ran, done

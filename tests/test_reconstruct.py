@@ -27,7 +27,6 @@ from relion_graphsplit.fourier.reconstruct import (
     centred_rfft2,
     radius_for_resolution,
     reconstruct,
-    reconstruct_stream,
 )
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 
@@ -182,9 +181,9 @@ def test_ctf_premultiplied_images(blobs):
     assert torch.allclose(premultiplied, plain, atol=1e-5 * float(plain.abs().max()))
 
 
-def test_streaming_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
-    """Batches from a stream, and the images inserted at a time, change the map only by rounding (the
-    FFT of a batch can depend on the batch's size in the last bit)."""
+def test_batches_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
+    """Batches inserted one after the other, and the images inserted at a time, change the map only by
+    rounding (the FFT of a batch can depend on the batch's size in the last bit)."""
     gen = torch.Generator().manual_seed(7)
     A = random_poses(gen, 300)
     ctf = random_ctf(gen, 300, BOX)
@@ -193,8 +192,10 @@ def test_streaming_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch
     whole = reconstruct(images, A, origins, ctf, BOX)  # one insertion
     assert reconstruct_module._INSERT_PIXELS // (BOX * BOX // 2) > 300
     monkeypatch.setattr(reconstruct_module, "_INSERT_PIXELS", 32 * BOX * BOX // 2)  # about 40 images at a time
-    chunks = ((images[i : i + 70], A[i : i + 70], origins[i : i + 70], ctf[i : i + 70]) for i in range(0, 300, 70))
-    streamed = reconstruct_stream(chunks, BOX)
+    accumulator = FourierAccumulator(BOX)
+    for i in range(0, 300, 70):
+        accumulator.insert(images[i : i + 70], A[i : i + 70], ctf=ctf[i : i + 70], origins=origins[i : i + 70])
+    streamed = accumulator.finalise()
     assert torch.allclose(whole, streamed, atol=1e-5 * float(whole.abs().max()))
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from relion_graphsplit.engine import StoredArray
 from relion_graphsplit.fourier.projection import project
 from relion_graphsplit.method.refine import (
     _half_plane_weights,
@@ -27,10 +28,20 @@ def _smooth_map(rng: np.random.Generator, box: int) -> torch.Tensor:
     return out
 
 
-def _spectra(images: np.ndarray, filters: np.ndarray, batches: list[np.ndarray], whitening=None) -> np.ndarray:
-    spectra = np.zeros((*images.shape[:2], images.shape[-1] // 2 + 1, 2), dtype=np.float32)
-    image_spectra(images, filters, batches, spectra, whitening)
-    return spectra
+def _spectra(
+    folder, images: np.ndarray, filters: np.ndarray, batches: list[np.ndarray], whitening=None
+) -> tuple[ScratchArray, ScratchArray]:
+    """The transforms of `images` (`image_spectra`) and the `filters` (times `whitening`, if given), in
+    ScratchArray files of `folder`, opened after the tasks that wrote them closed theirs."""
+    shape = (*images.shape[:2], images.shape[-1] // 2 + 1, 2)
+    with (
+        _stored(folder, "images", images) as a,
+        _stored(folder, "filters", filters) as b,
+        ScratchArray(folder / "spectra", shape) as c,
+    ):
+        stored_images, stored_filters, spectra = (StoredArray.of(array) for array in (a, b, c))
+    image_spectra(stored_images, stored_filters, batches, spectra, whitening)
+    return spectra.open(), stored_filters.open()
 
 
 def _stored(folder, name: str, values: np.ndarray) -> ScratchArray:
@@ -40,7 +51,7 @@ def _stored(folder, name: str, values: np.ndarray) -> ScratchArray:
     return array
 
 
-def test_image_spectra_are_the_centred_whitened_transforms():
+def test_image_spectra_are_the_centred_whitened_transforms(tmp_path):
     """`image_spectra` holds W times the transform of each image about its centre N // 2, and the
     filters become W CTF; without whitening the filters are left as they were."""
     rng = np.random.default_rng(2)
@@ -49,11 +60,12 @@ def test_image_spectra_are_the_centred_whitened_transforms():
     filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
     whitening = torch.from_numpy(rng.uniform(0.5, 2.0, (box, box // 2 + 1)))
     batches = [np.arange(0, 4), np.arange(4, n)]
-    plain_filters = filters.copy()
-    plain = _spectra(images, plain_filters, batches)
+    rows = np.arange(n)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "whitened").mkdir()
+    plain, plain_filters = (array[rows] for array in _spectra(tmp_path / "plain", images, filters, batches))
     assert np.array_equal(plain_filters, filters)
-    whitened_filters = filters.copy()
-    whitened = _spectra(images, whitened_filters, batches, whitening)
+    whitened, whitened_filters = (array[rows] for array in _spectra(tmp_path / "whitened", images, filters, batches, whitening))
     centred = np.fft.rfft2(np.roll(images, (-(box // 2), -(box // 2)), axis=(1, 2)))
     np.testing.assert_allclose(plain[..., 0] + 1j * plain[..., 1], centred, atol=1e-4)
     np.testing.assert_allclose(whitened[..., 0] + 1j * whitened[..., 1], whitening.numpy() * centred, atol=1e-4)
@@ -78,8 +90,7 @@ def test_class_log_likelihoods_classify_and_match_the_float64_likelihood(box, tm
     images = torch.fft.irfft2(clean, s=(box, box)) + 0.02 * torch.from_numpy(rng.standard_normal((n, box, box)))
     batches = [np.arange(0, 120), np.arange(120, n)]
     filters = ctf.numpy().astype(np.float32)
-    spectra = _stored(tmp_path, "spectra", _spectra(images.numpy().astype(np.float32), filters, batches))
-    filters = _stored(tmp_path, "filters", filters)
+    spectra, filters = _spectra(tmp_path, images.numpy().astype(np.float32), filters, batches)
     maps32 = [m.to(torch.float32) for m in maps]
     arguments = (spectra, maps32, torch.ones(box, box, box), rotations, scale, filters, batches)
     threads = torch.get_num_threads()
@@ -121,8 +132,7 @@ def test_projection_scores_recover_the_amount_of_a_map(tmp_path):
     images = torch.fft.irfft2(ctf**2 * z[:, None, None] * q + 3.0 * ctf * noise, s=(box, box))
     batches = [np.arange(0, 100), np.arange(100, n)]
     filters = ctf.numpy().astype(np.float32)
-    spectra = _stored(tmp_path, "spectra", _spectra(images.numpy().astype(np.float32), filters, batches))
-    filters = _stored(tmp_path, "filters", filters)
+    spectra, filters = _spectra(tmp_path, images.numpy().astype(np.float32), filters, batches)
     found, variance = projection_scores(
         spectra, direction.to(torch.float32), torch.ones(box, box, box), rotations, scale, filters, batches
     )
@@ -139,8 +149,7 @@ def test_class_two_from_the_totals_equals_its_own_insertion(tmp_path):
     filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
     rotations = torch.from_numpy(uniform_rotations(n, rng))
     batches = [np.arange(0, 40), np.arange(40, n)]
-    spectra = _stored(tmp_path, "spectra", _spectra(images, filters, batches))
-    filters = _stored(tmp_path, "filters", filters)
+    spectra, filters = _spectra(tmp_path, images, filters, batches)
     first = rng.uniform(0.0, 1.0, n)
     first[:5], first[5:10] = 0.0, 1.0  # hard members of either class
     probability = np.stack([first, 1.0 - first], axis=1)

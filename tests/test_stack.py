@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 from pathlib import Path
 
@@ -124,6 +126,23 @@ def test_workdir_replaces_the_current_directory(project, tmp_path, monkeypatch):
         ImageStacks(ps)
     with ImageStacks(ps, workdir=tmp_path) as stacks:
         np.testing.assert_array_equal(stacks.read([2, 0]).numpy(), expected[[2, 0]])
+
+
+def test_a_copy_or_unpickled_instance_opens_the_stacks_for_itself(project, tmp_path, monkeypatch):
+    """What a task gets (copy.copy on a worker's thread, pickle on a worker elsewhere): the stacks by
+    absolute path, read from any directory, and none of the original's open files, which closing the
+    copy leaves open."""
+    star, expected = project
+    with ImageStacks(read_particles(star), workdir=".") as stacks:
+        assert not stacks.paths[0].is_absolute()
+        stacks.read([0])
+        for other in (copy.copy(stacks), pickle.loads(pickle.dumps(stacks))):
+            assert all(path.is_absolute() for path in other.paths) and not other._open
+            monkeypatch.chdir(tmp_path / "Select")
+            with other:
+                np.testing.assert_array_equal(other.read(np.arange(len(expected))).numpy(), expected)
+            monkeypatch.chdir(tmp_path)
+        assert [file.closed for file in stacks._open.values()] == [False]
 
 
 def test_few_open_stacks_at_a_time(project):

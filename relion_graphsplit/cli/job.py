@@ -252,11 +252,12 @@ def _split(
     inputs: _Inputs, stacks: ImageStacks, options: SplitOptions, folder: RunFolder, work: Path, track: Track,
     engine: Engine, compute: Compute,
 ) -> SplitResult:
-    """The classification (pipeline.split_prepared, on `engine` and `compute`) of the prepared images,
-    themselves a stage saved in `work` beside their files (a stage whose files are lost is not finished)."""
+    """The images prepared and classified (pipeline.prepare, split_prepared, on `engine` and `compute`);
+    the prepared images a stage saved in `work` beside their files (a stage whose files are lost is not
+    finished)."""
     prepared = folder.stages.run(
         "images",
-        lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track, compute),
+        lambda: prepare(inputs.particles, stacks, options, work, inputs.mask, inputs.consensus, track, engine, compute),
         where=work,
     )
     return split_prepared(inputs.particles, prepared, work, options, track, engine, compute)

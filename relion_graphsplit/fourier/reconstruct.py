@@ -29,7 +29,6 @@ and the two maps agree to rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from concurrent import futures
 from concurrent.futures import Future
 
@@ -745,51 +744,6 @@ def _centred_box(volume: np.ndarray, box: int, axis: int) -> np.ndarray:
     return np.concatenate([volume[(*lead, slice(p - half, p))], volume[(*lead, slice(0, box - half))]], axis)
 
 
-def reconstruct_stream(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-    box: int,
-    sym: str = "C1",
-    pad: int = 2,
-    r_max: int | None = None,
-    device: torch.device | str = "cpu",
-    regularisation: torch.Tensor | None = None,
-    ctf_premultiplied: bool = False,
-) -> torch.Tensor:
-    """Reconstruct from an iterable of (images (B, N, N), rotations A (B, 3, 3), origins_px (B, 2) or
-    None, ctf (B, N, N // 2 + 1) or None), holding one batch at a time. Returns (N, N, N) float32.
-
-    Parameters
-    ----------
-    batches : Iterable of tuple
-        (images, rotations, origins_px, ctf) per batch, as `FourierAccumulator.insert` takes them:
-        real images (B, N, N) centred at N // 2, RELION matrices (B, 3, 3), rlnOriginX/Y (B, 2) as
-        (x, y) pixels or None, CTFs (B, N, N // 2 + 1) on the unshifted rfft grid or None.
-    box : int
-        Image size N (pixels).
-    sym : str
-        RELION point group.
-    pad : int
-        Padding factor.
-    r_max : int or None
-        Largest inserted radius (Fourier pixels of the image; None: N // 2).
-    device : torch.device or str
-        Where the insertion runs.
-    regularisation : torch.Tensor or None
-        Per-shell term added to the weight (`FourierAccumulator.finalise`).
-    ctf_premultiplied : bool
-        The images already carry one CTF factor.
-
-    Returns
-    -------
-    torch.Tensor
-        (N, N, N) float32 [z, y, x] on `device`, centred at N // 2.
-    """
-    acc = FourierAccumulator(box, pad=pad, r_max=r_max, device=device)
-    for images, rotations, origins, ctf in batches:
-        acc.insert(images, rotations, ctf=ctf, origins=origins, ctf_premultiplied=ctf_premultiplied)
-    return acc.finalise(sym=sym, regularisation=regularisation)
-
-
 def reconstruct(
     images: torch.Tensor,
     rotations: torch.Tensor,
@@ -816,8 +770,16 @@ def reconstruct(
         (B, N, N // 2 + 1) CTFs on the unshifted rfft grid, or None.
     box : int
         Image size N (pixels).
-    sym, pad, r_max, regularisation, ctf_premultiplied
-        As for `reconstruct_stream`.
+    sym : str
+        RELION point group.
+    pad : int
+        Padding factor.
+    r_max : int or None
+        Largest inserted radius (Fourier pixels of the image; None: N // 2).
+    regularisation : torch.Tensor or None
+        Per-shell term added to the weight (`FourierAccumulator.finalise`).
+    ctf_premultiplied : bool
+        The images already carry one CTF factor.
 
     Returns
     -------

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import half_sets
 from relion_graphsplit.method.cones import Cones, check_cone_memory
@@ -255,7 +255,7 @@ def split(
     scratch_dir : str or Path or None
         Folder to make the temporary folder in; None: the system's temporary folder.
     engine : Engine
-        As `split_prepared`; a Dask engine's workers must see `scratch_dir`.
+        As `prepare` and `split_prepared`; a Dask engine's workers must see `scratch_dir`.
     compute : Compute
         As `prepare` and `split_prepared`.
 
@@ -271,7 +271,7 @@ def split(
         As `prepare`.
     """
     with tempfile.TemporaryDirectory(prefix="graphsplit_", dir=scratch_dir) as tmp:
-        prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track, compute)
+        prepared = prepare(particles, stacks, options, Path(tmp), mask, consensus, track, engine, compute)
         return split_prepared(particles, prepared, Path(tmp), options, track, engine, compute)
 
 
@@ -283,6 +283,7 @@ def prepare(
     mask: torch.Tensor | None = None,
     consensus: torch.Tensor | None = None,
     track: Track = no_progress,
+    engine: Engine = LOCAL,
     compute: Compute = CPU,
 ) -> Prepared:
     """Steps 1-2: the cones, and every image read once into working files in `folder`.
@@ -300,7 +301,7 @@ def prepare(
         map, origins and CTF parameters (defocus in A, positive for underfocus), half-sets, box N
         (pixels) and pixel size (A).
     stacks : ImageStacks
-        Their open image stacks; every image is read once here.
+        Their image stacks; every image is read once here.
     options : SplitOptions
         The split's parameters.
     folder : Path
@@ -315,6 +316,10 @@ def prepare(
         particles).
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
+    engine : Engine
+        Where the passes over the particles run (`preprocess.prepare_images`, `refine.image_spectra`):
+        the same working files in this process or on any number of Dask workers, which must see the
+        stacks and `folder`.
     compute : Compute
         The device the images are prepared on (`preprocess.prepare_images`, `refine.image_spectra`), a
         batch at a time; what `Prepared` holds is on the CPU.
@@ -352,16 +357,22 @@ def prepare(
 
     # 2. Centred, downsampled, CTF-corrected images in a scratch file.
     small_consensus = fourier_crop_volume(consensus, w) if consensus is not None else None
-    with working_files(folder, n, w) as (scratch, filters, spectra):
-        scale, small_consensus, whitening, prep_times = prepare_images(
-            particles, stacks, scratch, filters, options, small_consensus, track, compute
-        )
-        timings.update(prep_times)
-        if _plain(particles, options) and options.refine_iterations:
-            start = time.perf_counter()
-            batches = row_batches(n, options.batch_size)
-            image_spectra(scratch, filters, batches, spectra, whitening.filter if whitening.applied else None, compute)
-            timings["refine"] = time.perf_counter() - start
+    # Made empty and closed here: the tasks open them by path where they run and write their rows, and
+    # whoever reads them after (split_prepared) opens them after the tasks closed them. On a network
+    # file system a file shows another machine's writes only to an opening after the writer closed it
+    # (close-to-open consistency).
+    with working_files(folder, n, w) as files:
+        scratch, filters, spectra = (StoredArray.of(file) for file in files)
+    scale, small_consensus, whitening, prep_times = prepare_images(
+        particles, stacks, scratch, filters, options, small_consensus, track, engine, compute
+    )
+    timings.update(prep_times)
+    if _plain(particles, options) and options.refine_iterations:
+        start = time.perf_counter()
+        batches = row_batches(n, options.batch_size)
+        white = whitening.filter if whitening.applied else None
+        image_spectra(scratch, filters, batches, spectra, white, engine, compute)
+        timings["refine"] = time.perf_counter() - start
     # The 3D mask focuses every later step; by default it is drawn around the consensus map.
     mask_volume = resample_volume(mask, w) if mask is not None else consensus_mask(
         small_consensus, apix * box / w, threshold=options.mask_threshold, extend=options.mask_extend

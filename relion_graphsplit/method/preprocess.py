@@ -11,17 +11,18 @@ in which the first component is a matched filter. docs/benchmarks.md has the mea
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from relion_graphsplit.engine import CPU, Compute
-from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray, ordered_sum, tasks_of
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
 from relion_graphsplit.fourier.projection import PreparedVolume, prepare_volume, project_rfft, rfft_weights, shift_images
-from relion_graphsplit.fourier.reconstruct import reconstruct_stream
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator
 from relion_graphsplit.method.options import MIN_WORKING_BOX, CtfCorrection, SplitOptions
 from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.relion import star as star_io
@@ -340,11 +341,12 @@ NOISE_SAMPLE = 2048
 def prepare_images(
     particles: star_io.Particles,
     stacks: ImageStacks,
-    scratch: ScratchArray,
-    filters: ScratchArray,
+    scratch: StoredArray,
+    filters: StoredArray,
     options: SplitOptions,
     consensus: torch.Tensor | None,
     track: Track = no_progress,
+    engine: Engine = LOCAL,
     compute: Compute = CPU,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Whitening, dict[str, float]]:
     """Fill `scratch` (n, w, w) with centred, downsampled, CTF-corrected images; read each image once.
@@ -363,9 +365,13 @@ def prepare_images(
     options.whiten). Images and projections are whitened, the CTF not: the corrected images hold the
     whitened residual times the CTF (or its sign).
 
-    Every step computes on `compute`'s device, a batch of options.batch_size images at a time (it
-    holds their transforms at the particles' box, complex128, and the consensus reconstruction's or
-    projection's temporaries); what is stored comes back to the CPU.
+    Both passes are tasks of fixed groups of batches (`engine.tasks_of`) that read the stacks and
+    write their own rows of the files where they run; the consensus's partial sums are added in task
+    order, so the result is the same, bit for bit, in this process and on any number of workers. The
+    noise sample is read here. Every step computes on `compute`'s device, a batch of
+    options.batch_size images at a time (it holds their transforms at the particles' box, complex128,
+    and the consensus reconstruction's or projection's temporaries); what is stored comes back to the
+    CPU.
 
     Parameters
     ----------
@@ -374,11 +380,11 @@ def prepare_images(
         origins (x, y) in pixels, CTF parameters (defocus in A, positive for underfocus), box N
         (pixels), pixel size (A), and whether the images are CTF-premultiplied.
     stacks : ImageStacks
-        Their open image stacks.
-    scratch : ScratchArray
+        Their image stacks, on a file system the engine's workers see.
+    scratch : StoredArray
         (n, w, w) float32, filled with the images [y, x], centred at w // 2 (`correct` sets their mean,
         the DC coefficient, to 0).
-    filters : ScratchArray
+    filters : StoredArray
         (n, w, w // 2 + 1) float32, filled with each image's data filter on the unshifted rfft grid, at
         the working pixel size N pixel_size / w (not whitened).
     options : SplitOptions
@@ -386,7 +392,9 @@ def prepare_images(
     consensus : torch.Tensor or None
         (w, w, w) [z, y, x] the consensus map at the working size, or None.
     track : Track
-        Progress callback, called as track(iterable, description=..., total=...).
+        Progress callback, called as track(iterable, description=..., total=...), here once per task.
+    engine : Engine
+        Where the passes' tasks run (`engine.LocalEngine`, `engine.DaskEngine`).
     compute : Compute
         The device the steps compute on (`engine.Compute`).
 
@@ -412,8 +420,7 @@ def prepare_images(
     """
     timings: dict[str, float] = {}
     n, w = scratch.shape[0], scratch.shape[-1]
-    rotations, origins, params = particles.rotations, particles.origins, particles.ctf
-    work_apix = particles.pixel_size * particles.box / w
+    rotations = particles.rotations
     squared = particles.premultiplied
     need_consensus = consensus is None and not squared
     if consensus is None and squared and options.ctf_correction.subtracts:
@@ -421,45 +428,117 @@ def prepare_images(
 
     start = time.perf_counter()
     batches = row_batches(n, options.batch_size)
-    device = compute.device
-
-    def pass_one() -> Iterator[tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]]:
-        for index, images in track(stacks.read_ahead(batches), description="Reading and centring images", total=len(batches)):
-            centred = centre_downsampled(torch.fft.rfft2(images.to(device, torch.float64)), origins[index], w)
-            small = torch.fft.irfft2(centred, s=(w, w)).to(torch.float32)
-            scratch[index] = small.cpu().numpy()
-            ctf = ctf_2d(params[torch.as_tensor(index)].to(device), w, work_apix)
-            filters[index] = (ctf * ctf if squared else ctf).cpu().numpy()
-            if need_consensus:
-                yield small, rotations[index], None, ctf
-
+    groups = tasks_of(batches)
+    tasks = [
+        (
+            group,
+            [particles.origins[index] for index in group],
+            [particles.ctf[torch.as_tensor(index)] for index in group],
+            [rotations[index] for index in group],
+        )
+        for group in groups
+    ]
+    work_apix = particles.pixel_size * particles.box / w
+    common = (stacks, scratch, filters, work_apix, squared, need_consensus, compute)
+    read = track(engine.map(_read_task, tasks, common), description="Reading and centring images", total=len(groups))
     with compute.kernels():
         if need_consensus:
-            consensus = reconstruct_stream(pass_one(), box=w, sym=options.symmetry, device=device).cpu()
+            # the consensus's reconstruction, its sums added task by task
+            accumulator = FourierAccumulator(w, device=compute.device)
+            accumulator.sums = torch.from_numpy(ordered_sum(read)).to(compute.device)
+            consensus = accumulator.finalise(sym=options.symmetry).cpu()
         else:
-            for _ in pass_one():
+            for _ in read:  # the tasks write their rows; nothing comes back
                 pass
-        timings["read"] = time.perf_counter() - start
+    timings["read"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        prepared = prepare_volume(consensus.to(device, torch.float64)) if options.ctf_correction.subtracts else None
-        whitening = Whitening.none(w)
-        if prepared is not None and options.whiten:
-            sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
-            whitening = whitening_filter(_residual(scratch, filters, prepared, rotations, index) for index in sample)
-        scale = torch.ones(n, dtype=torch.float64)
-        white = whitening.filter.to(device)
-        for index in track(batches, description="Correcting for the CTF", total=len(batches)):
+    start = time.perf_counter()
+    prepared = prepare_volume(consensus.to(torch.float64)) if options.ctf_correction.subtracts else None
+    whitening = Whitening.none(w)
+    if prepared is not None and options.whiten:
+        sample = batches[:: max(1, len(batches) * options.batch_size // NOISE_SAMPLE)]
+        # Opened after the tasks above closed their files: on a network file system a file shows
+        # another machine's writes only to an opening after the writer closed it (close-to-open).
+        with scratch.open() as images, filters.open() as ctfs, compute.kernels():
+            here = prepared.to(compute.device)
+            whitening = whitening_filter(_residual(images, ctfs, here, rotations, index) for index in sample)
+    tasks = [(group, [rotations[index] for index in group]) for group in groups]
+    common = (scratch, filters, prepared, whitening.filter, options.ctf_correction, compute)
+    scale = torch.ones(n, dtype=torch.float64)
+    corrected = engine.map(_correct_task, tasks, common)
+    for group, scales in zip(groups, track(corrected, description="Correcting for the CTF", total=len(groups))):
+        scale[np.concatenate(group)] = torch.from_numpy(scales)
+    timings["ctf"] = time.perf_counter() - start
+    return scale, consensus, whitening, timings
+
+
+def _read_task(
+    stacks: ImageStacks,
+    scratch: StoredArray,
+    filters: StoredArray,
+    work_apix: float,
+    squared: bool,
+    need_consensus: bool,
+    compute: Compute,
+    batches: list[np.ndarray],
+    origins: list[torch.Tensor],
+    params: list[CTFParams],
+    rotations: list[torch.Tensor],
+) -> np.ndarray | None:
+    """One task of pass 1 of `prepare_images`: its batches (rows (B,), origins (B, 2) in pixels of the
+    particles' box, CTF parameters (B,) and RELION matrices (B, 3, 3) per batch) read from the stacks,
+    centred and downsampled into `scratch`, their data filters (CTF, or CTF^2 when `squared`) at
+    `work_apix` (A) into `filters`; with `need_consensus`, the consensus reconstruction's sums of its
+    images, (3, 2c + 1, 2c + 1, c + 1) float32 (`FourierAccumulator.sums` at the working box), else
+    None. Computes on `compute`'s device."""
+    device = compute.device
+    # A copy of its own: the tasks on one worker's threads share their arguments, and an open file's
+    # position is not to be shared.
+    with copy.copy(stacks) as own, scratch.open() as images, filters.open() as ctfs, compute.kernels():
+        w = images.shape[-1]
+        accumulator = FourierAccumulator(w, device=device) if need_consensus else None
+        for (index, read), origin, param, rotation in zip(own.read_ahead(batches), origins, params, rotations):
+            centred = centre_downsampled(torch.fft.rfft2(read.to(device, torch.float64)), origin, w)
+            small = torch.fft.irfft2(centred, s=(w, w)).to(torch.float32)
+            images[index] = small.cpu().numpy()
+            ctf = ctf_2d(param.to(device), w, work_apix)
+            ctfs[index] = (ctf * ctf if squared else ctf).cpu().numpy()
+            if accumulator is not None:
+                accumulator.insert(small, rotation, ctf=ctf)
+        return accumulator.sums.cpu().numpy() if accumulator is not None else None
+
+
+def _correct_task(
+    scratch: StoredArray,
+    filters: StoredArray,
+    prepared: PreparedVolume | None,
+    white: torch.Tensor,
+    mode: CtfCorrection,
+    compute: Compute,
+    batches: list[np.ndarray],
+    rotations: list[torch.Tensor],
+) -> np.ndarray:
+    """One task of pass 2 of `prepare_images`: the images of its batches (rows (B,) and RELION matrices
+    (B, 3, 3) per batch) in `scratch` corrected for the CTF (`correct` in `mode`, against the prepared
+    consensus, or None when not subtracting) and written back, images and projections multiplied by
+    the whitening filter `white` (w, w // 2 + 1); the images' scales, (B,) float64 for all its batches
+    together. Computes on `compute`'s device."""
+    device = compute.device
+    with scratch.open() as images, filters.open() as ctfs, compute.kernels():
+        volume = prepared.to(device) if prepared is not None else None  # once per task
+        white = white.to(device)
+        w = images.shape[-1]
+        scales = []
+        for index, rotation in zip(batches, rotations):
             # Images and projections whitened, the CTF not: the corrected images hold the whitened
             # residual times the CTF (or its sign), whose noise is as white as without whitening.
-            f = white * torch.fft.rfft2(torch.from_numpy(np.asarray(scratch[index])).to(device, torch.float64))
-            projections = white * project_rfft(prepared, rotations[index]) if prepared is not None else None
-            data_filter = torch.from_numpy(np.asarray(filters[index])).to(device, torch.float64)
-            corrected, batch_scale = correct(f, data_filter, options.ctf_correction, projections)
-            scale[index] = batch_scale.cpu()
-            scratch[index] = torch.fft.irfft2(corrected, s=(w, w)).cpu().numpy().astype(np.float32)
-        timings["ctf"] = time.perf_counter() - start
-    return scale, consensus, whitening, timings
+            f = white * torch.fft.rfft2(torch.from_numpy(np.asarray(images[index])).to(device, torch.float64))
+            projections = white * project_rfft(volume, rotation) if volume is not None else None
+            data_filter = torch.from_numpy(np.asarray(ctfs[index])).to(device, torch.float64)
+            corrected, scale = correct(f, data_filter, mode, projections)
+            scales.append(scale.cpu().numpy())
+            images[index] = torch.fft.irfft2(corrected, s=(w, w)).cpu().numpy().astype(np.float32)
+    return np.concatenate(scales)
 
 
 def _residual(

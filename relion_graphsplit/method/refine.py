@@ -54,46 +54,65 @@ def _half_plane_weights(n: int) -> torch.Tensor:
 
 
 def image_spectra(
-    scratch: ScratchArray,
-    filters: ScratchArray,
+    scratch: StoredArray,
+    filters: StoredArray,
     batches: list[np.ndarray],
-    spectra: ScratchArray,
+    spectra: StoredArray,
     whitening: torch.Tensor | None = None,
+    engine: Engine = LOCAL,
     compute: Compute = CPU,
 ) -> None:
     """Write the centred transform (`centred_rfft2`) of every scratch image into `spectra`
     (n, N, N // 2 + 1, 2: real and imaginary parts): every round reads them instead of transforming
     the images anew. With `whitening` (N, N // 2 + 1), the transforms and, in place, the CTF `filters`
     are multiplied by it: CTF (W r) and CTF' = W CTF, so that the white-noise likelihood weighs each
-    frequency by the inverse noise power.
+    frequency by the inverse noise power. Each task (`engine.tasks_of` the batches) writes its own rows
+    where it runs.
 
     Parameters
     ----------
-    scratch : ScratchArray
+    scratch : StoredArray
         (n, N, N) float32 the preprocessed images at the working box N, centred at N // 2: residuals
         to the consensus projection (of the whitened images, where they were whitened) times the CTF
         (preprocess.correct, subtract-multiply).
-    filters : ScratchArray
+    filters : StoredArray
         (n, N, N // 2 + 1) float32 each image's CTF on the unshifted rfft grid; overwritten with
         `whitening` times it when `whitening` is given.
     batches : list of np.ndarray
         Particle rows, one array per batch; every row to be used must be in one.
-    spectra : ScratchArray
+    spectra : StoredArray
         (n, N, N // 2 + 1, 2) float32, written: real and imaginary parts of the transforms (complex64).
     whitening : torch.Tensor or None
         (N, N // 2 + 1) the whitening filter on the unshifted rfft grid (preprocess.Whitening.filter),
         or None.
+    engine : Engine
+        Where the tasks run.
     compute : Compute
         The device the transforms are computed on, a batch at a time.
     """
+    tasks = [(group,) for group in tasks_of(batches)]
+    for _ in engine.map(_spectra_task, tasks, (scratch, filters, spectra, whitening, compute)):
+        pass  # the tasks write their rows; nothing comes back
+
+
+def _spectra_task(
+    scratch: StoredArray,
+    filters: StoredArray,
+    spectra: StoredArray,
+    whitening: torch.Tensor | None,
+    compute: Compute,
+    batches: list[np.ndarray],
+) -> None:
+    """One task of `image_spectra`: the rows of its batches (rows (B,) per batch), on `compute`'s device."""
     device = compute.device
     white = None if whitening is None else whitening.to(device)
-    for index in batches:
-        f = centred_rfft2(torch.from_numpy(np.asarray(scratch[index])).to(device, torch.float64))
-        if white is not None:
-            f = white * f
-            filters[index] = (white * torch.from_numpy(np.asarray(filters[index])).to(device)).cpu().numpy()
-        spectra[index] = torch.view_as_real(f.to(torch.complex64)).cpu().numpy()
+    with scratch.open() as images, filters.open() as ctfs, spectra.open() as transforms, compute.kernels():
+        for index in batches:
+            f = centred_rfft2(torch.from_numpy(np.asarray(images[index])).to(device, torch.float64))
+            if white is not None:
+                f = white * f
+                ctfs[index] = (white * torch.from_numpy(np.asarray(ctfs[index])).to(device)).cpu().numpy()
+            transforms[index] = torch.view_as_real(f.to(torch.complex64)).cpu().numpy()
 
 
 def _complex(spectra: ScratchArray, index: np.ndarray) -> np.ndarray:

@@ -47,6 +47,9 @@ class ImageStacks:
     many as the open-file limit allows), so sets with one stack per micrograph work on any system. Use
     as a context manager or call close(). len() is the number of particle rows.
 
+    It pickles, and copies (copy.copy), without its open files: a copy, in a task on a Dask worker
+    say, opens the stacks for itself by absolute path, and closes them with its own close().
+
     Parameters
     ----------
     ps : ParticleSet
@@ -216,6 +219,15 @@ class ImageStacks:
             file = open(self._paths[stack], "rb", buffering=0)
         self._open[stack] = file
         return file
+
+    def __getstate__(self) -> dict:
+        """The state a copy or an unpickled instance gets: no open files (a file's position is no one
+        else's to move), and the stacks by absolute path (a worker elsewhere finds them on the shared
+        file system; its current directory is not this one)."""
+        state = dict(self.__dict__)
+        state["_paths"] = [path.absolute() for path in self._paths]
+        state["_open"] = OrderedDict()
+        return state
 
     def close(self) -> None:
         """Close every open stack."""

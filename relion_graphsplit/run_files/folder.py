@@ -26,8 +26,8 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -201,8 +201,11 @@ class RunFolder:
             record.unlink(missing_ok=True)  # the dead run's scratch folder is gone
             (self.staging / WORK_NAME).mkdir()
             return self.staging / WORK_NAME
-        folder = Path(tempfile.mkdtemp(prefix="graphsplit_", dir=scratch_dir)).resolve()
+        # Recorded before it is made: a run killed in between leaves a record of nothing, never a
+        # folder that no record names.
+        folder = (Path(scratch_dir) / f"graphsplit_{os.getpid()}_{secrets.token_hex(4)}").resolve()
         _durable_write(record, str(folder))
+        folder.mkdir()
         return folder
 
     def commit(self) -> list[str]:
