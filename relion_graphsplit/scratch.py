@@ -1,15 +1,18 @@
-"""Arrays of equal-sized rows in files, read and written with explicit file I/O.
+"""Arrays of equal-sized rows in files, read through a mapping held for one read, written with
+explicit file I/O.
 
 The split passes over all particles several times, so it keeps the preprocessed images and their
-CTF filters in a temporary file. A memory map of such a file is the obvious choice, but every page it
-touches counts towards the process's resident memory, which then grows with the number of particles.
-Explicit reads and writes leave the file's pages in the kernel's cache, outside the process: the
-process holds one batch at a time. The same reading serves the particle stacks (relion/stacks.py).
+CTF filters in a temporary file. A memory map of the whole file, kept open, is the obvious choice, but
+every page it touches counts towards the process's resident memory, which then grows with the number
+of particles. Here each read maps the span of its rows and copies them out, and each write is a file
+write: the file's pages stay in the kernel's cache, outside the process, which holds one batch at a
+time. The same reading serves the particle stacks (relion/stacks.py).
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from pathlib import Path
 
@@ -47,13 +50,17 @@ def read_rows(
     file: io.RawIOBase, offset: int, rows: np.ndarray, row_shape: tuple[int, ...], dtype: np.dtype
 ) -> np.ndarray:
     """Rows `rows` (any order, repeats allowed) of an array of `row_shape` rows in `dtype` stored from
-    byte `offset` of `file`, in the order asked; each row read once, one read per run of consecutive rows
-    (or one read of their whole span, where they fill at least half of it).
+    byte `offset` of `file`, in the order asked.
+
+    The span of the rows is mapped for the length of the call and the rows copied out of it at once:
+    scattered rows (a class's members, a cone's) cost a page fault each rather than a system call and
+    a Python loop step each, and the mapping is gone, its pages no longer counted as the process's,
+    when the call returns.
 
     Parameters
     ----------
     file : io.RawIOBase
-        An open binary file (unbuffered reads with readinto).
+        An open binary file.
     offset : int
         Byte position of row 0 in the file.
     rows : np.ndarray
@@ -74,23 +81,19 @@ def read_rows(
         If the file ends before a row asked for.
     """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    distinct, inverse = np.unique(rows, return_inverse=True)
-    span = int(distinct[-1] - distinct[0]) + 1 if len(distinct) else 0
-    if len(distinct) < span <= 2 * len(distinct):
-        # Rows that fill at least half their span (a class's rows in a batch, say): one read of the
-        # whole span costs less than a read per run.
-        span = read_rows(file, offset, np.arange(distinct[0], distinct[-1] + 1), row_shape, dtype)
-        return span[rows - distinct[0]]
-    out = np.empty((len(distinct), *row_shape), dtype=dtype)
-    for position, buffer in _runs(offset, distinct, out):
-        file.seek(position)
-        done = 0
-        while done < len(buffer):
-            got = file.readinto(buffer[done:])
-            if not got:
-                raise EOFError(f"{file.name}: ends before byte {position + len(buffer)}")
-            done += got
-    return out if np.array_equal(distinct, rows) else out[inverse]
+    if not len(rows):
+        return np.empty((0, *row_shape), dtype=dtype)
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    first, last = int(rows.min()), int(rows.max())
+    start, end = offset + first * row_bytes, offset + (last + 1) * row_bytes
+    if os.fstat(file.fileno()).st_size < end:
+        raise EOFError(f"{file.name}: ends before byte {end}")
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(file.fileno(), end - base, access=mmap.ACCESS_READ, offset=base)
+    try:
+        return np.ndarray((last - first + 1, *row_shape), dtype, buffer=mapped, offset=start - base)[rows - first]
+    finally:
+        mapped.close()
 
 
 def write_rows(file: io.RawIOBase, offset: int, rows: np.ndarray, values: np.ndarray) -> None:

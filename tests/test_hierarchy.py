@@ -96,6 +96,22 @@ def test_one_state_is_one_class():
     assert [t.node for t in found.tests] == ["1"] and not found.tests[0].kept
 
 
+def test_a_failed_first_direction_skips_the_second_half_split():
+    """Both held-out gains must pass, so where half 1's split shows one mode in half 2 the test fails
+    without learning half 2's split: one split learnt, the second gain and the FSC not measured."""
+    rng = np.random.default_rng(0)
+    splitter = PlaneSplitter(rng.standard_normal((4000, 2)), SplitOptions(), _basis())
+    learnt = []
+    split = splitter.split
+    splitter.split = lambda rows, rounds=None, graph=None: learnt.append(len(rows)) or split(rows, rounds, graph)
+    halves = rng.integers(1, 3, 4000)
+    found = find_classes(splitter, None, halves)
+    (test,) = found.tests
+    assert learnt == [int((halves == 1).sum())]
+    assert not test.kept and test.gain[0] <= test.threshold and np.isnan(test.gain[1]) and test.fsc is None
+    assert test.reason == "one mode in held-out half 2" and test.as_dict()["gain"] == [test.gain[0], None]
+
+
 def test_three_separated_states_are_three_classes():
     found, truth = _classes([(0.0, 0.0), (6.0, 0.0), (0.0, 6.0)], [2000, 1500, 1500])
     assert found.n_classes == 3

@@ -113,7 +113,7 @@ def test_local_search_reaches_a_local_optimum():
     assert np.array_equal(both[:, 1], local_search(W, -start))
 
 
-@pytest.mark.parametrize("method", ["auto", "sdp", "bm", "spectral"])
+@pytest.mark.parametrize("method", ["sdp", "bm", "spectral"])
 def test_disconnected_graph_is_solved_per_component(method):
     Wa, sa = planted(50, 0.05, seed=6)
     Wb, sb = planted(40, 0.05, seed=7)
@@ -137,15 +137,13 @@ def test_disconnected_graph_is_solved_per_component(method):
     assert result.objective == pytest.approx(sum(c.objective for c in result.components))
     assert result.objective == pytest.approx(sign_objective(W, s))
     assert result.upper_bound == pytest.approx(sum(c.upper_bound for c in result.components))
-    assert result.method == ("sdp" if method == "auto" else method)
+    assert result.method == method
 
 
-def test_auto_switches_to_burer_monteiro_above_sdp_max_nodes():
-    Wa, _ = planted(30, 0.0, seed=8)
-    Wb, _ = planted(60, 0.0, seed=9)
-    result = synchronise(sp.block_diag([Wa, Wb]), sdp_max_nodes=40)
-    assert [c.method for c in result.components] == ["sdp", "bm"]
-    assert result.method == "bm+sdp"
+def test_burer_monteiro_is_the_default():
+    W, s = planted(60, 0.05, seed=9)
+    result = synchronise(W)
+    assert result.method == "bm" and same_up_to_sign(result.signs, s)
 
 
 @pytest.mark.parametrize("method", ["sdp", "bm", "spectral"])

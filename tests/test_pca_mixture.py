@@ -37,9 +37,10 @@ def test_first_component_finds_planted_direction_with_padding():
 
 
 def test_first_component_is_top_eigenvector_of_each_cones_covariance():
-    # Padding rows anywhere (not only at the end), both the Gram (P <= D) and covariance (P > D) paths.
+    # Padding rows anywhere (not only at the end), both the Gram (P <= D) and covariance (P > D) paths,
+    # the last with Gram matrices large enough for Lanczos (pca.LANCZOS_MIN) on pure noise (small gaps).
     g = torch.Generator().manual_seed(5)
-    for p, d in ((60, 80), (90, 40)):
+    for p, d in ((60, 80), (90, 40), (150, 200)):
         data = torch.randn(3, p, d, generator=g, dtype=torch.float64)
         valid = torch.rand(3, p, generator=g) < 0.7
         comp = first_component(data, valid)

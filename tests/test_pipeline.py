@@ -269,3 +269,10 @@ def test_peak_memory_is_the_programs_own():
     assert held.sum() > 0
     assert inherited > 1400  # what the summary reported before
     assert 50 < own < 1000  # the child's libraries (torch, pandas, ...), not the parent's array
+
+
+def test_working_batches_hold_the_pixels_of_full_size_batches():
+    options = SplitOptions(batch_size=256)
+    assert options.working_batch(128, 32) == 256 * 16
+    assert options.working_batch(100, 64) == 256 * 2  # whole multiples of the full-size batch
+    assert options.working_batch(64, 64) == 256

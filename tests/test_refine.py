@@ -4,6 +4,7 @@ import torch
 
 from relion_graphsplit.engine import StoredArray
 from relion_graphsplit.fourier.projection import project
+from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.refine import (
     _half_plane_weights,
     class_log_likelihoods,
@@ -14,6 +15,7 @@ from relion_graphsplit.method.refine import (
     projection_scores,
     residual_sums,
 )
+from relion_graphsplit.method.two_classes import TOTALS_KEPT, Splitter
 from relion_graphsplit.scratch import ScratchArray
 from relion_graphsplit.simulate.particles import uniform_rotations
 
@@ -170,3 +172,24 @@ def test_log_odds_of_each_class():
     np.testing.assert_allclose(log_odds(np.log(p)), np.log(p / (1 - p)))
     p = np.array([[0.2, 0.5, 0.3]])
     np.testing.assert_allclose(log_odds(np.log(p)), np.log(p / (1 - p)))
+
+
+def test_the_splitters_residual_sums_are_kept_per_set_of_rows(tmp_path):
+    """`Splitter.residual_totals` gives `residual_sums` of the rows bit for bit, the same object when
+    asked again for the same rows, and makes them anew once TOTALS_KEPT other sets came after."""
+    rng = np.random.default_rng(3)
+    n, box = 30, 12
+    images = rng.standard_normal((n, box, box)).astype(np.float32)
+    filters = rng.uniform(0.2, 1.0, (n, box, box // 2 + 1)).astype(np.float32)
+    rotations = torch.from_numpy(uniform_rotations(n, rng))
+    spectra, filters = _spectra(tmp_path, images, filters, [np.arange(n)])
+    splitter = Splitter(None, filters, spectra, rotations, None, None, None, None, 1.0, SplitOptions(batch_size=4), False)
+    rows = np.array([0, 2, 3, 5, 7, 11])
+    kept = splitter.residual_totals(rows)
+    fresh = residual_sums(spectra, rotations, filters, [rows[:4], rows[4:]])
+    assert all(torch.equal(a.sums, b.sums) for a, b in zip(kept, fresh))
+    assert splitter.residual_totals(rows.copy()) is kept
+    for k in range(TOTALS_KEPT):
+        splitter.residual_totals(np.arange(k, n, 2 + k))
+    again = splitter.residual_totals(rows)
+    assert again is not kept and all(torch.equal(a.sums, b.sums) for a, b in zip(again, fresh))

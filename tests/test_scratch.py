@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relion_graphsplit.scratch import ScratchArray, consecutive_runs
+from relion_graphsplit.scratch import ScratchArray, consecutive_runs, read_rows
 
 
 def test_consecutive_runs():
@@ -29,11 +29,24 @@ def test_scattered_writes_and_reads_match_numpy(tmp_path):
             expected[rows] = values
         scratch[np.arange(10, 20)] = np.ones((10, *shape[1:]))  # a contiguous run, cast to float32
         expected[10:20] = 1
-        dense = np.array([31, 30, 33, 30, 36, 34])  # rows filling more than half their span: one read
+        dense = np.array([31, 30, 33, 30, 36, 34])  # repeats, out of order, within a short span
         for rows in (np.arange(shape[0]), rng.permutation(shape[0]), np.array([7, 3, 3, 49, 0, 7]), dense, np.array([], int)):
             got = scratch[rows]
             assert got.dtype == np.float32 and got.shape == (len(rows), *shape[1:])
             np.testing.assert_array_equal(got, expected[rows])
+
+
+def test_rows_read_at_an_offset_and_past_the_end(tmp_path):
+    path = tmp_path / "stack.bin"
+    values = np.arange(5 * 3, dtype=">f4").reshape(5, 3)
+    path.write_bytes(b"h" * 10 + values.tobytes())
+    with open(path, "rb", buffering=0) as file:
+        got = read_rows(file, 10, np.array([4, 0, 4]), (3,), np.dtype(">f4"))
+        assert got.dtype == np.dtype(">f4")
+        np.testing.assert_array_equal(got, values[[4, 0, 4]])
+        assert read_rows(file, 10, np.array([], int), (3,), np.dtype(">f4")).shape == (0, 3)
+        with pytest.raises(EOFError):
+            read_rows(file, 11, np.array([4]), (3,), np.dtype(">f4"))
 
 
 def test_repeated_rows_keep_the_last_value_as_numpy(tmp_path):

@@ -321,7 +321,7 @@ def _write_outputs(
         "K_requested": options.n_classes or "auto",
         "max_K": options.max_classes,
         "verdict": result.verdict,
-        "split_tests": [vars(test) for test in result.split_tests],
+        "split_tests": [test.as_dict() for test in result.split_tests],
         "classes": [
             {"class": k, "node": node, "particles": int((result.classes == k).sum())}
             for k, node in enumerate(result.class_nodes, start=1)
@@ -362,7 +362,7 @@ def _print_summary(result, n: int, total: float) -> None:
     table.add_row("noise", noise_description(result.noise_contrast, result.whitened))
     table.add_row("classes", result.verdict)
     for test in result.split_tests:
-        gain = ", ".join(f"{g:.3f}" for g in test.gain)
+        gain = ", ".join(f"{g:.3f}" if np.isfinite(g) else "not measured" for g in test.gain)
         verdict = "kept" if test.kept else "not kept"
         table.add_row(f"split of {test.node}", f"{verdict}: {test.reason} (gain {gain}; threshold {test.threshold:.3f})")
     for k in range(1, result.n_classes + 1):

@@ -62,13 +62,14 @@ class SplitTest:
         Particles in its half-sets 1 and 2.
     gain : tuple of float
         Held-out gain of several modes over one (nats per particle): half 1's split scored on half 2, and
-        the reverse (`bimodality_gain`); nan where not measured.
+        the reverse (`bimodality_gain`); nan where not measured (the second where the first failed).
     threshold : float
         The gain both directions had to exceed: the larger of GAIN_THRESHOLD and MIN_TOTAL_GAIN over
         the smaller half's size.
     fsc : float or None
         Mean FSC of the two halves' masked class-difference maps over FSC_BAND (or the lowest shells
-        where the box has none in it): how far the halves agree on what differs.
+        where the box has none in it): how far the halves agree on what differs; None where half 2's
+        split was not learnt.
     kept : bool
         Whether the split was kept.
     reason : str
@@ -84,6 +85,12 @@ class SplitTest:
     fsc: float | None
     kept: bool
     reason: str
+
+    def as_dict(self) -> dict:
+        """The fields as run_summary.json holds them: a gain not measured as None (JSON has no nan)."""
+        fields = dict(vars(self))
+        fields["gain"] = [float(g) if np.isfinite(g) else None for g in self.gain]
+        return fields
 
 
 def _gaussian_nll(z: np.ndarray, v: np.ndarray, mean: float, spread: float) -> float:

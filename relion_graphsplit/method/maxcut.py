@@ -2,9 +2,9 @@
 
 Nodes are cones; w_ij > 0 says that cones i and j split their shared particles the same way,
 w_ij < 0 that their two classes are swapped. The Goemans-Williamson relaxation replaces the signs
-by unit vectors v_i and maximises sum_ij w_ij v_i.v_j. It is solved either as a semidefinite program
-(cvxpy with Clarabel, on the dual form) or by Burer-Monteiro block coordinate ascent on a low-rank
-V, then rounded by random hyperplanes and polished by greedy single flips.
+by unit vectors v_i and maximises sum_ij w_ij v_i.v_j. It is solved by Burer-Monteiro block
+coordinate ascent on a low-rank V (the default) or as a semidefinite program (cvxpy with Clarabel,
+on the dual form), then rounded by random hyperplanes and polished by greedy single flips.
 
 Every method also returns a certified upper bound: for any y,
 s^T W s = sum(y) - s^T (Diag(y) - W) s, so sum(y) bounds every s^T W s once Diag(y) - W is PSD.
@@ -17,6 +17,7 @@ equals the objective, the signs are optimal.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "sdp", "bm", "spectral")
+METHODS = ("bm", "sdp", "spectral")
 DENSE_EIG_MAX = 100
 """Components up to this size get dense (LAPACK) eigenvalues, larger ones Lanczos (ARPACK): at 1000
 nodes LAPACK took 2-13 s on 2 busy cores where ARPACK took 0.02-0.2 s for the same value."""
@@ -118,20 +119,20 @@ def local_search(W: sp.spmatrix | np.ndarray, signs: np.ndarray) -> np.ndarray:
 
 def synchronise(
     W: sp.spmatrix | np.ndarray,
-    method: str = "auto",
+    method: str = "bm",
     seed: int = 0,
     n_rounds: int = 200,
-    sdp_max_nodes: int = 80,
     bm_rank: int = 10,
 ) -> SyncResult:
     """Signs s maximising s^T W s for a symmetric weight matrix W (n, n), dense or scipy.sparse.
 
-    Each connected component of the graph |W| > 0 is solved on its own with `method`: 'sdp'
-    (Goemans-Williamson SDP), 'bm' (Burer-Monteiro at rank `bm_rank`), 'spectral' (leading
-    eigenvector) or 'auto' (SDP for components of at most `sdp_max_nodes` nodes, Burer-Monteiro
-    above). On 2 cores the SDP took about 2 s on sparse planted graphs of 200 nodes and 10 s on a
-    real cone graph of 150 nodes and 1024 edges, and 3 CPU minutes and 6.6 GB at 1000 nodes, where
-    Burer-Monteiro takes under a second and reached the same optimum. A relaxation is rounded by
+    Each connected component of the graph |W| > 0 is solved on its own with `method`: 'bm'
+    (Burer-Monteiro at rank max(`bm_rank`, ceil(sqrt(2 m))) for m nodes, above which the relaxation
+    has no spurious local optimum, generically), 'sdp' (the Goemans-Williamson SDP) or 'spectral'
+    (leading eigenvector). On 22 cone graphs of 41 nodes from the benchmark's three- and four-state
+    sets Burer-Monteiro gave the SDP's signs in 0.005-0.13 s where the SDP took 0.16-0.74 s; on 2
+    cores the SDP took 10 s on a cone graph of 150 nodes and 3 CPU minutes and 6.6 GB at 1000 nodes,
+    where Burer-Monteiro takes under a second and reached the same optimum. A relaxation is rounded by
     `n_rounds` random hyperplanes; each rounding and the all-+1 labelling are polished by
     `local_search`, and the first of the best (within a relative 1e-9) is kept, so near-ties do not
     hang on floating-point noise. An SDP that fails falls back to Burer-Monteiro (logged, and named
@@ -145,15 +146,13 @@ def synchronise(
         (n, n) symmetric, finite weights (symmetric to 1e-10 of the largest |w_ij|; symmetrised here).
         For the split: the cone graph's w_ij (`graph.cone_weights`).
     method : str
-        'auto', 'sdp', 'bm' or 'spectral'.
+        'bm', 'sdp' or 'spectral'.
     seed : int
         Seed of the roundings and of the Burer-Monteiro start.
     n_rounds : int
         Random hyperplanes per relaxation.
-    sdp_max_nodes : int
-        Largest component 'auto' solves by SDP.
     bm_rank : int
-        Rank of the Burer-Monteiro factor (at most the component's size).
+        Least rank of the Burer-Monteiro factor (at most the component's size).
 
     Returns
     -------
@@ -180,11 +179,9 @@ def synchronise(
             components.append(Component(nodes, "trivial", 0.0, 0.0))
             continue
         Wc = W[nodes][:, nodes].tocsr()
-        chosen = method
-        if method == "auto":
-            chosen = "sdp" if nodes.size <= sdp_max_nodes else "bm"
         rng = np.random.default_rng([seed, int(nodes[0])])
-        s, bound, chosen = _solve_component(Wc, chosen, rng, n_rounds, bm_rank)
+        rank = max(bm_rank, math.ceil(math.sqrt(2 * nodes.size)))
+        s, bound, chosen = _solve_component(Wc, method, rng, n_rounds, rank)
         s = s if s[0] > 0 else -s
         signs[nodes] = s
         components.append(Component(nodes, chosen, sign_objective(Wc, s), bound))
@@ -287,7 +284,7 @@ def _sdp(W: sp.csr_matrix) -> tuple[np.ndarray | None, np.ndarray | None]:
     bits with the pool's size: one graph gave three different solutions with 1, 2 and 4 threads. The
     pool reads RAYON_NUM_THREADS when it first starts, so it is set to 1 here, before the first solve,
     unless the environment says otherwise: every machine then finds the same max-cut. The SDPs are
-    small (components above 80 cones go to Burer-Monteiro) and took as long on one thread.
+    small (cone graphs of tens to hundreds of nodes) and took as long on one thread.
     """
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     import cvxpy as cp

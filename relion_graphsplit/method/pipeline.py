@@ -24,7 +24,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -369,7 +369,7 @@ def prepare(
     timings.update(prep_times)
     if _plain(particles, options) and options.refine_iterations:
         start = time.perf_counter()
-        batches = row_batches(n, options.batch_size)
+        batches = row_batches(n, options.working_batch(box, w))
         white = whitening.filter if whitening.applied else None
         image_spectra(scratch, filters, batches, spectra, white, engine, compute)
         timings["refine"] = time.perf_counter() - start
@@ -432,10 +432,13 @@ def split_prepared(
     work_apix = particles.pixel_size * particles.box / w
     cone_set, whitening = prepared.cone_set, prepared.whitening
     with working_files(folder, n, w, existing=True) as (scratch, filters, spectra):
+        # Every pass of the split is over the working-size images: batches of as many pixels as
+        # options.batch_size full-size images.
+        working = replace(options, batch_size=options.working_batch(particles.box, w))
         splitter = Splitter(
             scratch, filters, spectra if _plain(particles, options) else None, particles.rotations,
             prepared.scale, symmetry_matrices(options.symmetry), prepared.mask, prepared.consensus, work_apix,
-            options, redraw_mask=prepared.redraw_mask, track=track, timings=timings, engine=engine,
+            working, redraw_mask=prepared.redraw_mask, track=track, timings=timings, engine=engine,
             compute=compute,
         )  # fmt: skip
 

@@ -621,6 +621,7 @@ def refine_classes(
     track: Callable[..., Iterable] = lambda iterable, **_: iterable,
     engine: Engine = LOCAL,
     compute: Compute = CPU,
+    totals: list[FourierAccumulator] | None = None,
 ) -> Refined:
     """Rounds of fixed-pose classification of particles `rows` against K class maps, from given classes.
 
@@ -662,6 +663,8 @@ def refine_classes(
         Where the passes over the particles run (the same result wherever).
     compute : Compute
         The device they compute on (the same classes, to rounding); the mask is drawn on the CPU.
+    totals : list of FourierAccumulator or None
+        `residual_sums` of `rows` in batches of options.batch_size, where already made; None: made here.
 
     Returns
     -------
@@ -675,7 +678,8 @@ def refine_classes(
     with np.errstate(divide="ignore"):
         log_posterior = np.log(probability[rows])
     changed: list[int] = []
-    totals = residual_sums(spectra, rotations, filters, batches, engine, compute)
+    if totals is None:
+        totals = residual_sums(spectra, rotations, filters, batches, engine, compute)
 
     def rounds():  # until fewer than refine_tolerance of the particles change class
         for _ in range(options.refine_iterations):

@@ -9,7 +9,7 @@ each particle's mean synchronised ratio, and the fixed-pose refinement against t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine
+from relion_graphsplit.fourier.reconstruct import FourierAccumulator
 from relion_graphsplit.method.alignment import cone_reference
 from relion_graphsplit.method.classify import classify_cones
 from relion_graphsplit.method.cones import (
@@ -39,6 +40,9 @@ from relion_graphsplit.method.refine import (
     residual_sums,
 )
 from relion_graphsplit.scratch import ScratchArray, row_batches
+
+TOTALS_KEPT = 4
+"""Sets of rows whose residual sums a Splitter keeps (`Splitter.residual_totals`): two grids each."""
 
 
 @dataclass
@@ -222,6 +226,7 @@ class Splitter:
     timings: dict[str, float] | None = None
     engine: Engine = LOCAL
     compute: Compute = CPU
+    _totals: dict[bytes, list[FourierAccumulator]] = field(default_factory=dict, repr=False)
 
     def _time(self, step: str, start: float) -> None:
         if self.timings is not None:
@@ -273,16 +278,28 @@ class Splitter:
         refined = refine_classes(
             self.spectra, self.filters, rows, self.rotations, self.scale, classes, self.mask, self.consensus,
             self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track, engine=self.engine,
-            compute=self.compute,
+            compute=self.compute, totals=self.residual_totals(rows),
         )  # fmt: skip
         self._time("refine", start)
         return refined
+
+    def residual_totals(self, rows: np.ndarray) -> list[FourierAccumulator]:
+        """`refine.residual_sums` of `rows` (two FourierAccumulator), kept for the last TOTALS_KEPT
+        sets of rows: a split's refinement and its difference map, and each refinement of all classes
+        and the closest pair's maps, sum the same rows. The same sums as made anew, bit for bit."""
+        key = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+        if key not in self._totals:
+            batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
+            if len(self._totals) >= TOTALS_KEPT:
+                del self._totals[next(iter(self._totals))]
+            self._totals[key] = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine, self.compute)
+        return self._totals[key]
 
     def class_maps(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> list[torch.Tensor]:
         """The K classes' difference maps to the consensus (`refine.difference_maps`, (w, w, w) each)
         for `rows` with class probabilities (m, K), FSC-weighted within `mask`."""
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
-        totals = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine, self.compute)
+        totals = self.residual_totals(rows)
         everyone = np.zeros((self.spectra.shape[0], probability.shape[1]))
         everyone[rows] = probability
         sums = class_sums(

@@ -270,8 +270,9 @@ def _tree_section(run: Run) -> str:
     return (
         f'<h2>Split tree</h2><div class="figure" id="tree-figure">{tree}</div>'
         f'<p class="caption">{given}Each split is tested on independent half sets: the split found on half 1 is '
-        "scored on half 2 and the reverse. The gain is the held-out bimodality gain (nats per particle); a split is "
-        "kept only where both gains exceed the threshold (✓) and the two halves agree. FSC: agreement of the two "
+        "scored on half 2 and, where it shows several modes there, the reverse. The gain is the held-out "
+        "bimodality gain (nats per particle); a split is kept only where both gains exceed the threshold (✓) "
+        "and the two halves agree. FSC: agreement of the two "
         "halves' class-difference maps (mean FSC over the low-resolution band). The children of node X are X.1 and "
         "X.2; each leaf of the kept tree is a class.</p>"
     )

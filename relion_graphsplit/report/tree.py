@@ -103,10 +103,15 @@ def side_labels(run: Run) -> dict[int, str]:
     return labels
 
 
+def _gain(value) -> float:
+    """A held-out gain as written (None or nan where not measured) as a float, nan if not measured."""
+    return float("nan") if value is None else float(value)
+
+
 def _gain_passes(test: dict) -> list[bool]:
-    """Whether each half's held-out gain exceeds the split's threshold (a gain that is not finite fails)."""
+    """Whether each half's held-out gain exceeds the split's threshold (one not measured fails)."""
     threshold = float(test["threshold"])
-    return [math.isfinite(float(g)) and float(g) > threshold for g in test["gain"]]
+    return [math.isfinite(_gain(g)) and _gain(g) > threshold for g in test["gain"]]
 
 
 def evidence_text(test: dict) -> str:
@@ -121,11 +126,14 @@ def evidence_text(test: dict) -> str:
     -------
     str
         For example "6000 particles (3000 + 3000); gain 0.031 ✓ / 0.027 ✓ nats per particle (threshold
-        0.010); FSC 0.62": gains and threshold to 3 decimals, ✓ above the threshold, ✗ not; "FSC n/a"
-        where it was not measured.
+        0.010); FSC 0.62": gains and threshold to 3 decimals, ✓ above the threshold, ✗ not, "not
+        measured" for a gain the test did not need; "FSC n/a" where it was not measured.
     """
     h1, h2 = (int(h) for h in test["halves"])
-    gains = " / ".join(f"{fixed(float(g), 3)} {'✓' if ok else '✗'}" for g, ok in zip(test["gain"], _gain_passes(test)))
+    gains = " / ".join(
+        f"{fixed(_gain(g), 3)} {'✓' if ok else '✗'}" if math.isfinite(_gain(g)) else "not measured"
+        for g, ok in zip(test["gain"], _gain_passes(test))
+    )
     fsc = "n/a" if test.get("fsc") is None else fixed(float(test["fsc"]))
     return (f"{int(test['particles'])} particles ({h1} + {h2}); gain {gains} nats per particle "
             f"(threshold {fixed(float(test['threshold']), 3)}); FSC {fsc}")
