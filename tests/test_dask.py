@@ -1,6 +1,6 @@
 """The passes over the particles on a Dask cluster (engine.py, --dask_scheduler): results in submission
 order, partial sums reduced in task order, and the same working files and classes, bit for bit, as in
-one process."""
+one process; the class maps the same whoever runs their tasks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from relion_graphsplit.cli.graphsplit import run_command
-from relion_graphsplit.engine import LOCAL, TASK_BATCHES, DaskEngine, connect, ordered_sum, tasks_of
+from relion_graphsplit.engine import LOCAL, TASK_BATCHES, DaskEngine, LocalEngine, connect, ordered_sum, tasks_of
+from relion_graphsplit.method import classmaps
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.method.pipeline import prepare
 from relion_graphsplit.method.refine import class_log_likelihoods, class_sums, residual_sums
@@ -143,6 +144,35 @@ def test_the_preparation_writes_the_same_working_files_on_workers(simulated_set,
     assert not torch.all(local.scale == 1.0)
 
 
+class _InProcess:
+    """Runs the Dask path's tasks one after the other in this process (an engine that is not LOCAL)."""
+
+    map = LocalEngine.map
+
+
+def test_class_maps_on_workers_are_the_same_whoever_runs_the_tasks(simulated_set, dask_engine, monkeypatch):
+    """reconstruct_classes of 600 particles in tasks of at least 100 images: two workers give the maps
+    of the same tasks run in this process bit for bit, and those of the one-process insertion to the
+    rounding of float32 sums."""
+    folder = simulated_set(600, 0.3, [0.6, 0.4], seed=5, pose_error_deg=1.0, max_shift_A=6.0)
+    ps = star_io.read_particles(folder / "particles.star")
+    particles = star_io.particles(ps)
+    classes = np.arange(len(particles)) % 2 + 1
+    monkeypatch.setattr(classmaps, "TASK_IMAGES", 100)
+    maps = {}
+    for name, engine in [("local", LOCAL), ("in process", _InProcess()), ("dask", dask_engine)]:
+        with ImageStacks(ps) as stacks:
+            maps[name] = classmaps.reconstruct_classes(particles, stacks, classes, batch_size=32, engine=engine)
+    assert torch.equal(maps["dask"].maps, maps["in process"].maps)
+    assert torch.equal(maps["dask"].half_maps, maps["in process"].half_maps)
+    local, dask = maps["local"], maps["dask"]
+    scale = float(local.maps.abs().max())
+    assert scale > 0 and not torch.equal(dask.maps, local.maps)  # summed task by task
+    assert float((dask.maps - local.maps).abs().max()) < 1e-5 * scale
+    assert float((dask.half_maps - local.half_maps).abs().max()) < 1e-5 * scale
+    assert np.array_equal(dask.subsets, local.subsets) and np.array_equal(dask.counts, local.counts)
+
+
 def test_an_unreachable_scheduler_is_one_line():
     with pytest.raises(ValueError, match=r"^cannot reach the Dask scheduler tcp://127\.0\.0\.1:9: "), connect(
         "tcp://127.0.0.1:9", timeout=1.0
@@ -218,6 +248,6 @@ def test_two_dask_workers_give_the_one_process_classes(small_set, scheduler_file
             lambda dask_scheduler: {name: p.state_counts["memory"] for name, p in dask_scheduler.task_prefixes.items()}
         )
     # Every kind of task ran on the workers (a prefix is the function's name without its leading _):
-    # the preparation's, the classification's and the refinement's.
+    # the preparation's, the classification's, the refinement's and the class maps'.
     ran = {name for name, count in done.items() if count}
-    assert {"read_task", "correct_task", "spectra_task", "classify_batch", "halves_task", "terms_task"} <= ran, done
+    assert {"read_task", "correct_task", "spectra_task", "classify_batch", "halves_task", "terms_task", "maps_task"} <= ran, done

@@ -240,7 +240,9 @@ def _classify(
         track = _progress_tracker(progress, job)
         result = folder.stages.run("classes", lambda: _split(inputs, stacks, options, folder, work, track, engine, compute))
         start = time.perf_counter()
-        class_maps = folder.stages.run("class_maps", lambda: _class_maps(inputs, stacks, result, options, track, compute))
+        class_maps = folder.stages.run(
+            "class_maps", lambda: _class_maps(inputs, stacks, result, options, track, engine, compute)
+        )
         result.timings["class maps"] = time.perf_counter() - start
     result.warnings[:0] = inputs.warnings
     if class_maps is None:
@@ -264,14 +266,16 @@ def _split(
 
 
 def _class_maps(
-    inputs: _Inputs, stacks: ImageStacks, result: SplitResult, options: SplitOptions, track: Track, compute: Compute
+    inputs: _Inputs, stacks: ImageStacks, result: SplitResult, options: SplitOptions, track: Track, engine: Engine,
+    compute: Compute,
 ) -> ClassMaps | None:
-    """The class and half maps at the particles' box; None where a class holds fewer than 2 particles."""
+    """The class and half maps at the particles' box, inserted on `engine`; None where a class holds
+    fewer than 2 particles."""
     if np.bincount(result.classes, minlength=result.n_classes + 1)[1:].min() < 2:
         return None
     return reconstruct_classes(
         inputs.particles, stacks, result.classes, sym=options.symmetry, seed=options.seed,
-        batch_size=options.batch_size, compute=compute, track=track,
+        batch_size=options.batch_size, compute=compute, track=track, engine=engine,
     )  # fmt: skip
 
 

@@ -3,11 +3,14 @@
 Every particle is read once and inserted into the accumulator of its class and half set
 (rlnRandomSubset); the full map of a class comes from the sum of its two half accumulators, so it is
 exactly the reconstruction from all of the class's particles. The FSC between the half maps is the
-gold-standard FSC (unmasked, as in RELION's model.star) and gives the resolution at 0.143.
+gold-standard FSC (unmasked, as in RELION's model.star) and gives the resolution at 0.143. On a Dask
+cluster, fixed groups of images (TASK_IMAGES) are inserted on the workers, each into grids of its
+own, and their grids added in order.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relion_graphsplit.engine import CPU, Compute
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, ordered_sum
 from relion_graphsplit.fourier.compiled import compiled, run_in_runs
-from relion_graphsplit.fourier.ctf import ctf_2d
+from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
 from relion_graphsplit.fourier.fsc import fsc, resolution_at
 from relion_graphsplit.fourier.reconstruct import FourierAccumulator
 from relion_graphsplit.method.progress import Track, no_progress
@@ -29,6 +32,11 @@ GRID_MEMORY = 2 * 2**30
 """Bytes of padded Fourier grids (`FourierAccumulator`, two per class) the class maps hold at a time:
 0.1 GB per grid at box 128, so ten classes at once; 0.76 GiB at box 256 and 2.6 GiB at box 384, so
 one class at a time, which nothing smaller can hold."""
+
+TASK_IMAGES = 16384
+"""Fewest images per task of the class maps on Dask workers (whole batches; the last task may hold
+fewer): a task sends back the padded grids of its pass's classes (0.4 GB for two classes at box 128),
+so its tasks are larger than the other passes' to keep what is sent well below what is read."""
 
 
 @dataclass
@@ -95,6 +103,7 @@ def reconstruct_classes(
     batch_size: int = 256,
     compute: Compute = CPU,
     track: Track = no_progress,
+    engine: Engine = LOCAL,
 ) -> ClassMaps:
     """Half maps, full maps and gold-standard FSC of each class (1..K) of a split, reading every image once.
 
@@ -130,6 +139,11 @@ def reconstruct_classes(
         back to the CPU.
     track : Track
         Progress callback, called as track(iterable, description=..., total=...).
+    engine : Engine
+        Where the insertions run: in this process (LOCAL), every image into the pass's accumulators; on
+        a Dask cluster, groups of at least TASK_IMAGES images (the same whatever the workers), each into
+        grids of its own on a worker, added in their order here (the maps then differ from this
+        process's in the last bits of their sums, and this process holds twice the pass's grids).
 
     Returns
     -------
@@ -177,16 +191,22 @@ def reconstruct_classes(
         which_classes = f"class {group[0] + 1}" if len(group) == 1 else f"classes {group[0] + 1}-{group[-1] + 1}"
         description = "Reconstructing class maps" + (f" ({which_classes})" if len(passes) > 1 else "")
         with compute.kernels():
-            for index, images in track(stacks.read_ahead(batches), description=description, total=len(batches)):
-                batch = torch.from_numpy(index)
-                ctf = ctf_2d(params[batch].to(compute.device), box, apix)
-                which = accumulator[index]
-                for a in np.unique(which):
-                    take = torch.from_numpy(np.flatnonzero(which == a))
-                    accumulators[a].insert(
-                        images[take], rotations[batch[take]], ctf=ctf[take.to(ctf.device)],
-                        origins=origins[batch[take]], ctf_premultiplied=premultiplied,
-                    )  # fmt: skip
+            if engine is LOCAL:
+                for index, images in track(stacks.read_ahead(batches), description=description, total=len(batches)):
+                    batch = torch.from_numpy(index)
+                    _insert(accumulators, images, accumulator[index], params[batch], rotations[batch], origins[batch],
+                            apix, premultiplied)  # fmt: skip
+            else:
+                slots = sorted(accumulators)
+                tasks = [
+                    (group, [accumulator[index] for index in group], *(
+                        [values[torch.from_numpy(index)] for index in group] for values in (params, rotations, origins)
+                    ))
+                    for group in _task_groups(batches)
+                ]  # fmt: skip
+                parts = engine.map(_maps_task, tasks, (stacks, slots, apix, premultiplied, compute))
+                for a, grid in zip(slots, ordered_sum(track(parts, description=description, total=len(tasks)))):
+                    accumulators[a].sums = torch.from_numpy(grid).to(compute.device)
             for k in track(group, description="Inverting class maps (classes)", total=len(group)):
                 first, second = accumulators.pop(2 * k), accumulators.pop(2 * k + 1)
                 half_maps = first.finalise(sym=sym), second.finalise(sym=sym)
@@ -207,6 +227,66 @@ def reconstruct_classes(
         subsets=subsets,
         pixel_size=apix,
     )
+
+
+def _insert(
+    accumulators: dict[int, FourierAccumulator],
+    images: torch.Tensor,
+    slots: np.ndarray,
+    params: CTFParams,
+    rotations: torch.Tensor,
+    origins: torch.Tensor,
+    apix: float,
+    premultiplied: bool,
+) -> None:
+    """A batch of B images (B, N, N) inserted into the accumulators of their (class, half) slots (B,),
+    with their CTFs (at pixel size `apix`, A), RELION matrices (B, 3, 3) and origins (B, 2, pixels)."""
+    device = accumulators[int(slots[0])].device
+    ctf = ctf_2d(params.to(device), images.shape[-1], apix)
+    for a in np.unique(slots):
+        take = torch.from_numpy(np.flatnonzero(slots == a))
+        accumulators[a].insert(
+            images[take], rotations[take], ctf=ctf[take.to(device)], origins=origins[take],
+            ctf_premultiplied=premultiplied,
+        )  # fmt: skip
+
+
+def _task_groups(batches: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Consecutive batches grouped until each group holds at least TASK_IMAGES images."""
+    groups: list[list[np.ndarray]] = []
+    size = TASK_IMAGES
+    for batch in batches:
+        if size >= TASK_IMAGES:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch)
+        size += len(batch)
+    return groups
+
+
+def _maps_task(
+    stacks: ImageStacks,
+    slots: list[int],
+    apix: float,
+    premultiplied: bool,
+    compute: Compute,
+    batches: list[np.ndarray],
+    which: list[np.ndarray],
+    params: list[CTFParams],
+    rotations: list[torch.Tensor],
+    origins: list[torch.Tensor],
+) -> np.ndarray:
+    """One task of the class maps on a Dask worker: its batches (rows (B,), (class, half) slots (B,),
+    CTF parameters, RELION matrices (B, 3, 3) and origins (B, 2) per batch) read from the stacks and
+    inserted, on `compute`'s device, into grids of its own, one per slot of the pass; returns them
+    stacked in the order of `slots`, (S, 3, 2c + 1, 2c + 1, c + 1) float32."""
+    # A copy of its own: the tasks on one worker's threads share their arguments, and an open file's
+    # position is not to be shared.
+    with copy.copy(stacks) as own, compute.kernels():
+        accumulators = {a: FourierAccumulator(own.box, device=compute.device) for a in slots}
+        for (_, images), slot, param, rotation, origin in zip(own.read_ahead(batches), which, params, rotations, origins):
+            _insert(accumulators, images, slot, param, rotation, origin, apix, premultiplied)
+        return np.stack([accumulators[a].sums.cpu().numpy() for a in slots])
 
 
 def _completeness(acc: FourierAccumulator) -> torch.Tensor:
