@@ -211,10 +211,10 @@ def connect(scheduler: str | None, timeout: float = 30.0) -> Iterator[Engine]:
         yield DaskEngine(client)
 
 
-def tasks_of(batches: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Consecutive batches grouped TASK_BATCHES at a time: the tasks of a pass over the particles,
+def tasks_of(batches: list[np.ndarray], per_task: int = TASK_BATCHES) -> list[list[np.ndarray]]:
+    """Consecutive batches grouped `per_task` at a time: the tasks of a pass over the particles,
     the same whoever runs them."""
-    return [batches[start : start + TASK_BATCHES] for start in range(0, len(batches), TASK_BATCHES)]
+    return [batches[start : start + per_task] for start in range(0, len(batches), per_task)]
 
 
 def ordered_sum(parts: Iterable[np.ndarray]) -> np.ndarray:

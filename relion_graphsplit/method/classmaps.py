@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, ordered_sum
+from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, tasks_of
 from relion_graphsplit.fourier.compiled import compiled, run_in_runs
 from relion_graphsplit.fourier.ctf import CTFParams, ctf_2d
 from relion_graphsplit.fourier.fsc import fsc, resolution_at
@@ -199,14 +199,17 @@ def reconstruct_classes(
             else:
                 slots = sorted(accumulators)
                 tasks = [
-                    (group, [accumulator[index] for index in group], *(
-                        [values[torch.from_numpy(index)] for index in group] for values in (params, rotations, origins)
+                    (task, [accumulator[index] for index in task], *(
+                        [values[torch.from_numpy(index)] for index in task] for values in (params, rotations, origins)
                     ))
-                    for group in _task_groups(batches)
+                    for task in tasks_of(batches, per_task=-(-TASK_IMAGES // size))
                 ]  # fmt: skip
                 parts = engine.map(_maps_task, tasks, (stacks, slots, apix, premultiplied, compute))
-                for a, grid in zip(slots, ordered_sum(track(parts, description=description, total=len(tasks)))):
-                    accumulators[a].sums = torch.from_numpy(grid).to(compute.device)
+                # Added into the zero grids in task order, one task's grids at a time (a received
+                # part may be read-only: np.require copies it then).
+                for part in track(parts, description=description, total=len(tasks)):
+                    for a, grid in zip(slots, part):
+                        accumulators[a].sums += torch.from_numpy(np.require(grid, requirements="W")).to(compute.device)
             for k in track(group, description="Inverting class maps (classes)", total=len(group)):
                 first, second = accumulators.pop(2 * k), accumulators.pop(2 * k + 1)
                 half_maps = first.finalise(sym=sym), second.finalise(sym=sym)
@@ -249,19 +252,6 @@ def _insert(
             images[take], rotations[take], ctf=ctf[take.to(device)], origins=origins[take],
             ctf_premultiplied=premultiplied,
         )  # fmt: skip
-
-
-def _task_groups(batches: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Consecutive batches grouped until each group holds at least TASK_IMAGES images."""
-    groups: list[list[np.ndarray]] = []
-    size = TASK_IMAGES
-    for batch in batches:
-        if size >= TASK_IMAGES:
-            groups.append([])
-            size = 0
-        groups[-1].append(batch)
-        size += len(batch)
-    return groups
 
 
 def _maps_task(
