@@ -3,18 +3,18 @@ and on which device they compute (`Compute`: the CPU, or a GPU with --gpu).
 
 The steps that pass over the particles (the image preparation's reading, centring and CTF
 correction, the transforms for the refinement, the refinement's Fourier sums and likelihoods, the
-per-cone classification, the class maps) are cut into tasks that do not depend on who runs them: fixed groups of
-particle batches (`tasks_of`), or of cones. Both engines run the same tasks and hand their results
-back in the order they were submitted, and partial sums are added in that order (`ordered_sum`), so
-the result is the same, bit for bit, in one process and on any number of workers. A task opens the
-particle stacks and the working files itself, by path (`relion.stacks.ImageStacks` pickles without
-its open files; `StoredArray`), and the preparation's tasks write their rows of the working files
-there: nothing image-sized passes through the scheduler, and the files must be on a file system the
-workers see. Whoever reads what a task wrote opens the file after the task closed it (close-to-open:
-on a network file system, the only way to see another machine's writes). The full-size class maps'
-insertions are tasks too (`method.classmaps`), fewer and larger, as each sends back its padded grids;
-their sums differ from one process's in the last bits (added per task), not from one worker count's
-to another's.
+per-cone classification, the class maps) are cut into tasks that do not depend on who runs them:
+fixed groups of particle batches (`tasks_of`), or of cones. Both engines run the same tasks and hand
+their results back in the order they were submitted, and partial sums are added in that order
+(`ordered_sum`), so the result is the same, bit for bit, in one process and on any number of
+workers. A task opens the particle stacks and the working files itself, by path
+(`relion.stacks.ImageStacks` pickles without its open files; `StoredArray`), and the preparation's
+tasks write their rows of the working files there: nothing image-sized passes through the scheduler,
+and the files must be on a file system the workers see. Whoever reads what a task wrote opens the
+file after the task closed it (close-to-open: on a network file system, the only way to see another
+machine's writes). The full-size class maps' insertions are tasks too (`method.classmaps`), fewer
+and larger, as each sends back its padded grids; their sums differ from one process's in the last
+bits (added per task), not from one worker count's to another's.
 
 Dask's `distributed` is an optional extra (relion-graphsplit[dask]), imported only when a scheduler is
 named.

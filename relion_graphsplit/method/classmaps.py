@@ -265,18 +265,19 @@ def _maps_task(
     params: list[CTFParams],
     rotations: list[torch.Tensor],
     origins: list[torch.Tensor],
-) -> np.ndarray:
+) -> list[np.ndarray]:
     """One task of the class maps on a Dask worker: its batches (rows (B,), (class, half) slots (B,),
     CTF parameters, RELION matrices (B, 3, 3) and origins (B, 2) per batch) read from the stacks and
-    inserted, on `compute`'s device, into grids of its own, one per slot of the pass; returns them
-    stacked in the order of `slots`, (S, 3, 2c + 1, 2c + 1, c + 1) float32."""
+    inserted, on `compute`'s device, into grids of its own, one per slot of the pass; returns them in
+    the order of `slots`, each (3, 2c + 1, 2c + 1, c + 1) float32 (on the CPU the accumulators' own
+    sums, not a copy: a task's grids are the largest thing a worker holds)."""
     # A copy of its own: the tasks on one worker's threads share their arguments, and an open file's
     # position is not to be shared.
     with copy.copy(stacks) as own, compute.kernels():
         accumulators = {a: FourierAccumulator(own.box, device=compute.device) for a in slots}
         for (_, images), slot, param, rotation, origin in zip(own.read_ahead(batches), which, params, rotations, origins):
             _insert(accumulators, images, slot, param, rotation, origin, apix, premultiplied)
-        return np.stack([accumulators[a].sums.cpu().numpy() for a in slots])
+        return [accumulators[a].sums.cpu().numpy() for a in slots]
 
 
 def _completeness(acc: FourierAccumulator) -> torch.Tensor:
