@@ -61,15 +61,17 @@ def test_each_image_is_read_once(simulated):
 
 def test_classes_taken_one_at_a_time_read_each_image_once_and_give_the_same_maps(simulated, class_maps, monkeypatch):
     """Where the padded grids of all classes do not fit in GRID_MEMORY (large boxes), each pass holds
-    one class's: every image is still read once, and the maps are the one pass's, bit for bit."""
+    one class's: every image is still read once, and the maps are the one pass's to rounding (each
+    accumulator gets its images in other chunks, and a chunk's points are added in grid-row order)."""
     monkeypatch.setattr(classmaps, "GRID_MEMORY", 2 * FourierAccumulator.grid_bytes(32))
     with CountingStacks(simulated["ps"]) as stacks:
         passes = reconstruct_classes(star_io.particles(simulated["ps"]), stacks, simulated["classes"], seed=1)
     assert sorted(stacks.rows) == list(range(len(simulated["classes"])))
     first = np.flatnonzero(simulated["classes"] == 1)
     assert stacks.rows[: len(first)] == list(first)  # class 1's pass came first
-    assert torch.equal(passes.maps, class_maps.maps) and torch.equal(passes.half_maps, class_maps.half_maps)
-    assert torch.equal(passes.fsc, class_maps.fsc)
+    for ours, theirs in ((passes.maps, class_maps.maps), (passes.half_maps, class_maps.half_maps)):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-5 * float(theirs.abs().max()))
+    assert torch.allclose(passes.fsc, class_maps.fsc, rtol=0, atol=1e-4)
 
 
 def test_both_stages_report_progress(simulated):

@@ -190,8 +190,8 @@ def test_batches_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
     origins = torch.rand(300, 2, generator=gen, dtype=torch.float64) * 2 - 1
     images = apply_ctf(blob_images(blobs, A, BOX, origins), ctf)
     whole = reconstruct(images, A, origins, ctf, BOX)  # one insertion
-    assert reconstruct_module._INSERT_PIXELS // (BOX * BOX // 2) > 300
-    monkeypatch.setattr(reconstruct_module, "_INSERT_PIXELS", 32 * BOX * BOX // 2)  # about 40 images at a time
+    assert reconstruct_module._SORTED_POINTS // (BOX * BOX // 2) > 300
+    monkeypatch.setattr(reconstruct_module, "_SORTED_POINTS", 32 * BOX * BOX // 2)  # about 40 images at a time
     accumulator = FourierAccumulator(BOX)
     for i in range(0, 300, 70):
         accumulator.insert(images[i : i + 70], A[i : i + 70], ctf=ctf[i : i + 70], origins=origins[i : i + 70])
@@ -202,7 +202,7 @@ def test_batches_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
 def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
     """The data and weight channels are scattered in parallel threads; each must sum as alone, over
     several scatters in a row."""
-    monkeypatch.setattr(reconstruct_module, "_INSERT_PIXELS", 64 * BOX * BOX // 2)  # 82 images a scatter: 3 for 200
+    monkeypatch.setattr(reconstruct_module, "_SORTED_POINTS", 64 * BOX * BOX // 2)  # 82 images a sort: 3 for 200
     gen = torch.Generator().manual_seed(11)
     A = random_poses(gen, 200)
     ctf = random_ctf(gen, 200, BOX)

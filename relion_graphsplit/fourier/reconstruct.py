@@ -13,9 +13,14 @@ transform of the trilinear kernel). That division is RELION 4/5's default and `-
 RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps differ in the last shells).
 
 On the CPU the insertion is a compiled loop (numba) over images, pixels and their 8 neighbours, which
-also picks the inserted pixels and applies the CTF and any per-image weight, split among threads by z
-plane, so that every voxel gets its additions in the same order whatever the thread count; the threads
-run on while the caller prepares the next batch, and reading `sums` waits for them.
+also picks the inserted pixels and applies the CTF and any per-image weight. A padded grid is far larger
+than the caches (0.1 GB at box 128, 0.8 GB at box 256), and a pixel's 8 neighbours lie apart in it, so
+the loop waits on memory: the inserted points of a chunk of images are first sorted (a stable counting
+sort) by the grid row (z, y) they fall in, and then added row after row, so that the rows a chunk
+writes are brought into the caches once rather than once per point. The loop is split among threads by
+blocks of z planes; every voxel gets its additions in the same order (sorted row, image, pixel)
+whatever the thread count. The threads run on while the caller prepares the next chunk, and reading
+`sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
@@ -48,6 +53,15 @@ _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 # scatter took a third less time than with 64 images at a time (docs/notes/speed-history.md, "Class maps at large boxes"). The
 # sums are added in the same order whatever the chunk.
 _INSERT_PIXELS = 1 << 18
+
+# Points (image pixels) sorted and inserted at a time on the CPU: enough that a chunk's points write
+# each grid row several times (at box 128 the insertion took half the time of the unsorted loop with 160
+# images a chunk, and about as long with 40; docs/notes/speed-history.md, "Sorted insertion"), with
+# 8 bytes of sort per point.
+_SORTED_POINTS = 1 << 20
+
+# z planes per block of the threads' share of the grids (thread t writes the blocks t, t + T, ...).
+_PLANE_BLOCK = 8
 
 
 def centred_rfft2(images: torch.Tensor) -> torch.Tensor:
@@ -175,9 +189,10 @@ class FourierAccumulator:
 
     @property
     def images_per_insert(self) -> int:
-        """Images inserted at a time (`_INSERT_PIXELS` pixels): a batch size that keeps the
-        temporaries of `insert` small."""
-        return max(1, _INSERT_PIXELS // len(self._pixels))
+        """Images inserted at a time: `_SORTED_POINTS` pixels on the CPU (the compiled loop's sorted
+        chunk), `_INSERT_PIXELS` elsewhere (the scatter's temporaries)."""
+        pixels = _SORTED_POINTS if runs_compiled(self.device) else _INSERT_PIXELS
+        return max(1, pixels // len(self._pixels))
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -284,18 +299,18 @@ class FourierAccumulator:
         rotations: torch.Tensor,
         ctf_premultiplied: bool,
     ) -> None:
-        """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, which picks
-        the inserted pixels and applies the CTF and the weights itself, split among
-        torch.get_num_threads() threads by z plane (each plane's sums in the same order whatever the
-        split); the threads run on while the caller prepares its next batch."""
+        """Insert the transforms f (B, N, N // 2 + 1) with the compiled kernels: `_row_order` sorts the
+        points by grid row on the calling thread, then `_splat_kernel` adds them, split among
+        torch.get_num_threads() threads by blocks of z planes (each voxel's additions in the same
+        order whatever the split); the threads run on while the caller prepares its next chunk."""
         b = f.shape[0]
         f = f.to(torch.complex64).reshape(b, -1).contiguous().numpy()
         c = np.zeros((0, 0), np.float32) if ctf is None else ctf.to(torch.float32).reshape(b, -1).contiguous().numpy()
         w = np.ones(b, np.float32) if weights is None else weights.to(torch.float32).contiguous().numpy()
-        args = (
-            f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), self._kx.numpy(), self._ky.numpy(),
-            rotations.to(torch.float32).contiguous().numpy(), self.pad, self.c,
-        )  # fmt: skip
+        a = rotations.to(torch.float32).contiguous().numpy()
+        kx, ky = self._kx.numpy(), self._ky.numpy()
+        order, starts = _row_order(w, kx, ky, a, self.pad, self.c)
+        args = (f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, order, starts)
         flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         workers = torch.get_num_threads()
         if workers < 2:
@@ -382,28 +397,84 @@ class FourierAccumulator:
 
 
 @compiled
-def _splat_kernel(
-    flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
-    pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int, parts: int, part: int,
-) -> None:
-    """Trilinear insertion of the pixels `pixels` (P,) of flattened transforms f (B, M), of frequencies
-    (kx, ky) (P,), from images with RELION matrices `rotations` (B, 3, 3) into `flat`
-    (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where `premultiplied`, or without a CTF) and weight
-    CTF^2 w (w), for the CTF `ctf` (B, M) and the image weights w (B,); images of weight 0 are left
-    out, and the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
-    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on z planes
-    with index % parts == part are written, so that threads can share the grids; each voxel gets its
-    additions in image, pixel order whatever the split."""
-    sy = c + 1
-    sz = (2 * c + 1) * sy
-    for b in range(f.shape[0]):
-        scale = weights[b]
-        if scale == 0:
+def _row_order(
+    weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inserted points of B images sorted by the grid row they fall in: a stable counting sort.
+
+    Point i = b P + p is pixel p (frequency (kx[p], ky[p]), P pixels) of image b, at pad * A^T (kx, ky, 0)
+    for the RELION matrix A = rotations[b] (B, 3, 3), negated where x < 0 (its conjugate's place); its
+    row is (floor(z) + c) (2c + 1) + floor(y) + c in a grid (2c + 1, 2c + 1, c + 1). Images of weight 0
+    (`weights`, (B,)) are left out.
+
+    Returns
+    -------
+    order : np.ndarray
+        (points,) int64 the points, by row and then in (image, pixel) order.
+    starts : np.ndarray
+        ((2c + 1)^2 + 1,) int64 where each row's points begin in `order`; the last entry is their count.
+    """
+    d = 2 * c + 1
+    n_pixels = kx.shape[0]
+    rows = np.full(weights.shape[0] * n_pixels, -1, np.int32)
+    for b in range(weights.shape[0]):
+        if weights[b] == 0:
             continue
         a0, a1 = rotations[b, 0], rotations[b, 1]
-        for p in range(pixels.shape[0]):
+        for p in range(n_pixels):
+            x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
+            y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
+            z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
+            if x < 0:
+                y, z = -y, -z
+            rows[b * n_pixels + p] = (int(math.floor(z)) + c) * d + int(math.floor(y)) + c
+    starts = np.zeros(d * d + 1, np.int64)
+    for i in range(rows.shape[0]):
+        if rows[i] >= 0:
+            starts[rows[i] + 1] += 1
+    for r in range(d * d):
+        starts[r + 1] += starts[r]
+    next_free = starts[:-1].copy()
+    order = np.empty(starts[-1], np.int64)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r >= 0:
+            order[next_free[r]] = i
+            next_free[r] += 1
+    return order, starts
+
+
+@compiled
+def _splat_kernel(
+    flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
+    pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int,
+    order: np.ndarray, starts: np.ndarray, parts: int, part: int,
+) -> None:
+    """Trilinear insertion, row by row (`_row_order`'s `order` and `starts`), of the pixels `pixels`
+    (P,) of flattened transforms f (B, M), of frequencies (kx, ky) (P,), from images with RELION
+    matrices `rotations` (B, 3, 3) into `flat` (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where
+    `premultiplied`, or without a CTF) and weight CTF^2 w (w), for the CTF `ctf` (B, M) and the image
+    weights w (B,); the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
+    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on z planes in
+    the blocks of _PLANE_BLOCK planes numbered part, part + parts, ... are written, so that threads can
+    share the grids; each voxel gets its additions in `order` whatever the split."""
+    d = 2 * c + 1
+    sy = c + 1
+    sz = d * sy
+    n_pixels = pixels.shape[0]
+    for row in range(starts.shape[0] - 1):
+        iz = row // d
+        first = (iz // _PLANE_BLOCK) % parts == part
+        second = ((iz + 1) // _PLANE_BLOCK) % parts == part
+        if not (first or second) or starts[row] == starts[row + 1]:
+            continue
+        z0, y0 = iz - c, row % d - c
+        for j in range(starts[row], starts[row + 1]):
+            b = order[j] // n_pixels
+            p = order[j] - b * n_pixels
             q = pixels[p]
             v = f[b, q]
+            scale = weights[b]
             vr, vi, vw = v.real, v.imag, np.float32(1.0)
             if with_ctf:
                 vw = ctf[b, q] * ctf[b, q]
@@ -412,17 +483,17 @@ def _splat_kernel(
             vr, vi, vw = vr * scale, vi * scale, vw * scale
             if kx[p] == 0 and ky[p] == 0:
                 vr = vi = np.float32(0.0)
+            a0, a1 = rotations[b, 0], rotations[b, 1]
             x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
             y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
             z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
             if x < 0:
                 x, y, z, vi = -x, -y, -z, -vi
-            x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
+            x0 = math.floor(x)
             fx, fy, fz = x - x0, y - y0, z - z0
-            iz = int(z0) + c
-            base = iz * sz + (int(y0) + c) * sy + int(x0)
+            base = row * sy + int(x0)
             for dz in range(2):
-                if (iz + dz) % parts != part:
+                if not (second if dz else first):
                     continue
                 wz = fz if dz else 1 - fz
                 for dy in range(2):

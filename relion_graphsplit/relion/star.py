@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.fourier.ctf import CTFParams
 from relion_graphsplit.fourier.geometry import euler_to_matrix
 from relion_graphsplit.relion.stack_files import parse_image_name, resolve_stack, split_image_names, stack_shape
+from relion_graphsplit.relion.star_tables import StarParseError, read_star
 
 
 class StarFileError(ValueError):
@@ -657,7 +657,7 @@ def _value_text(value: float, unit: str) -> str:
 def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
     """A column for every particle: its own value where given, else its optics group's; None if neither.
 
-    Text that is not a number counts as not given (NaN), as starfile reads it in a column of numbers.
+    Text that is not a number counts as not given (NaN), as a column of numbers reads it.
     """
     value = None
     if column in ps.optics:
@@ -672,18 +672,19 @@ def _per_particle(ps: ParticleSet, column: str) -> np.ndarray | None:
 def _read_tables(path: Path) -> dict[str, pd.DataFrame]:
     """The loop tables of a STAR file by block name, in file order; StarFileError for malformed text.
 
-    starfile reads a loop with pandas, which takes the number of values from the first row: a table
-    whose first row is cut short fails with "Length mismatch" (no later rows) or a tokenizing error
-    (later rows longer), and a later row cut short is padded with NaN. A file truncated in a copy
-    ends inside its last row, without a newline; a "nan" that RELION wrote there ends with one.
+    A loop whose rows hold fewer or more values than its columns is refused; a last row cut short
+    reads with missing values: a file truncated in a copy ends inside its last row, without a newline,
+    where a "nan" that RELION wrote ends with one.
     """
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_COLUMNS))
-    except Exception as err:  # starfile raises whatever pandas raises on malformed text
-        text = str(err)
-        if "Length mismatch" in text or isinstance(err, pd.errors.ParserError):
-            text = "a row of a table holds fewer or more values than the table has columns: is the file cut short?"
-        raise StarFileError(f"{path}: not a readable STAR file ({text})") from err
+        blocks = read_star(path, string_columns=STRING_COLUMNS)
+    except StarParseError as err:
+        raise StarFileError(
+            f"{path}: not a readable STAR file (a row of a table holds fewer or more values than the table has "
+            f"columns: is the file cut short? In {err})"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise StarFileError(f"{path}: not a readable STAR file ({err})") from err
     tables = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
     if tables:
         name, last = list(tables.items())[-1]

@@ -15,10 +15,10 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 
 from relion_graphsplit.fourier.fsc import resolution_at
 from relion_graphsplit.relion.mrc import read_mrc
+from relion_graphsplit.relion.star_tables import read_star
 
 CONFIDENCE_COLUMNS = ("rlnClassNumber", "rlnMaxValueProbDistribution")
 """run_data.star's columns the particle confidence needs: the class (1..K) and its posterior."""
@@ -94,15 +94,15 @@ def read_run(out_dir: Path) -> Run:
     """
     out = Path(out_dir)
     summary = json.loads((out / "run_summary.json").read_text())
-    blocks = starfile.read(out / "run_cones.star", always_dict=True)
+    blocks = read_star(out / "run_cones.star")
     cones = blocks["cones"].sort_values("cone", ignore_index=True)
     edges = blocks.get("edges")
     if not isinstance(edges, pd.DataFrame) or edges.empty:
         edges = pd.DataFrame({"cone1": [], "cone2": [], "shared": [], "weight": []})
-    memberships = starfile.read(out / "run_memberships.star", always_dict=True)["memberships"]
+    memberships = read_star(out / "run_memberships.star")["memberships"]
     notes: list[str] = []
     data = out / "run_data.star"
-    particles = starfile.read(data, always_dict=True).get("particles") if data.is_file() else None
+    particles = read_star(data).get("particles") if data.is_file() else None
     if particles is not None and not set(CONFIDENCE_COLUMNS) <= set(particles.columns):
         notes.append(f"{data.name} lacks {', '.join(CONFIDENCE_COLUMNS)}: no particle confidence")
         particles = None
@@ -153,7 +153,7 @@ def read_fsc(path: Path) -> dict[int, FscCurve]:
     """
     if not path.is_file():
         return {}
-    blocks = starfile.read(path, always_dict=True)
+    blocks = read_star(path)
     general = blocks.get("model_general")
     general = general if isinstance(general, dict) else {}
     curves = {}
