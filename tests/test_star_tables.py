@@ -118,7 +118,8 @@ def test_a_large_table_is_read_in_little_more_than_its_own_memory(tmp_path: Path
     with open(path, "w") as f:
         f.write(header)
         for i in range(60000):
-            f.write(f"{i + 1:06d}@Extract/job007/Movies/stack_{i // 300:05d}.mrcs MotionCorr/job003/mic_{i // 300:05d}.mrc {row}\n")
+            stack, micrograph = f"Extract/job007/Movies/stack_{i // 300:05d}.mrcs", f"MotionCorr/job003/mic_{i // 300:05d}.mrc"
+            f.write(f"{i + 1:06d}@{stack} {micrograph} {row}\n")
     done = subprocess.run([sys.executable, "-c", _LARGE_FILE, str(path)], capture_output=True, text=True, check=True)
     growth, table, rows = (float(v) for v in done.stdout.split())
     assert rows == 60000
