@@ -199,10 +199,12 @@ def test_batches_and_insertion_chunks_do_not_change_the_map(blobs, monkeypatch):
     assert torch.allclose(whole, streamed, atol=1e-5 * float(whole.abs().max()))
 
 
-def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
+@pytest.mark.parametrize("by_row", [False, True])
+def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch, by_row):
     """The data and weight channels are scattered in parallel threads; each must sum as alone, over
-    several scatters in a row."""
+    several scatters in a row, with the points in image order (small grids) or sorted by grid row."""
     monkeypatch.setattr(reconstruct_module, "_SORTED_POINTS", 64 * BOX * BOX // 2)  # 82 images a sort: 3 for 200
+    monkeypatch.setattr(reconstruct_module, "_SORTED_GRID_BYTES", 0 if by_row else 1 << 40)
     gen = torch.Generator().manual_seed(11)
     A = random_poses(gen, 200)
     ctf = random_ctf(gen, 200, BOX)
@@ -219,6 +221,30 @@ def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch):
         torch.set_num_threads(threads)
     assert sums[1].abs().max() > 0
     assert torch.equal(sums[1], sums[3])
+
+
+def test_sorting_the_points_by_row_changes_the_sums_by_rounding_only(blobs, monkeypatch):
+    """Grids above _SORTED_GRID_BYTES take a chunk's points sorted by grid row (`_row_order`): the same
+    sums as in image order, but for the order of the float32 additions; images of weight 0 add nothing."""
+    gen = torch.Generator().manual_seed(17)
+    A = random_poses(gen, 120)
+    ctf = random_ctf(gen, 120, BOX)
+    f = centred_rfft2(apply_ctf(blob_images(blobs, A, BOX), ctf) + 0.1 * torch.randn(120, BOX, BOX, generator=gen))
+    weights = torch.rand(120, generator=gen) * (torch.arange(120) % 5 != 0)
+    sums = {}
+    for by_row in (False, True):
+        monkeypatch.setattr(reconstruct_module, "_SORTED_GRID_BYTES", 0 if by_row else 1 << 40)
+        acc = FourierAccumulator(BOX)
+        acc.insert_rfft(f, A, ctf=ctf, weights=weights)
+        sums[by_row] = acc.sums.clone()
+    assert not torch.equal(sums[False], sums[True])  # the other order: the sort did run
+    assert torch.allclose(sums[False], sums[True], rtol=0, atol=2e-6 * float(sums[False].abs().max()))
+    order = reconstruct_module._row_order(
+        weights.numpy(), acc._kx.numpy(), acc._ky.numpy(), A.float().numpy(), acc.pad, acc.c
+    )
+    n_pixels = len(acc._pixels)
+    assert len(order) == int((weights > 0).sum()) * n_pixels  # images of weight 0 are left out
+    assert np.array_equal(np.sort(order), np.flatnonzero(np.repeat(weights.numpy() > 0, n_pixels)))
 
 
 @pytest.mark.parametrize(("box", "sym", "regularised"), [(BOX, "C1", False), (BOX + 1, "D2", True)])

@@ -15,12 +15,13 @@ RELION 3.1, whose default instead iterates Pipe-Menon gridding weights (maps dif
 On the CPU the insertion is a compiled loop (numba) over images, pixels and their 8 neighbours, which
 also picks the inserted pixels and applies the CTF and any per-image weight. A padded grid is far larger
 than the caches (0.1 GB at box 128, 0.8 GB at box 256), and a pixel's 8 neighbours lie apart in it, so
-the loop waits on memory: the inserted points of a chunk of images are first sorted (a stable counting
-sort) by the grid row (z, y) they fall in, and then added row after row, so that the rows a chunk
-writes are brought into the caches once rather than once per point. The loop is split among threads by
-blocks of z planes; every voxel gets its additions in the same order (sorted row, image, pixel)
-whatever the thread count. The threads run on while the caller prepares the next chunk, and reading
-`sums` waits for them.
+the loop waits on memory: in grids larger than _SORTED_GRID_BYTES the inserted points of a chunk of
+images are first sorted (a stable counting sort) by the grid row (z, y) they fall in, and then added
+row after row, so that the rows a chunk writes are brought into the caches once rather than once per
+point; smaller grids (the refinement's, at the working box) stay in the caches and take the points in
+image, pixel order. The loop is split among threads by blocks of z planes; every voxel gets its
+additions in the same order whatever the thread count. The threads run on while the caller prepares
+the next chunk, and reading `sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
@@ -59,6 +60,10 @@ _INSERT_PIXELS = 1 << 18
 # images a chunk, and about as long with 40; docs/notes/speed-history.md, "Sorted insertion"), with
 # 8 bytes of sort per point.
 _SORTED_POINTS = 1 << 20
+
+# Grids of more bytes than this are inserted sorted by row: the smaller ones stay in the caches, where
+# the sort costs more than it saves (at box 64, 13 MB of grids: 0.065 against 0.048 ms per image).
+_SORTED_GRID_BYTES = 32 << 20
 
 # z planes per block of the threads' share of the grids (thread t writes the blocks t, t + T, ...).
 _PLANE_BLOCK = 8
@@ -299,18 +304,20 @@ class FourierAccumulator:
         rotations: torch.Tensor,
         ctf_premultiplied: bool,
     ) -> None:
-        """Insert the transforms f (B, N, N // 2 + 1) with the compiled kernels: `_row_order` sorts the
-        points by grid row on the calling thread, then `_splat_kernel` adds them, split among
-        torch.get_num_threads() threads by blocks of z planes (each voxel's additions in the same
-        order whatever the split); the threads run on while the caller prepares its next chunk."""
+        """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, split among
+        torch.get_num_threads() threads by blocks of z planes (each voxel's additions in the same order
+        whatever the split), the points sorted by grid row first (`_row_order`, on the calling thread)
+        where the grids exceed _SORTED_GRID_BYTES; the threads run on while the caller prepares its next
+        chunk."""
         b = f.shape[0]
         f = f.to(torch.complex64).reshape(b, -1).contiguous().numpy()
         c = np.zeros((0, 0), np.float32) if ctf is None else ctf.to(torch.float32).reshape(b, -1).contiguous().numpy()
         w = np.ones(b, np.float32) if weights is None else weights.to(torch.float32).contiguous().numpy()
         a = rotations.to(torch.float32).contiguous().numpy()
         kx, ky = self._kx.numpy(), self._ky.numpy()
-        order, starts = _row_order(w, kx, ky, a, self.pad, self.c)
-        args = (f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, order, starts)
+        by_row = self._sums.numel() * self._sums.element_size() > _SORTED_GRID_BYTES
+        order = _row_order(w, kx, ky, a, self.pad, self.c) if by_row else np.zeros(0, np.int64)
+        args = (f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, by_row, order)
         flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         workers = torch.get_num_threads()
         if workers < 2:
@@ -399,7 +406,7 @@ class FourierAccumulator:
 @compiled
 def _row_order(
     weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """The inserted points of B images sorted by the grid row they fall in: a stable counting sort.
 
     Point i = b P + p is pixel p (frequency (kx[p], ky[p]), P pixels) of image b, at pad * A^T (kx, ky, 0)
@@ -409,10 +416,8 @@ def _row_order(
 
     Returns
     -------
-    order : np.ndarray
+    np.ndarray
         (points,) int64 the points, by row and then in (image, pixel) order.
-    starts : np.ndarray
-        ((2c + 1)^2 + 1,) int64 where each row's points begin in `order`; the last entry is their count.
     """
     d = 2 * c + 1
     n_pixels = kx.shape[0]
@@ -441,69 +446,74 @@ def _row_order(
         if r >= 0:
             order[next_free[r]] = i
             next_free[r] += 1
-    return order, starts
+    return order
 
 
 @compiled
 def _splat_kernel(
     flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
     pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int,
-    order: np.ndarray, starts: np.ndarray, parts: int, part: int,
+    by_row: bool, order: np.ndarray, parts: int, part: int,
 ) -> None:
-    """Trilinear insertion, row by row (`_row_order`'s `order` and `starts`), of the pixels `pixels`
-    (P,) of flattened transforms f (B, M), of frequencies (kx, ky) (P,), from images with RELION
-    matrices `rotations` (B, 3, 3) into `flat` (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where
-    `premultiplied`, or without a CTF) and weight CTF^2 w (w), for the CTF `ctf` (B, M) and the image
-    weights w (B,); the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
-    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). Only neighbours on z planes in
-    the blocks of _PLANE_BLOCK planes numbered part, part + parts, ... are written, so that threads can
-    share the grids; each voxel gets its additions in `order` whatever the split."""
-    d = 2 * c + 1
+    """Trilinear insertion of the pixels `pixels` (P,) of flattened transforms f (B, M), of frequencies
+    (kx, ky) (P,), from images with RELION matrices `rotations` (B, 3, 3) into `flat`
+    (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where `premultiplied`, or without a CTF) and weight
+    CTF^2 w (w), for the CTF `ctf` (B, M) and the image weights w (B,); images of weight 0 are left
+    out, and the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
+    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). The points (i = b P + p) are
+    taken in `order` (`_row_order`) where `by_row`, else in (image, pixel) order. Only neighbours on z
+    planes in the blocks of _PLANE_BLOCK planes numbered part, part + parts, ... are written, so that
+    threads can share the grids; each voxel gets its additions in the points' order whatever the split."""
     sy = c + 1
-    sz = d * sy
+    sz = (2 * c + 1) * sy
     n_pixels = pixels.shape[0]
-    for row in range(starts.shape[0] - 1):
-        iz = row // d
+    count = order.shape[0] if by_row else weights.shape[0] * n_pixels
+    for j in range(count):
+        i = order[j] if by_row else j
+        b = i // n_pixels
+        p = i - b * n_pixels
+        scale = weights[b]
+        if scale == 0:
+            continue
+        a0, a1 = rotations[b, 0], rotations[b, 1]
+        x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
+        y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
+        z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
+        conjugate = x < 0
+        if conjugate:
+            x, y, z = -x, -y, -z
+        x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
+        iz = int(z0) + c
         first = (iz // _PLANE_BLOCK) % parts == part
         second = ((iz + 1) // _PLANE_BLOCK) % parts == part
-        if not (first or second) or starts[row] == starts[row + 1]:
+        if not (first or second):
             continue
-        z0, y0 = iz - c, row % d - c
-        for j in range(starts[row], starts[row + 1]):
-            b = order[j] // n_pixels
-            p = order[j] - b * n_pixels
-            q = pixels[p]
-            v = f[b, q]
-            scale = weights[b]
-            vr, vi, vw = v.real, v.imag, np.float32(1.0)
-            if with_ctf:
-                vw = ctf[b, q] * ctf[b, q]
-                if not premultiplied:
-                    vr, vi = vr * ctf[b, q], vi * ctf[b, q]
-            vr, vi, vw = vr * scale, vi * scale, vw * scale
-            if kx[p] == 0 and ky[p] == 0:
-                vr = vi = np.float32(0.0)
-            a0, a1 = rotations[b, 0], rotations[b, 1]
-            x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
-            y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
-            z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
-            if x < 0:
-                x, y, z, vi = -x, -y, -z, -vi
-            x0 = math.floor(x)
-            fx, fy, fz = x - x0, y - y0, z - z0
-            base = row * sy + int(x0)
-            for dz in range(2):
-                if not (second if dz else first):
-                    continue
-                wz = fz if dz else 1 - fz
-                for dy in range(2):
-                    wzy = wz * (fy if dy else 1 - fy)
-                    for dx in range(2):
-                        w = wzy * (fx if dx else 1 - fx)
-                        i = base + dz * sz + dy * sy + dx
-                        flat[0, i] += w * vr
-                        flat[1, i] += w * vi
-                        flat[2, i] += w * vw
+        q = pixels[p]
+        v = f[b, q]
+        vr, vi, vw = v.real, v.imag, np.float32(1.0)
+        if with_ctf:
+            vw = ctf[b, q] * ctf[b, q]
+            if not premultiplied:
+                vr, vi = vr * ctf[b, q], vi * ctf[b, q]
+        vr, vi, vw = vr * scale, vi * scale, vw * scale
+        if kx[p] == 0 and ky[p] == 0:
+            vr = vi = np.float32(0.0)
+        if conjugate:
+            vi = -vi
+        fx, fy, fz = x - x0, y - y0, z - z0
+        base = iz * sz + (int(y0) + c) * sy + int(x0)
+        for dz in range(2):
+            if not (second if dz else first):
+                continue
+            wz = fz if dz else 1 - fz
+            for dy in range(2):
+                wzy = wz * (fy if dy else 1 - fy)
+                for dx in range(2):
+                    w = wzy * (fx if dx else 1 - fx)
+                    k = base + dz * sz + dy * sy + dx
+                    flat[0, k] += w * vr
+                    flat[1, k] += w * vi
+                    flat[2, k] += w * vw
 
 
 def _friedel_plane(sums: torch.Tensor) -> torch.Tensor:
