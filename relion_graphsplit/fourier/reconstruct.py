@@ -19,9 +19,9 @@ the loop waits on memory: in grids larger than _SORTED_GRID_BYTES the inserted p
 images are first sorted (a stable counting sort) by the grid row (z, y) they fall in, and then added
 row after row, so that the rows a chunk writes are brought into the caches once rather than once per
 point; smaller grids (the refinement's, at the working box) stay in the caches and take the points in
-image, pixel order. The loop is split among threads by blocks of z planes; every voxel gets its
-additions in the same order whatever the thread count. The threads run on while the caller prepares
-the next chunk, and reading `sums` waits for them.
+image, pixel order. The loop is split among threads by z planes (blocks of them where sorted); every
+voxel gets its additions in the same order whatever the thread count. The threads run on while the
+caller prepares the next chunk, and reading `sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
@@ -56,16 +56,18 @@ _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 _INSERT_PIXELS = 1 << 18
 
 # Points (image pixels) sorted and inserted at a time on the CPU: enough that a chunk's points write
-# each grid row several times (at box 128 the insertion took half the time of the unsorted loop with 160
-# images a chunk, and about as long with 40; docs/notes/speed-history.md, "Sorted insertion"), with
-# 8 bytes of sort per point.
+# each grid row several times (at box 128, 256 images a chunk took half the time of the unsorted loop,
+# 64 images three quarters; docs/notes/speed-history.md, "Sorted insertion"), with 12 bytes of sort
+# per point.
 _SORTED_POINTS = 1 << 20
 
 # Grids of more bytes than this are inserted sorted by row: the smaller ones stay in the caches, where
 # the sort costs more than it saves (at box 64, 13 MB of grids: 0.065 against 0.048 ms per image).
 _SORTED_GRID_BYTES = 32 << 20
 
-# z planes per block of the threads' share of the grids (thread t writes the blocks t, t + T, ...).
+# z planes per block of the threads' share of the grids when the points are sorted by row (thread t
+# writes the blocks t, t + T, ...): each thread then sweeps its own rows. In image order single planes
+# are shared out, which was faster there (docs/notes/dropped-ideas.md, "Variants of the insertion's loop").
 _PLANE_BLOCK = 8
 
 
@@ -305,7 +307,7 @@ class FourierAccumulator:
         ctf_premultiplied: bool,
     ) -> None:
         """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, split among
-        torch.get_num_threads() threads by blocks of z planes (each voxel's additions in the same order
+        torch.get_num_threads() threads by z planes (each voxel's additions in the same order
         whatever the split), the points sorted by grid row first (`_row_order`, on the calling thread)
         where the grids exceed _SORTED_GRID_BYTES; the threads run on while the caller prepares its next
         chunk."""
@@ -317,7 +319,11 @@ class FourierAccumulator:
         kx, ky = self._kx.numpy(), self._ky.numpy()
         by_row = self._sums.numel() * self._sums.element_size() > _SORTED_GRID_BYTES
         order = _row_order(w, kx, ky, a, self.pad, self.c) if by_row else np.zeros(0, np.int64)
-        args = (f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, by_row, order)
+        block = _PLANE_BLOCK if by_row else 1
+        args = (
+            f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, by_row, order,
+            block,
+        )  # fmt: skip
         flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         workers = torch.get_num_threads()
         if workers < 2:
@@ -453,7 +459,7 @@ def _row_order(
 def _splat_kernel(
     flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
     pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int,
-    by_row: bool, order: np.ndarray, parts: int, part: int,
+    by_row: bool, order: np.ndarray, block: int, parts: int, part: int,
 ) -> None:
     """Trilinear insertion of the pixels `pixels` (P,) of flattened transforms f (B, M), of frequencies
     (kx, ky) (P,), from images with RELION matrices `rotations` (B, 3, 3) into `flat`
@@ -462,7 +468,7 @@ def _splat_kernel(
     out, and the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
     neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). The points (i = b P + p) are
     taken in `order` (`_row_order`) where `by_row`, else in (image, pixel) order. Only neighbours on z
-    planes in the blocks of _PLANE_BLOCK planes numbered part, part + parts, ... are written, so that
+    planes in the blocks of `block` planes numbered part, part + parts, ... are written, so that
     threads can share the grids; each voxel gets its additions in the points' order whatever the split."""
     sy = c + 1
     sz = (2 * c + 1) * sy
@@ -484,8 +490,8 @@ def _splat_kernel(
             x, y, z = -x, -y, -z
         x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
         iz = int(z0) + c
-        first = (iz // _PLANE_BLOCK) % parts == part
-        second = ((iz + 1) // _PLANE_BLOCK) % parts == part
+        first = (iz // block) % parts == part
+        second = ((iz + 1) // block) % parts == part
         if not (first or second):
             continue
         q = pixels[p]
