@@ -16,7 +16,7 @@ TEXT = """
 
 data_general
 
-_rlnFinalResolution     3.5
+_rlnFinalResolution	3.5
 _rlnName   'a name'
 _rlnMicrographName 0001
 

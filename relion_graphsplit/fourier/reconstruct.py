@@ -410,6 +410,19 @@ class FourierAccumulator:
 
 
 @compiled
+def _half_grid_point(kx: float, ky: float, a0: np.ndarray, a1: np.ndarray, pad: int) -> tuple[float, float, float, bool]:
+    """Where image frequency (kx, ky) goes in the padded half grid: pad * A^T (kx, ky, 0) for the rows
+    a0, a1 (3,) of RELION's A, negated where its x < 0 (the grid holds x >= 0 only; the value goes in
+    conjugated there). Returns x, y, z and whether the point was negated."""
+    x = pad * (kx * a0[0] + ky * a1[0])
+    y = pad * (kx * a0[1] + ky * a1[1])
+    z = pad * (kx * a0[2] + ky * a1[2])
+    if x < 0:
+        return -x, -y, -z, True
+    return x, y, z, False
+
+
+@compiled
 def _row_order(
     weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int
 ) -> np.ndarray:
@@ -433,11 +446,7 @@ def _row_order(
             continue
         a0, a1 = rotations[b, 0], rotations[b, 1]
         for p in range(n_pixels):
-            x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
-            y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
-            z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
-            if x < 0:
-                y, z = -y, -z
+            _, y, z, _ = _half_grid_point(kx[p], ky[p], a0, a1, pad)
             rows[b * n_pixels + p] = (int(math.floor(z)) + c) * d + int(math.floor(y)) + c
     starts = np.zeros(d * d + 1, np.int64)
     for i in range(rows.shape[0]):
@@ -482,12 +491,7 @@ def _splat_kernel(
         if scale == 0:
             continue
         a0, a1 = rotations[b, 0], rotations[b, 1]
-        x = pad * (kx[p] * a0[0] + ky[p] * a1[0])
-        y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
-        z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
-        conjugate = x < 0
-        if conjugate:
-            x, y, z = -x, -y, -z
+        x, y, z, conjugate = _half_grid_point(kx[p], ky[p], a0, a1, pad)
         x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
         iz = int(z0) + c
         first = (iz // block) % parts == part

@@ -95,8 +95,8 @@ def _blocks(path: str | os.PathLike) -> Iterator[_Block]:
                 block.columns, in_rows = [], False
             elif line.startswith("_") and not in_rows:
                 if block.columns is None:
-                    name, _, value = line.partition(" ")
-                    block.pairs[name[1:]] = _unquoted(value.strip())
+                    name, *value = line.split(None, 1)
+                    block.pairs[name[1:]] = _unquoted(value[0] if value else "")
                 else:
                     block.columns.append(line.split()[0][1:])
             elif block.columns is not None:
