@@ -57,6 +57,16 @@ class PlaneSplitter:
             classes = np.argmax(log_posterior, axis=1) + 1
         return Refined(log_posterior, [], self.mask)
 
+    def held_out(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+        log_posterior = np.empty_like(probability)
+        for half in range(2):  # each half's points against the other half's class means
+            other, own = rows % 2 != half, rows % 2 == half
+            weights = probability[other] / probability[other].sum(axis=0)
+            means = weights.T @ self.x[rows[other]]
+            distance = ((self.x[rows[own]][:, None, :] - means[None]) ** 2).sum(-1)
+            log_posterior[own] = -distance / (2 * NOISE**2) + np.log(probability.mean(axis=0))
+        return log_posterior - np.logaddexp.reduce(log_posterior, axis=1, keepdims=True)
+
     def split(self, rows: np.ndarray, rounds: int | None = None, graph=None) -> TwoClasses:
         centred = self.x[rows] - self.x[rows].mean(axis=0)
         axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
@@ -151,3 +161,23 @@ def test_without_the_refinement_two_classes_untested():
     splitter = PlaneSplitter(x, SplitOptions(), _basis(), refines=False)
     found = find_classes(splitter, None, rng.integers(1, 3, 2000))
     assert found.n_classes == 2 and found.tests == [] and "untested" in found.verdict and found.warnings
+
+
+@pytest.mark.parametrize("states", [[(0.0, 0.0), (2.5, 0.0)], [(0.0, 0.0), (3.0, 0.0), (0.0, 3.0)]])
+def test_classes_from_the_refinement_and_probabilities_held_out(states):
+    """Overlapping states: the classes are the last refinement's, the posteriors the held-out pass's
+    over the same probabilities (each half's points against the other half's means)."""
+    found, _ = _classes(states, [2000] * len(states), n_classes=len(states))
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(len(states)), 2000)
+    x = np.asarray(states)[truth] + NOISE * rng.standard_normal((len(truth), 2))
+    splitter = PlaneSplitter(x, SplitOptions(n_classes=len(states)), _basis())
+    everyone = np.arange(len(truth))
+    if len(states) == 2:
+        refined = splitter.split(everyone).log_posterior
+    else:
+        refined = splitter.refine(everyone, found.classes).log_posterior
+    assert np.array_equal(found.classes, np.argmax(refined, axis=1) + 1)
+    held_out = splitter.held_out(everyone, np.exp(refined), splitter.mask)
+    np.testing.assert_allclose(found.log_posterior, held_out)
+    assert 0 < np.mean(np.argmax(held_out, axis=1) + 1 != found.classes) < 0.1  # they can differ

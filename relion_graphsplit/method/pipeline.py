@@ -59,12 +59,12 @@ class SplitResult:
     Attributes
     ----------
     classes : np.ndarray
-        (n,) int64, 1..K: each particle's most probable class.
+        (n,) int64, 1..K: each particle's most probable class in the last refinement round.
     log_posterior : np.ndarray
-        (n, K) float64 log posterior probability of each class: the last refinement round's
-        (`refine.refine_classes`), or for two classes the graph score taken as log odds where no
-        refinement ran (refine_iterations 0, a CTF correction other than subtract-multiply, or
-        CTF-premultiplied particles); all 0 for K = 1.
+        (n, K) float64 log posterior probability of each class: held out, each half's particles
+        scored against the other half's class maps (`refine.held_out_posterior`), or for two classes
+        the graph score taken as log odds where no refinement ran (refine_iterations 0, a CTF
+        correction other than subtract-multiply, or CTF-premultiplied particles); all 0 for K = 1.
     graph_score : np.ndarray
         (n,) float64 mean synchronised log-likelihood ratio of the graph split: over the particle's cones,
         the mean of the cone's sign times the particle's lambda there (`graph.particle_scores`).
@@ -72,7 +72,8 @@ class SplitResult:
         The number of particles that changed class in each round of the last refinement (that of all
         K classes; empty when none ran).
     probability : np.ndarray
-        (n,) float64 posterior probability of the assigned class.
+        (n,) float64 posterior probability of the assigned class (from `log_posterior`: for a few
+        uncertain particles below that of another class).
     class_nodes : list of str
         Each class's leaf in the tree of splits ("1" the whole set; the classes of node X are X.1 and X.2).
     split_tests : list of SplitTest
@@ -458,7 +459,7 @@ def split_prepared(
     return SplitResult(
         classes=found.classes,
         log_posterior=found.log_posterior,
-        probability=np.exp(found.log_posterior.max(axis=1)),
+        probability=np.exp(found.log_posterior[np.arange(n), found.classes - 1]),
         class_nodes=found.nodes,
         split_tests=found.tests,
         verdict=found.verdict,

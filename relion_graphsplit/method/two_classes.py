@@ -35,6 +35,7 @@ from relion_graphsplit.method.progress import Track, no_progress
 from relion_graphsplit.method.refine import (
     class_sums,
     difference_maps,
+    held_out_posterior,
     projection_scores,
     refine_classes,
     residual_sums,
@@ -282,6 +283,17 @@ class Splitter:
         )  # fmt: skip
         self._time("refine", start)
         return refined
+
+    def held_out(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+        """`refine.held_out_posterior` of `rows` with class probabilities (m, K) within `mask`:
+        (m, K) log posteriors, each half's particles scored against the other half's maps."""
+        start = time.perf_counter()
+        log_posterior = held_out_posterior(
+            self.spectra, self.filters, rows, self.rotations, self.scale, probability, mask, self.options,
+            self.engine, self.compute, self.residual_totals(rows),
+        )  # fmt: skip
+        self._time("refine", start)
+        return log_posterior
 
     def residual_totals(self, rows: np.ndarray) -> list[FourierAccumulator]:
         """`refine.residual_sums` of `rows` (two FourierAccumulator), kept for the last TOTALS_KEPT

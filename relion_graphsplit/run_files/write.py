@@ -18,8 +18,9 @@ from relion_graphsplit.relion.stack_files import resolve_stack
 
 LOG_ODDS_LABEL = "rlnGraphSplitLogOdds"
 """Columns rlnGraphSplitLogOdds1 .. rlnGraphSplitLogOddsK (for K >= 2 classes): each particle's log
-posterior odds of class k, log(P(k) / (1 - P(k))), after the refinement (for two classes without
-it, the mean synchronised log-likelihood ratio of the graph split for class 1 and its negative)."""
+posterior odds of class k, log(P(k) / (1 - P(k))), after the refinement, held out: each half's particles
+scored against the other half's class maps (for two classes without the refinement, the mean
+synchronised log-likelihood ratio of the graph split for class 1 and its negative)."""
 
 
 def classified_particles(ps: star_io.ParticleSet, result: SplitResult) -> pd.DataFrame:
