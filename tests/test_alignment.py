@@ -68,7 +68,8 @@ def test_mirrored_member_aligns_onto_the_cone_view():
     axes = reference[2][None]
     cones = assign_to_cones(A, axes, 10.0, torch.eye(3, dtype=torch.float64)[None])
     assert bool(cones.mirrored[0])
-    aligned = align_to_reference(raw, cones.rotation, cone_reference(axes)[0], cones.mirrored)
+    equivalent = cones.rotations(A, torch.eye(3, dtype=torch.float64)[None])
+    aligned = align_to_reference(raw, equivalent, cone_reference(axes)[0], cones.mirrored)
     inner = slice(8, 40)
     corr = torch.corrcoef(torch.stack([aligned[0, inner, inner].flatten(), target[inner, inner].flatten()]))[0, 1]
     assert corr > 0.97

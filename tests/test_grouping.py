@@ -47,7 +47,8 @@ def test_members_lie_within_cone_through_equivalent_orientation():
     A = random_rotations(3000)
     axes = asymmetric_unit_directions(12.0, sym)
     cones = assign_to_cones(A, axes, 12.0, sym)
-    d = projection_direction(cones.rotation)
+    equivalent = cones.rotations(A, sym)
+    d = projection_direction(equivalent)
     angle = angular_distance(d, axes[cones.cone])
     nearest_only = angle > 12.0
     # Only a particle's nearest cone may lie farther than the cone angle (holes between cones).
@@ -56,7 +57,7 @@ def test_members_lie_within_cone_through_equivalent_orientation():
     original = A[cones.particle]
     for k in range(0, len(cones.cone), 97):
         L = MIRROR if cones.mirrored[k] else torch.eye(3, dtype=torch.float64)
-        S = original[k].T @ L.T @ cones.rotation[k]  # A^T L^T (L A S) = S
+        S = original[k].T @ L.T @ equivalent[k]  # A^T L^T (L A S) = S
         assert min(float((S - s).abs().max()) for s in sym) < 1e-9
     # Every particle is in at least one cone, and on average in several (the cones overlap).
     per_particle = torch.bincount(cones.particle, minlength=len(A))

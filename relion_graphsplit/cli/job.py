@@ -335,7 +335,7 @@ def _write_outputs(
         "command": " ".join(sys.argv), "input": str(inputs.ps.path), "particles": len(ps.particles),
         "box": box, "pixel_size": apix, "working_box": result.working_box,
         "working_pixel_size": result.working_pixel_size, "sampling": result.sampling,
-        "cone_angle": result.cone_angle, "cones": int(result.cones.n_cones),
+        "cone_angle": result.cone_angle, "cones": len(result.cone_table),
         "graph_components": len(result.components), "sync_method": result.sync_method,
         "sync_gap": result.sync_gap,
         "noise_contrast": result.noise_contrast,
@@ -384,8 +384,8 @@ def _print_after(o: Path, report_warnings: list[str], command: str | None) -> No
 def _print_summary(result, n: int, total: float) -> None:
     table = Table(title="Graph split", show_header=False)
     table.add_row("particles", str(n))
-    table.add_row("cones", f"{result.cones.n_cones} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
-    table.add_row("particles per cone (median)", f"{int(np.median(result.cones.counts().numpy()))}")
+    table.add_row("cones", f"{len(result.cone_table)} ({result.sampling:.1f} deg sampling, {result.cone_angle:.1f} deg cones)")
+    table.add_row("particles per cone (median)", f"{int(result.cone_table['particles'].median())}")
     table.add_row("graph components", str(len(result.components)))
     table.add_row("noise", noise_description(result.noise_contrast, result.whitened))
     table.add_row("classes", result.verdict)

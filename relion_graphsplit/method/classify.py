@@ -20,6 +20,8 @@ from relion_graphsplit.scratch import ScratchArray
 def classify_cones(
     scratch: ScratchArray,
     cones: Cones,
+    rotations: torch.Tensor,
+    symmetry: torch.Tensor,
     masks: torch.Tensor,
     track: Track = no_progress,
     max_images: int = 8192,
@@ -42,7 +44,11 @@ def classify_cones(
         (n, w, w) float32 the centred, downsampled, CTF-corrected images [y, x], centred at w // 2
         (`preprocess.prepare_images`).
     cones : Cones
-        M cones and their K memberships, sorted by cone.
+        M cones and their K memberships, sorted by cone; `cones.particle` indexes the rows of `scratch`.
+    rotations : torch.Tensor
+        (n, 3, 3) float64 RELION matrices of the rows of `scratch`.
+    symmetry : torch.Tensor
+        (G, 3, 3) float64 the point group's rotations the cones were made with.
     masks : torch.Tensor
         (M, w, w) [y, x] each cone's 2D mask, 0 or 1: the 3D mask projected along the cone's reference
         view (`masks.project_mask`; float32 in `split`).
@@ -91,7 +97,10 @@ def classify_cones(
     for batch in batches:
         spans = [slice(int(starts[c]), int(starts[c + 1])) for c in batch]
         # Copies, not views: a pickled view of a tensor carries the whole of it to the worker.
-        members = [(cones.particle[span].numpy(), cones.rotation[span].clone(), cones.mirrored[span].clone()) for span in spans]
+        members = [
+            (cones.particle[span].numpy(), cones.rotations(rotations, symmetry, span), cones.mirrored[span].clone())
+            for span in spans
+        ]
         tasks.append((members, references[batch], masks[batch]))
     results = zip(batches, engine.map(_classify_batch, tasks, (StoredArray.of(scratch), inside, compute)))
     for batch, (scores, ratios, images, cone_rows) in track(results, description="Classifying cones", total=len(batches)):

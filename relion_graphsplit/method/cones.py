@@ -36,10 +36,11 @@ distance would keep."""
 class Cones:
     """Cone axes and the (overlapping) membership of particles.
 
-    Memberships are sorted by cone; `rotation` is the particle's orientation after the symmetry
-    operator and mirror that bring its direction closest to the cone axis, and `mirrored` says whether
-    its image has to be mirrored in y to match that orientation. M is the number of cones (n_cones), K
-    the number of memberships.
+    Memberships are sorted by cone; `operator` names the symmetry operator and mirror that bring the
+    particle's direction closest to the cone axis (`rotations` gives the orientation they make), and
+    `mirrored` says whether its image has to be mirrored in y to match that orientation. M is the
+    number of cones (n_cones), K the number of memberships. A million particles hold about 4 million
+    memberships: 19 bytes each (a float64 matrix each would be 72 more).
 
     Attributes
     ----------
@@ -49,10 +50,9 @@ class Cones:
         (K,) int64 cone index of each membership, ascending (sorted by cone, then by particle).
     particle : torch.Tensor
         (K,) int64 particle index (row of the particle set) of each membership.
-    rotation : torch.Tensor
-        (K, 3, 3) float64 equivalent RELION matrix L A R of the particle's A (`equivalent_operators`),
-        left-multiplying xyz column vectors of the map: its projection direction (third row) is the
-        particle's equivalent direction closest to the cone axis.
+    operator : torch.Tensor
+        (K,) int16 index g of the equivalent orientation (`equivalent_operators`): left[g] A right[g]
+        of the particle's A.
     mirrored : torch.Tensor
         (K,) bool: the equivalent orientation includes MIRROR, so the image is mirrored in y.
     """
@@ -60,12 +60,35 @@ class Cones:
     axes: torch.Tensor  # (M, 3) unit vectors
     cone: torch.Tensor  # (K,) int64 cone index of each membership
     particle: torch.Tensor  # (K,) int64 particle index
-    rotation: torch.Tensor  # (K, 3, 3) float64 equivalent RELION matrix
+    operator: torch.Tensor  # (K,) int16 equivalent operator
     mirrored: torch.Tensor  # (K,) bool
 
     @property
     def n_cones(self) -> int:
         return len(self.axes)
+
+    def rotations(self, rotations: torch.Tensor, symmetry: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
+        """The equivalent orientations of the memberships `span`.
+
+        Parameters
+        ----------
+        rotations : torch.Tensor
+            (n, 3, 3) float64 RELION matrices A of the particles (those the cones were made from).
+        symmetry : torch.Tensor
+            (G, 3, 3) float64 the point group's rotations (those the cones were made with).
+        span : slice
+            The memberships wanted.
+
+        Returns
+        -------
+        torch.Tensor
+            (k, 3, 3) float64 equivalent RELION matrices L A R (left-multiplying xyz column vectors of
+            the map): each projection direction (third row) is the particle's equivalent direction
+            closest to the cone axis.
+        """
+        left, right = equivalent_operators(symmetry)
+        operator = self.operator[span].long()
+        return left[operator] @ rotations[self.particle[span]] @ right[operator]
 
     def counts(self) -> torch.Tensor:
         """Number of particles in each cone."""
@@ -275,8 +298,9 @@ def assign_to_cones(
     particle, cone, op = torch.from_numpy(np.concatenate(found, axis=1))
     order = torch.argsort(cone * len(rotations) + particle)
     particle, cone, op = particle[order], cone[order], op[order]
-    rotation = left[op] @ rotations[particle] @ right[op]
-    return Cones(axes=axes, cone=cone, particle=particle, rotation=rotation, mirrored=op >= len(symmetry))
+    return Cones(
+        axes=axes, cone=cone, particle=particle, operator=op.to(torch.int16), mirrored=op >= len(symmetry)
+    )
 
 
 def default_sampling(n_particles: int, group_order: int, target_per_cone: int) -> float:

@@ -34,7 +34,7 @@ import torch
 from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray
 from relion_graphsplit.fourier.symmetry import symmetry_matrices
 from relion_graphsplit.method.classmaps import half_sets
-from relion_graphsplit.method.cones import Cones, check_cone_memory
+from relion_graphsplit.method.cones import check_cone_memory
 from relion_graphsplit.method.diagnostics import cone_diagnostics
 from relion_graphsplit.method.gold_standard import SplitTest
 from relion_graphsplit.method.hierarchy import find_classes
@@ -80,12 +80,10 @@ class SplitResult:
         Every split tested on half-sets, in order (`hierarchy.test_split`).
     verdict : str
         One sentence for the user on the number of classes.
-    cones : Cones
-        The cone axes and memberships of the whole set's split in two (which the diagnostics
-        describe), cones with fewer than min_cone_particles members
-        already dropped (their particles moved to the nearest remaining cones).
     cone_table : pd.DataFrame
-        Per-cone diagnostics, one row per classified (non-empty) cone: the columns of
+        Per-cone diagnostics of the whole set's split in two, one row per cone (cones with fewer than
+        min_cone_particles members already dropped, their particles moved to the nearest remaining
+        cones; the memberships themselves are not kept, a membership table aside): the columns of
         `classify.classify_cones` and those `diagnostics.cone_diagnostics` adds (sign, component, axis_x,
         axis_y, axis_z, class1_fraction).
     membership : pd.DataFrame
@@ -142,7 +140,6 @@ class SplitResult:
     class_nodes: list[str]  # each class's leaf in the tree of splits
     split_tests: list[SplitTest]  # every split tested on half-sets
     verdict: str
-    cones: Cones
     cone_table: pd.DataFrame  # per-cone diagnostics
     membership: pd.DataFrame  # per (cone, particle): rho, llr
     cone_images: np.ndarray  # (M, 4, w, w): mean, eigen-image, class-1 and class-2 averages
@@ -463,7 +460,6 @@ def split_prepared(
         class_nodes=found.nodes,
         split_tests=found.tests,
         verdict=found.verdict,
-        cones=cone_set.cones,
         cone_table=cone_table,
         membership=membership,
         cone_images=graph.cone_images,

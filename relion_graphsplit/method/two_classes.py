@@ -244,8 +244,9 @@ class Splitter:
         masks = project_mask(self.mask, cone_reference(cones.axes)).to(torch.float32)
         members = replace(cones, particle=torch.from_numpy(rows)[cones.particle])  # rows of the scratch files
         rho, llr, cone_table, cone_images = classify_cones(
-            self.scratch, members, masks, self.track, engine=self.engine, compute=self.compute
-        )
+            self.scratch, members, self.rotations, self.symmetry, masks, self.track, engine=self.engine,
+            compute=self.compute,
+        )  # fmt: skip
         self._time("classify", start)
         start = time.perf_counter()
         ratios = ratio_matrix(cones.cone, cones.particle, llr, cones.n_cones, len(rows))
