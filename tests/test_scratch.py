@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from relion_graphsplit import scratch
 from relion_graphsplit.scratch import ScratchArray, consecutive_runs, read_rows
 
 
@@ -76,3 +77,29 @@ def test_the_file_is_not_memory_mapped(tmp_path):
         scratch[np.arange(8)] = np.ones((8, 4, 4))
         scratch[np.arange(8)]
         assert str(path) not in Path("/proc/self/maps").read_text()
+
+
+def test_scattered_rows_are_mapped_a_group_at_a_time(tmp_path, monkeypatch):
+    """Rows in any order, repeats too, read MAPPED_ROWS at a time in row order: each mapping spans
+    only its group's rows, and the rows come back in the order asked."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((1000, 4, 4)).astype(np.float32)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(values.tobytes())
+    rows = rng.integers(0, 1000, 300)
+    lengths = []
+    mapping = scratch.mmap.mmap
+
+    def recorded(fileno, length, **kwargs):
+        lengths.append(length)
+        return mapping(fileno, length, **kwargs)
+
+    monkeypatch.setattr(scratch, "MAPPED_ROWS", 16)
+    monkeypatch.setattr(scratch.mmap, "mmap", recorded)
+    with open(path, "rb", buffering=0) as file:
+        got = read_rows(file, 0, rows, (4, 4), np.dtype(np.float32))
+    np.testing.assert_array_equal(got, values[rows])
+    assert len(lengths) == -(-len(rows) // 16)
+    spans = [np.sort(rows)[i : i + 16] for i in range(0, len(rows), 16)]
+    for length, group in zip(lengths, spans):
+        assert length <= (group[-1] - group[0] + 1) * 64 + scratch.mmap.ALLOCATIONGRANULARITY
