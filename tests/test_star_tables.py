@@ -68,6 +68,19 @@ def test_blocks_pairs_loops_blank_lines_and_comments(tmp_path: Path):
     assert blocks["empty"].columns.tolist() == ["rlnX"] and len(blocks["empty"]) == 0
 
 
+def test_only_the_columns_asked_for(tmp_path: Path):
+    """With `keep`, each loop holds only the columns it accepts, with the values of a full read."""
+    path = tmp_path / "a.star"
+    path.write_text(TEXT)
+    full = read_star(path, string_columns=["rlnMicrographName"])
+    wanted = {"rlnMicrographName", "rlnClassNumber"}
+    some = read_star(path, string_columns=["rlnMicrographName"], keep=wanted.__contains__)
+    assert some["particles"].columns.tolist() == ["rlnMicrographName", "rlnClassNumber"]
+    pd.testing.assert_frame_equal(some["particles"], full["particles"][["rlnMicrographName", "rlnClassNumber"]])
+    assert some["optics"].columns.tolist() == [] and len(some["optics"]) == 0
+    assert some["general"] == full["general"]  # pairs are not filtered
+
+
 def test_the_same_tables_as_starfile_reads(tmp_path: Path):
     """Tables starfile wrote read back as starfile reads them."""
     gen = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -41,7 +41,9 @@ class _Block:
     pairs: dict[str, str] = field(default_factory=dict)
 
 
-def read_star(path: str | os.PathLike, string_columns: Iterable[str] = ()) -> dict[str, pd.DataFrame | dict]:
+def read_star(
+    path: str | os.PathLike, string_columns: Iterable[str] = (), keep: Callable[[str], bool] | None = None
+) -> dict[str, pd.DataFrame | dict]:
     """Every data block of a STAR file by name (without "data_"), in file order.
 
     Parameters
@@ -51,6 +53,10 @@ def read_star(path: str | os.PathLike, string_columns: Iterable[str] = ()) -> di
     string_columns : iterable of str
         Columns (without "_") kept as text wherever they appear, such as file names that could read as
         numbers.
+    keep : callable or None
+        Given a loop column's name (without "_"), whether to read it; None: every column. A loop's
+        other columns are skipped by the parser, which then checks the rows' lengths less strictly;
+        a loop none of whose columns is kept reads as an empty table.
 
     Returns
     -------
@@ -74,7 +80,7 @@ def read_star(path: str | os.PathLike, string_columns: Iterable[str] = ()) -> di
         if block.columns is None:
             blocks[block.name] = {k: v if k in strings else _number(v) for k, v in block.pairs.items()}
         else:
-            blocks[block.name] = _read_loop(path, block, strings)
+            blocks[block.name] = _read_loop(path, block, strings, keep)
     return blocks
 
 
@@ -107,22 +113,27 @@ def _blocks(path: str | os.PathLike) -> Iterator[_Block]:
         yield block
 
 
-def _read_loop(path: str | os.PathLike, block: _Block, strings: set[str]) -> pd.DataFrame:
-    """A loop's rows parsed from the file by pandas (C engine), as a table with the block's columns."""
+def _read_loop(
+    path: str | os.PathLike, block: _Block, strings: set[str], keep: Callable[[str], bool] | None
+) -> pd.DataFrame:
+    """A loop's rows parsed from the file by pandas (C engine), as a table with the block's columns
+    (those `keep` accepts, where given)."""
     columns = block.columns or []
-    if block.rows == 0:
-        return pd.DataFrame({name: pd.Series(dtype="float64") for name in columns})
+    wanted = None if keep is None else [i for i, name in enumerate(columns) if keep(name)]
+    names = columns if wanted is None else [columns[i] for i in wanted]
+    if block.rows == 0 or wanted == []:
+        return pd.DataFrame({name: pd.Series(dtype="float64") for name in names})
     try:
         table = pd.read_csv(
             path, sep=r"\s+", header=None, skiprows=block.skip, nrows=block.rows, comment="#",
             skip_blank_lines=True, quotechar='"', keep_default_na=False, na_values=NA_VALUES, engine="c",
-            dtype={index: str for index, name in enumerate(columns) if name in strings},
+            dtype={index: str for index, name in enumerate(columns) if name in strings}, usecols=wanted,
         )  # fmt: skip
     except pd.errors.ParserError as err:
         raise StarParseError(f"data_{block.name}, a row holds more values than the first") from err
-    if table.shape[1] != len(columns):
+    if table.shape[1] != len(names):
         raise StarParseError(f"data_{block.name}, rows of {table.shape[1]} values for {len(columns)} columns")
-    table.columns = columns
+    table.columns = names
     return table
 
 

@@ -102,7 +102,7 @@ def read_run(out_dir: Path) -> Run:
     memberships = read_star(out / "run_memberships.star")["memberships"]
     notes: list[str] = []
     data = out / "run_data.star"
-    particles = read_star(data).get("particles") if data.is_file() else None
+    particles = read_star(data, keep=_shown).get("particles") if data.is_file() else None
     if particles is not None and not set(CONFIDENCE_COLUMNS) <= set(particles.columns):
         notes.append(f"{data.name} lacks {', '.join(CONFIDENCE_COLUMNS)}: no particle confidence")
         particles = None
@@ -120,6 +120,12 @@ def read_run(out_dir: Path) -> Run:
     fsc = read_fsc(out / "run_model.star")
     return Run(out, summary, cones, edges, memberships, particles, images, n_classes, maps, map_pixel_size, mask,
                fsc, notes)
+
+
+def _shown(column: str) -> bool:
+    """Whether the report reads this column of run_data.star: the class, its posterior, the log odds
+    (a million particles' other columns would take about 0.3 GB)."""
+    return column in CONFIDENCE_COLUMNS or column.startswith(LOG_ODDS_LABEL)
 
 
 def class_sizes(run: Run) -> dict[int, int]:
