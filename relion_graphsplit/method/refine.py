@@ -295,18 +295,13 @@ def difference_maps(
     """
     n, device = halves[0][0].box, compute.device
     mask = mask.to(device)
-    shells = shell_index(n, device).clamp(max=n // 2)
-    beyond = shell_index(n, device) > n // 2
     maps = []
     with compute.kernels():
         for first, second in halves:
             whole = FourierAccumulator(n, device=device)
             whole.sums = first.sums + second.sums
             curve = fsc(first.finalise(sym=symmetry) * mask, second.finalise(sym=symmetry) * mask).clamp(min=0.0)
-            weight = torch.sqrt(2 * curve / (1 + curve))
-            f = torch.fft.rfftn(whole.finalise(sym=symmetry).to(torch.float64))
-            f = f * torch.where(beyond, 0.0, weight[shells])
-            maps.append(torch.fft.irfftn(f, s=(n, n, n)).to(torch.float32).cpu())
+            maps.append(_shell_filtered(whole.finalise(sym=symmetry), torch.sqrt(2 * curve / (1 + curve))))
     return maps
 
 
@@ -335,19 +330,24 @@ def half_maps(
     list of list of torch.Tensor
         [half][class] (N, N, N) [z, y, x] float32 centred at N // 2 on the CPU, zero beyond shell N // 2.
     """
-    n, device = halves[0][0].box, compute.device
-    mask = mask.to(device)
-    shells = shell_index(n, device).clamp(max=n // 2)
-    beyond = shell_index(n, device) > n // 2
+    mask = mask.to(compute.device)
     maps: list[list[torch.Tensor]] = [[], []]
     with compute.kernels():
         for first, second in halves:
             pair = (first.finalise(sym=symmetry), second.finalise(sym=symmetry))
-            weight = torch.where(beyond, 0.0, fsc(pair[0] * mask, pair[1] * mask).clamp(min=0.0)[shells])
-            for half, m in enumerate(pair):
-                f = torch.fft.rfftn(m.to(torch.float64)) * weight
-                maps[half].append(torch.fft.irfftn(f, s=(n, n, n)).to(torch.float32).cpu())
+            curve = fsc(pair[0] * mask, pair[1] * mask).clamp(min=0.0)
+            for half, volume in enumerate(pair):
+                maps[half].append(_shell_filtered(volume, curve))
     return maps
+
+
+def _shell_filtered(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`volume` (N, N, N) with each Fourier shell (rounded radius in pixels) multiplied by `weight`
+    (indexed by shell, at least N // 2 + 1 long) and zero beyond shell N // 2: float32 on the CPU."""
+    n = volume.shape[0]
+    radius = shell_index(n, volume.device)
+    filtered = torch.fft.rfftn(volume.to(torch.float64)) * torch.where(radius > n // 2, 0.0, weight[radius.clamp(max=n // 2)])
+    return torch.fft.irfftn(filtered, s=(n, n, n)).to(torch.float32).cpu()
 
 
 def held_out_posterior(
