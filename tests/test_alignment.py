@@ -96,3 +96,27 @@ def test_compiled_rotation_samples_what_grid_sample_samples(n, dtype):
     assert float(reference.abs().max()) > 1.0  # images, not zeros
     identity = torch.eye(2, dtype=torch.float64).expand(b, 2, 2)
     torch.testing.assert_close(alignment._sample(images, identity), images, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_rotation_samples_only_inside_the_mask(dtype):
+    """With a mask, the compiled rotation gives the rotated images times the mask bit for bit (the
+    classification's values do not depend on the pixels it skips), and grid_sample's way the same to
+    rounding; pixels of mask 0 are 0 even where the taps meet values that are not finite."""
+    g = torch.Generator().manual_seed(2)
+    b, n = 16, 38
+    images = torch.randn(b, n, n, generator=g, dtype=torch.float64).to(dtype)
+    phi = torch.rand(b, generator=g, dtype=torch.float64) * 2 * math.pi
+    c, s = torch.cos(phi), torch.sin(phi)
+    matrix = torch.stack([torch.stack([c, -s], dim=-1), torch.stack([s, c], dim=-1)], dim=-2)
+    coords = torch.arange(n, dtype=torch.float64) - n // 2
+    radius = torch.sqrt(coords[:, None] ** 2 + coords[None, :] ** 2)
+    mask = ((12 - radius) / 3).clamp(0, 1).to(dtype)  # 1 inside, a soft edge, 0 beyond radius 12
+    assert 0 < float((mask == 0).float().mean()) < 1 and bool(((mask > 0) & (mask < 1)).any())
+    masked = alignment._sample(images, matrix, mask)
+    assert torch.equal(masked, alignment._sample(images, matrix) * mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    assert float((masked - alignment._grid_sample(images, matrix) * mask).abs().max()) < tolerance
+    corners = images.clone()
+    corners[:, :3, :3] = float("nan")  # beyond the mask's reach (radius 12 + 2 taps + 1)
+    assert torch.equal(alignment._sample(corners, matrix, mask), masked)

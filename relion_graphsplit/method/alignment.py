@@ -34,9 +34,14 @@ def cone_reference(axis: torch.Tensor) -> torch.Tensor:
 
 
 def align_to_reference(
-    images: torch.Tensor, rotations: torch.Tensor, reference: torch.Tensor, mirrored: torch.Tensor
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    reference: torch.Tensor,
+    mirrored: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotate centred images (B, n, n) so that each looks as seen from `reference` (3, 3) or (B, 3, 3).
+    """Rotate centred images (B, n, n) so that each looks as seen from `reference` (3, 3) or (B, 3, 3),
+    and multiply them by a 2D `mask`.
 
     `rotations` are the members' (equivalent) orientations and `mirrored` tells which images must be
     mirrored in y first. With M the in-plane rotation of the twist phi (`inplane_angle` of the
@@ -44,6 +49,8 @@ def align_to_reference(
     pixel u (F the y-mirror, or identity), u in pixels (x, y) from the centre n // 2. One bicubic
     interpolation (grid_sample's, a = -0.75; pixels that fall outside the image count as 0) in
     float64: on the CPU by a compiled loop, elsewhere by torch's grid_sample; they agree to rounding.
+    The compiled loop samples only the pixels where the mask is not 0 (a cone's mask covers about a
+    fifth of the image, and the sampling is most of the per-cone classification's time).
 
     Parameters
     ----------
@@ -56,11 +63,13 @@ def align_to_reference(
         (3, 3) or (B, 3, 3) the cone's reference orientation (`cone_reference`).
     mirrored : torch.Tensor
         (B,) bool: images to mirror in y before the rotation (members that joined by a mirrored copy).
+    mask : torch.Tensor or None
+        (n, n) [y, x] weights multiplied into the aligned images, in their dtype; None: all 1.
 
     Returns
     -------
     torch.Tensor
-        (B, n, n) the aligned images, in the dtype and on the device of `images`.
+        (B, n, n) the aligned images times the mask, in the dtype and on the device of `images`.
     """
     phi = inplane_angle(rotations, reference)
     c, s = torch.cos(phi), torch.sin(phi)
@@ -69,26 +78,32 @@ def align_to_reference(
     matrix = torch.stack(
         [torch.stack([c, -s], dim=-1), torch.stack([flip * s, flip * c], dim=-1)], dim=-2
     )
-    return _sample(images, matrix)
+    return _sample(images, matrix, mask)
 
 
-def _sample(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """out[u] = images[matrix @ u] with u in pixels from the centre N // 2 (bicubic, zero outside): on
-    the CPU by the compiled `_rotate_kernel` on torch.get_num_threads() threads, each on its own run of
-    images, elsewhere by grid_sample."""
+def _sample(images: torch.Tensor, matrix: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """out[u] = mask[u] images[matrix @ u] with u in pixels from the centre N // 2 (bicubic, zero
+    outside): on the CPU by the compiled `_rotate_kernel` on torch.get_num_threads() threads, each on
+    its own run of images, elsewhere by grid_sample."""
+    if mask is None:
+        mask = torch.ones(images.shape[-2:], dtype=images.dtype, device=images.device)
+    mask = mask.to(images.device, images.dtype)
     if not runs_compiled(images.device):
-        return _grid_sample(images, matrix)
+        return _grid_sample(images, matrix) * mask
     out = torch.empty_like(images)
-    args = (images.contiguous().numpy(), matrix.to(torch.float64).contiguous().numpy(), out.numpy())
+    args = (images.contiguous().numpy(), matrix.to(torch.float64).contiguous().numpy(), mask.contiguous().numpy(), out.numpy())
     run_in_runs(_rotate_kernel, args, len(images), torch.get_num_threads())
     return out
 
 
 @compiled
-def _rotate_kernel(images: np.ndarray, matrix: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
-    """out[b, u] = images[b] at matrix[b] @ u for images b from start to stop: grid_sample's bicubic
-    (Keys' cubic convolution, a = -0.75; taps outside the image count as 0), coordinates, weights and
-    sums in float64."""
+def _rotate_kernel(
+    images: np.ndarray, matrix: np.ndarray, mask: np.ndarray, out: np.ndarray, start: int, stop: int
+) -> None:
+    """out[b, u] = mask[u] times images[b] at matrix[b] @ u for images b from start to stop: grid_sample's
+    bicubic (Keys' cubic convolution, a = -0.75; taps outside the image count as 0), coordinates,
+    weights and sums in float64, rounded to the images' dtype before the product with the mask (as
+    sampling and then multiplying in that dtype); pixels where the mask is 0 are not sampled."""
     n = images.shape[1]
     centre = n // 2
     wx = np.empty(4)
@@ -98,6 +113,9 @@ def _rotate_kernel(images: np.ndarray, matrix: np.ndarray, out: np.ndarray, star
         for py in range(n):
             uy = py - centre
             for px in range(n):
+                if mask[py, px] == 0:
+                    out[b, py, px] = 0.0
+                    continue
                 ux = px - centre
                 x = m00 * ux + m01 * uy + centre
                 y = m10 * ux + m11 * uy + centre
@@ -117,6 +135,7 @@ def _rotate_kernel(images: np.ndarray, matrix: np.ndarray, out: np.ndarray, star
                             line += wx[i] * images[b, row, col]
                     total += wy[j] * line
                 out[b, py, px] = total
+                out[b, py, px] *= mask[py, px]
 
 
 @compiled

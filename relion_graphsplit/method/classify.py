@@ -138,8 +138,8 @@ def _classify_batch(
             order = np.argsort(particles)  # sorted reads from the scratch file
             images = torch.empty(len(particles), w, w, dtype=torch.float32)
             images[order] = torch.from_numpy(np.asarray(stored[particles[order]]))
-            aligned = align_to_reference(images.to(device), rotations, references[row], mirrored)
-            data[row, : len(particles)] = (aligned * masks[row].to(device)).reshape(len(particles), -1)[:, on_device]
+            aligned = align_to_reference(images.to(device), rotations, references[row], mirrored, masks[row])
+            data[row, : len(particles)] = aligned.reshape(len(particles), -1)[:, on_device]
             valid[row, : len(particles)] = True
         comp = first_component(data, valid)
         mixture = fit_mixture(comp.scores, valid)
