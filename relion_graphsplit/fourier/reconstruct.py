@@ -164,7 +164,7 @@ class FourierAccumulator:
         kx = torch.arange(h, device=self.device)[None, :].expand(box, h)
         keep = (kx * kx + ky * ky <= self.r_max**2) & ~((kx == 0) & (ky < 0))
         self._pixels = torch.nonzero(keep.reshape(-1)).squeeze(1)
-        self._kx_axis, self._ky_axis = kx[0].to(dtype), ky[:, :1].to(dtype)  # (h,) and (box, 1)
+        self._kx_axis, self._ky_axis = kx[0].to(dtype), ky[:, 0].to(dtype)  # (h,) and (box,)
         self._kx = kx.reshape(-1)[self._pixels].to(dtype)
         self._ky = ky.reshape(-1)[self._pixels].to(dtype)
         self._dc = (self._kx == 0) & (self._ky == 0)
@@ -290,10 +290,12 @@ class FourierAccumulator:
         """
         f = images_rfft.to(self.device)
         if origins is not None:
-            o = origins.to(self.device, self.dtype)
-            shift = o[:, 0, None, None] * self._kx_axis + o[:, 1, None, None] * self._ky_axis
-            phase = (-2.0 * math.pi / self.box) * shift
-            f = f * torch.polar(torch.ones_like(phase), phase)
+            # The phase ramp is the product of a ramp along x and one along y: 1D phases, not 2D.
+            o = (-2.0 * math.pi / self.box) * origins.to(self.device, self.dtype)
+            along_x, along_y = o[:, 0, None] * self._kx_axis, o[:, 1, None] * self._ky_axis
+            ramp_x = torch.polar(torch.ones_like(along_x), along_x)
+            ramp_y = torch.polar(torch.ones_like(along_y), along_y)
+            f = f * ramp_y[:, :, None] * ramp_x[:, None, :]
         rotations = rotations.to(self.device, self.dtype)
         insert = self._splat if runs_compiled(self.device) else self._scatter
         insert(f, ctf, weights, rotations, ctf_premultiplied)
