@@ -318,39 +318,6 @@ def density_from_model(
     return volume.to(torch.float32).numpy()
 
 
-def density_from_pdb(
-    path: str | os.PathLike,
-    box: int,
-    pixel_size: float,
-    chains: Sequence[str] | None = None,
-    bfactor: float | None = 100.0,
-    center: Sequence[float] | None = None,
-) -> np.ndarray:
-    """Coulomb potential map (box^3 [z, y, x] float32) of an atomic model file; see density_from_model.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A PDB or mmCIF file, gzipped or not (`read_model`).
-    box : int
-        The map's box (pixels).
-    pixel_size : float
-        The map's pixel size (A).
-    chains : sequence of str or None
-        The chains to keep; None keeps all.
-    bfactor : float or None
-        B-factor (A^2) for every atom; None keeps the file's.
-    center : sequence of float or None
-        The model point (x, y, z) in A at voxel box // 2; None: the centre of mass.
-
-    Returns
-    -------
-    np.ndarray
-        (box, box, box) [z, y, x] float32.
-    """
-    return density_from_model(read_model(path, chains), box, pixel_size, bfactor, center)
-
-
 def residue_mask(
     models: Sequence[gemmi.Structure],
     residues: Sequence[tuple[int, int]],
