@@ -301,3 +301,32 @@ def test_working_batches_hold_the_pixels_of_full_size_batches():
     assert options.working_batch(128, 32) == 256 * 16
     assert options.working_batch(100, 64) == 256 * 2  # whole multiples of the full-size batch
     assert options.working_batch(64, 64) == 256
+
+
+def test_the_run_lets_go_of_its_tables_before_the_report(simulated: Path, tmp_path: Path, monkeypatch):
+    """The report reads the run back from its files: while it is written, the split's result (with the
+    memberships), the class maps and the inputs (the particle table) are no longer held."""
+    import gc
+
+    from relion_graphsplit import report
+    from relion_graphsplit.cli import job
+    from relion_graphsplit.method.classmaps import ClassMaps
+    from relion_graphsplit.method.pipeline import SplitResult
+
+    kinds = (SplitResult, ClassMaps, job._Inputs)
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+    before, during = alive(), []
+    write_report = report.write_report
+
+    def watched(*args, **kwargs):
+        during.append(alive())
+        return write_report(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", watched)
+    run(["--i", str(simulated / "particles.star"), "--o", str(tmp_path / "run"), "--j", "1"])
+    assert during == [before]
+    assert (tmp_path / "run" / "report.html").is_file()
