@@ -21,7 +21,7 @@ from relion_graphsplit.files import atomic_path
 from relion_graphsplit.fourier.ctf import CTFParams
 from relion_graphsplit.fourier.geometry import euler_to_matrix
 from relion_graphsplit.relion.stack_files import parse_image_name, resolve_stack, split_image_names, stack_shape
-from relion_graphsplit.relion.star_tables import StarParseError, read_star
+from relion_graphsplit.relion.star_tables import StarParseError, read_star, write_block
 
 
 class StarFileError(ValueError):
@@ -243,8 +243,8 @@ def write_particles(path: str | os.PathLike, ps: ParticleSet, particles: pd.Data
         raise StarFileError(f"{path}: particles refer to optics groups {unknown} missing from data_optics")
     version = 50001 if ps.version >= 50000 else 30001
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        _write_block(f, "optics", ps.optics, version)
-        _write_block(f, "particles", particles, version)
+        write_block(f, "optics", ps.optics, version)
+        write_block(f, "particles", particles, version)
 
 
 @dataclass(frozen=True)
@@ -845,27 +845,3 @@ def _require_poses(ps: ParticleSet) -> None:
             raise StarFileError(
                 f"{ps.path}: {column} is not a finite number for {bad.size} particle(s), the first in row {bad[0] + 1}"
             )
-
-
-def _write_block(f, name: str, table: pd.DataFrame, version: int, chunk: int = 100_000) -> None:
-    """One table in RELION's layout: version tag, data_ and loop_ lines, labels, rows, blank line."""
-    f.write(f"\n# version {version}\n\ndata_{name}\n\nloop_ \n")
-    f.writelines(f"_{column} #{i} \n" for i, column in enumerate(table.columns, start=1))
-    for start in range(0, len(table), chunk):
-        part = table.iloc[start : start + chunk]
-        columns = [_format_column(part[c]) for c in part.columns]
-        f.writelines(" ".join(row) + "\n" for row in zip(*columns))
-    f.write("\n")
-
-
-def _format_column(column: pd.Series) -> list[str]:
-    """STAR text for one column: shortest exact floats, plain integers, strings quoted if needed."""
-    if pd.api.types.is_bool_dtype(column):
-        return column.astype(int).astype(str).tolist()
-    if pd.api.types.is_float_dtype(column):
-        return column.to_numpy().astype(str).tolist()
-    if pd.api.types.is_integer_dtype(column):
-        return column.astype(str).tolist()
-    text = column.fillna("").astype(str)
-    quote = text.str.contains(r"\s") | (text == "")
-    return np.where(quote, '"' + text + '"', text).tolist()

@@ -1,4 +1,5 @@
-"""The data blocks of a STAR file, each loop read by pandas' C parser straight from the file.
+"""The data blocks of a STAR file, each loop read by pandas' C parser straight from the file, and
+written a chunk of rows at a time.
 
 starfile (the writer used elsewhere) reads a loop by holding its text several times over (the file's
 lines, their join, a copy with quotes replaced, a StringIO of it): reading a 124 MB particle file of
@@ -9,6 +10,10 @@ rows from the file itself, holding little more than the table.
     blocks = read_star("run_data.star", string_columns=["rlnImageName"])
     particles = blocks["particles"]  # a loop: pd.DataFrame, columns without the leading "_"
     general = read_star("run_model.star")["model_general"]  # a block of "_name value" pairs: dict
+    write_star("run_cones.star", {"cones": table}, float_format="%.6f")
+
+Writing is chunked for the same reason: starfile's writer took 0.68 GB to write 4 million rows of
+four columns.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import shlex
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+
+from relion_graphsplit.files import atomic_path
 
 NA_VALUES = ["nan", "NaN", "<NA>", ""]
 """The values read as missing, the values a row cut short lacks included (pandas' own long list is not
@@ -154,3 +162,56 @@ def _unquoted(value: str) -> str:
     except ValueError:
         return value
     return parts[0] if len(parts) == 1 else value
+
+
+def write_star(
+    path: str | os.PathLike, blocks: dict[str, pd.DataFrame], float_format: str | None = None, chunk: int = 100_000
+) -> None:
+    """Write tables as the loops of a STAR file, whole or not at all.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    blocks : dict of str to pd.DataFrame
+        The loops by name (without "data_"), in order; column names without the leading "_".
+    float_format : str or None
+        printf format of float columns ("%.6f"); None: the shortest text that reads back to the same
+        double.
+    chunk : int
+        Rows formatted at a time: the memory the writing takes beyond the tables.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for name, table in blocks.items():
+            write_block(f, name, table, float_format=float_format, chunk=chunk)
+
+
+def write_block(
+    f, name: str, table: pd.DataFrame, version: int | None = None, float_format: str | None = None, chunk: int = 100_000
+) -> None:
+    """One loop into the open text file `f`: the version tag (RELION's "# version 30001", when given),
+    data_ and loop_ lines, labels, rows `chunk` at a time, a blank line. Integers plain, floats as
+    `write_star` says, strings quoted where they hold white space or are empty."""
+    if version is not None:
+        f.write(f"\n# version {version}\n")
+    f.write(f"\ndata_{name}\n\nloop_ \n")
+    f.writelines(f"_{column} #{i} \n" for i, column in enumerate(table.columns, start=1))
+    for start in range(0, len(table), chunk):
+        part = table.iloc[start : start + chunk]
+        columns = [_format_column(part[c], float_format) for c in part.columns]
+        f.writelines(" ".join(row) + "\n" for row in zip(*columns))
+    f.write("\n")
+
+
+def _format_column(column: pd.Series, float_format: str | None) -> list[str]:
+    """STAR text for one column: floats exact (or by `float_format`), plain integers, strings quoted if needed."""
+    if pd.api.types.is_bool_dtype(column):
+        return column.astype(int).astype(str).tolist()
+    if pd.api.types.is_float_dtype(column):
+        values = column.to_numpy()
+        return values.astype(str).tolist() if float_format is None else np.char.mod(float_format, values).tolist()
+    if pd.api.types.is_integer_dtype(column):
+        return column.astype(str).tolist()
+    text = column.fillna("").astype(str)
+    quote = text.str.contains(r"\s") | (text == "")
+    return np.where(quote, '"' + text + '"', text).tolist()

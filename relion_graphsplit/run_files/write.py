@@ -8,13 +8,13 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 
 from relion_graphsplit.files import atomic_path
 from relion_graphsplit.method.pipeline import SplitResult
 from relion_graphsplit.method.refine import log_odds
 from relion_graphsplit.relion import star as star_io
 from relion_graphsplit.relion.stack_files import resolve_stack
+from relion_graphsplit.relion.star_tables import write_star
 
 LOG_ODDS_LABEL = "rlnGraphSplitLogOdds"
 """Columns rlnGraphSplitLogOdds1 .. rlnGraphSplitLogOddsK (for K >= 2 classes): each particle's log
@@ -161,12 +161,8 @@ def write_diagnostics(out: Path, result: SplitResult) -> None:
         run_memberships.star its membership table (block "memberships"), run_cone_images.mrcs its
         cone_images (M, 4, w, w) as a stack of 4 M float32 images with the working pixel size (A).
     """
-    cones = out / "run_cones.star"
-    with atomic_path(cones) as tmp:
-        starfile.write({"cones": result.cone_table, "edges": result.edges}, tmp, overwrite=True)
-    members = out / "run_memberships.star"
-    with atomic_path(members) as tmp:
-        starfile.write({"memberships": result.membership}, tmp, overwrite=True)
+    write_star(out / "run_cones.star", {"cones": result.cone_table, "edges": result.edges}, float_format="%.6f")
+    write_star(out / "run_memberships.star", {"memberships": result.membership}, float_format="%.6f")
     images = out / "run_cone_images.mrcs"
     stack = result.cone_images.reshape(-1, *result.cone_images.shape[2:])  # 4 images per cone
     with atomic_path(images) as tmp:
