@@ -6,7 +6,7 @@ splits a set in two along its widest direction and refines by nearest class mean
 which splits the tree keeps, that classes a split cut in two are merged, and the verdicts.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -36,6 +36,8 @@ class PlaneSplitter:
     refines: bool = True
     timings: dict | None = None
     pixel_size: float = 4.0
+    local_refinements: list = field(default_factory=list)  # `local` of each refine from find_classes
+    local_maps: list = field(default_factory=list)  # `local` of each class_maps call
 
     @property
     def mask(self) -> torch.Tensor:
@@ -48,7 +50,11 @@ class PlaneSplitter:
         gram = torch.einsum("aijk,bijk->ab", self.basis, self.basis)
         return torch.linalg.solve(gram, torch.einsum("aijk,ijk->a", self.basis, volume)).numpy()
 
-    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None) -> Refined:
+    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None, local: bool = False) -> Refined:
+        self.local_refinements.append(local)
+        return self._refine(rows, classes)
+
+    def _refine(self, rows: np.ndarray, classes: np.ndarray) -> Refined:
         for _ in range(20):
             means = np.stack([self.x[rows][classes == k].mean(axis=0) for k in range(1, classes.max() + 1)])
             distance = ((self.x[rows][:, None, :] - means[None]) ** 2).sum(-1)
@@ -71,9 +77,12 @@ class PlaneSplitter:
         centred = self.x[rows] - self.x[rows].mean(axis=0)
         axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
         start = np.where(centred @ axis >= 0, 1, 2)
-        return TwoClasses(rows, self.refine(rows, start).log_posterior, [], self.mask)
+        return TwoClasses(rows, self._refine(rows, start).log_posterior, [], self.mask)  # a graph split's start
 
-    def class_maps(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> list[torch.Tensor]:
+    def class_maps(
+        self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor, local: bool = False
+    ) -> list[torch.Tensor]:
+        self.local_maps.append(local)
         weights = probability / probability.sum(axis=0)
         return [self._volume(weights[:, k] @ self.x[rows]) for k in range(probability.shape[1])]
 
@@ -128,6 +137,21 @@ def test_three_separated_states_are_three_classes():
     assert _purity(found.classes, truth) > 0.97
     kept = [t.node for t in found.tests if t.kept]
     assert kept[0] == "1" and len([t for t in kept if "+" not in t]) == 2
+
+
+def test_only_the_classes_found_are_refined_with_local_weights():
+    """The local weighting of the class maps is for classes already found: every refinement
+    find_classes starts itself (a kept split's, all classes') and the maps it compares for a merge
+    use it; the directions of the tests, from the half-sets' own splits, do not."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(3), [2000, 1500, 1500])
+    x = np.asarray([(0.0, 0.0), (6.0, 0.0), (0.0, 6.0)])[truth] + NOISE * rng.standard_normal((len(truth), 2))
+    splitter = PlaneSplitter(x, SplitOptions(), _basis())
+    found = find_classes(splitter, None, rng.integers(1, 3, len(truth)))
+    assert found.n_classes == 3
+    assert len(splitter.local_refinements) >= 3 and all(splitter.local_refinements)
+    assert True in splitter.local_maps and False in splitter.local_maps
+    assert splitter.local_maps.count(False) == sum(len([g for g in t.gain if g == g]) for t in found.tests)
 
 
 def test_a_state_cut_in_two_is_merged_back():

@@ -13,6 +13,7 @@ from relion_graphsplit.method.refine import (
     difference_maps,
     held_out_posterior,
     image_spectra,
+    local_wiener,
     log_odds,
     projection_scores,
     residual_sums,
@@ -182,6 +183,27 @@ def test_held_out_posteriors_do_not_follow_a_particles_own_label(tmp_path):
     kept_out, lost_out = kept(held_out)
     assert kept_in - lost_in > 0.12  # 0.18: the effect is there to be removed
     assert abs(kept_out - lost_out) < 0.05  # 0.02
+
+
+def test_local_wiener_keeps_a_small_difference_and_removes_the_noise_around_it():
+    """A small blob (a bound peptide's difference) in two half maps of independent noise: the weight
+    is near 1 on the blob and near 0 far from it, and the weighted map is much closer to the blob
+    than the map itself, whose error is the noise of the whole box."""
+    rng = np.random.default_rng(5)
+    box = 32
+    k = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    distance = torch.sqrt((x - 4) ** 2 + (y + 3) ** 2 + z**2)
+    signal = 6.0 * torch.exp(-(distance**2) / (2 * 1.5**2))
+    halves = [signal + torch.from_numpy(rng.standard_normal((box, box, box))) for _ in range(2)]
+    estimate, noise = (halves[0] + halves[1]) / 2, (halves[0] - halves[1]) / 2
+    weight = local_wiener(estimate.to(torch.float32), noise.to(torch.float32))
+    assert weight.dtype == torch.float32 and float(weight.min()) >= 0.0 and float(weight.max()) <= 1.0
+    assert float(weight[distance < 1.5].mean()) > 0.8  # 0.87
+    assert float(weight[distance > 10].mean()) < 0.1  # 0.05
+    error_weighted = float(((estimate * weight - signal) ** 2).sum())
+    error = float(((estimate - signal) ** 2).sum())
+    assert error_weighted < 0.05 * error  # 0.017
 
 
 def test_class_two_from_the_totals_equals_its_own_insertion(tmp_path):

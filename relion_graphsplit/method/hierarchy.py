@@ -203,7 +203,7 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             if not test.kept:
                 continue
             # The halves' splits, each learnt alone, are refined together: no graph of the whole node.
-            refined = splitter.refine(members[node], start)
+            refined = splitter.refine(members[node], start, local=True)
             splits[node] = TwoClasses(members[node], refined.log_posterior, refined.changed, refined.mask)
         else:
             try:
@@ -239,7 +239,7 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             # While pairs may still merge, a few rounds place the classes well enough to test them:
             # the full rounds are spent once, on the classes that stand.
             testing = merging and len(leaves) >= 3
-            refined = splitter.refine(everyone, classes, rounds=TEST_ROUNDS if testing else None)
+            refined = splitter.refine(everyone, classes, rounds=TEST_ROUNDS if testing else None, local=True)
             log_posterior, changed, mask = refined.log_posterior, refined.changed, refined.mask
             log_posterior, leaves = _drop_empty(log_posterior, leaves, warnings)
             classes = np.argmax(log_posterior, axis=1) + 1
@@ -247,7 +247,8 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
                 break
             # A state the tree cut in two (a continuum's middle, say) gives two classes whose union
             # is one mode: test the closest pair's union as a split, and merge it where it fails.
-            i, j = _closest_pair(splitter.class_maps(everyone, np.exp(log_posterior), splitter.mask), splitter.mask)
+            maps = splitter.class_maps(everyone, np.exp(log_posterior), splitter.mask, local=True)
+            i, j = _closest_pair(maps, splitter.mask)
             union = everyone[(classes == i + 1) | (classes == j + 1)]
             test, _ = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
             tests.append(test)

@@ -22,11 +22,13 @@ at a time: the Fourier sums by `FourierAccumulator`, the likelihood terms by the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.special import logsumexp
 
 from relion_graphsplit.engine import CPU, LOCAL, Compute, Engine, StoredArray, ordered_sum, tasks_of
@@ -44,6 +46,10 @@ from relion_graphsplit.fourier.reconstruct import FourierAccumulator, centred_rf
 from relion_graphsplit.method.masks import class_maps_mask
 from relion_graphsplit.method.options import SplitOptions
 from relion_graphsplit.scratch import ScratchArray, row_batches
+
+LOCAL_SIGMA = 2.0
+"""Width (standard deviation, working-box voxels) of the neighbourhood `local_wiener` averages the
+powers over, about the working resolution (a working pixel is a third to a half of it)."""
 
 
 def _half_plane_weights(n: int) -> torch.Tensor:
@@ -264,15 +270,26 @@ def class_sums(
 
 
 def difference_maps(
-    halves: list[list[FourierAccumulator]], symmetry: str, mask: torch.Tensor, compute: Compute = CPU
+    halves: list[list[FourierAccumulator]],
+    symmetry: str,
+    mask: torch.Tensor,
+    compute: Compute = CPU,
+    local: bool = False,
 ) -> list[torch.Tensor]:
-    """Each class's difference to the consensus, from its halves' sums (`class_sums`), FSC-weighted.
+    """Each class's difference to the consensus, from its halves' sums (`class_sums`), FSC-weighted
+    and, if `local`, weighted voxel by voxel by its local signal-to-noise ratio (`local_wiener`).
 
     Each class is reconstructed from two halves (even and odd particle numbers); the sum is filtered
     shell by shell by sqrt(2 FSC / (1 + FSC)) of the halves. Unfiltered, the map of the smaller class
     is the noisier one, its noise power enters the likelihood as a penalty, and particles drift into
     the larger class. The FSC is taken between the halves multiplied by the 3D `mask` (the region the
     likelihood looks at): unmasked, the solvent's noise lowers it and the filter removes signal.
+    The shell filter cannot tell where in the map the difference lies: a small part (a bound peptide)
+    leaves the rest of the mask filled with noise, which every particle's likelihood then meets. With
+    `local`, the filtered map is multiplied by the local Wiener weight of its power against that of
+    the halves' half-difference filtered alike (its noise without its signal). That is for classes
+    already found: from a graph split's rough start, it can remove a weak class's map before the
+    class has formed (docs/method.md has both measurements).
 
     Parameters
     ----------
@@ -285,13 +302,16 @@ def difference_maps(
         not masked).
     compute : Compute
         The device the maps are reconstructed and filtered on, that of the accumulators.
+    local : bool
+        Whether to weight each map voxel by voxel (`local_wiener`).
 
     Returns
     -------
     list of torch.Tensor
         Per class, (N, N, N) [z, y, x] float32 centred at N // 2 on the CPU: the reconstruction from
         both halves, each shell (rounded radius in Fourier pixels) multiplied by sqrt(2 FSC / (1 + FSC))
-        with the FSC clipped at 0, and zero beyond shell N // 2.
+        with the FSC clipped at 0 and zero beyond shell N // 2; if `local`, times `local_wiener` of it
+        against the halves' half-difference filtered alike.
     """
     n, device = halves[0][0].box, compute.device
     mask = mask.to(device)
@@ -300,8 +320,14 @@ def difference_maps(
         for first, second in halves:
             whole = FourierAccumulator(n, device=device)
             whole.sums = first.sums + second.sums
-            curve = fsc(first.finalise(sym=symmetry) * mask, second.finalise(sym=symmetry) * mask).clamp(min=0.0)
-            maps.append(_shell_filtered(whole.finalise(sym=symmetry), torch.sqrt(2 * curve / (1 + curve))))
+            pair = first.finalise(sym=symmetry), second.finalise(sym=symmetry)
+            curve = fsc(pair[0] * mask, pair[1] * mask).clamp(min=0.0)
+            weight = torch.sqrt(2 * curve / (1 + curve))
+            estimate = _shell_filtered(whole.finalise(sym=symmetry), weight)
+            if local:
+                noise = _shell_filtered((pair[0] - pair[1]) / 2, weight)  # the noise of the halves' mean
+                estimate = estimate * local_wiener(estimate, noise)
+            maps.append(estimate)
     return maps
 
 
@@ -311,8 +337,10 @@ def half_maps(
     """Each class's difference map to the consensus from each half alone, Wiener-filtered, [half][class].
 
     A half's map is filtered shell by shell by the FSC of the two halves (masked by `mask`, clipped at
-    0), the fraction of a half map's power that is signal. Scored against the other half's maps, a
-    particle meets none of its own noise, so its posterior is not inflated by it (`held_out_posterior`).
+    0), the fraction of a half map's power that is signal, and then voxel by voxel (`local_wiener`,
+    with the noise from the halves' difference, as in `difference_maps` with `local`: these are the
+    maps of classes already found). Scored against the other half's maps, a particle meets none of
+    its own noise, so its posterior is not inflated by it (`held_out_posterior`).
 
     Parameters
     ----------
@@ -336,9 +364,39 @@ def half_maps(
         for first, second in halves:
             pair = (first.finalise(sym=symmetry), second.finalise(sym=symmetry))
             curve = fsc(pair[0] * mask, pair[1] * mask).clamp(min=0.0)
+            noise = _shell_filtered((pair[0] - pair[1]) / math.sqrt(2), curve)  # a half map's noise
             for half, volume in enumerate(pair):
-                maps[half].append(_shell_filtered(volume, curve))
+                estimate = _shell_filtered(volume, curve)
+                maps[half].append(estimate * local_wiener(estimate, noise))
     return maps
+
+
+def local_wiener(estimate: torch.Tensor, noise: torch.Tensor, sigma: float = LOCAL_SIGMA) -> torch.Tensor:
+    """Voxel-wise Wiener weight of a map from its local power and that of its noise.
+
+    With both powers averaged over a Gaussian neighbourhood, the weight is the estimated fraction of
+    the local power that is signal, 1 - <noise^2> / <estimate^2>, clipped to [0, 1]: about 1 where the
+    map holds a difference well above its noise, 0 where it holds noise alone.
+
+    Parameters
+    ----------
+    estimate : torch.Tensor
+        (N, N, N) the map, signal plus noise, on the CPU.
+    noise : torch.Tensor
+        (N, N, N) a map of its noise alone at the same level (such as half the difference of two
+        half maps, filtered as the estimate), on the CPU.
+    sigma : float
+        Standard deviation (voxels) of the Gaussian the squares are averaged over.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N) float32 in [0, 1] on the CPU.
+    """
+    power = ndimage.gaussian_filter(estimate.to(torch.float64).numpy() ** 2, sigma)
+    noise_power = ndimage.gaussian_filter(noise.to(torch.float64).numpy() ** 2, sigma)
+    weight = 1.0 - noise_power / np.maximum(power, np.finfo(np.float64).tiny)
+    return torch.from_numpy(np.clip(weight, 0.0, 1.0)).to(torch.float32)
 
 
 def _shell_filtered(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -724,6 +782,7 @@ def refine_classes(
     engine: Engine = LOCAL,
     compute: Compute = CPU,
     totals: list[FourierAccumulator] | None = None,
+    local: bool = False,
 ) -> Refined:
     """Rounds of fixed-pose classification of particles `rows` against K class maps, from given classes.
 
@@ -767,6 +826,9 @@ def refine_classes(
         The device they compute on (the same classes, to rounding); the mask is drawn on the CPU.
     totals : list of FourierAccumulator or None
         `residual_sums` of `rows` in batches of options.batch_size, where already made; None: made here.
+    local : bool
+        Whether the class maps are weighted voxel by voxel (`difference_maps`): for classes already
+        found (a tested split's, the tree's), not for a graph split's rough start.
 
     Returns
     -------
@@ -796,11 +858,11 @@ def refine_classes(
     if redraw_mask:
         halves = sums()
         mask = class_maps_mask(
-            consensus, difference_maps(halves, options.symmetry, mask, compute), float(scale[rows].mean()),
+            consensus, difference_maps(halves, options.symmetry, mask, compute, local), float(scale[rows].mean()),
             pixel_size, threshold=options.refine_mask_threshold, extend=options.mask_extend,
         )  # fmt: skip
     for _ in track(rounds(), description="Refining against the class maps (rounds)", total=options.refine_iterations):
-        differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask, compute)
+        differences = difference_maps(halves if halves is not None else sums(), options.symmetry, mask, compute, local)
         prior = np.log(np.maximum(probability[rows].mean(axis=0), 1e-6))
         likelihoods = class_log_likelihoods(
             spectra, differences, mask, rotations, scale, filters, batches, engine, compute

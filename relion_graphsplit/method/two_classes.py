@@ -272,15 +272,16 @@ class Splitter:
         refined = self.refine(rows, classes_by_sign(graph.score), rounds)
         return TwoClasses(rows, refined.log_posterior, refined.changed, refined.mask)
 
-    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None):
+    def refine(self, rows: np.ndarray, classes: np.ndarray, rounds: int | None = None, local: bool = False):
         """`refine.refine_classes` of `rows` from `classes` (1..K), at most `rounds` rounds (None:
-        options.refine_iterations)."""
+        options.refine_iterations), the class maps weighted voxel by voxel if `local` (for classes
+        already found)."""
         start = time.perf_counter()
         options = self.options if rounds is None else replace(self.options, refine_iterations=rounds)
         refined = refine_classes(
             self.spectra, self.filters, rows, self.rotations, self.scale, classes, self.mask, self.consensus,
             self.pixel_size, options, redraw_mask=self.redraw_mask, track=self.track, engine=self.engine,
-            compute=self.compute, totals=self.residual_totals(rows),
+            compute=self.compute, totals=self.residual_totals(rows), local=local,
         )  # fmt: skip
         self._time("refine", start)
         return refined
@@ -308,9 +309,12 @@ class Splitter:
             self._totals[key] = residual_sums(self.spectra, self.rotations, self.filters, batches, self.engine, self.compute)
         return self._totals[key]
 
-    def class_maps(self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor) -> list[torch.Tensor]:
+    def class_maps(
+        self, rows: np.ndarray, probability: np.ndarray, mask: torch.Tensor, local: bool = False
+    ) -> list[torch.Tensor]:
         """The K classes' difference maps to the consensus (`refine.difference_maps`, (w, w, w) each)
-        for `rows` with class probabilities (m, K), FSC-weighted within `mask`."""
+        for `rows` with class probabilities (m, K), FSC-weighted within `mask`, and voxel by voxel if
+        `local`."""
         batches = [rows[index] for index in row_batches(len(rows), self.options.batch_size)]
         totals = self.residual_totals(rows)
         everyone = np.zeros((self.spectra.shape[0], probability.shape[1]))
@@ -318,7 +322,7 @@ class Splitter:
         sums = class_sums(
             self.spectra, everyone, totals, self.rotations, self.filters, batches, self.engine, self.compute
         )
-        return difference_maps(sums, self.options.symmetry, mask, self.compute)
+        return difference_maps(sums, self.options.symmetry, mask, self.compute, local)
 
     def difference(self, split: TwoClasses) -> torch.Tensor:
         """(w, w, w) class 1's map minus class 2's, from the split's rows and probabilities, masked by
