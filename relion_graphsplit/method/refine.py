@@ -356,7 +356,8 @@ def half_maps(
     Returns
     -------
     list of list of torch.Tensor
-        [half][class] (N, N, N) [z, y, x] float32 centred at N // 2 on the CPU, zero beyond shell N // 2.
+        [half][class] (N, N, N) [z, y, x] float32 centred at N // 2 on the CPU, zero beyond shell N // 2:
+        each half's FSC-filtered map times its `local_wiener`.
     """
     mask = mask.to(compute.device)
     maps: list[list[torch.Tensor]] = [[], []]
