@@ -224,7 +224,7 @@ def test_sums_do_not_depend_on_the_thread_count(blobs, monkeypatch, by_row):
 
 
 def test_sorting_the_points_by_row_changes_the_sums_by_rounding_only(blobs, monkeypatch):
-    """Grids above _SORTED_GRID_BYTES take a chunk's points sorted by grid row (`_row_order`): the same
+    """Grids above _SORTED_GRID_BYTES take a chunk's points sorted by grid row (`_sort_by_row`): the same
     sums as in image order, but for the order of the float32 additions; images of weight 0 add nothing."""
     gen = torch.Generator().manual_seed(17)
     A = random_poses(gen, 120)
@@ -239,12 +239,15 @@ def test_sorting_the_points_by_row_changes_the_sums_by_rounding_only(blobs, monk
         sums[by_row] = acc.sums.clone()
     assert not torch.equal(sums[False], sums[True])  # the other order: the sort did run
     assert torch.allclose(sums[False], sums[True], rtol=0, atol=2e-6 * float(sums[False].abs().max()))
-    order = reconstruct_module._row_order(
-        weights.numpy(), acc._kx.numpy(), acc._ky.numpy(), A.float().numpy(), acc.pad, acc.c
-    )
     n_pixels = len(acc._pixels)
+    rows = np.empty(120 * n_pixels, np.int32)
+    reconstruct_module._point_rows(
+        rows, weights.numpy(), acc._kx.numpy(), acc._ky.numpy(), A.float().numpy(), acc.pad, acc.c, True, 0, 120
+    )
+    order, starts = reconstruct_module._sort_by_row(rows, (2 * acc.c + 1) ** 2)
     assert len(order) == int((weights > 0).sum()) * n_pixels  # images of weight 0 are left out
     assert np.array_equal(np.sort(order), np.flatnonzero(np.repeat(weights.numpy() > 0, n_pixels)))
+    assert np.all(np.diff(rows[order]) >= 0) and np.array_equal(starts[rows[order]] <= np.arange(len(order)), [True] * len(order))
 
 
 @pytest.mark.parametrize(("box", "sym", "regularised"), [(BOX, "C1", False), (BOX + 1, "D2", True)])

@@ -19,9 +19,11 @@ the loop waits on memory: in grids larger than _SORTED_GRID_BYTES the inserted p
 images are first sorted (a stable counting sort) by the grid row (z, y) they fall in, and then added
 row after row, so that the rows a chunk writes are brought into the caches once rather than once per
 point; smaller grids (the refinement's, at the working box) stay in the caches and take the points in
-image, pixel order. The loop is split among threads by z planes (blocks of them where sorted); every
-voxel gets its additions in the same order whatever the thread count. The threads run on while the
-caller prepares the next chunk, and reading `sums` waits for them.
+image, pixel order. The threads first find each point's z plane (or grid row), a run of images each;
+then each thread adds the points that fall on its own blocks of z planes, so that a point is handled
+by one thread (two where it straddles blocks), and every voxel gets its additions in the same order
+whatever the thread count. The threads run on while the caller prepares the next chunk, and reading
+`sums` waits for them.
 With the transforms and CTFs of the images it takes half the time of torch's scatter_add_ at boxes 64
 to 256, which runs on one thread on the CPU and needs index and weight tensors 8 times the batch
 (`scripts/bench_insertion.py`; docs/notes/speed-history.md, "Class maps at large boxes"). On other devices the insertion is
@@ -65,9 +67,9 @@ _SORTED_POINTS = 1 << 20
 # the sort costs more than it saves (at box 64, 13 MB of grids: 0.065 against 0.048 ms per image).
 _SORTED_GRID_BYTES = 32 << 20
 
-# z planes per block of the threads' share of the grids when the points are sorted by row (thread t
-# writes the blocks t, t + T, ...): each thread then sweeps its own rows. In image order single planes
-# are shared out, which was faster there (docs/notes/dropped-ideas.md, "Variants of the insertion's loop").
+# Most z planes per block of the threads' share of the grids (thread t writes the blocks t, t + T, ...):
+# few points straddle two blocks, and sorted points are swept block by block. Smaller blocks where the
+# grids have fewer than 4 blocks per thread.
 _PLANE_BLOCK = 8
 
 
@@ -308,11 +310,12 @@ class FourierAccumulator:
         rotations: torch.Tensor,
         ctf_premultiplied: bool,
     ) -> None:
-        """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel`, split among
-        torch.get_num_threads() threads by z planes (each voxel's additions in the same order
-        whatever the split), the points sorted by grid row first (`_row_order`, on the calling thread)
-        where the grids exceed _SORTED_GRID_BYTES; the threads run on while the caller prepares its next
-        chunk."""
+        """Insert the transforms f (B, N, N // 2 + 1) with the compiled `_splat_kernel` on
+        torch.get_num_threads() threads. The threads first find each point's z plane, or its grid row
+        where the grids exceed _SORTED_GRID_BYTES (`_point_rows`, a run of images each), and such
+        points are sorted by row (`_sort_by_row`); then each thread adds the points that fall on its own
+        blocks of z planes (each voxel's additions in the same order whatever the thread count). The
+        threads run on while the caller prepares its next chunk."""
         b = f.shape[0]
         f = f.to(torch.complex64).reshape(b, -1).contiguous().numpy()
         c = np.zeros((0, 0), np.float32) if ctf is None else ctf.to(torch.float32).reshape(b, -1).contiguous().numpy()
@@ -320,14 +323,15 @@ class FourierAccumulator:
         a = rotations.to(torch.float32).contiguous().numpy()
         kx, ky = self._kx.numpy(), self._ky.numpy()
         by_row = self._sums.numel() * self._sums.element_size() > _SORTED_GRID_BYTES
-        order = _row_order(w, kx, ky, a, self.pad, self.c) if by_row else np.zeros(0, np.int64)
-        block = _PLANE_BLOCK if by_row else 1
-        args = (
-            f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, by_row, order,
-            block,
-        )  # fmt: skip
-        flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         workers = torch.get_num_threads()
+        rows = np.empty(b * len(kx), np.int32)
+        run_in_runs(_point_rows, (rows, w, kx, ky, a, self.pad, self.c, by_row), b, workers, least=4)
+        order, starts = _sort_by_row(rows, (2 * self.c + 1) ** 2) if by_row else (np.zeros(0, np.int64),) * 2
+        # Enough blocks for every thread to have several (the block size does not change the sums).
+        block = min(_PLANE_BLOCK, max(1, (2 * self.c + 1) // (4 * workers)))
+        args = (f, c, w, ctf is not None, ctf_premultiplied, self._pixels.numpy(), kx, ky, a, self.pad, self.c, rows,
+                order, starts, block)  # fmt: skip
+        flat = self.sums.view(3, -1).numpy()  # waits for this accumulator's previous splats
         if workers < 2:
             _splat_kernel(flat, *args, 1, 0)
             return
@@ -425,36 +429,46 @@ def _half_grid_point(kx: float, ky: float, a0: np.ndarray, a1: np.ndarray, pad: 
 
 
 @compiled
-def _row_order(
-    weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int
-) -> np.ndarray:
-    """The inserted points of B images sorted by the grid row they fall in: a stable counting sort.
-
-    Point i = b P + p is pixel p (frequency (kx[p], ky[p]), P pixels) of image b, at pad * A^T (kx, ky, 0)
-    for the RELION matrix A = rotations[b] (B, 3, 3), negated where x < 0 (its conjugate's place); its
-    row is (floor(z) + c) (2c + 1) + floor(y) + c in a grid (2c + 1, 2c + 1, c + 1). Images of weight 0
-    (`weights`, (B,)) are left out.
-
-    Returns
-    -------
-    np.ndarray
-        (points,) int64 the points, by row and then in (image, pixel) order.
-    """
+def _point_rows(
+    rows: np.ndarray, weights: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int,
+    by_row: bool, start: int, stop: int,
+) -> None:
+    """Where the inserted points of images start..stop fall: rows[b P + p] for pixel p (frequency
+    (kx[p], ky[p]), P pixels) of image b, at pad * A^T (kx, ky, 0) for the RELION matrix
+    A = rotations[b] (B, 3, 3), negated where x < 0 (its conjugate's place), is its z plane
+    floor(z) + c, or with `by_row` its grid row (floor(z) + c) (2c + 1) + floor(y) + c in a grid
+    (2c + 1, 2c + 1, c + 1); -1 for the points of images of weight 0 (`weights`, (B,))."""
     d = 2 * c + 1
     n_pixels = kx.shape[0]
-    rows = np.full(weights.shape[0] * n_pixels, -1, np.int32)
-    for b in range(weights.shape[0]):
+    for b in range(start, stop):
         if weights[b] == 0:
+            rows[b * n_pixels : (b + 1) * n_pixels] = -1
             continue
         a0, a1 = rotations[b, 0], rotations[b, 1]
         for p in range(n_pixels):
             _, y, z, _ = _half_grid_point(kx[p], ky[p], a0, a1, pad)
-            rows[b * n_pixels + p] = (int(math.floor(z)) + c) * d + int(math.floor(y)) + c
-    starts = np.zeros(d * d + 1, np.int64)
+            row = int(math.floor(z)) + c
+            if by_row:
+                row = row * d + int(math.floor(y)) + c
+            rows[b * n_pixels + p] = row
+
+
+@compiled
+def _sort_by_row(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The points of `rows` (`_point_rows`, by_row) sorted by grid row: a stable counting sort.
+
+    Returns
+    -------
+    order : np.ndarray
+        (points,) int64 the points of row >= 0, by row and then in (image, pixel) order.
+    starts : np.ndarray
+        (n_rows + 1,) int64 where each row's points begin in `order`, and its length last.
+    """
+    starts = np.zeros(n_rows + 1, np.int64)
     for i in range(rows.shape[0]):
         if rows[i] >= 0:
             starts[rows[i] + 1] += 1
-    for r in range(d * d):
+    for r in range(n_rows):
         starts[r + 1] += starts[r]
     next_free = starts[:-1].copy()
     order = np.empty(starts[-1], np.int64)
@@ -463,69 +477,83 @@ def _row_order(
         if r >= 0:
             order[next_free[r]] = i
             next_free[r] += 1
-    return order
+    return order, starts
 
 
 @compiled
 def _splat_kernel(
     flat: np.ndarray, f: np.ndarray, ctf: np.ndarray, weights: np.ndarray, with_ctf: bool, premultiplied: bool,
     pixels: np.ndarray, kx: np.ndarray, ky: np.ndarray, rotations: np.ndarray, pad: int, c: int,
-    by_row: bool, order: np.ndarray, block: int, parts: int, part: int,
+    rows: np.ndarray, order: np.ndarray, starts: np.ndarray, block: int, parts: int, part: int,
 ) -> None:
     """Trilinear insertion of the pixels `pixels` (P,) of flattened transforms f (B, M), of frequencies
     (kx, ky) (P,), from images with RELION matrices `rotations` (B, 3, 3) into `flat`
     (3, (2c + 1)^2 (c + 1)): data f CTF w (f w where `premultiplied`, or without a CTF) and weight
     CTF^2 w (w), for the CTF `ctf` (B, M) and the image weights w (B,); images of weight 0 are left
     out, and the DC term adds weight only. The point pad * A^T (kx, ky, 0) spreads over its 8
-    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z). The points (i = b P + p) are
-    taken in `order` (`_row_order`) where `by_row`, else in (image, pixel) order. Only neighbours on z
-    planes in the blocks of `block` planes numbered part, part + parts, ... are written, so that
-    threads can share the grids; each voxel gets its additions in the points' order whatever the split."""
+    neighbours, and a point with x < 0 goes in conjugated at -(x, y, z).
+
+    This thread (`part` of `parts`) writes the z planes of blocks part, part + parts, ... of `block`
+    planes. Without `order` (empty), `rows` holds each point's z plane (`_point_rows`) and the thread
+    takes the points (i = b P + p) in (image, pixel) order, those on its planes; with it, `rows`
+    holds grid rows and the thread takes, block by block, the points sorted by row (`order` and
+    `starts`, `_sort_by_row`) that touch the block. Either way each voxel gets its additions in the
+    points' order whatever the split into threads."""
+    d = 2 * c + 1
     sy = c + 1
-    sz = (2 * c + 1) * sy
+    sz = d * sy
     n_pixels = pixels.shape[0]
-    count = order.shape[0] if by_row else weights.shape[0] * n_pixels
-    for j in range(count):
-        i = order[j] if by_row else j
-        b = i // n_pixels
-        p = i - b * n_pixels
-        scale = weights[b]
-        if scale == 0:
-            continue
-        a0, a1 = rotations[b, 0], rotations[b, 1]
-        x, y, z, conjugate = _half_grid_point(kx[p], ky[p], a0, a1, pad)
-        x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
-        iz = int(z0) + c
-        first = (iz // block) % parts == part
-        second = ((iz + 1) // block) % parts == part
-        if not (first or second):
-            continue
-        q = pixels[p]
-        v = f[b, q]
-        vr, vi, vw = v.real, v.imag, np.float32(1.0)
-        if with_ctf:
-            vw = ctf[b, q] * ctf[b, q]
-            if not premultiplied:
-                vr, vi = vr * ctf[b, q], vi * ctf[b, q]
-        vr, vi, vw = vr * scale, vi * scale, vw * scale
-        if kx[p] == 0 and ky[p] == 0:
-            vr = vi = np.float32(0.0)
-        if conjugate:
-            vi = -vi
-        fx, fy, fz = x - x0, y - y0, z - z0
-        base = iz * sz + (int(y0) + c) * sy + int(x0)
-        for dz in range(2):
-            if not (second if dz else first):
-                continue
-            wz = fz if dz else 1 - fz
-            for dy in range(2):
-                wzy = wz * (fy if dy else 1 - fy)
-                for dx in range(2):
-                    w = wzy * (fx if dx else 1 - fx)
-                    k = base + dz * sz + dy * sy + dx
-                    flat[0, k] += w * vr
-                    flat[1, k] += w * vi
-                    flat[2, k] += w * vw
+    sorted_points = order.shape[0] > 0
+    # Image order: one pass over all points. Sorted: one pass per block over the points that touch it
+    # (those on its planes low..high - 1 and on plane low - 1, which reach plane low).
+    for low in range(part * block, d, parts * block) if sorted_points else range(1):
+        high = min(low + block, d)
+        start, stop = (starts[max(low - 1, 0) * d], starts[high * d]) if sorted_points else (0, rows.shape[0])
+        for j in range(start, stop):
+            i = order[j] if sorted_points else j
+            if sorted_points:
+                iz = rows[i] // d
+                first, second = iz >= low, iz + 1 < high
+            else:
+                iz = rows[i]
+                if iz < 0:
+                    continue
+                first = (iz // block) % parts == part
+                second = ((iz + 1) // block) % parts == part
+                if not (first or second):
+                    continue
+            b = i // n_pixels
+            p = i - b * n_pixels
+            scale = weights[b]
+            a0, a1 = rotations[b, 0], rotations[b, 1]
+            x, y, z, conjugate = _half_grid_point(kx[p], ky[p], a0, a1, pad)
+            x0, y0 = math.floor(x), math.floor(y)
+            q = pixels[p]
+            v = f[b, q]
+            vr, vi, vw = v.real, v.imag, np.float32(1.0)
+            if with_ctf:
+                vw = ctf[b, q] * ctf[b, q]
+                if not premultiplied:
+                    vr, vi = vr * ctf[b, q], vi * ctf[b, q]
+            vr, vi, vw = vr * scale, vi * scale, vw * scale
+            if kx[p] == 0 and ky[p] == 0:
+                vr = vi = np.float32(0.0)
+            if conjugate:
+                vi = -vi
+            fx, fy, fz = x - x0, y - y0, z - math.floor(z)
+            base = iz * sz + (int(y0) + c) * sy + int(x0)
+            for dz in range(2):
+                if not (second if dz else first):
+                    continue
+                wz = fz if dz else 1 - fz
+                for dy in range(2):
+                    wzy = wz * (fy if dy else 1 - fy)
+                    for dx in range(2):
+                        w = wzy * (fx if dx else 1 - fx)
+                        k = base + dz * sz + dy * sy + dx
+                        flat[0, k] += w * vr
+                        flat[1, k] += w * vi
+                        flat[2, k] += w * vw
 
 
 def _friedel_plane(sums: torch.Tensor) -> torch.Tensor:
