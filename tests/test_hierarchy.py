@@ -151,7 +151,8 @@ def test_only_the_classes_found_are_refined_with_local_weights():
     assert found.n_classes == 3
     assert len(splitter.local_refinements) >= 3 and all(splitter.local_refinements)
     assert True in splitter.local_maps and False in splitter.local_maps
-    assert splitter.local_maps.count(False) == sum(len([g for g in t.gain if g == g]) for t in found.tests)
+    measured = [t for t in found.tests if "the test of" not in t.reason]  # not a kept split's test again
+    assert splitter.local_maps.count(False) == sum(len([g for g in t.gain if g == g]) for t in measured)
 
 
 def test_a_state_cut_in_two_is_merged_back():
@@ -163,6 +164,26 @@ def test_a_state_cut_in_two_is_merged_back():
     merges = [t for t in found.tests if "+" in t.node]
     assert not merges[0].kept and "merged" in found.verdict  # the middle state's two halves
     assert merges[-1].kept  # then the closest pair is two states
+
+
+def test_a_kept_split_is_not_tested_again_as_a_union():
+    """Four states on a rectangle's corners: the tree splits the long side, then each short side. The
+    closest pair is then the two classes of one kept split: their union is that split's node again,
+    and keeps its test instead of learning the half-sets' splits anew."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), 1500)
+    x = np.asarray([(0.0, 0.0), (4.0, 0.0), (0.0, 12.0), (4.0, 12.0)])[truth] + NOISE * rng.standard_normal((6000, 2))
+    splitter = PlaneSplitter(x, SplitOptions(), _basis())
+    learnt = []
+    split = splitter.split
+    splitter.split = lambda rows, rounds=None, graph=None: learnt.append(len(rows)) or split(rows, rounds, graph)
+    found = find_classes(splitter, None, rng.integers(1, 3, 6000))
+    assert found.n_classes == 4 and _purity(found.classes, truth) > 0.97
+    *tree, union = found.tests
+    assert sorted(t.node for t in tree) == ["1", "1.1", "1.2"] and all(t.kept for t in tree)
+    earlier = next(t for t in tree if t.node == union.node.split("+")[0].rpartition(".")[0])
+    assert union.kept and union.gain == earlier.gain and f"the test of {earlier.node}" in union.reason
+    assert len(learnt) == 2 * len(tree)  # the tree's half-set splits only
 
 
 @pytest.mark.parametrize("asked", [1, 2, 3])

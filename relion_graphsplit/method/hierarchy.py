@@ -9,14 +9,15 @@ class maps at once (`refine.refine_classes`: soft assignments, class priors, the
 apart for the FSC weighting), started from the tree. With K chosen automatically and three classes or
 more, the union of the two most similar classes is then tested as a split, after a few rounds
 (TEST_ROUNDS) of that refinement; where it fails the test, the two are merged (node "X+Y") and the
-test repeated on the new classes. The refinement's full rounds run once, on the classes that stand.
+test repeated on the new classes; a union that is a kept split's node again (but for SAME_PARTICLES)
+keeps that split's test. The refinement's full rounds run once, on the classes that stand.
 Last, the posteriors are held out: each half's particles scored against the class maps of the other
 half (`refine.held_out_posterior`); the classes stay those of the refinement against the whole set's maps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +32,11 @@ from relion_graphsplit.method.gold_standard import (
     threshold_for,
 )
 from relion_graphsplit.method.two_classes import Graph, Splitter, TwoClasses
+
+SAME_PARTICLES = 0.01
+"""A union of two classes whose particles are those of a split already kept, but for at most this
+fraction of them, is not tested again: that split's test stands (the joint refinement moves few
+particles, and the union of a kept split's two classes is then its node again)."""
 
 NO_SPLIT_VERDICT = (
     "No reproducible heterogeneity at this mask and resolution: one class. A mask focused on the region of "
@@ -140,6 +146,17 @@ def test_split(
     return verdict(True, "several modes in each held-out half", gain, agreement), start
 
 
+def _kept_before(node: str, rows: np.ndarray, kept: list[tuple[np.ndarray, SplitTest]]) -> SplitTest | None:
+    """The test of a split kept earlier whose particles were `rows` but for at most SAME_PARTICLES of
+    them, as the test of `node`; None if there is none."""
+    for earlier, test in kept:
+        differ = len(np.setxor1d(rows, earlier, assume_unique=True))
+        if differ <= SAME_PARTICLES * len(rows):
+            return replace(test, node=node, parent=None, reason=f"{test.reason}: the test of {test.node}, "
+                           f"whose particles these are but {differ}")  # fmt: skip
+    return None
+
+
 def _padded(gain: list[float]) -> tuple[float, float]:
     """The held-out gains measured so far, nan for those not measured."""
     return tuple([*gain, float("nan"), float("nan")][:2])
@@ -185,6 +202,7 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
     splits: dict[str, TwoClasses] = {}
     leaves = ["1"]
     tests: list[SplitTest] = []
+    kept: list[tuple[np.ndarray, SplitTest]] = []  # each split kept, with its node's particles
     warnings: list[str] = []
     wanted = options.n_classes or options.max_classes
     automatic = options.n_classes is None
@@ -202,6 +220,7 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             tests.append(test)
             if not test.kept:
                 continue
+            kept.append((members[node], test))
             # The halves' splits, each learnt alone, are refined together: no graph of the whole node.
             refined = splitter.refine(members[node], start, local=True)
             splits[node] = TwoClasses(members[node], refined.log_posterior, refined.changed, refined.mask)
@@ -250,7 +269,8 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             maps = splitter.class_maps(everyone, np.exp(log_posterior), splitter.mask, local=True)
             i, j = _closest_pair(maps, splitter.mask)
             union = everyone[(classes == i + 1) | (classes == j + 1)]
-            test, _ = test_split(splitter, f"{leaves[i]}+{leaves[j]}", None, union, halves)
+            name = f"{leaves[i]}+{leaves[j]}"
+            test = _kept_before(name, union, kept) or test_split(splitter, name, None, union, halves)[0]
             tests.append(test)
             if test.kept:
                 merging = False
