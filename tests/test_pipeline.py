@@ -245,6 +245,24 @@ def test_whitening_helps_on_coloured_noise(simulated_set):
     assert accuracies[True] > accuracies[False] + 0.02
 
 
+def test_every_progress_bar_is_taken_to_its_end(simulated: Path):
+    """A bar whose iterable is left suspended after its last item never takes its last step: it
+    stays one short, its clock running, for the rest of the run."""
+    bars = []
+
+    def track(iterable, description: str = "", total: int | None = None):
+        bar = [description, False]
+        bars.append(bar)
+        yield from iterable
+        bar[1] = True
+
+    ps = star_io.read_particles(simulated / "particles.star")
+    with ImageStacks(ps) as stacks:
+        split(star_io.particles(ps), stacks, SplitOptions(refine_iterations=2), track=track)
+    assert "Correcting for the CTF" in [description for description, _ in bars]
+    assert [description for description, ended in bars if not ended] == []
+
+
 def test_no_whiten_leaves_the_noise_unestimated(simulated: Path, tmp_path: Path):
     """--no_whiten: no noise estimate (null in run_summary.json, said in the summary table); the
     classes are those of the default run, since the simulated noise is white and left alone anyway."""

@@ -466,7 +466,8 @@ def prepare_images(
     common = (scratch, filters, prepared, whitening.filter, options.ctf_correction, compute)
     scale = torch.ones(n, dtype=torch.float64)
     corrected = engine.map(_correct_task, tasks, common)
-    for group, scales in zip(groups, track(corrected, description="Correcting for the CTF", total=len(groups))):
+    # The bar first in the zip: it is asked for the item after the last, and so ends full.
+    for scales, group in zip(track(corrected, description="Correcting for the CTF", total=len(groups)), groups):
         scale[np.concatenate(group)] = torch.from_numpy(scales)
     timings["ctf"] = time.perf_counter() - start
     return scale, consensus, whitening, timings
