@@ -7,13 +7,11 @@ for every pixel (kx, ky) of the N x N rfft grid with |k| <= N / 2 (Friedel mates
 The sampling is written out rather than taken from torch-fourier-slice: that library samples an
 fftshifted transform and leaves padding, gridding correction and RELION's Nyquist sphere to the
 caller, so matching relion_project would need shifting, cropping and masking around it. Sampling
-RELION's own half grid (several maps at once, their real and imaginary parts side by side at each
-voxel, so that a neighbour's values share a cache line) matches relion_project to float precision.
-On the CPU it is a compiled loop (numba) over images and pixels, split among threads by image, with
-coordinates and weights in float64: 3 to 4.6 times as fast as torch's grid_sample at boxes 26 to 64
-(`scripts/bench_projection.py`; docs/notes/speed-history.md). The same loop's `slice_values` serves
-the refinement's likelihood (refine.py), which sums over a slice, for every class map at once, as it
-samples.
+RELION's own layout (real and imaginary parts apart, several maps at once) matches relion_project to
+float precision. On the CPU it is a compiled loop (numba) over images and pixels, split among threads
+by image, with coordinates and weights in float64: 3 to 4.6 times as fast as torch's grid_sample at
+boxes 26 to 64 (`scripts/bench_projection.py`; docs/notes/speed-history.md). The same loop's
+`slice_values` serves the refinement's likelihood (refine.py), which sums over a slice as it samples.
 On other devices the same trilinear sampling is written out in torch (`central_slices`), with
 coordinates, weights and sums in float64 too, so that both agree to rounding.
 
@@ -42,8 +40,8 @@ class PreparedVolume:
     Attributes
     ----------
     data : torch.Tensor
-        (M + 3, M + 3, M // 2 + 2, K, 2) real (float32, or float64 from float64 maps): the real and
-        imaginary parts of map k's F(kz, ky, kx) at index (kz + M // 2 + 1, ky + M // 2 + 1, kx, k, .)
+        (K, 2, M + 3, M + 3, M // 2 + 2) real (float32, or float64 from float64 maps): the real and
+        imaginary parts of map k's F(kz, ky, kx) at index (k, ., kz + M // 2 + 1, ky + M // 2 + 1, kx)
         for kx >= 0 (integer frequencies of the padded grid, kz and ky from -M // 2 + 1 to M // 2),
         zero beyond the Nyquist sphere and in the one-voxel margin, so that every trilinear neighbour
         of a point inside the sphere is in range.
@@ -63,7 +61,7 @@ class PreparedVolume:
     @property
     def padded_box(self) -> int:
         """M, the size of the padded grid: pad * N, made even."""
-        return self.data.shape[2] * 2 - 4
+        return self.data.shape[-1] * 2 - 4
 
     def to(self, device: torch.device | str) -> PreparedVolume:
         """The same transforms on `device` (where `project_rfft` and `central_slices` then sample)."""
@@ -140,10 +138,10 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> PreparedVolume:
     ft = ft.masked_fill_(r2 > max_r * max_r, 0)
 
     # Frequency k (from -half + 1 to half) goes to index k + half + 1; the roll puts k = -half + 1 first.
-    data = torch.zeros((m + 3, m + 3, half + 2, len(maps), 2), dtype=real_dtype, device=device)
-    rolled = torch.roll(ft, shifts=(half - 1, half - 1), dims=(-3, -2)).permute(1, 2, 3, 0)
-    data[2 : m + 2, 2 : m + 2, : half + 1, :, 0] = rolled.real
-    data[2 : m + 2, 2 : m + 2, : half + 1, :, 1] = rolled.imag
+    data = torch.zeros((len(maps), 2, m + 3, m + 3, half + 2), dtype=real_dtype, device=device)
+    rolled = torch.roll(ft, shifts=(half - 1, half - 1), dims=(-3, -2))
+    data[:, 0, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.real
+    data[:, 1, 2 : m + 2, 2 : m + 2, : half + 1] = rolled.imag
     return PreparedVolume(data=data, box=n, pad=pad, stacked=stacked)
 
 
@@ -209,7 +207,7 @@ def project_rfft(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Tenso
         outside the Nyquist circle (`rfft_frequencies`) are 0.
     """
     n, data = volume.box, volume.data
-    k, b = data.shape[3], len(rotations)
+    k, b = data.shape[0], len(rotations)
     points, inside = _slice_points(n)
     dtype = torch.complex128 if data.dtype == torch.float64 else torch.complex64
     # The slices are relative to the centre; the phase moves the real-space origin to index N // 2.
@@ -252,7 +250,7 @@ def _gather_kernel(
 ) -> None:
     """out[k, b, pixels] (K, B, *) = map k's value at pad * A_b^T (kx, ky, 0) (`slice_values`) times
     `phase`, for images b from start to stop."""
-    values = np.empty(data.shape[3], dtype=np.complex128)
+    values = np.empty(data.shape[0], dtype=np.complex128)
     for b in range(start, stop):
         a0, a1 = rotations[b, 0], rotations[b, 1]
         for p in range(kx.shape[0]):
@@ -260,14 +258,14 @@ def _gather_kernel(
             y = pad * (kx[p] * a0[1] + ky[p] * a1[1])
             z = pad * (kx[p] * a0[2] + ky[p] * a1[2])
             slice_values(data, x, y, z, c, values)
-            for k in range(data.shape[3]):
+            for k in range(data.shape[0]):
                 out[k, b, pixels[p]] = values[k] * phase[p]
 
 
 @compiled
 def slice_values(data: np.ndarray, x: float, y: float, z: float, c: int, values: np.ndarray) -> None:
-    """values[k] = the trilinear value of each prepared map k (`PreparedVolume.data`, (M + 3, M + 3,
-    M // 2 + 2, K, 2)) at the padded grid's frequency (x, y, z) inside the Nyquist sphere: (x, y, z)
+    """values[k] = the trilinear value of each prepared map k (`PreparedVolume.data`, (K, 2, M + 3,
+    M + 3, M // 2 + 2)) at the padded grid's frequency (x, y, z) inside the Nyquist sphere: (x, y, z)
     is at index (z + c, y + c, x), c = M // 2 + 1, and a point with x < 0 is the complex conjugate of
     the value at -(x, y, z).
 
@@ -277,7 +275,7 @@ def slice_values(data: np.ndarray, x: float, y: float, z: float, c: int, values:
     Parameters
     ----------
     data : np.ndarray
-        `PreparedVolume.data` as an array, (M + 3, M + 3, M // 2 + 2, K, 2).
+        `PreparedVolume.data` as an array, (K, 2, M + 3, M + 3, M // 2 + 2).
     x, y, z : float
         The frequency in Fourier pixels of the padded grid (pad times the image's frequency; for an
         image pixel (kx, ky) and matrix A, pad * A^T (kx, ky, 0)).
@@ -297,22 +295,18 @@ def slice_values(data: np.ndarray, x: float, y: float, z: float, c: int, values:
     x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
     fx, fy, fz = x - x0, y - y0, z - z0
     ix, iy, iz = int(x0), int(y0) + c, int(z0) + c
-    for k in range(data.shape[3]):
-        values[k] = 0.0
-    for dz in range(2):
-        wz = fz if dz else 1 - fz
-        for dy in range(2):
-            wzy = wz * (fy if dy else 1 - fy)
-            for dx in range(2):
-                w = wzy * (fx if dx else 1 - fx)
-                for k in range(data.shape[3]):
-                    v = values[k]
-                    values[k] = complex(
-                        v.real + w * data[iz + dz, iy + dy, ix + dx, k, 0], v.imag + w * data[iz + dz, iy + dy, ix + dx, k, 1]
-                    )
-    if conjugate:
-        for k in range(data.shape[3]):
-            values[k] = values[k].conjugate()
+    for k in range(data.shape[0]):
+        re = 0.0
+        im = 0.0
+        for dz in range(2):
+            wz = fz if dz else 1 - fz
+            for dy in range(2):
+                wzy = wz * (fy if dy else 1 - fy)
+                for dx in range(2):
+                    w = wzy * (fx if dx else 1 - fx)
+                    re += w * data[k, 0, iz + dz, iy + dy, ix + dx]
+                    im += w * data[k, 1, iz + dz, iy + dy, ix + dx]
+        values[k] = complex(re, -im if conjugate else im)
 
 
 def _gather_torch(
@@ -359,20 +353,19 @@ def central_slices(volume: PreparedVolume, rotations: torch.Tensor) -> torch.Ten
     n, data = volume.box, volume.data
     points, inside = _slice_points(n)
     values = _trilinear_slices(data, points, rotations, volume.pad)
-    k = data.shape[3]
-    out = torch.zeros((k, len(rotations), n * (n // 2 + 1)), dtype=torch.complex128, device=data.device)
+    out = torch.zeros((data.shape[0], len(rotations), n * (n // 2 + 1)), dtype=torch.complex128, device=data.device)
     out[..., torch.nonzero(inside).squeeze(1).to(data.device)] = values
-    out = out.reshape(k, len(rotations), n, n // 2 + 1)
+    out = out.reshape(data.shape[0], len(rotations), n, n // 2 + 1)
     return out if volume.stacked else out[0]
 
 
 def _trilinear_slices(data: torch.Tensor, points: torch.Tensor, rotations: torch.Tensor, pad: int) -> torch.Tensor:
-    """(K, B, P) complex128: `slice_values` of the prepared maps `data` (M + 3, M + 3, M // 2 + 2, K, 2)
+    """(K, B, P) complex128: `slice_values` of the prepared maps `data` (K, 2, M + 3, M + 3, M // 2 + 2)
     at pad * A_b^T (kx, ky, 0) for every rotation A_b (B, 3, 3) and point (kx, ky) of `points` (P, 2),
     which lie inside the Nyquist circle; on `data`'s device, with float64 coordinates, weights and sums,
     the 8 neighbours added in `slice_values`' order."""
     device = data.device
-    size, width, k = data.shape[1], data.shape[2], data.shape[3]
+    k, size, width = data.shape[0], data.shape[-2], data.shape[-1]
     c = size // 2  # M // 2 + 1, the index of frequency 0 along z and y
     # Rows kx A_0 + ky A_1 = A^T (kx, ky, 0) as (x, y, z).
     xyz = pad * (points.to(device, torch.float64) @ rotations[:, :2, :].to(device, torch.float64))  # (B, P, 3)
@@ -382,16 +375,16 @@ def _trilinear_slices(data: torch.Tensor, points: torch.Tensor, rotations: torch
     fx, fy, fz = (xyz - lo).unbind(-1)
     lo = lo.long()
     base = ((lo[..., 2] + c) * size + lo[..., 1] + c) * width + lo[..., 0]
-    flat = data.reshape(-1, 2 * k)
-    sums = torch.zeros((*base.shape, 2 * k), dtype=torch.float64, device=device)
+    flat = data.reshape(2 * k, -1)
+    sums = torch.zeros((2 * k, *base.shape), dtype=torch.float64, device=device)
     for dz in range(2):
         wz = fz if dz else 1 - fz
         for dy in range(2):
             wzy = wz * (fy if dy else 1 - fy)
             for dx in range(2):
                 w = wzy * (fx if dx else 1 - fx)
-                sums += w[..., None] * flat[base + ((dz * size + dy) * width + dx)].to(torch.float64)
-    real, imag = sums.reshape(*base.shape, k, 2).permute(2, 3, 0, 1).unbind(1)
+                sums += w * flat[:, base + ((dz * size + dy) * width + dx)].to(torch.float64)
+    real, imag = sums.reshape(k, 2, *base.shape).unbind(1)
     return torch.complex(real, torch.where(conjugate, -imag, imag))
 
 

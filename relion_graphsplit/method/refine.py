@@ -17,8 +17,7 @@ with a' = a / mean(a), since the maps reconstructed from the residuals already c
 
 Each pass over the particles computes on a `Compute`'s device, a batch of options.batch_size images
 at a time: the Fourier sums by `FourierAccumulator`, the likelihood terms by the compiled
-`_likelihood_kernel` on the CPU and by its torch twin `likelihood_terms` elsewhere, for all K maps in
-one pass.
+`_likelihood_kernel` on the CPU and by its torch twin `likelihood_terms` elsewhere.
 """
 
 from __future__ import annotations
@@ -485,15 +484,19 @@ def _kernel_terms(
 ):
     """Per task (`engine.tasks_of` the batches), in order, (index, L, U, wc): the task's rows (B,),
     `_likelihood_kernel`'s sums for every map, (B, K) each, and sum w CTF^2 (B,), computed on
-    `compute`'s device. The maps are multiplied by the 3D mask first, and all K taken at once."""
-    prepared = prepare_volume(torch.stack([m * mask for m in maps]).to(torch.float32))
+    `compute`'s device. The maps are multiplied by the 3D mask first, and taken two at a time (an odd
+    one out paired with zeros)."""
+    masked = [m * mask for m in maps]
+    if len(masked) % 2:
+        masked.append(torch.zeros_like(masked[0]))
+    prepared = [prepare_volume(torch.stack(masked[i : i + 2]).to(torch.float32)) for i in range(0, len(masked), 2)]
     # The maps were reconstructed from residuals that carry each image's scale a: relative to them an
     # image's difference is a' = a / mean(a) times their projection.
     relative = (scale / scale.mean()).to(torch.float64).numpy()
     matrices = rotations.to(torch.float64).numpy()
     groups = tasks_of(batches)
     tasks = [(group, [relative[index] for index in group], [matrices[index] for index in group]) for group in groups]
-    common = (StoredArray.of(spectra), StoredArray.of(filters), prepared, compute)
+    common = (StoredArray.of(spectra), StoredArray.of(filters), prepared, len(maps), compute)
     for group, terms in zip(groups, engine.map(_terms_task, tasks, common)):
         yield (np.concatenate(group), *terms)
 
@@ -501,7 +504,8 @@ def _kernel_terms(
 def _terms_task(
     spectra: StoredArray,
     filters: StoredArray,
-    prepared: PreparedVolume,
+    prepared: list[PreparedVolume],
+    k: int,
     compute: Compute,
     batches: list[np.ndarray],
     relative: list[np.ndarray],
@@ -509,37 +513,36 @@ def _terms_task(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One task of `_kernel_terms`: for the rows of its batches (rows (B,), relative scales (B,) and
     RELION matrices (B, 3, 3) float64 per batch), all batches together, L (B, K), U (B, K) and
-    sum w CTF^2 (B,), float64, against the K prepared maps, on `compute`'s device (`_map_terms`)."""
+    sum w CTF^2 (B,), float64, against the `k` maps prepared two at a time, on `compute`'s device
+    (`_pair_terms`)."""
     with spectra.open() as stored, filters.open() as ctfs, compute.kernels():
-        volume = prepared.to(compute.device)  # once per task
-        k = volume.data.shape[3]
+        prepared = [volume.to(compute.device) for volume in prepared]  # once per task
         likelihoods, unexplained, weights = [], [], []
         for index, scales, rotation in zip(batches, relative, matrices):
-            terms = _map_terms(volume, _complex(stored, index), np.asarray(ctfs[index]), scales, rotation)
-            likelihoods.append(terms[:, :k])
-            unexplained.append(terms[:, k : 2 * k])
-            weights.append(np.maximum(terms[:, 2 * k], 1e-30))
+            s = _complex(stored, index)
+            ctf = np.asarray(ctfs[index])
+            # Per pair of maps: L_1, L_2, U_1, U_2, sum w CTF^2.
+            terms = np.stack([_pair_terms(volume, s, ctf, scales, rotation) for volume in prepared])
+            likelihoods.append(terms[:, :, 0:2].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
+            unexplained.append(terms[:, :, 2:4].transpose(1, 0, 2).reshape(len(index), -1)[:, :k])
+            weights.append(np.maximum(terms[0, :, 4], 1e-30))
     return np.concatenate(likelihoods), np.concatenate(unexplained), np.concatenate(weights)
 
 
-def _map_terms(
-    volume: PreparedVolume,
-    s: np.ndarray,
-    ctf: np.ndarray,
-    relative: np.ndarray,
-    rotations: np.ndarray,
+def _pair_terms(
+    volume: PreparedVolume, s: np.ndarray, ctf: np.ndarray, relative: np.ndarray, rotations: np.ndarray
 ) -> np.ndarray:
-    """L_1..L_K, U_1..U_K and sum w CTF^2 (B, 2K + 1) float64 of a batch against K prepared maps: on
-    the CPU by `_likelihood_kernel` on torch.get_num_threads() threads, each on its own run of images,
-    elsewhere (and inside `compiled.torch_twins`) by its twin `likelihood_terms` on the volume's
-    device. s (B, N, N // 2 + 1) complex64, the CTFs (B, N, N // 2 + 1) float32, a' (B,) and the
-    matrices (B, 3, 3) float64, as numpy arrays."""
+    """L_1, L_2, U_1, U_2 and sum w CTF^2 (B, 5) float64 of a batch against a pair of prepared maps:
+    on the CPU by `_likelihood_kernel` on torch.get_num_threads() threads, each on its own run of
+    images, elsewhere (and inside `compiled.torch_twins`) by its twin `likelihood_terms` on the
+    volume's device. s (B, N, N // 2 + 1) complex64, the CTFs (B, N, N // 2 + 1) float32, a' (B,) and
+    the matrices (B, 3, 3) float64, as numpy arrays."""
     n, device = s.shape[1], volume.data.device
     weights = _half_plane_weights(n)
     if not runs_compiled(device):
         tensors = (torch.from_numpy(a).to(device) for a in (s, ctf, relative, rotations))
         return likelihood_terms(volume, *tensors, weights.to(device)).cpu().numpy()
-    terms = np.zeros((len(s), 2 * volume.data.shape[3] + 1))
+    terms = np.zeros((len(s), 5))
     kx, ky, inside = rfft_frequencies(n)
     args = (
         terms, s, ctf, relative, rotations, weights.numpy(), kx.numpy(), ky.numpy(), inside.numpy(),
@@ -662,17 +665,13 @@ def _likelihood_kernel(
     data: np.ndarray, pad: int, c: int, start: int, stop: int,
 ) -> None:
     """For images b from start to stop, with q_k = a'_b times the centred projection of map k
-    (`slice_values` of the K prepared maps `data`; s is centred too) and the weights w of the rfft
-    grid, into terms[b] (2K + 1,): L_k = sum w (2 Re(conj(s) q_k) - CTF^2 |q_k|^2),
-    U_k = sum w |s - CTF^2 q_k|^2 (k = 1..K) and sum w CTF^2, over every pixel (q = 0 beyond the
-    Nyquist circle), in float64."""
-    k_maps = data.shape[3]
-    values = np.empty(k_maps, dtype=np.complex128)
-    sums = np.empty(2 * k_maps)
+    (`slice_values`; s is centred too) and the weights w of the rfft grid, into terms[b]:
+    L_k = sum w (2 Re(conj(s) q_k) - CTF^2 |q_k|^2), U_k = sum w |s - CTF^2 q_k|^2 (k = 1, 2) and
+    sum w CTF^2, over every pixel (q = 0 beyond the Nyquist circle), in float64."""
+    values = np.empty(2, dtype=np.complex128)
     for b in range(start, stop):
         a0, a1 = rotations[b, 0], rotations[b, 1]
-        sums[:] = 0.0
-        wc = 0.0
+        l1 = l2 = u1 = u2 = wc = 0.0
         for i in range(s.shape[1]):
             for j in range(s.shape[2]):
                 w = weights[i, j]
@@ -680,20 +679,21 @@ def _likelihood_kernel(
                 v = s[b, i, j]
                 sr, si = v.real, v.imag
                 wc += w * c2
-                if not inside[i, j]:
-                    for k in range(k_maps):
-                        sums[k_maps + k] += w * (sr * sr + si * si)
-                    continue
-                x = pad * (kx[j] * a0[0] + ky[i] * a1[0])
-                y = pad * (kx[j] * a0[1] + ky[i] * a1[1])
-                z = pad * (kx[j] * a0[2] + ky[i] * a1[2])
-                slice_values(data, x, y, z, c, values)
-                for k in range(k_maps):
-                    q = relative[b] * values[k]
-                    sums[k] += w * (2 * (sr * q.real + si * q.imag) - c2 * (q.real**2 + q.imag**2))
-                    sums[k_maps + k] += w * ((sr - c2 * q.real) ** 2 + (si - c2 * q.imag) ** 2)
-        terms[b, : 2 * k_maps] = sums
-        terms[b, 2 * k_maps] = wc
+                if inside[i, j]:
+                    x = pad * (kx[j] * a0[0] + ky[i] * a1[0])
+                    y = pad * (kx[j] * a0[1] + ky[i] * a1[1])
+                    z = pad * (kx[j] * a0[2] + ky[i] * a1[2])
+                    slice_values(data, x, y, z, c, values)
+                    q1 = relative[b] * values[0]
+                    q2 = relative[b] * values[1]
+                    l1 += w * (2 * (sr * q1.real + si * q1.imag) - c2 * (q1.real**2 + q1.imag**2))
+                    l2 += w * (2 * (sr * q2.real + si * q2.imag) - c2 * (q2.real**2 + q2.imag**2))
+                    u1 += w * ((sr - c2 * q1.real) ** 2 + (si - c2 * q1.imag) ** 2)
+                    u2 += w * ((sr - c2 * q2.real) ** 2 + (si - c2 * q2.imag) ** 2)
+                else:
+                    u1 += w * (sr * sr + si * si)
+                    u2 += w * (sr * sr + si * si)
+        terms[b, 0], terms[b, 1], terms[b, 2], terms[b, 3], terms[b, 4] = l1, l2, u1, u2, wc
 
 
 def likelihood_terms(
@@ -704,20 +704,20 @@ def likelihood_terms(
     rotations: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """`_likelihood_kernel`'s terms in torch, on the volume's device (the GPU's way): L_1..L_K,
-    U_1..U_K and sum w CTF^2 per image, from `projection.central_slices`, in float64.
+    """`_likelihood_kernel`'s terms in torch, on the volume's device (the GPU's way): L_1, L_2, U_1,
+    U_2 and sum w CTF^2 per image, from `projection.central_slices`, in float64.
 
     The same sums as the compiled loop, each over the whole grid at once rather than pixel by pixel,
     so the two agree to rounding (about 1e-10 relative; tests/test_torch_paths.py). For B images at
-    box N it holds float64 arrays of K x B x N x (N // 2 + 1) several times over (the slices,
-    complex128, and the terms before their sums) and the slices' sampling temporaries, 2K x B x P
-    float64 (P the pixels inside the Nyquist circle): about 0.05 GB per map for 256 images at box 64,
-    so a batch of --batch_size images bounds the device memory.
+    box N it holds float64 arrays of 2 x B x N x (N // 2 + 1) several times over (the slices,
+    complex128, and the terms before their sums) and the slices' sampling temporaries, 4 x B x P
+    float64 (P the pixels inside the Nyquist circle): about 0.1 GB for 256 images at box 64, so a
+    batch of --batch_size images bounds the device memory.
 
     Parameters
     ----------
     volume : PreparedVolume
-        K maps prepared as a stack (`prepare_volume`, (K, N, N, N)), on the device to compute on.
+        A pair of maps prepared as a stack (`prepare_volume`, (2, N, N, N)), on the device to compute on.
     s : torch.Tensor
         (B, N, N // 2 + 1) complex, the images' stored transforms (`image_spectra`), centred.
     ctf : torch.Tensor
@@ -733,11 +733,11 @@ def likelihood_terms(
     Returns
     -------
     torch.Tensor
-        (B, 2K + 1) float64 on the volume's device: L_1..L_K, U_1..U_K and sum w CTF^2, with q_k = a'
-        times the centred slice of map k (0 beyond the Nyquist circle).
+        (B, 5) float64 on the volume's device: L_1, L_2, U_1, U_2 and sum w CTF^2, with q_k = a' times
+        the centred slice of map k (0 beyond the Nyquist circle).
     """
     device = volume.data.device
-    q = relative.to(device, torch.float64)[:, None, None] * central_slices(volume, rotations)  # (K, B, N, H)
+    q = relative.to(device, torch.float64)[:, None, None] * central_slices(volume, rotations)  # (2, B, N, H)
     s, c2 = s.to(device, torch.complex128), (ctf * ctf).to(device, torch.float64)
     weights = weights.to(device)
     fit = 2 * (s.real * q.real + s.imag * q.imag) - c2 * (q.real**2 + q.imag**2)

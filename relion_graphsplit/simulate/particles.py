@@ -270,14 +270,14 @@ def prepare_maps(maps: Sequence[np.ndarray]) -> PreparedVolume:
     Returns
     -------
     PreparedVolume
-        Stacked, data (M + 3, M + 3, M // 2 + 2, K, 2) float32 with M = 2 N.
+        Stacked, data (K, 2, M + 3, M + 3, M // 2 + 2) float32 with M = 2 N.
     """
     data = None
     for k, volume in enumerate(maps):
         one = prepare_volume(torch.from_numpy(np.asarray(volume, dtype=np.float32)))
         if data is None:
-            data = one.data.new_empty((*one.data.shape[:3], len(maps), 2))
-        data[..., k, :] = one.data[..., 0, :]
+            data = one.data.new_empty((len(maps), *one.data.shape[1:]))
+        data[k] = one.data[0]
     return dataclasses.replace(one, data=data, stacked=True)
 
 
@@ -292,10 +292,10 @@ def _signal_images(
     from its own map of the stack `volumes` only."""
     box = volumes.box
     out = torch.zeros((len(classes), box, box), dtype=torch.float32)
-    for k in range(volumes.data.shape[3]):
+    for k in range(len(volumes.data)):
         rows = torch.from_numpy(np.flatnonzero(classes == k))
         if len(rows):
-            volume = dataclasses.replace(volumes, data=volumes.data[..., k : k + 1, :].contiguous(), stacked=False)
+            volume = dataclasses.replace(volumes, data=volumes.data[k : k + 1], stacked=False)
             out[rows] = model_images(volume, rotations[rows], origins_px[rows], ctf[rows])
     return out
 
