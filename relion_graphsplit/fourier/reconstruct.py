@@ -324,8 +324,11 @@ class FourierAccumulator:
         kx, ky = self._kx.numpy(), self._ky.numpy()
         by_row = self._sums.numel() * self._sums.element_size() > _SORTED_GRID_BYTES
         workers = torch.get_num_threads()
-        rows = np.empty(b * len(kx), np.int32)
-        run_in_runs(_point_rows, (rows, w, kx, ky, a, self.pad, self.c, by_row), b, workers, least=4)
+        # The points' planes serve to share them out (and rows to sort them): one thread in image
+        # order goes without.
+        rows = np.empty(b * len(kx) if by_row or workers > 1 else 0, np.int32)
+        if len(rows):
+            run_in_runs(_point_rows, (rows, w, kx, ky, a, self.pad, self.c, by_row), b, workers, least=4)
         order, starts = _sort_by_row(rows, (2 * self.c + 1) ** 2) if by_row else (np.zeros(0, np.int64),) * 2
         # Enough blocks for every thread to have several (the block size does not change the sums).
         block = min(_PLANE_BLOCK, max(1, (2 * self.c + 1) // (4 * workers)))
@@ -495,26 +498,29 @@ def _splat_kernel(
 
     This thread (`part` of `parts`) writes the z planes of blocks part, part + parts, ... of `block`
     planes. Without `order` (empty), `rows` holds each point's z plane (`_point_rows`) and the thread
-    takes the points (i = b P + p) in (image, pixel) order, those on its planes; with it, `rows`
-    holds grid rows and the thread takes, block by block, the points sorted by row (`order` and
-    `starts`, `_sort_by_row`) that touch the block. Either way each voxel gets its additions in the
+    takes the points (i = b P + p) in (image, pixel) order, those on its planes (all of them where
+    `rows` is empty too: one thread); with it, `rows` holds grid rows and the thread takes, block by
+    block, the points sorted by row (`order` and `starts`, `_sort_by_row`) that touch the block. Either way each voxel gets its additions in the
     points' order whatever the split into threads."""
     d = 2 * c + 1
     sy = c + 1
     sz = d * sy
     n_pixels = pixels.shape[0]
     sorted_points = order.shape[0] > 0
+    planes_found = rows.shape[0] > 0
     # Image order: one pass over all points. Sorted: one pass per block over the points that touch it
     # (those on its planes low..high - 1 and on plane low - 1, which reach plane low).
     for low in range(part * block, d, parts * block) if sorted_points else range(1):
         high = min(low + block, d)
-        start, stop = (starts[max(low - 1, 0) * d], starts[high * d]) if sorted_points else (0, rows.shape[0])
+        start, stop = (starts[max(low - 1, 0) * d], starts[high * d]) if sorted_points else (0, weights.shape[0] * n_pixels)
         for j in range(start, stop):
             i = order[j] if sorted_points else j
+            b = i // n_pixels
+            first = second = True  # one thread without the planes found: every plane is its own
             if sorted_points:
                 iz = rows[i] // d
                 first, second = iz >= low, iz + 1 < high
-            else:
+            elif planes_found:
                 iz = rows[i]
                 if iz < 0:
                     continue
@@ -522,12 +528,14 @@ def _splat_kernel(
                 second = ((iz + 1) // block) % parts == part
                 if not (first or second):
                     continue
-            b = i // n_pixels
+            elif weights[b] == 0:
+                continue
             p = i - b * n_pixels
             scale = weights[b]
             a0, a1 = rotations[b, 0], rotations[b, 1]
             x, y, z, conjugate = _half_grid_point(kx[p], ky[p], a0, a1, pad)
             x0, y0 = math.floor(x), math.floor(y)
+            iz = int(math.floor(z)) + c
             q = pixels[p]
             v = f[b, q]
             vr, vi, vw = v.real, v.imag, np.float32(1.0)
