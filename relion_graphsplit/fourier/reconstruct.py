@@ -500,8 +500,8 @@ def _splat_kernel(
     planes. Without `order` (empty), `rows` holds each point's z plane (`_point_rows`) and the thread
     takes the points (i = b P + p) in (image, pixel) order, those on its planes (all of them where
     `rows` is empty too: one thread); with it, `rows` holds grid rows and the thread takes, block by
-    block, the points sorted by row (`order` and `starts`, `_sort_by_row`) that touch the block. Either way each voxel gets its additions in the
-    points' order whatever the split into threads."""
+    block, the points sorted by row (`order` and `starts`, `_sort_by_row`) that touch the block.
+    Either way each voxel gets its additions in the points' order whatever the split into threads."""
     d = 2 * c + 1
     sy = c + 1
     sz = d * sy
