@@ -534,8 +534,8 @@ def _splat_kernel(
             scale = weights[b]
             a0, a1 = rotations[b, 0], rotations[b, 1]
             x, y, z, conjugate = _half_grid_point(kx[p], ky[p], a0, a1, pad)
-            x0, y0 = math.floor(x), math.floor(y)
-            iz = int(math.floor(z)) + c
+            x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
+            iz = int(z0) + c
             q = pixels[p]
             v = f[b, q]
             vr, vi, vw = v.real, v.imag, np.float32(1.0)
@@ -548,7 +548,7 @@ def _splat_kernel(
                 vr = vi = np.float32(0.0)
             if conjugate:
                 vi = -vi
-            fx, fy, fz = x - x0, y - y0, z - math.floor(z)
+            fx, fy, fz = x - x0, y - y0, z - z0
             base = iz * sz + (int(y0) + c) * sy + int(x0)
             for dz in range(2):
                 if not (second if dz else first):

@@ -146,11 +146,16 @@ def test_split(
     return verdict(True, "several modes in each held-out half", gain, agreement), start
 
 
-def _kept_before(node: str, rows: np.ndarray, kept: list[tuple[np.ndarray, SplitTest]]) -> SplitTest | None:
-    """The test of a split kept earlier whose particles were `rows` but for at most SAME_PARTICLES of
-    them, as the test of `node`; None if there is none."""
-    for earlier, test in kept:
-        differ = len(np.setxor1d(rows, earlier, assume_unique=True))
+def _kept_before(
+    node: str, rows: np.ndarray, tests: list[SplitTest], members: dict[str, np.ndarray]
+) -> SplitTest | None:
+    """The test of a tree node's split kept earlier (`tests`, the nodes' particles in `members`) whose
+    particles were `rows` but for at most SAME_PARTICLES of them, as the test of `node`; None if there
+    is none."""
+    for test in tests:
+        if not test.kept or test.node not in members:  # a union's test: its particles are not kept
+            continue
+        differ = len(np.setxor1d(rows, members[test.node], assume_unique=True))
         if differ <= SAME_PARTICLES * len(rows):
             return replace(test, node=node, parent=None, reason=f"{test.reason}: the test of {test.node}, "
                            f"whose particles these are but {differ}")  # fmt: skip
@@ -202,7 +207,6 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
     splits: dict[str, TwoClasses] = {}
     leaves = ["1"]
     tests: list[SplitTest] = []
-    kept: list[tuple[np.ndarray, SplitTest]] = []  # each split kept, with its node's particles
     warnings: list[str] = []
     wanted = options.n_classes or options.max_classes
     automatic = options.n_classes is None
@@ -220,7 +224,6 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             tests.append(test)
             if not test.kept:
                 continue
-            kept.append((members[node], test))
             # The halves' splits, each learnt alone, are refined together: no graph of the whole node.
             refined = splitter.refine(members[node], start, local=True)
             splits[node] = TwoClasses(members[node], refined.log_posterior, refined.changed, refined.mask)
@@ -270,7 +273,7 @@ def find_classes(splitter: Splitter, graph: Graph | None, halves: np.ndarray) ->
             i, j = _closest_pair(maps, splitter.mask)
             union = everyone[(classes == i + 1) | (classes == j + 1)]
             name = f"{leaves[i]}+{leaves[j]}"
-            test = _kept_before(name, union, kept) or test_split(splitter, name, None, union, halves)[0]
+            test = _kept_before(name, union, tests, members) or test_split(splitter, name, None, union, halves)[0]
             tests.append(test)
             if test.kept:
                 merging = False
